@@ -1,0 +1,71 @@
+"""Bounded queues that never block the producer and count what they drop.
+
+Every queue in edgevoice is one of these: a producer (an audio callback, a
+receiving socket) must never wait on a slow consumer, and an operator must be
+able to see what was lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class DropOldestQueue(Generic[T]):
+    """An asyncio queue of at most ``maxsize`` items; ``put`` drops the oldest when full.
+
+    ``put_nowait`` is the only way in and never blocks; it must be called from the
+    event loop's thread (use ``loop.call_soon_threadsafe`` from other threads).
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        if maxsize < 1:
+            raise ValueError("maxsize must be >= 1")
+        self.maxsize = maxsize
+        self._items: collections.deque[T] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        #: items thrown away because the queue was full
+        self.dropped = 0
+        #: items ever accepted
+        self.put_count = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put_nowait(self, item: T) -> T | None:
+        """Append ``item``; return the item dropped to make room, if any."""
+        dropped: T | None = None
+        if len(self._items) >= self.maxsize:
+            dropped = self._items.popleft()
+            self.dropped += 1
+        self._items.append(item)
+        self.put_count += 1
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        return dropped
+
+    def get_nowait(self) -> T:
+        """Pop the oldest item; raise ``asyncio.QueueEmpty`` when there is none."""
+        if not self._items:
+            raise asyncio.QueueEmpty
+        return self._items.popleft()
+
+    async def get(self) -> T:
+        """Wait for and pop the oldest item."""
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+    def clear(self) -> int:
+        """Drop everything queued (not counted as drops); return how many."""
+        n = len(self._items)
+        self._items.clear()
+        return n
