@@ -1,0 +1,360 @@
+"""Wire protocol v1 messages: JSON control messages and binary audio frames.
+
+This module only converts between bytes/text and frozen dataclasses, and checks that
+what arrives is well formed. Which message may be sent when, and by whom, is decided
+in :mod:`edgevoice.protocol.connection`. The normative spec is ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import IntEnum, IntFlag
+from typing import Any, ClassVar, Literal, Union
+
+from edgevoice.errors import LocalProtocolError, RemoteProtocolError
+
+PROTOCOL_VERSION = 1
+SUBPROTOCOL = "edgevoice.v1"
+#: Largest text (control) message either side accepts, in bytes.
+MAX_TEXT_BYTES = 16 * 1024
+#: Largest Opus packet (RFC 6716: 1275 bytes for one frame).
+MAX_OPUS_PACKET_BYTES = 1275
+AUDIO_HEADER = struct.Struct("!BBBxII")
+AUDIO_HEADER_BYTES = AUDIO_HEADER.size  # 12
+#: Largest binary frame either side accepts.
+MAX_BINARY_BYTES = AUDIO_HEADER_BYTES + MAX_OPUS_PACKET_BYTES
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes used by edgevoice."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # relay or device shutting down; come back later
+    PROTOCOL_ERROR = 1002  # the peer broke this protocol
+    POLICY_VIOLATION = 1008  # rate limit exceeded
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    SESSION_REPLACED = 4000  # the same device connected again
+    HELLO_TIMEOUT = 4001  # no hello within the handshake timeout
+    UNSUPPORTED_VERSION = 4002  # hello.protocol is not one we speak
+    IDLE_TIMEOUT = 4003  # nothing received for too long (heartbeats stopped)
+
+
+class AudioKind(IntEnum):
+    """Direction of an audio frame."""
+
+    UPLINK = 1  # device microphone -> relay, Opus 16 kHz
+    DOWNLINK = 2  # relay reply -> device speaker, Opus 24 kHz
+
+
+class AudioFlags(IntFlag):
+    """Bits of the audio header's flags byte."""
+
+    NONE = 0
+    START = 0x01  # first frame of an utterance (uplink) or of a response (downlink)
+    END = 0x02  # last frame of an utterance or response
+    REPLAY = 0x04  # re-sent after a session resume
+
+
+KNOWN_FLAGS = int(AudioFlags.START | AudioFlags.END | AudioFlags.REPLAY)
+
+
+@dataclass(frozen=True)
+class AudioFrame:
+    """One binary message: header plus exactly one Opus packet."""
+
+    kind: AudioKind
+    seq: int
+    timestamp_ms: int
+    payload: bytes
+    flags: AudioFlags = AudioFlags.NONE
+
+    def encode(self) -> bytes:
+        if not 0 <= self.seq <= 0xFFFFFFFF or not 0 <= self.timestamp_ms <= 0xFFFFFFFF:
+            raise LocalProtocolError("audio seq and timestamp must fit in 32 bits")
+        if len(self.payload) > MAX_OPUS_PACKET_BYTES:
+            raise LocalProtocolError(f"Opus packet of {len(self.payload)} bytes is too large")
+        header = AUDIO_HEADER.pack(
+            PROTOCOL_VERSION, self.kind, self.flags, self.seq, self.timestamp_ms
+        )
+        return header + self.payload
+
+    @classmethod
+    def decode(cls, data: bytes) -> AudioFrame:
+        if len(data) < AUDIO_HEADER_BYTES:
+            raise RemoteProtocolError(f"audio frame of {len(data)} bytes is shorter than a header")
+        if len(data) > MAX_BINARY_BYTES:
+            raise RemoteProtocolError(f"audio frame of {len(data)} bytes is too large")
+        version, kind, flags, seq, timestamp_ms = AUDIO_HEADER.unpack_from(data)
+        if version != PROTOCOL_VERSION:
+            raise RemoteProtocolError(f"audio frame version {version} is not {PROTOCOL_VERSION}")
+        try:
+            audio_kind = AudioKind(kind)
+        except ValueError:
+            raise RemoteProtocolError(f"unknown audio kind {kind}") from None
+        if flags & ~KNOWN_FLAGS & 0xFF:
+            raise RemoteProtocolError(f"unknown audio flags 0x{flags:02x}")
+        payload = bytes(data[AUDIO_HEADER_BYTES:])
+        return cls(audio_kind, seq, timestamp_ms, payload, AudioFlags(flags))
+
+
+# --------------------------------------------------------------------------- control
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    """An audio stream's format, fixed at the hello/welcome exchange."""
+
+    codec: str = "opus"
+    sample_rate_hz: int = 16_000
+    channels: int = 1
+    frame_ms: int = 20
+
+
+UPLINK_FORMAT = AudioFormat(sample_rate_hz=16_000)
+DOWNLINK_FORMAT = AudioFormat(sample_rate_hz=24_000)
+
+
+@dataclass(frozen=True)
+class ResumeRequest:
+    """Sent in hello to continue a session after a short link drop."""
+
+    session_id: str
+    #: last downlink sequence number the device received (None: none yet)
+    last_downlink_seq: int | None = None
+
+
+@dataclass(frozen=True)
+class ResumeResult:
+    """Sent in welcome: whether the session was resumed, and what the relay has."""
+
+    resumed: bool
+    #: last uplink sequence number the relay received (None: none yet)
+    last_uplink_seq: int | None = None
+
+
+class Message:
+    """Base of every control message; ``TYPE`` is its ``type`` field on the wire."""
+
+    TYPE: ClassVar[str] = ""
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    TYPE: ClassVar[str] = "hello"
+    device: str
+    protocol: int = PROTOCOL_VERSION
+    software: str = ""
+    uplink: AudioFormat = UPLINK_FORMAT
+    downlink: AudioFormat = DOWNLINK_FORMAT
+    resume: ResumeRequest | None = None
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    TYPE: ClassVar[str] = "welcome"
+    session_id: str
+    protocol: int = PROTOCOL_VERSION
+    uplink: AudioFormat = UPLINK_FORMAT
+    downlink: AudioFormat = DOWNLINK_FORMAT
+    heartbeat_interval_ms: int = 10_000
+    resume: ResumeResult = ResumeResult(resumed=False)
+
+
+@dataclass(frozen=True)
+class TurnStart(Message):
+    TYPE: ClassVar[str] = "turn_start"
+    turn_id: int
+    trigger: str = "vad"
+
+
+@dataclass(frozen=True)
+class TurnEnd(Message):
+    TYPE: ClassVar[str] = "turn_end"
+    turn_id: int
+    reason: str = "silence"
+
+
+@dataclass(frozen=True)
+class Interrupt(Message):
+    """Relay → device: stop playing now. Device → relay: the user barged in."""
+
+    TYPE: ClassVar[str] = "interrupt"
+    turn_id: int | None = None
+    reason: str = "barge_in"
+
+
+@dataclass(frozen=True)
+class Transcript(Message):
+    TYPE: ClassVar[str] = "transcript"
+    role: Literal["user", "assistant"]
+    text: str
+    final: bool = True
+    turn_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ResponseStart(Message):
+    TYPE: ClassVar[str] = "response_start"
+    turn_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ResponseEnd(Message):
+    TYPE: ClassVar[str] = "response_end"
+    turn_id: int | None = None
+    reason: str = "end_turn"
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    retryable: bool = False
+
+
+@dataclass(frozen=True)
+class Ping(Message):
+    TYPE: ClassVar[str] = "ping"
+    id: int
+    #: sender's monotonic clock in ms when sent
+    sent_ms: int
+
+
+@dataclass(frozen=True)
+class Pong(Message):
+    TYPE: ClassVar[str] = "pong"
+    id: int
+    #: echoed from the ping, so the pinger computes RTT on its own clock
+    ping_sent_ms: int
+    #: the ponger's own clock in ms when answering (for clock-offset estimates)
+    sent_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Stats(Message):
+    """Device → relay: a compact stats snapshot for the fleet view."""
+
+    TYPE: ClassVar[str] = "stats"
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello,
+        Welcome,
+        TurnStart,
+        TurnEnd,
+        Interrupt,
+        Transcript,
+        ResponseStart,
+        ResponseEnd,
+        Error,
+        Ping,
+        Pong,
+        Stats,
+    )
+}
+
+
+def encode_message(message: Message) -> str:
+    """Serialise a control message to its JSON text."""
+    body: dict[str, Any] = {"type": message.TYPE}
+    body.update(dataclasses.asdict(message))  # type: ignore[call-overload]
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+def decode_message(text: str | bytes) -> Message:
+    """Parse and validate one control message; raise RemoteProtocolError if malformed.
+
+    Unknown fields are ignored (a newer peer may add optional ones); an unknown
+    ``type``, a missing required field or a value of the wrong type is an error.
+    """
+    raw = text.encode() if isinstance(text, str) else text
+    if len(raw) > MAX_TEXT_BYTES:
+        raise RemoteProtocolError(f"control message of {len(raw)} bytes is too large")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RemoteProtocolError(f"control message is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise RemoteProtocolError("control message is not a JSON object")
+    kind = body.get("type")
+    if not isinstance(kind, str):
+        raise RemoteProtocolError("control message has no string 'type'")
+    cls = MESSAGE_TYPES.get(kind)
+    if cls is None:
+        raise RemoteProtocolError(f"unknown message type {kind!r}")
+    return typing.cast(Message, _build(cls, body, kind))
+
+
+# ------------------------------------------------------------------ typed decoding
+
+
+def _build(cls: type[Any], body: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in body:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise RemoteProtocolError(f"{where}: missing field {f.name!r}")
+            continue
+        kwargs[f.name] = _coerce(hints[f.name], body[f.name], f"{where}.{f.name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, where)
+            except RemoteProtocolError as exc:
+                errors.append(str(exc))
+        raise RemoteProtocolError(errors[0] if errors else f"{where}: must not be null")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise RemoteProtocolError(f"{where}: {value!r} is not one of {typing.get_args(tp)}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RemoteProtocolError(f"{where}: expected an object")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RemoteProtocolError(f"{where}: expected an object")
+        return _build(typing.cast(type, tp), value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RemoteProtocolError(f"{where}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RemoteProtocolError(f"{where}: expected an integer")
+        if not -(2**53) <= value <= 2**53:
+            raise RemoteProtocolError(f"{where}: integer out of range")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise RemoteProtocolError(f"{where}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RemoteProtocolError(f"{where}: expected a string")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported field type {tp!r} at {where}")  # a bug in this module

@@ -1,0 +1,154 @@
+"""Round trips and malformed input for the wire messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edgevoice.errors import LocalProtocolError, RemoteProtocolError
+from edgevoice.protocol.messages import (
+    AUDIO_HEADER_BYTES,
+    MESSAGE_TYPES,
+    AudioFlags,
+    AudioFrame,
+    AudioKind,
+    Error,
+    Hello,
+    Interrupt,
+    Ping,
+    Pong,
+    ResponseEnd,
+    ResponseStart,
+    ResumeRequest,
+    ResumeResult,
+    Stats,
+    Transcript,
+    TurnEnd,
+    TurnStart,
+    Welcome,
+    decode_message,
+    encode_message,
+)
+
+EXAMPLES = [
+    Hello(device="kitchen", software="edgevoice/0.1.0"),
+    Hello(device="hall", resume=ResumeRequest(session_id="abc", last_downlink_seq=41)),
+    Welcome(session_id="s-1", heartbeat_interval_ms=5000),
+    Welcome(session_id="s-2", resume=ResumeResult(resumed=True, last_uplink_seq=9)),
+    TurnStart(turn_id=3, trigger="button"),
+    TurnEnd(turn_id=3, reason="release"),
+    Interrupt(turn_id=3),
+    Interrupt(),
+    Transcript(role="assistant", text="Grüße, 世界", final=True, turn_id=2),
+    ResponseStart(turn_id=2),
+    ResponseEnd(turn_id=2, reason="interrupted"),
+    Error(code="upstream_auth", message="credentials rejected", retryable=False),
+    Ping(id=7, sent_ms=123456),
+    Pong(id=7, ping_sent_ms=123456, sent_ms=99),
+    Stats(values={"rtt_ms": 3.5, "frames_sent": 10}),
+]
+
+
+def test_every_message_type_has_an_example() -> None:
+    assert {type(m) for m in EXAMPLES} == set(MESSAGE_TYPES.values())
+
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: m.TYPE)
+def test_message_round_trip(message: object) -> None:
+    text = encode_message(message)  # type: ignore[arg-type]
+    assert json.loads(text)["type"] == message.TYPE  # type: ignore[attr-defined]
+    assert decode_message(text) == message
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
+    assert decode_message('{"type":"turn_start","turn_id":1,"future":"x"}') == TurnStart(1)
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("not json", "not valid JSON"),
+        ("[1,2]", "not a JSON object"),
+        ('{"turn_id": 1}', "no string 'type'"),
+        ('{"type": "launch_missiles"}', "unknown message type"),
+        ('{"type": "turn_start"}', "missing field 'turn_id'"),
+        ('{"type": "turn_start", "turn_id": "1"}', "expected an integer"),
+        ('{"type": "turn_start", "turn_id": true}', "expected an integer"),
+        ('{"type": "transcript", "role": "robot", "text": "x"}', "is not one of"),
+        ('{"type": "hello", "device": "d", "uplink": 5}', "expected an object"),
+        ('{"type": "stats", "values": []}', "expected an object"),
+        ('{"type": "error", "code": "x", "message": "y", "retryable": 1}', "true or false"),
+        ('{"type": "ping", "id": 1, "sent_ms": 1e400}', "expected an integer"),
+    ],
+)
+def test_malformed_control_messages_are_remote_errors(text: str, fragment: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=fragment):
+        decode_message(text)
+
+
+def test_oversized_control_message_is_refused() -> None:
+    big = json.dumps({"type": "stats", "values": {"x": "a" * 20000}})
+    with pytest.raises(RemoteProtocolError, match="too large"):
+        decode_message(big)
+
+
+def test_audio_frame_round_trip() -> None:
+    frame = AudioFrame(AudioKind.UPLINK, seq=2**32 - 1, timestamp_ms=1234, payload=b"\x01" * 60,
+                       flags=AudioFlags.START | AudioFlags.REPLAY)
+    data = frame.encode()
+    assert len(data) == AUDIO_HEADER_BYTES + 60
+    assert AudioFrame.decode(data) == frame
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        (b"\x01\x01\x00", "shorter than a header"),
+        (bytes([2, 1, 0, 0]) + bytes(8), "version 2"),
+        (bytes([1, 9, 0, 0]) + bytes(8), "unknown audio kind"),
+        (bytes([1, 1, 0x80, 0]) + bytes(8), "unknown audio flags"),
+        (bytes([1, 1, 0, 0]) + bytes(8) + bytes(1300), "too large"),
+    ],
+)
+def test_malformed_audio_frames_are_remote_errors(data: bytes, fragment: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=fragment):
+        AudioFrame.decode(data)
+
+
+def test_encoding_an_oversized_packet_is_a_local_error() -> None:
+    with pytest.raises(LocalProtocolError):
+        AudioFrame(AudioKind.UPLINK, 0, 0, bytes(2000)).encode()
+
+
+@given(st.binary(max_size=2000))
+def test_audio_decoder_never_raises_anything_but_protocol_errors(data: bytes) -> None:
+    try:
+        AudioFrame.decode(data)
+    except RemoteProtocolError:
+        pass
+
+
+@given(st.text(max_size=300) | st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+    max_leaves=12).map(json.dumps))
+def test_control_decoder_never_raises_anything_but_protocol_errors(text: str) -> None:
+    try:
+        decode_message(text)
+    except RemoteProtocolError:
+        pass
+
+
+@given(st.sampled_from(sorted(MESSAGE_TYPES)), st.dictionaries(
+    st.sampled_from(["turn_id", "device", "text", "role", "code", "message", "id", "sent_ms",
+                     "values", "uplink", "resume", "session_id", "retryable", "ping_sent_ms"]),
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5) | st.just({}) | st.just([]),
+    max_size=6))
+def test_typed_fields_reject_wrong_shapes(kind: str, fields: dict[str, object]) -> None:
+    try:
+        decode_message(json.dumps({"type": kind, **fields}))
+    except RemoteProtocolError:
+        pass
