@@ -1,0 +1,280 @@
+"""The device's turn state machine: who is talking, and what to do about it.
+
+Pure: fed triggers, silence-detector results, relay events and the time, it returns
+commands for the daemon to carry out (send, flush, play an earcon). Every state
+change goes through :meth:`TurnMachine._enter`, checked against :data:`TRANSITIONS`.
+
+::
+
+    IDLE ──start──► LISTENING ──speech ended / release / max──► THINKING
+      ▲                │ no speech                                 │ response_start
+      │                ▼                                           ▼
+      └──────────── (IDLE) ◄──── playback ended / reply timeout ── SPEAKING
+                                                                   │ barge-in
+                                                                   ▼
+                                                               LISTENING
+    any ──mute──► MUTED ──unmute──► IDLE
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, field
+
+from edgevoice.config.base import require
+
+logger = logging.getLogger(__name__)
+
+
+class TurnState(enum.Enum):
+    IDLE = "idle"
+    LISTENING = "listening"  # the user's turn: audio streams to the relay
+    THINKING = "thinking"  # turn ended, waiting for the reply
+    SPEAKING = "speaking"  # the reply is playing
+    MUTED = "muted"  # microphone muted by the user
+
+
+S = TurnState
+TRANSITIONS: dict[TurnState, frozenset[TurnState]] = {
+    S.IDLE: frozenset({S.LISTENING, S.MUTED}),
+    S.LISTENING: frozenset({S.THINKING, S.IDLE, S.MUTED}),
+    S.THINKING: frozenset({S.SPEAKING, S.IDLE, S.LISTENING, S.MUTED}),
+    S.SPEAKING: frozenset({S.IDLE, S.LISTENING, S.MUTED}),
+    S.MUTED: frozenset({S.IDLE}),
+}
+
+
+@dataclass(frozen=True)
+class TurnSettings:
+    """When turns start and end."""
+
+    always_on: bool = True
+    """The silence detector starts a turn whenever speech begins (no button or wake word)."""
+    max_turn_ms: int = 30_000
+    """A turn is ended after this long, in milliseconds, even if the user keeps talking."""
+    no_speech_timeout_ms: int = 8_000
+    """A turn with no speech at all ends quietly after this long, in milliseconds."""
+    reply_timeout_ms: int = 20_000
+    """Give up waiting for a reply after this long, in milliseconds (error earcon)."""
+    voice_barge_in: bool = True
+    """Speech clearly above the device's own echo interrupts the reply."""
+
+    def __post_init__(self) -> None:
+        require(self.max_turn_ms >= 1000, "max_turn_ms", "must be >= 1000 ms")
+        require(self.no_speech_timeout_ms >= 500, "no_speech_timeout_ms", "must be >= 500 ms")
+        require(self.reply_timeout_ms >= 1000, "reply_timeout_ms", "must be >= 1000 ms")
+
+
+# ------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True)
+class BeginTurn:
+    """Send turn_start, then the pre-roll frames (first one flagged START)."""
+
+    turn_id: int
+    trigger: str
+    preroll: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class StreamFrame:
+    """Send this 20 ms frame of the current turn."""
+
+    pcm: bytes
+
+
+@dataclass(frozen=True)
+class FinishTurn:
+    """Send turn_end."""
+
+    turn_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class StopPlayback:
+    """Flush playback now; tell the relay when ``notify_relay``."""
+
+    reason: str
+    notify_relay: bool
+
+
+@dataclass(frozen=True)
+class PlayEarcon:
+    kind: str  # "listening", "done", "error", "offline"
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    state: TurnState
+    previous: TurnState
+
+
+Command = BeginTurn | StreamFrame | FinishTurn | StopPlayback | PlayEarcon | StateChanged
+
+
+@dataclass
+class TurnMachine:
+    """Decides the device's turns; see the module docstring."""
+
+    settings: TurnSettings = field(default_factory=TurnSettings)
+    state: TurnState = TurnState.IDLE
+    turn_id: int = 0
+    link_up: bool = False
+    _entered_at: float = 0.0
+    _heard_speech: bool = False
+
+    # ----------------------------------------------------------- transitions
+
+    def _enter(self, new: TurnState, now: float, out: list[Command]) -> None:
+        if new is self.state:
+            return
+        if new not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"illegal turn transition {self.state.value} -> {new.value}")
+        logger.debug("turn %d: %s -> %s", self.turn_id, self.state.value, new.value)
+        out.append(StateChanged(new, self.state))
+        self.state = new
+        self._entered_at = now
+
+    def _begin(self, trigger: str, preroll: tuple[bytes, ...], now: float,
+               out: list[Command]) -> None:
+        if not self.link_up:
+            out.append(PlayEarcon("offline"))
+            return
+        if self.state is TurnState.SPEAKING:
+            out.append(StopPlayback("barge_in", notify_relay=True))
+        self.turn_id += 1
+        self._heard_speech = bool(preroll)
+        self._enter(TurnState.LISTENING, now, out)
+        out.append(BeginTurn(self.turn_id, trigger, preroll))
+        if trigger != "vad":
+            out.append(PlayEarcon("listening"))
+
+    def _finish(self, reason: str, now: float, out: list[Command]) -> None:
+        out.append(FinishTurn(self.turn_id, reason))
+        if reason == "no_speech":
+            self._enter(TurnState.IDLE, now, out)
+        else:
+            out.append(PlayEarcon("done"))
+            self._enter(TurnState.THINKING, now, out)
+
+    # -------------------------------------------------------------- triggers
+
+    def request_turn(self, source: str, now: float) -> list[Command]:
+        """A button, wake word, API call or signal asks for a turn."""
+        out: list[Command] = []
+        if self.state is TurnState.MUTED:
+            return out
+        if self.state is TurnState.LISTENING:
+            return out  # already listening: a second request changes nothing
+        self._begin(source, (), now, out)
+        return out
+
+    def request_end(self, source: str, reason: str, now: float) -> list[Command]:
+        """Button released or toggled off."""
+        out: list[Command] = []
+        if self.state is TurnState.LISTENING:
+            self._finish(reason if self._heard_speech else "no_speech", now, out)
+        return out
+
+    def request_interrupt(self, source: str, now: float) -> list[Command]:
+        """Stop the reply now (button press, wake word, API)."""
+        out: list[Command] = []
+        if self.state in (TurnState.SPEAKING, TurnState.THINKING):
+            out.append(StopPlayback(source, notify_relay=True))
+            self._enter(TurnState.IDLE, now, out)
+        return out
+
+    def set_muted(self, muted: bool, now: float) -> list[Command]:
+        out: list[Command] = []
+        if muted and self.state is not TurnState.MUTED:
+            if self.state is TurnState.LISTENING:
+                out.append(FinishTurn(self.turn_id, "cancelled"))
+            if self.state in (TurnState.SPEAKING, TurnState.THINKING):
+                out.append(StopPlayback("muted", notify_relay=True))
+            self._enter(TurnState.MUTED, now, out)
+        elif not muted and self.state is TurnState.MUTED:
+            self._enter(TurnState.IDLE, now, out)
+        return out
+
+    # ------------------------------------------------------------ microphone
+
+    def on_frame(self, pcm: bytes, *, speech_started: tuple[bytes, ...] | None,
+                 speech_ended: bool, in_speech: bool, now: float) -> list[Command]:
+        """One captured frame with the silence detector's verdict on it.
+
+        ``speech_started`` is the pre-roll when speech began at this frame (None
+        otherwise); ``in_speech`` is whether this frame belongs to speech or its
+        hangover, i.e. whether it would be streamed.
+        """
+        out: list[Command] = []
+        state = self.state
+        if speech_started is not None:
+            starts = (state is TurnState.IDLE and self.settings.always_on) or (
+                state is TurnState.SPEAKING and self.settings.voice_barge_in)
+            if starts:
+                self._begin("vad", speech_started, now, out)
+            elif state is TurnState.LISTENING:
+                self._heard_speech = True
+                out.extend(StreamFrame(f) for f in speech_started)
+        if self.state is TurnState.LISTENING:
+            if in_speech:
+                out.append(StreamFrame(pcm))
+            if speech_ended and self._heard_speech:
+                self._finish("silence", now, out)
+        return out
+
+    # ----------------------------------------------------------------- relay
+
+    def on_link(self, up: bool, now: float) -> list[Command]:
+        out: list[Command] = []
+        self.link_up = up
+        if not up and self.state in (TurnState.LISTENING, TurnState.THINKING):
+            out.append(PlayEarcon("offline"))
+            self._enter(TurnState.IDLE, now, out)
+        return out
+
+    def on_response_start(self, now: float) -> list[Command]:
+        out: list[Command] = []
+        if self.state in (TurnState.THINKING, TurnState.LISTENING):
+            self._enter(TurnState.SPEAKING, now, out)
+        return out
+
+    def on_reply_finished(self, now: float) -> list[Command]:
+        """The reply's playback drained (or it had no audio)."""
+        out: list[Command] = []
+        if self.state in (TurnState.SPEAKING, TurnState.THINKING):
+            self._enter(TurnState.IDLE, now, out)
+        return out
+
+    def on_remote_interrupt(self, now: float) -> list[Command]:
+        """The relay says the user barged in (the upstream heard it)."""
+        out: list[Command] = [StopPlayback("remote", notify_relay=False)]
+        if self.state is TurnState.SPEAKING:
+            self._enter(TurnState.IDLE, now, out)
+        return out
+
+    def on_error(self, now: float) -> list[Command]:
+        out: list[Command] = [PlayEarcon("error")]
+        if self.state in (TurnState.THINKING, TurnState.SPEAKING):
+            self._enter(TurnState.IDLE, now, out)
+        return out
+
+    # ------------------------------------------------------------------ time
+
+    def tick(self, now: float) -> list[Command]:
+        """Check the timeouts; call a few times a second."""
+        out: list[Command] = []
+        elapsed_ms = (now - self._entered_at) * 1000.0
+        s = self.settings
+        if self.state is TurnState.LISTENING:
+            if not self._heard_speech and elapsed_ms >= s.no_speech_timeout_ms:
+                self._finish("no_speech", now, out)
+            elif elapsed_ms >= s.max_turn_ms:
+                self._finish("max_length", now, out)
+        elif self.state is TurnState.THINKING and elapsed_ms >= s.reply_timeout_ms:
+            out.append(PlayEarcon("error"))
+            self._enter(TurnState.IDLE, now, out)
+        return out
