@@ -38,7 +38,8 @@ class TurnState(enum.Enum):
 S = TurnState
 TRANSITIONS: dict[TurnState, frozenset[TurnState]] = {
     S.IDLE: frozenset({S.LISTENING, S.MUTED}),
-    S.LISTENING: frozenset({S.THINKING, S.IDLE, S.MUTED}),
+    # LISTENING -> SPEAKING: upstreams with their own turn detection may answer first
+    S.LISTENING: frozenset({S.THINKING, S.SPEAKING, S.IDLE, S.MUTED}),
     S.THINKING: frozenset({S.SPEAKING, S.IDLE, S.LISTENING, S.MUTED}),
     S.SPEAKING: frozenset({S.IDLE, S.LISTENING, S.MUTED}),
     S.MUTED: frozenset({S.IDLE}),
@@ -216,6 +217,7 @@ class TurnMachine:
                 state is TurnState.SPEAKING and self.settings.voice_barge_in)
             if starts:
                 self._begin("vad", speech_started, now, out)
+                self._heard_speech = True
             elif state is TurnState.LISTENING:
                 self._heard_speech = True
                 out.extend(StreamFrame(f) for f in speech_started)
