@@ -1,0 +1,217 @@
+"""Opus encoding and decoding of 20 ms mono frames, with in-band FEC and concealment.
+
+A thin, typed wrapper over ``opuslib_next`` (libopus through ctypes). It owns the
+codec choices that both ends must agree on: VOIP application, 16-bit mono, fixed
+frame duration, and how a lost packet is rebuilt: from the forward error correction
+carried by the next packet (:meth:`OpusDecoder.recover`) or, when that is not there
+either, by libopus' packet loss concealment (:meth:`OpusDecoder.conceal`).
+
+``opuslib_next`` loads libopus when it is imported, so it is imported lazily: a
+machine without libopus can still import edgevoice and gets a clear
+:class:`CodecUnavailableError` when it first needs the codec.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from edgevoice.audio.base import CAPTURE_RATE_HZ, FRAME_MS, SAMPLE_WIDTH_BYTES
+from edgevoice.config.base import require
+from edgevoice.errors import EdgevoiceError
+
+logger = logging.getLogger(__name__)
+
+#: Sample rates libopus accepts.
+OPUS_RATES_HZ = (8000, 12000, 16000, 24000, 48000)
+#: Frame durations libopus accepts (ms); 2.5 ms is left out on purpose (never used here).
+OPUS_FRAME_MS = (5, 10, 20, 40, 60)
+#: The longest packet libopus can produce: what a decode buffer must hold.
+_MAX_PACKET_MS = 120
+
+
+class CodecUnavailableError(EdgevoiceError):
+    """libopus or its Python binding is missing. Retrying will not help: install it."""
+
+
+class OpusDecodeError(EdgevoiceError, ValueError):
+    """A packet could not be decoded (corrupt or not Opus). Conceal it instead."""
+
+
+@dataclass(frozen=True)
+class OpusSettings:
+    """Encoder settings for the device -> relay audio."""
+
+    bitrate_bps: int = 24_000
+    """Target bitrate (VBR). 24 kbps gives about 50-60 bytes per 20 ms frame."""
+
+    complexity: int = 5
+    """Encoder effort, 0-10. 5 is a fair trade on a Pi; 9-10 costs twice the CPU."""
+
+    fec: bool = True
+    """Carry a low-bitrate copy of each frame in the next packet (in-band FEC), so a
+    single lost packet can be rebuilt from its successor."""
+
+    expected_loss_pct: int = 10
+    """Packet loss the encoder plans for (0-100); FEC is only added when this is > 0."""
+
+    dtx: bool = False
+    """Discontinuous transmission: tiny packets during silence. Off by default because
+    the silence detector already stops sending when nobody speaks."""
+
+    def __post_init__(self) -> None:
+        require(6_000 <= self.bitrate_bps <= 510_000, "bitrate_bps", "must be in [6000, 510000]")
+        require(0 <= self.complexity <= 10, "complexity", "must be in [0, 10]")
+        require(0 <= self.expected_loss_pct <= 100, "expected_loss_pct", "must be in [0, 100]")
+
+
+def _opuslib() -> ModuleType:
+    """Import ``opuslib_next``, turning its failures into one actionable error."""
+    try:
+        return importlib.import_module("opuslib_next")
+    except ImportError as exc:
+        raise CodecUnavailableError(
+            "the Opus binding is not installed: pip install opuslib-next "
+            f"(it comes with edgevoice's dependencies) [{exc}]"
+        ) from exc
+    except Exception as exc:
+        # opuslib_next raises a bare Exception when it cannot find libopus, and ctypes
+        # an OSError when the library it found cannot be loaded.
+        raise CodecUnavailableError(
+            f"libopus is not installed or cannot be loaded: apt-get install libopus0 [{exc}]"
+        ) from exc
+
+
+def _check_format(sample_rate_hz: int, frame_ms: int) -> None:
+    if sample_rate_hz not in OPUS_RATES_HZ:
+        raise ValueError(f"Opus cannot run at {sample_rate_hz} Hz; use one of {OPUS_RATES_HZ}")
+    if frame_ms not in OPUS_FRAME_MS:
+        raise ValueError(f"Opus cannot use {frame_ms} ms frames; use one of {OPUS_FRAME_MS}")
+
+
+class OpusEncoder:
+    """Encodes whole frames of mono s16le PCM into Opus packets. Not thread-safe."""
+
+    def __init__(
+        self,
+        sample_rate_hz: int = CAPTURE_RATE_HZ,
+        frame_ms: int = FRAME_MS,
+        bitrate_bps: int = 24_000,
+        complexity: int = 5,
+        fec: bool = True,
+        expected_loss_pct: int = 10,
+        dtx: bool = False,
+    ) -> None:
+        _check_format(sample_rate_hz, frame_ms)
+        # Validates the ranges with the same messages a config file would get.
+        self.settings = OpusSettings(bitrate_bps, complexity, fec, expected_loss_pct, dtx)
+        lib = _opuslib()
+        self.sample_rate_hz = sample_rate_hz
+        self.frame_ms = frame_ms
+        self.frame_samples = sample_rate_hz * frame_ms // 1000
+        self.frame_bytes = self.frame_samples * SAMPLE_WIDTH_BYTES
+        self._enc: Any = lib.Encoder(sample_rate_hz, 1, lib.APPLICATION_VOIP)
+        self._enc.bitrate = bitrate_bps
+        self._enc.complexity = complexity
+        self._enc.inband_fec = int(fec)
+        self._enc.packet_loss_perc = expected_loss_pct
+        self._enc.dtx = int(dtx)
+        logger.debug(
+            "opus encoder: %d Hz, %d ms, %d bps, complexity %d, fec %s, loss %d%%, dtx %s",
+            sample_rate_hz,
+            frame_ms,
+            bitrate_bps,
+            complexity,
+            fec,
+            expected_loss_pct,
+            dtx,
+        )
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: OpusSettings,
+        sample_rate_hz: int = CAPTURE_RATE_HZ,
+        frame_ms: int = FRAME_MS,
+    ) -> OpusEncoder:
+        return cls(
+            sample_rate_hz,
+            frame_ms,
+            bitrate_bps=settings.bitrate_bps,
+            complexity=settings.complexity,
+            fec=settings.fec,
+            expected_loss_pct=settings.expected_loss_pct,
+            dtx=settings.dtx,
+        )
+
+    @property
+    def fec_enabled(self) -> bool:
+        """What libopus reports, read back (not what was asked)."""
+        return bool(self._enc.inband_fec)
+
+    @property
+    def lookahead_samples(self) -> int:
+        """Encoder delay: decoded audio lags the input by this many samples."""
+        return int(self._enc.lookahead)
+
+    def encode(self, pcm: bytes) -> bytes:
+        """One packet for exactly one frame (``frame_bytes`` of s16le PCM)."""
+        if len(pcm) != self.frame_bytes:
+            raise ValueError(f"Opus encoder needs {self.frame_bytes}-byte frames, got {len(pcm)}")
+        packet: bytes = self._enc.encode(pcm, self.frame_samples)
+        return packet
+
+    def reset(self) -> None:
+        """Start a new stream (as after a reconnect): forget the prediction state."""
+        self._enc.reset_state()
+
+
+class OpusDecoder:
+    """Decodes Opus packets to mono s16le PCM and rebuilds lost ones. Not thread-safe."""
+
+    def __init__(self, sample_rate_hz: int = CAPTURE_RATE_HZ, frame_ms: int = FRAME_MS) -> None:
+        _check_format(sample_rate_hz, frame_ms)
+        lib = _opuslib()
+        self._error_type: type[Exception] = lib.OpusError
+        self.sample_rate_hz = sample_rate_hz
+        self.frame_samples = sample_rate_hz * frame_ms // 1000
+        self._max_samples = sample_rate_hz * _MAX_PACKET_MS // 1000
+        # A lost packet is rebuilt at the duration of the last good one (the codec
+        # needs the exact duration of the gap).
+        self._last_samples = self.frame_samples
+        self._dec: Any = lib.Decoder(sample_rate_hz, 1)
+
+    def decode(self, packet: bytes) -> bytes:
+        """PCM for one received packet."""
+        if not packet:
+            raise OpusDecodeError("empty Opus packet (use conceal() for a lost one)")
+        pcm = self._run(packet, self._max_samples, fec=False)
+        self._last_samples = len(pcm) // SAMPLE_WIDTH_BYTES
+        return pcm
+
+    def conceal(self) -> bytes:
+        """PCM standing in for one lost packet, extrapolated by libopus (PLC)."""
+        return self._run(b"", self._last_samples, fec=False)
+
+    def recover(self, next_packet: bytes) -> bytes:
+        """Rebuild the packet lost just before ``next_packet`` from the FEC data it
+        carries (libopus falls back to concealment when it carries none). Then decode
+        ``next_packet`` itself with :meth:`decode`."""
+        return self._run(next_packet, self._last_samples, fec=True)
+
+    def reset(self) -> None:
+        """Start a new stream: forget the state used for concealment."""
+        self._dec.reset_state()
+        self._last_samples = self.frame_samples
+
+    def _run(self, packet: bytes, max_samples: int, *, fec: bool) -> bytes:
+        try:
+            pcm: bytes = self._dec.decode(packet, max_samples, decode_fec=fec)
+        except self._error_type as exc:
+            raise OpusDecodeError(
+                f"cannot decode Opus packet of {len(packet)} bytes: {exc}"
+            ) from exc
+        return pcm

@@ -1,0 +1,175 @@
+"""Opus round trips, loss recovery, and the error when libopus is missing."""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from edgevoice.audio.opus import (
+    CodecUnavailableError,
+    OpusDecodeError,
+    OpusDecoder,
+    OpusEncoder,
+    OpusSettings,
+)
+from edgevoice.config.base import SettingError
+from edgevoice.errors import is_retryable
+
+from ._signals import dominant_hz, frames, from_pcm, level_dbfs, noise, tone
+
+RATE = 16_000
+
+
+def speechlike(seconds: float, seed: int = 0) -> np.ndarray:
+    """A voiced-sounding signal: harmonics of a wobbling pitch, plus a little noise."""
+    n = int(seconds * RATE)
+    t = np.arange(n) / RATE
+    f0 = 140.0 + 30.0 * np.sin(2 * np.pi * 1.5 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / RATE
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 8))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3.0 * t) ** 2
+    return 6000.0 * voiced * envelope + noise(-50.0, n, seed)
+
+
+def test_round_trip_keeps_a_tones_level_and_frequency() -> None:
+    enc, dec = OpusEncoder(), OpusDecoder()
+    signal = tone(440.0, -20.0, RATE * 2)
+    out = from_pcm(b"".join(dec.decode(enc.encode(f)) for f in frames(signal)))
+    assert len(out) == len(signal)
+    steady = out[RATE // 2 :]  # past the codec's start-up
+    assert abs(level_dbfs(steady) - (-20.0)) < 1.0
+    assert abs(dominant_hz(steady, RATE) - 440.0) < 5.0
+
+
+def test_round_trip_keeps_the_loudness_contour_of_speechlike_audio() -> None:
+    # A speech codec keeps what is heard, not the waveform: compare frame levels.
+    enc, dec = OpusEncoder(), OpusDecoder()
+    signal = speechlike(2.0)
+    out = from_pcm(b"".join(dec.decode(enc.encode(f)) for f in frames(signal)))
+    lag = enc.lookahead_samples
+    a, b = signal[: len(signal) - lag], out[lag:]
+    n = len(a) // 320
+    levels_in = [level_dbfs(a[i * 320 : (i + 1) * 320]) for i in range(10, n)]
+    levels_out = [level_dbfs(b[i * 320 : (i + 1) * 320]) for i in range(10, n)]
+    assert np.corrcoef(levels_in, levels_out)[0, 1] > 0.95
+    assert abs(level_dbfs(a[RATE // 4 :]) - level_dbfs(b[RATE // 4 :])) < 1.5
+
+
+def test_24_kbps_gives_about_50_bytes_a_frame() -> None:
+    enc = OpusEncoder(bitrate_bps=24_000)
+    sizes = [len(enc.encode(f)) for f in frames(speechlike(3.0))]
+    assert 35 <= float(np.mean(sizes)) <= 75
+
+
+def test_fec_is_really_enabled() -> None:
+    # opuslib 3.0.1's setter silently did nothing; read the value back from libopus.
+    assert OpusEncoder(fec=True).fec_enabled
+    assert not OpusEncoder(fec=False).fec_enabled
+
+
+def test_recover_rebuilds_a_lost_packet_from_the_next_one() -> None:
+    enc, dec = OpusEncoder(fec=True, expected_loss_pct=20), OpusDecoder()
+    fs = frames(speechlike(1.0))
+    packets = [enc.encode(f) for f in fs]
+    reference_dec = OpusDecoder()
+    clean = [reference_dec.decode(p) for p in packets]
+    lost = 30
+    for p in packets[:lost]:
+        dec.decode(p)
+    rebuilt = dec.recover(packets[lost + 1])
+    assert len(rebuilt) == 640
+    # FEC is a low-bitrate copy: close to what the lost packet held, not silence.
+    got, want = from_pcm(rebuilt), from_pcm(clean[lost])
+    assert level_dbfs(got) > level_dbfs(want) - 6.0
+    assert np.corrcoef(got, want)[0, 1] > 0.7
+    assert len(dec.decode(packets[lost + 1])) == 640
+
+
+def test_fec_rebuilds_better_than_concealment() -> None:
+    fs = frames(speechlike(2.0, seed=3))
+    enc = OpusEncoder(fec=True, expected_loss_pct=20)
+    packets = [enc.encode(f) for f in fs]
+    clean = [from_pcm(p) for p in map(OpusDecoder().decode, packets)]
+
+    def error_with(rebuild: str) -> float:
+        dec, total = OpusDecoder(), 0.0
+        for i, p in enumerate(packets):
+            if i % 10 == 5:  # lose every tenth packet
+                got = dec.recover(packets[i + 1]) if rebuild == "fec" else dec.conceal()
+                total += float(np.sum((from_pcm(got) - clean[i]) ** 2))
+            else:
+                dec.decode(p)
+        return total
+
+    assert error_with("fec") < error_with("plc")
+
+
+def test_conceal_gives_one_frame_of_audio() -> None:
+    enc, dec = OpusEncoder(), OpusDecoder()
+    for f in frames(tone(300.0, -20.0, RATE)):
+        dec.decode(enc.encode(f))
+    concealed = dec.conceal()
+    assert len(concealed) == 640
+    assert level_dbfs(from_pcm(concealed)) > -40.0  # extrapolated, not silence
+
+
+def test_conceal_follows_the_duration_of_the_last_packet() -> None:
+    enc = OpusEncoder(sample_rate_hz=24_000, frame_ms=40)
+    dec = OpusDecoder(sample_rate_hz=24_000)  # default 20 ms, but packets are 40 ms
+    pcm = to_bytes(tone(300.0, -20.0, 960, rate_hz=24_000))
+    assert len(dec.decode(enc.encode(pcm))) == 1920
+    assert len(dec.conceal()) == 1920
+
+
+def to_bytes(samples: np.ndarray) -> bytes:
+    return np.round(samples).astype("<i2").tobytes()
+
+
+def test_corrupt_packet_raises_a_decode_error() -> None:
+    dec = OpusDecoder()
+    with pytest.raises(OpusDecodeError):
+        dec.decode(b"\xff\xff\xff\xff\xff\xff")
+    with pytest.raises(OpusDecodeError):
+        dec.decode(b"")
+
+
+def test_wrong_frame_size_is_refused() -> None:
+    with pytest.raises(ValueError, match="640-byte"):
+        OpusEncoder().encode(bytes(600))
+
+
+def test_unsupported_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="44100"):
+        OpusEncoder(sample_rate_hz=44_100)
+    with pytest.raises(ValueError, match="30 ms"):
+        OpusDecoder(frame_ms=30)
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(SettingError) as info:
+        OpusSettings(complexity=11)
+    assert info.value.key == "complexity"
+    enc = OpusEncoder.from_settings(OpusSettings(bitrate_bps=16_000, fec=False))
+    assert enc.settings.bitrate_bps == 16_000 and not enc.fec_enabled
+
+
+def test_missing_libopus_names_the_package_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Make opuslib_next's own library lookup fail, as on a machine without libopus0.
+    for name in [m for m in sys.modules if m.startswith("opuslib_next")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    real_exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: "libopus" not in str(p) and real_exists(p))
+    with pytest.raises(CodecUnavailableError, match="apt-get install libopus0") as info:
+        OpusEncoder()
+    assert not is_retryable(info.value)
+
+
+def test_missing_binding_names_the_package_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "opuslib_next", None)  # import raises ImportError
+    with pytest.raises(CodecUnavailableError, match="pip install opuslib-next"):
+        OpusDecoder()
