@@ -1,0 +1,212 @@
+"""Process and board metrics, read from the kernel with no extra dependencies.
+
+Every reader takes the filesystem root as a parameter so tests can point it at a
+fake ``/proc`` and ``/sys`` tree, and returns None when the number is unavailable
+(another OS, a container, a board without the sensor) instead of raising: a missing
+thermometer must never break ``/stats``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgevoice.clock import Clock, MonotonicClock
+
+logger = logging.getLogger(__name__)
+
+_THROTTLED = re.compile(r"throttled=(0x[0-9a-fA-F]+|\d+)")
+
+
+@dataclass(frozen=True)
+class ThrottleFlags:
+    """The Raspberry Pi firmware's ``get_throttled`` bits, decoded.
+
+    The first four are "now"; the ``_occurred`` ones latch until the next boot, so a
+    brown-out that ended an hour ago still shows.
+    """
+
+    raw: int
+    under_voltage: bool
+    freq_capped: bool
+    throttled: bool
+    soft_temp_limit: bool
+    under_voltage_occurred: bool
+    freq_capped_occurred: bool
+    throttled_occurred: bool
+    soft_temp_limit_occurred: bool
+
+    @classmethod
+    def from_bits(cls, raw: int) -> ThrottleFlags:
+        """Decode the bit field (bits 0-3 now, 16-19 since boot)."""
+
+        def bit(n: int) -> bool:
+            return bool(raw >> n & 1)
+
+        return cls(raw, bit(0), bit(1), bit(2), bit(3), bit(16), bit(17), bit(18), bit(19))
+
+    def active(self) -> dict[str, bool]:
+        """The four "now" flags by name."""
+        return {
+            "under_voltage": self.under_voltage,
+            "freq_capped": self.freq_capped,
+            "throttled": self.throttled,
+            "soft_temp_limit": self.soft_temp_limit,
+        }
+
+    def occurred(self) -> dict[str, bool]:
+        """The four "since boot" flags, by the same names as :meth:`active`."""
+        return {
+            "under_voltage": self.under_voltage_occurred,
+            "freq_capped": self.freq_capped_occurred,
+            "throttled": self.throttled_occurred,
+            "soft_temp_limit": self.soft_temp_limit_occurred,
+        }
+
+
+@dataclass(frozen=True)
+class SystemStats:
+    """One sample of this process and its board; None where unavailable."""
+
+    #: CPU used by this process since the previous sample, in % of one core
+    cpu_percent: float | None = None
+    #: CPU seconds (user + system) used by this process since it started
+    cpu_seconds: float | None = None
+    rss_bytes: int | None = None
+    open_fds: int | None = None
+    soc_temp_c: float | None = None
+    throttling: ThrottleFlags | None = None
+
+
+def parse_throttled(text: str) -> ThrottleFlags | None:
+    """Decode ``vcgencmd get_throttled`` output (``throttled=0x50005``)."""
+    match = _THROTTLED.search(text)
+    if match is None:
+        return None
+    return ThrottleFlags.from_bits(int(match.group(1), 0))
+
+
+def read_soc_temp_c(root: Path = Path("/")) -> float | None:
+    """SoC temperature from thermal zone 0 (millidegrees Celsius in sysfs)."""
+    try:
+        text = (root / "sys/class/thermal/thermal_zone0/temp").read_text()
+        return int(text.strip()) / 1000.0
+    except (OSError, ValueError):
+        return None
+
+
+def read_rss_bytes(root: Path = Path("/")) -> int | None:
+    """Resident set size of this process, from ``/proc/self/statm`` (in pages).
+
+    ``resource.getrusage`` only knows the peak, which would hide a leak that
+    recovered, so without procfs the answer is None.
+    """
+    try:
+        fields = (root / "proc/self/statm").read_text().split()
+        return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def count_open_fds(root: Path = Path("/")) -> int | None:
+    """Number of open file descriptors of this process (entries of /proc/self/fd)."""
+    try:
+        # The listing itself briefly opens a descriptor; that one is counted too,
+        # which is a constant offset of one and not worth a second syscall.
+        return sum(1 for _ in (root / "proc/self/fd").iterdir())
+    except OSError:
+        return None
+
+
+def process_cpu_seconds() -> float:
+    """User plus system CPU seconds this process has used."""
+    times = os.times()
+    return times.user + times.system
+
+
+Runner = Callable[[Sequence[str]], str]
+
+
+def _run(argv: Sequence[str]) -> str:
+    return subprocess.run(
+        list(argv), capture_output=True, text=True, timeout=2.0, check=True
+    ).stdout
+
+
+def read_throttled(vcgencmd: str | None, run: Runner = _run) -> ThrottleFlags | None:
+    """Ask the firmware through ``vcgencmd get_throttled``; None without it or on error."""
+    if vcgencmd is None:
+        return None
+    try:
+        return parse_throttled(run([vcgencmd, "get_throttled"]))
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.debug("vcgencmd get_throttled failed: %s", exc)
+        return None
+
+
+class SystemSampler:
+    """Produces :class:`SystemStats`, cheap enough to call on every request.
+
+    CPU % is the process's CPU time over the wall time between samples; samples
+    closer together than ``min_interval_s`` reuse the previous figure, because two
+    scrapes a millisecond apart would otherwise report noise. ``vcgencmd`` forks a
+    process and talks to the firmware (tens of ms on a Pi Zero), which would stall
+    the event loop that also moves audio, so its answer is kept for
+    ``throttle_refresh_s``.
+    """
+
+    def __init__(
+        self,
+        root: Path = Path("/"),
+        *,
+        clock: Clock | None = None,
+        cpu_seconds: Callable[[], float] = process_cpu_seconds,
+        vcgencmd: str | None = None,
+        run: Runner = _run,
+        min_interval_s: float = 1.0,
+        throttle_refresh_s: float = 30.0,
+    ) -> None:
+        self._root = root
+        self._clock = clock or MonotonicClock()
+        self._cpu_seconds = cpu_seconds
+        self._vcgencmd = vcgencmd
+        self._run = run
+        self._min_interval_s = min_interval_s
+        self._throttle_refresh_s = throttle_refresh_s
+        self._last_at: float | None = None
+        self._last_cpu = 0.0
+        self._cpu_percent: float | None = None
+        self._throttle_at: float | None = None
+        self._throttling: ThrottleFlags | None = None
+
+    @classmethod
+    def for_this_machine(cls) -> SystemSampler:
+        """A sampler of the real ``/`` that uses ``vcgencmd`` when it is installed."""
+        return cls(vcgencmd=shutil.which("vcgencmd"))
+
+    def sample(self) -> SystemStats:
+        """Read everything once (throttling and CPU % possibly from the cache)."""
+        now = self._clock.now()
+        cpu = self._cpu_seconds()
+        if self._last_at is None:
+            self._last_at, self._last_cpu = now, cpu
+        elif now - self._last_at >= self._min_interval_s:
+            self._cpu_percent = max(0.0, (cpu - self._last_cpu) / (now - self._last_at) * 100.0)
+            self._last_at, self._last_cpu = now, cpu
+        if self._throttle_at is None or now - self._throttle_at >= self._throttle_refresh_s:
+            self._throttling = read_throttled(self._vcgencmd, self._run)
+            self._throttle_at = now
+        return SystemStats(
+            cpu_percent=self._cpu_percent,
+            cpu_seconds=cpu,
+            rss_bytes=read_rss_bytes(self._root),
+            open_fds=count_open_fds(self._root),
+            soc_temp_c=read_soc_temp_c(self._root),
+            throttling=self._throttling,
+        )
