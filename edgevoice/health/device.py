@@ -33,10 +33,8 @@ from edgevoice.health.http import (
     HttpApi,
     Request,
     Response,
-    hash_token,
     health_response,
     json_response,
-    validate_exposure,
 )
 from edgevoice.health.system import SystemStats
 
@@ -278,7 +276,6 @@ def device_health_api(
     source_file: str = "config",
 ) -> HttpApi:
     """The device endpoint, not yet started. Raises ConfigError per the exposure rule."""
-    validate_exposure(settings, token, key="health.token_file", source=source_file)
     now = (clock or MonotonicClock()).now
 
     async def healthz(request: Request) -> Response:
@@ -308,10 +305,4 @@ def device_health_api(
         ("POST", "/trigger"): action(source.request_turn, "a turn cannot start now"),
         ("POST", "/interrupt"): action(source.request_interrupt, "nothing to interrupt"),
     }
-    return HttpApi(
-        routes,
-        settings.bind,
-        settings.port,
-        hash_token(token) if token else None,
-        name="health",
-    )
+    return HttpApi.from_settings(routes, settings, token, name="health", source=source_file)

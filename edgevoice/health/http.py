@@ -147,6 +147,9 @@ class Exposable(Protocol):
     @property
     def bind(self) -> str: ...
 
+    @property
+    def port(self) -> int: ...
+
 
 def _exposure_error(bind: str, key: str, source: str) -> ConfigError:
     return ConfigError(
@@ -276,6 +279,26 @@ class HttpApi:
         self._stopping = False
         #: requests refused with 401 (a wrong or missing token)
         self.auth_failures = 0
+
+    @classmethod
+    def from_settings(
+        cls,
+        routes: Routes,
+        settings: Exposable,
+        token: str | None,
+        *,
+        name: str,
+        source: str = "config",
+    ) -> HttpApi:
+        """An API listening where ``settings`` say, guarded by ``token`` (plain text).
+
+        Raises :class:`ConfigError` naming ``{name}.token_file`` in ``source`` when the
+        settings expose it beyond loopback without a token.
+        """
+        validate_exposure(settings, token, key=f"{name}.token_file", source=source)
+        return cls(
+            routes, settings.bind, settings.port, hash_token(token) if token else None, name=name
+        )
 
     @property
     def port(self) -> int:
