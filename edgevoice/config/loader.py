@@ -61,7 +61,8 @@ def load_text(text: str, cls: type[T], name: str = "<config>") -> T:
 def build(cls: type[T], data: object, name: str, prefix: str = "") -> T:
     """Build the dataclass ``cls`` from parsed YAML ``data``."""
     if not isinstance(data, Mapping):
-        raise ConfigError(name, prefix or "(top level)", f"expected a mapping, got {_kind(data)}")
+        where = prefix.rstrip(".") or "(top level)"
+        raise ConfigError(name, where, f"expected a mapping, got {_kind(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}

@@ -1,0 +1,155 @@
+"""The `edgevoice` command: one entry point for the device, the relay and the tools.
+
+Logging is configured here and only here. A configuration error prints
+``file: key: reason`` on stderr and exits 78 (EX_CONFIG) before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from edgevoice import __version__
+from edgevoice.config.loader import EXIT_CONFIG, describe
+from edgevoice.errors import ConfigError
+
+DEFAULT_DEVICE_CONFIG = "/etc/edgevoice/device.yaml"
+DEFAULT_RELAY_CONFIG = "/etc/edgevoice/relay.yaml"
+
+
+def setup_logging(level: str) -> None:
+    # Under systemd, journald stamps every line: do not print a second time stamp.
+    if os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(levelname)s %(name)s: %(message)s"
+    else:
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt,
+                        stream=sys.stderr)
+    # websockets logs every handshake failure at INFO with a traceback; keep it quiet.
+    logging.getLogger("websockets").setLevel(max(logging.WARNING, logging.root.level))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgevoice", description=(
+        "Headless voice terminal for Raspberry Pi-class boards, and its relay."))
+    parser.add_argument("--version", action="version", version=f"edgevoice {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    device = sub.add_parser("device", help="run the device daemon")
+    device.add_argument("--config", default=DEFAULT_DEVICE_CONFIG, help="device YAML file")
+    device.add_argument("--check-config", action="store_true",
+                        help="only check the config file (and the token), then exit")
+    device.add_argument("--help-config", action="store_true", help="list every option")
+
+    relay = sub.add_parser("relay", help="run the relay")
+    relay.add_argument("--config", default=DEFAULT_RELAY_CONFIG, help="relay YAML file")
+    relay.add_argument("--check-config", action="store_true",
+                       help="only check the config file, then exit")
+    relay.add_argument("--help-config", action="store_true", help="list every option")
+
+    demo = sub.add_parser("demo", help="one turn through a local relay, no hardware or cloud")
+    demo.add_argument("--input", help="speech WAV (any rate, mono or stereo); default: bundled")
+    demo.add_argument("--output", default="demo-out.wav", help="where the reply is written")
+    demo.add_argument("--json", action="store_true", help="print the timeline as one JSON object")
+    demo.add_argument("--fast", action="store_true",
+                      help="read and write the WAVs as fast as possible, not at real time")
+    demo.add_argument("--timeout", type=float, default=60.0, help="give up after this many s")
+
+    token = sub.add_parser("token", help="manage device tokens on the relay")
+    token.add_argument("action", choices=["add", "list", "remove"])
+    token.add_argument("name", nargs="?", help="device id (for add and remove)")
+    token.add_argument("--config", default=DEFAULT_RELAY_CONFIG, help="relay YAML file")
+    return parser
+
+
+def _config_error(exc: ConfigError) -> int:
+    print(str(exc), file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _help_config(cls: type[Any]) -> int:
+    for key, tp, default, doc in describe(cls):
+        print(f"{key} ({tp}, default {default!r})\n    {doc}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        return _config_error(exc)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "device":
+        from edgevoice.config.model import DeviceConfig, load_device_config
+        if args.help_config:
+            return _help_config(DeviceConfig)
+        config = load_device_config(args.config)
+        from edgevoice.device.daemon import read_token
+        read_token(config, args.config)
+        if args.check_config:
+            print(f"{args.config}: OK")
+            return 0
+        setup_logging(config.log_level)
+        from edgevoice.device.app import run_device
+        asyncio.run(run_device(config, args.config))
+        return 0
+    if args.command == "relay":
+        from edgevoice.config.model import RelayConfig, load_relay_config
+        if args.help_config:
+            return _help_config(RelayConfig)
+        relay_config = load_relay_config(args.config)
+        if args.check_config:
+            print(f"{args.config}: OK")
+            return 0
+        setup_logging(relay_config.log_level)
+        from edgevoice.relay.app import run_relay
+        asyncio.run(run_relay(relay_config))
+        return 0
+    if args.command == "demo":
+        setup_logging(os.environ.get("EDGEVOICE_LOG_LEVEL", "warning"))
+        from edgevoice.demo import main_demo
+        return main_demo(args.input, args.output, args.json, args.fast, args.timeout)
+    if args.command == "token":
+        return _token(args)
+    raise AssertionError(args.command)
+
+
+def _token(args: argparse.Namespace) -> int:
+    from edgevoice.config.model import load_relay_config
+    from edgevoice.relay.auth import TokenStore
+    store = TokenStore(load_relay_config(args.config).auth.tokens_file)
+    if args.action == "list":
+        for name in store.devices():
+            print(name)
+        return 0
+    if not args.name:
+        print(f"edgevoice token {args.action}: give the device name", file=sys.stderr)
+        return 2
+    if args.action == "add":
+        try:
+            token = store.add(args.name)
+        except ValueError as exc:
+            print(f"edgevoice token add: {exc}", file=sys.stderr)
+            return 2
+        print(token)
+        print(f"# token for {args.name!r}: shown once; put it in /etc/edgevoice/device.token "
+              "on the device", file=sys.stderr)
+        return 0
+    if not store.remove(args.name):
+        print(f"edgevoice token remove: no device {args.name!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

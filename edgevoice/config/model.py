@@ -1,0 +1,112 @@
+"""The two configuration files, composed from the settings each module owns.
+
+``DeviceConfig`` is ``config/device.yaml``; ``RelayConfig`` is ``config/relay.yaml``.
+Each section is a frozen dataclass defined next to the code it configures; this
+module only puts them together and checks what spans sections.
+"""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from edgevoice.audio.opus import OpusSettings
+from edgevoice.audio.silence import SilenceSettings
+from edgevoice.config.base import require
+from edgevoice.config.loader import load_file
+from edgevoice.device.link import RelaySettings
+from edgevoice.device.turn import TurnSettings
+from edgevoice.relay.auth import AuthSettings
+from edgevoice.relay.settings import LimitsSettings, ListenSettings
+from edgevoice.upstream.echo import EchoSettings
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+_DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class AudioSettings:
+    """Sound devices of the board."""
+
+    input: str = "default"
+    """Microphone: a sound device name (or part of it, as `edgevoice doctor` lists them),
+    "default", or wav:PATH to read a WAV file at real time (wav+fast:PATH: as fast as possible)."""
+    output: str = "default"
+    """Speaker: a sound device name, "default", or wav:PATH to write what would be played."""
+    output_rate_hz: int | None = None
+    """Output sample rate; empty: the device's own default rate."""
+    capture_queue_frames: int = 25
+    """Captured 20 ms frames waiting for the event loop (25 = 500 ms); the oldest are dropped."""
+    playback_prefill_ms: int = 60
+    """Reply audio buffered before playback starts, in milliseconds (jitter buffer)."""
+    playback_max_ms: int = 30_000
+    """Most reply audio buffered, in milliseconds; beyond it the oldest is dropped."""
+    reopen_max_ms: int = 30_000
+    """Longest wait between attempts to reopen a vanished sound device, in milliseconds."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.input.strip()), "input", "must name a device or wav:PATH")
+        require(bool(self.output.strip()), "output", "must name a device or wav:PATH")
+        require(self.output_rate_hz is None or 8000 <= self.output_rate_hz <= 192_000,
+                "output_rate_hz", "must be between 8000 and 192000")
+        require(self.capture_queue_frames >= 2, "capture_queue_frames", "must be >= 2")
+        require(0 <= self.playback_prefill_ms <= 1000, "playback_prefill_ms", "must be 0..1000")
+        require(self.playback_max_ms >= 1000, "playback_max_ms", "must be >= 1000")
+        require(self.reopen_max_ms >= 100, "reopen_max_ms", "must be >= 100")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """config/device.yaml"""
+
+    device_id: str = "edgevoice"
+    """This device's name at the relay; must match the name its token was issued for."""
+    timezone: str = "UTC"
+    """IANA time zone of the device, e.g. Europe/Berlin (for the date and time tool)."""
+    log_level: LogLevel = "info"
+    """debug, info, warning or error."""
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    audio: AudioSettings = field(default_factory=AudioSettings)
+    silence: SilenceSettings = field(default_factory=SilenceSettings)
+    opus: OpusSettings = field(default_factory=OpusSettings)
+    turn: TurnSettings = field(default_factory=TurnSettings)
+
+    def __post_init__(self) -> None:
+        require(bool(_DEVICE_ID.match(self.device_id)), "device_id",
+                "must be lowercase letters, digits and dashes, 1-63 characters")
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            require(False, "timezone", f"unknown time zone {self.timezone!r}")
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    """Where the relay sends each device's speech."""
+
+    kind: Literal["echo", "nova"] = "echo"
+    """echo: speak the user's words back (no cloud). nova: Amazon Nova Sonic on Bedrock."""
+    echo: EchoSettings = field(default_factory=EchoSettings)
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """config/relay.yaml"""
+
+    log_level: LogLevel = "info"
+    """debug, info, warning or error."""
+    listen: ListenSettings = field(default_factory=ListenSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+
+
+def load_device_config(path: str | Path) -> DeviceConfig:
+    return load_file(path, DeviceConfig)
+
+
+def load_relay_config(path: str | Path) -> RelayConfig:
+    return load_file(path, RelayConfig)

@@ -1,0 +1,473 @@
+"""The device daemon: wires capture, silence detection, turns, the link and playback.
+
+Decisions are made by the pure cores (silence detector, turn machine, protocol);
+this module only moves data between them and the outside world, and records what
+happened when (the turn timeline the health endpoint and the demo report).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgevoice import __version__
+from edgevoice.audio.base import AudioSink, AudioSource
+from edgevoice.audio.opus import OpusDecodeError, OpusDecoder, OpusEncoder
+from edgevoice.audio.playback import PlaybackBuffer, PlaybackEnded, PlaybackStarted
+from edgevoice.audio.resample import StreamResampler
+from edgevoice.audio.silence import SilenceDetector, SpeechEnded, SpeechStarted
+from edgevoice.backoff import Backoff, BackoffSettings
+from edgevoice.clock import Clock, MonotonicClock
+from edgevoice.config.model import DeviceConfig
+from edgevoice.device.link import DeviceLink, LinkListener
+from edgevoice.device.turn import (
+    BeginTurn,
+    Command,
+    FinishTurn,
+    PlayEarcon,
+    StateChanged,
+    StopPlayback,
+    StreamFrame,
+    TurnMachine,
+    TurnState,
+)
+from edgevoice.errors import AudioDeviceError, ConfigError
+from edgevoice.protocol.connection import AudioReceived
+from edgevoice.protocol.messages import (
+    DOWNLINK_FORMAT,
+    AudioFlags,
+    Error,
+    Interrupt,
+    Message,
+    ResponseEnd,
+    ResponseStart,
+    Stats,
+    Transcript,
+    TurnEnd,
+    TurnStart,
+    Welcome,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOKEN_FILE = "/etc/edgevoice/device.token"
+#: A gap longer than this is not concealed: invented audio would only confuse.
+MAX_CONCEALED_FRAMES = 5
+#: Until the echo guard has measured the speaker->mic coupling, assume this much (dB).
+DEFAULT_ECHO_COUPLING_DB = -10.0
+
+
+def read_token(config: DeviceConfig, config_file: str) -> str:
+    """The device token, from the configured file, systemd's credential or /etc."""
+    candidates: list[tuple[str, str]] = []
+    if config.relay.token_file:
+        candidates.append((config.relay.token_file, "relay.token_file"))
+    else:
+        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        if credentials:
+            candidates.append((str(Path(credentials) / "device-token"), "relay.token_file"))
+        candidates.append((DEFAULT_TOKEN_FILE, "relay.token_file"))
+    for path, key in candidates:
+        try:
+            token = Path(path).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ConfigError(config_file, key, f"cannot read {path}: {exc.strerror}") from None
+        if not token:
+            raise ConfigError(config_file, key, f"{path} is empty: put the device token in it "
+                              "(`edgevoice token add NAME` on the relay prints one)")
+        return token
+    raise ConfigError(config_file, "relay.token_file",
+                      f"no token found (looked in {', '.join(p for p, _ in candidates)})")
+
+
+@dataclass
+class TurnTimeline:
+    """When each step of one turn happened (monotonic seconds; None: did not happen)."""
+
+    turn_id: int
+    trigger: str
+    started_at: float
+    wall_start: float = field(default_factory=time.time)
+    speech_start: float | None = None
+    speech_end: float | None = None
+    first_uplink: float | None = None
+    turn_end: float | None = None
+    first_downlink: float | None = None
+    playback_start: float | None = None
+    playback_end: float | None = None
+    uplink_frames: int = 0
+    downlink_frames: int = 0
+    transcripts: list[tuple[str, str]] = field(default_factory=list)
+    outcome: str = "open"
+
+    def milestones_ms(self) -> dict[str, float | None]:
+        """Each milestone in ms after the turn started."""
+        def rel(t: float | None) -> float | None:
+            return None if t is None else round((t - self.started_at) * 1000.0, 1)
+        return {
+            "speech_start": rel(self.speech_start), "first_uplink": rel(self.first_uplink),
+            "speech_end": rel(self.speech_end), "turn_end": rel(self.turn_end),
+            "first_downlink": rel(self.first_downlink),
+            "playback_start": rel(self.playback_start), "playback_end": rel(self.playback_end),
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "turn_id": self.turn_id, "trigger": self.trigger, "outcome": self.outcome,
+            "started": datetime.datetime.fromtimestamp(self.wall_start, datetime.UTC)
+            .isoformat(timespec="milliseconds"),
+            "milestones_ms": self.milestones_ms(),
+            "uplink_frames": self.uplink_frames, "downlink_frames": self.downlink_frames,
+            "transcripts": [{"role": r, "text": t} for r, t in self.transcripts],
+        }
+
+
+@dataclass
+class DeviceCounters:
+    frames_captured: int = 0
+    frames_sent: int = 0
+    frames_received: int = 0
+    frames_concealed: int = 0
+    audio_reopens: int = 0
+    turns: int = 0
+    interrupts: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+class DeviceDaemon(LinkListener):
+    """One device: capture → detector → turns → Opus → relay, and back to the speaker."""
+
+    def __init__(self, config: DeviceConfig, token: str, source: AudioSource, sink: AudioSink,
+                 *, clock: Clock | None = None, exit_on_eof: bool = False,
+                 on_turn_done: Callable[[TurnTimeline], None] | None = None,
+                 on_state: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.clock = clock or MonotonicClock()
+        self.source = source
+        self.sink = sink
+        self.exit_on_eof = exit_on_eof
+        self.on_turn_done = on_turn_done
+        self.on_state = on_state
+        self.detector = SilenceDetector(config.silence)
+        self.machine = TurnMachine(config.turn)
+        self.encoder = OpusEncoder.from_settings(config.opus)
+        self.decoder = OpusDecoder(DOWNLINK_FORMAT.sample_rate_hz)
+        self.resampler = StreamResampler(DOWNLINK_FORMAT.sample_rate_hz, sink.sample_rate_hz)
+        self.playback = PlaybackBuffer(sink.sample_rate_hz,
+                                       prefill_ms=config.audio.playback_prefill_ms,
+                                       max_ms=config.audio.playback_max_ms,
+                                       on_event=self._playback_event_threadsafe)
+        self.link = DeviceLink(config.relay, config.device_id, token, self, clock=self.clock)
+        self.counters = DeviceCounters()
+        self.turns: collections.deque[TurnTimeline] = collections.deque(maxlen=20)
+        self.current: TurnTimeline | None = None
+        self.started_at = self.clock.now()
+        self.audio_problem: str | None = "audio not opened yet"
+        self.status = "starting"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = asyncio.Event()
+        self._uplink_index = 0
+        self._discard_downlink = False
+        self._response_frames = 0
+        self._last_link_status = ""
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Run until :meth:`stop` (or the end of a WAV source with ``exit_on_eof``)."""
+        self._loop = asyncio.get_running_loop()
+        await self.sink.open(self.playback)
+        tasks = [asyncio.create_task(self._capture(), name="capture"),
+                 asyncio.create_task(self.link.run(), name="link"),
+                 asyncio.create_task(self._ticker(), name="ticker")]
+        try:
+            await self._stop.wait()
+        finally:
+            self._set_status("stopping")
+            if self.machine.state is TurnState.LISTENING and self.current is not None:
+                self.link.send(TurnEnd(self.current.turn_id, "cancelled"))
+            await self.link.stop()
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await self.source.close()
+            await self.sink.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _set_status(self, text: str) -> None:
+        if text != self.status:
+            self.status = text
+            if self.on_state is not None:
+                self.on_state(text)
+
+    # -------------------------------------------------------------- capture
+
+    async def _capture(self) -> None:
+        backoff = Backoff(BackoffSettings(initial_ms=500, max_ms=self.config.audio.reopen_max_ms,
+                                          min_ms=200))
+        while True:
+            try:
+                await self.source.open()
+                self.audio_problem = None
+                backoff.reset()
+                while True:
+                    frame = await self.source.read()
+                    self._on_frame(frame)
+            except EOFError:
+                logger.info("audio source %s ended", self.source.name)
+                if self.exit_on_eof:
+                    self.stop()
+                return
+            except AudioDeviceError as exc:
+                delay = backoff.next_delay()
+                self.audio_problem = f"microphone unavailable: {exc}"
+                self.counters.audio_reopens += 1
+                logger.warning("%s; reopening in %.1f s", self.audio_problem, delay)
+                self._set_status(f"{self.audio_problem}; retrying in {delay:.1f} s")
+                with contextlib.suppress(Exception):
+                    await self.source.close()
+                await self.clock.sleep(delay)
+
+    def _echo_reference_dbfs(self) -> float | None:
+        if not self.playback.playing:
+            return None
+        return self.playback.last_block_dbfs + DEFAULT_ECHO_COUPLING_DB
+
+    def _on_frame(self, frame: bytes) -> None:
+        now = self.clock.now()
+        self.counters.frames_captured += 1
+        decision = self.detector.process(frame, self._echo_reference_dbfs())
+        event = decision.event
+        started = event.preroll if isinstance(event, SpeechStarted) else None
+        ended = isinstance(event, SpeechEnded)
+        commands = self.machine.on_frame(frame, speech_started=started, speech_ended=ended,
+                                         in_speech=decision.send, now=now)
+        if self.current is not None:
+            if started is not None and self.current.speech_start is None:
+                self.current.speech_start = now
+            if ended and self.current.speech_end is None:
+                self.current.speech_end = now
+        self._execute(commands, now)
+
+    # ------------------------------------------------------------- commands
+
+    def _execute(self, commands: list[Command], now: float) -> None:
+        for command in commands:
+            if isinstance(command, StreamFrame):
+                self._send_frame(command.pcm, now)
+            elif isinstance(command, BeginTurn):
+                self._begin_turn(command, now)
+            elif isinstance(command, FinishTurn):
+                self.link.send(TurnEnd(command.turn_id, command.reason))
+                if self.current is not None:
+                    self.current.turn_end = now
+                    if command.reason in ("no_speech", "cancelled"):
+                        self._close_turn(command.reason)
+            elif isinstance(command, StopPlayback):
+                self.playback.flush()
+                self.resampler.reset()
+                self._discard_downlink = True
+                self.counters.interrupts += 1
+                if command.notify_relay:
+                    self.link.send(Interrupt(reason=command.reason))
+                logger.info("playback stopped (%s)", command.reason)
+            elif isinstance(command, PlayEarcon):
+                logger.debug("earcon: %s", command.kind)
+            elif isinstance(command, StateChanged):
+                self._on_state_changed(command)
+
+    def _begin_turn(self, command: BeginTurn, now: float) -> None:
+        if self.current is not None and self.current.outcome == "open":
+            self._close_turn("superseded")
+        self.current = TurnTimeline(command.turn_id, command.trigger, now)
+        if command.trigger == "vad":
+            self.current.speech_start = now
+        self.counters.turns += 1
+        self._uplink_index = 0
+        self.link.send(TurnStart(command.turn_id, command.trigger))
+        for pcm in command.preroll:
+            self._send_frame(pcm, now)
+
+    def _send_frame(self, pcm: bytes, now: float) -> None:
+        flags = AudioFlags.START if self._uplink_index == 0 else AudioFlags.NONE
+        packet = self.encoder.encode(pcm)
+        if self.link.send_audio(packet, self._uplink_index * 20, flags):
+            self.counters.frames_sent += 1
+        self._uplink_index += 1
+        if self.current is not None:
+            self.current.uplink_frames += 1
+            if self.current.first_uplink is None:
+                self.current.first_uplink = now
+
+    def _on_state_changed(self, change: StateChanged) -> None:
+        state = change.state
+        text = {
+            TurnState.IDLE: "listening for speech" if self.config.turn.always_on else "idle",
+            TurnState.LISTENING: f"streaming turn {self.machine.turn_id}",
+            TurnState.THINKING: f"waiting for the reply to turn {self.machine.turn_id}",
+            TurnState.SPEAKING: f"playing the reply to turn {self.machine.turn_id}",
+            TurnState.MUTED: "microphone muted",
+        }[state]
+        if self.link.connected:
+            self._set_status(text)
+        if change.previous is TurnState.SPEAKING and state is not TurnState.SPEAKING and \
+                self.current is not None and self.current.outcome == "open" and \
+                state is TurnState.LISTENING:
+            self._close_turn("interrupted")
+
+    def _close_turn(self, outcome: str) -> None:
+        turn = self.current
+        if turn is None or turn.outcome != "open":
+            return
+        turn.outcome = outcome
+        self.turns.append(turn)
+        logger.info("turn %d %s: %s", turn.turn_id, outcome, turn.milestones_ms())
+        if self.on_turn_done is not None:
+            self.on_turn_done(turn)
+
+    # ------------------------------------------------------------- playback
+
+    def _playback_event_threadsafe(self, event: object) -> None:
+        # PlaybackBuffer may call this from the audio thread: hop onto the loop.
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._on_playback_event, event)
+
+    def _on_playback_event(self, event: object) -> None:
+        now = self.clock.now()
+        turn = self.current
+        if isinstance(event, PlaybackStarted):
+            if turn is not None and turn.playback_start is None:
+                turn.playback_start = now
+        elif isinstance(event, PlaybackEnded):
+            if turn is not None and not event.flushed:
+                turn.playback_end = now
+                self._close_turn("completed")
+            elif turn is not None:
+                self._close_turn("interrupted")
+            self._execute(self.machine.on_reply_finished(now), now)
+
+    # ---------------------------------------------------------- link events
+
+    def link_up(self, welcome: Welcome) -> None:
+        now = self.clock.now()
+        self._execute(self.machine.on_link(True, now), now)
+        self._set_status("listening for speech" if self.config.turn.always_on else "idle")
+
+    def link_down(self, reason: str, retry_in_s: float | None) -> None:
+        now = self.clock.now()
+        self._execute(self.machine.on_link(False, now), now)
+        if self.current is not None and self.current.outcome == "open" and \
+                self.current.first_downlink is None:
+            self._close_turn("link_lost")
+        when = f"reconnecting in {retry_in_s:.1f} s: " if retry_in_s is not None else ""
+        self._set_status(f"{when}{reason}")
+
+    def on_message(self, message: Message) -> None:
+        now = self.clock.now()
+        if isinstance(message, ResponseStart):
+            self._discard_downlink = False
+            self._response_frames = 0
+            self.decoder.reset()
+            self.resampler.reset()
+            self._execute(self.machine.on_response_start(now), now)
+        elif isinstance(message, ResponseEnd):
+            if self._discard_downlink or message.reason == "interrupted":
+                return
+            self.playback.end_of_response()
+            if self._response_frames == 0:
+                if self.current is not None:
+                    self._close_turn("no_reply")
+                self._execute(self.machine.on_reply_finished(now), now)
+        elif isinstance(message, Interrupt):
+            self._execute(self.machine.on_remote_interrupt(now), now)
+        elif isinstance(message, Transcript):
+            logger.info("%s said: %s", message.role, message.text)
+            if self.current is not None and message.final:
+                self.current.transcripts.append((message.role, message.text))
+        elif isinstance(message, Error):
+            self.counters.errors[message.code] = self.counters.errors.get(message.code, 0) + 1
+            logger.warning("relay error %s: %s", message.code, message.message)
+            self._execute(self.machine.on_error(now), now)
+
+    def on_audio(self, received: AudioReceived) -> None:
+        if self._discard_downlink:
+            return
+        now = self.clock.now()
+        self.counters.frames_received += 1
+        self._response_frames += 1
+        payload = received.frame.payload
+        try:
+            if received.missing == 1:
+                self._play(self.decoder.recover(payload))
+                self.counters.frames_concealed += 1
+            else:
+                for _ in range(min(received.missing, MAX_CONCEALED_FRAMES)):
+                    self._play(self.decoder.conceal())
+                    self.counters.frames_concealed += 1
+            self._play(self.decoder.decode(payload))
+        except OpusDecodeError as exc:
+            logger.warning("undecodable downlink frame %d: %s", received.frame.seq, exc)
+            self._play(self.decoder.conceal())
+        turn = self.current
+        if turn is not None:
+            turn.downlink_frames += 1
+            if turn.first_downlink is None:
+                turn.first_downlink = now
+
+    def _play(self, pcm24k: bytes) -> None:
+        out = self.resampler.process_bytes(pcm24k)
+        if out:
+            self.playback.push(out)
+
+    # ----------------------------------------------------------------- time
+
+    async def _ticker(self) -> None:
+        last_stats = self.clock.now()
+        interval = self.config.relay.stats_interval_s
+        while True:
+            await self.clock.sleep(0.1)
+            now = self.clock.now()
+            self._execute(self.machine.tick(now), now)
+            if interval and now - last_stats >= interval and self.link.connected:
+                last_stats = now
+                self.link.send(Stats(self.compact_stats()))
+
+    # ----------------------------------------------------------------- stats
+
+    def compact_stats(self) -> dict[str, Any]:
+        """A small stats dict pushed to the relay's fleet view."""
+        link = self.link.stats
+        source = self.source.stats
+        return {
+            "version": __version__,
+            "uptime_s": round(self.clock.now() - self.started_at, 1),
+            "state": self.machine.state.value,
+            "rtt_ms": None if link.rtt_ms is None else round(link.rtt_ms, 1),
+            "reconnects": link.reconnects,
+            "frames_captured": source.frames_captured,
+            "frames_dropped": source.frames_dropped,
+            "frames_sent": self.counters.frames_sent,
+            "underruns": self.playback.stats.underruns,
+            "turns": self.counters.turns,
+            "noise_floor_dbfs": round(self.detector.noise_floor_dbfs, 1),
+            "audio_problem": self.audio_problem,
+        }
+
+    def counters_dict(self) -> dict[str, Any]:
+        return asdict(self.counters)

@@ -1,0 +1,59 @@
+"""Settings of the relay's WebSocket listener and its per-connection limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgevoice.config.base import require
+
+
+@dataclass(frozen=True)
+class ListenSettings:
+    """Where the relay accepts devices."""
+
+    host: str = "127.0.0.1"
+    """Address to bind; 0.0.0.0 for every interface."""
+    port: int = 8780
+    """TCP port for device WebSockets (0 picks a free one)."""
+    tls_cert_file: str | None = None
+    """PEM certificate chain; with tls_key_file the relay speaks wss:// itself."""
+    tls_key_file: str | None = None
+    """PEM private key for tls_cert_file."""
+
+    def __post_init__(self) -> None:
+        require(0 <= self.port <= 65535, "port", "must be 0..65535")
+        require((self.tls_cert_file is None) == (self.tls_key_file is None), "tls_key_file",
+                "tls_cert_file and tls_key_file go together")
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    """What one device may cost the relay."""
+
+    handshake_timeout_ms: int = 10_000
+    """Close a connection that has not said hello within this many milliseconds."""
+    heartbeat_interval_ms: int = 10_000
+    """Devices ping this often; silence for three intervals closes the connection."""
+    ping_interval_ms: int = 20_000
+    """WebSocket keepalive ping interval (the device uses the same by default)."""
+    ping_timeout_ms: int = 20_000
+    """WebSocket keepalive: close when a ping is not answered within this."""
+    max_messages_per_s: int = 200
+    """Messages per second from one device before it is closed (1008)."""
+    downlink_queue_ms: int = 60_000
+    """Reply audio queued per device, in milliseconds; beyond it the oldest is dropped."""
+    send_timeout_ms: int = 5_000
+    """A device that does not read for this long is disconnected."""
+    max_devices: int = 1000
+    """Simultaneous device connections."""
+
+    def __post_init__(self) -> None:
+        require(self.handshake_timeout_ms >= 100, "handshake_timeout_ms", "must be >= 100")
+        require(self.heartbeat_interval_ms >= 100, "heartbeat_interval_ms", "must be >= 100")
+        require(self.ping_interval_ms >= 100, "ping_interval_ms", "must be >= 100")
+        require(self.ping_timeout_ms >= 100, "ping_timeout_ms", "must be >= 100")
+        require(self.max_messages_per_s >= 60, "max_messages_per_s",
+                "must be >= 60 (audio alone is 50 per second)")
+        require(self.downlink_queue_ms >= 1000, "downlink_queue_ms", "must be >= 1000")
+        require(self.send_timeout_ms >= 100, "send_timeout_ms", "must be >= 100")
+        require(self.max_devices >= 1, "max_devices", "must be >= 1")
