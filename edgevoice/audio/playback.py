@@ -1,0 +1,351 @@
+"""The playback jitter buffer between the network side and the audio callback.
+
+Reply audio is pushed in (from the event loop, in whatever bursts the network
+delivers) and pulled out by an audio callback thread in fixed blocks at the output
+device's pace. The buffer owns the playback policy:
+
+* **prefill**: a response starts playing only once ``prefill_ms`` is buffered (or the
+  response is known to be complete), so network jitter does not cause a stutter at
+  the first word;
+* **underrun**: when a playing response runs dry, silence is played, the underrun is
+  counted, and playing resumes after another prefill;
+* **overflow**: beyond ``max_ms`` the oldest audio is dropped and counted;
+* **flush** (barge-in): everything buffered is discarded at once; the very next pull
+  returns silence;
+* **end of response**: what is left is drained, then :class:`PlaybackEnded` is sent.
+
+``pull`` never waits: it takes a lock held only for a copy, so a slow producer can
+never stall the audio thread. Samples live in one preallocated ring; a pull allocates
+nothing but its output (``pull_into`` not even that).
+
+Events are delivered through ``on_event`` **from whichever thread caused them**:
+:class:`PlaybackStarted` and a drained :class:`PlaybackEnded` from the audio
+callback's thread, a flushed :class:`PlaybackEnded` from the thread that called
+:meth:`PlaybackBuffer.flush`. The callback must be quick and must not block; from
+asyncio code, wrap it with ``loop.call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from edgevoice.audio.base import SAMPLE_WIDTH_BYTES
+from edgevoice.errors import EdgevoiceError
+
+logger = logging.getLogger(__name__)
+
+#: ``last_block_dbfs`` of a silent block.
+SILENCE_DBFS = -100.0
+
+
+@dataclass(frozen=True)
+class PlaybackStarted:
+    """The first sample of a response reached the output."""
+
+    at: float
+
+
+@dataclass(frozen=True)
+class PlaybackEnded:
+    """A response finished: drained after ``end_of_response`` or ``flushed``."""
+
+    at: float
+    flushed: bool
+
+
+PlaybackEvent = PlaybackStarted | PlaybackEnded
+
+
+@dataclass
+class PlaybackStats:
+    """Counters for /stats and /metrics. Samples are at the buffer's rate."""
+
+    #: times a playing response ran dry before its end
+    underruns: int = 0
+    #: silence played because of those underruns
+    underrun_samples: int = 0
+    #: oldest samples thrown away because the buffer was full
+    dropped_samples: int = 0
+    #: samples discarded by flush (barge-in)
+    flushed_samples: int = 0
+    #: real (non-silence) samples handed to the output
+    played_samples: int = 0
+    #: responses that started playing
+    responses_started: int = 0
+
+
+class PlaybackState(enum.Enum):
+    IDLE = "idle"
+    """No response: pulls return silence."""
+    PREFILLING = "prefilling"
+    """A response is arriving; waiting for ``prefill_ms`` or its end."""
+    PLAYING = "playing"
+    """Audio flows to the output."""
+    STARVED = "starved"
+    """A playing response ran dry; waiting for another prefill or its end."""
+
+
+P = PlaybackState
+
+#: Every legal transition.
+TRANSITIONS: dict[PlaybackState, frozenset[PlaybackState]] = {
+    P.IDLE: frozenset({P.PREFILLING}),
+    P.PREFILLING: frozenset({P.PLAYING, P.IDLE}),  # IDLE: flushed before it started
+    P.PLAYING: frozenset({P.STARVED, P.IDLE}),  # IDLE: drained or flushed
+    P.STARVED: frozenset({P.PLAYING, P.IDLE}),
+}
+
+
+class IllegalTransitionError(EdgevoiceError, RuntimeError):
+    """The buffer tried a transition :data:`TRANSITIONS` does not list (a bug here)."""
+
+
+Int16Array = npt.NDArray[np.int16]
+
+
+class PlaybackBuffer:
+    """A thread-safe jitter buffer of mono int16 samples at ``rate_hz``."""
+
+    def __init__(
+        self,
+        rate_hz: int,
+        prefill_ms: int = 60,
+        max_ms: int = 10_000,
+        on_event: Callable[[PlaybackEvent], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if rate_hz <= 0:
+            raise ValueError(f"rate_hz must be positive, got {rate_hz}")
+        if not 0 <= prefill_ms < max_ms:
+            raise ValueError(f"need 0 <= prefill_ms < max_ms, got {prefill_ms} and {max_ms}")
+        self.rate_hz = rate_hz
+        # At least one sample, so a starved response does not "resume" on nothing.
+        self.prefill_samples = max(1, rate_hz * prefill_ms // 1000)
+        self.capacity_samples = rate_hz * max_ms // 1000
+        self.on_event = on_event
+        #: Called (no arguments, from the pushing thread) after every push and
+        #: end_of_response: lets a consumer that is not a real-time device wait for
+        #: data instead of polling.
+        self.on_data: Callable[[], None] | None = None
+        self.stats = PlaybackStats()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._ring: Int16Array = np.zeros(self.capacity_samples, dtype=np.int16)
+        # Running totals; the ring index is total % capacity. Python ints never wrap.
+        self._written = 0
+        self._read = 0
+        # Where each response whose end is known ends (values of _written), oldest first:
+        # the next reply may arrive while the previous one is still draining.
+        self._end_marks: collections.deque[int] = collections.deque()
+        self._state = P.IDLE
+        self._work = np.zeros(0, dtype=np.float64)
+        self._last_block_dbfs = SILENCE_DBFS
+        self._overflowing = False
+
+    # -- producer side ---------------------------------------------------------------
+
+    def push(self, pcm: bytes | bytearray | memoryview) -> None:
+        """Append reply audio (s16le mono at ``rate_hz``). Never blocks for long."""
+        if len(pcm) % SAMPLE_WIDTH_BYTES:
+            raise ValueError(f"s16le PCM must have an even length, got {len(pcm)} bytes")
+        samples = np.frombuffer(pcm, dtype=np.int16)
+        cap = self.capacity_samples
+        with self._lock:
+            if len(samples) > cap:
+                # Only the newest capacity's worth can be kept; the skipped head is
+                # counted as dropped through the overflow below.
+                self._written += len(samples) - cap
+                samples = samples[-cap:]
+            n = len(samples)
+            overflow = self._written - self._read + n - cap
+            if overflow > 0:
+                self.stats.dropped_samples += overflow
+                self._read += overflow
+                # Responses dropped whole collapse into the one being played.
+                marks = self._end_marks
+                while len(marks) > 1 and marks[1] <= self._read:
+                    marks.popleft()
+            start = self._written % cap
+            first = min(n, cap - start)
+            self._ring[start : start + first] = samples[:first]
+            self._ring[: n - first] = samples[first:]
+            self._written += n
+            if self._state is P.IDLE and n:
+                self._goto(P.PREFILLING)
+        if (overflow > 0) != self._overflowing:  # log when overflow starts and stops
+            self._overflowing = overflow > 0
+            if self._overflowing:
+                logger.warning(
+                    "playback: buffer full (%d ms), dropping the oldest audio",
+                    self.capacity_samples * 1000 // self.rate_hz,
+                )
+            else:
+                logger.debug("playback: buffer no longer full")
+        self._notify_data()
+
+    def end_of_response(self) -> None:
+        """No more audio for this response: play what is left, then end it."""
+        with self._lock:
+            last = self._end_marks[-1] if self._end_marks else None
+            if (self._state is P.IDLE and self._written == self._read) or last == self._written:
+                logger.debug("playback: end of response with nothing (new) to play")
+            else:
+                self._end_marks.append(self._written)
+        self._notify_data()
+
+    def flush(self) -> int:
+        """Discard everything now (barge-in). Returns the samples discarded."""
+        event: PlaybackEnded | None = None
+        with self._lock:
+            discarded = self._written - self._read
+            self._read = self._written
+            self._end_marks.clear()
+            self.stats.flushed_samples += discarded
+            if self._state in (P.PLAYING, P.STARVED):
+                event = PlaybackEnded(at=self._clock(), flushed=True)
+            if self._state is not P.IDLE:
+                self._goto(P.IDLE)
+        logger.debug("playback: flushed %d samples", discarded)
+        if event is not None:
+            self._emit(event)
+        return discarded
+
+    # -- consumer side (the audio thread) -----------------------------------------------
+
+    def pull_into(self, out: Int16Array) -> int:
+        """Fill ``out`` (a 1-D int16 array or view) with the next samples, silence where
+        there is nothing to play. Never blocks. Returns how many were real audio."""
+        n = len(out)
+        events: list[PlaybackEvent] = []
+        filled = 0
+        cap = self.capacity_samples
+        with self._lock:
+            while filled < n:
+                state = self._state
+                buffered = self._written - self._read
+                if state is P.IDLE:
+                    break
+                if state is P.PREFILLING or state is P.STARVED:
+                    if buffered < self.prefill_samples and not self._end_marks:
+                        break
+                    if state is P.PREFILLING:
+                        self.stats.responses_started += 1
+                        events.append(PlaybackStarted(at=self._clock()))
+                    self._goto(P.PLAYING)
+                # PLAYING: copy up to the end of this response.
+                end = self._end_marks[0] if self._end_marks else None
+                available = buffered
+                if end is not None:  # (an overflow may have dropped past it)
+                    available = max(0, end - self._read)
+                take = min(n - filled, available)
+                start = self._read % cap
+                first = min(take, cap - start)
+                out[filled : filled + first] = self._ring[start : start + first]
+                out[filled + first : filled + take] = self._ring[: take - first]
+                filled += take
+                self._read += take
+                if end is not None and self._read >= end:
+                    events.append(PlaybackEnded(at=self._clock(), flushed=False))
+                    self._end_marks.popleft()
+                    self._goto(P.IDLE)
+                    if self._written > self._read:  # the next response is already here
+                        self._goto(P.PREFILLING)
+                    continue
+                if filled < n:
+                    self.stats.underruns += 1
+                    self._goto(P.STARVED)
+                    break
+            if self._state is P.STARVED:
+                self.stats.underrun_samples += n - filled
+            self.stats.played_samples += filled
+            out[filled:] = 0
+            self._last_block_dbfs = self._measure(out)
+        for event in events:
+            self._emit(event)
+        return filled
+
+    def pull(self, n_samples: int) -> bytes:
+        """:meth:`pull_into` a new block of ``n_samples``, as s16le bytes."""
+        out = np.empty(n_samples, dtype=np.int16)
+        self.pull_into(out)
+        return out.tobytes()
+
+    # -- observation ------------------------------------------------------------------
+
+    @property
+    def state(self) -> PlaybackState:
+        return self._state
+
+    @property
+    def playing(self) -> bool:
+        """Between PlaybackStarted and PlaybackEnded (including while starved)."""
+        return self._state in (P.PLAYING, P.STARVED)
+
+    @property
+    def buffered_samples(self) -> int:
+        return self._written - self._read
+
+    @property
+    def buffered_ms(self) -> float:
+        return 1000.0 * self.buffered_samples / self.rate_hz
+
+    @property
+    def last_block_dbfs(self) -> float:
+        """RMS level of the last block pulled (silence included), dBFS: what the
+        speaker is emitting now, for estimating how much of it reaches the mic."""
+        return self._last_block_dbfs
+
+    def playable_samples(self) -> int:
+        """How many samples a pull would deliver as real audio right now: 0 while a
+        response is still prefilling. For consumers that are not real-time devices."""
+        with self._lock:
+            buffered = self._written - self._read
+            if self._state is P.IDLE:
+                return 0
+            if (
+                self._state is not P.PLAYING
+                and buffered < self.prefill_samples
+                and not self._end_marks
+            ):
+                return 0
+            return buffered
+
+    # -- internals --------------------------------------------------------------------
+
+    def _goto(self, new: PlaybackState) -> None:
+        if new not in TRANSITIONS[self._state]:
+            raise IllegalTransitionError(
+                f"playback buffer: illegal transition {self._state.name} -> {new.name}"
+            )
+        logger.debug("playback: %s -> %s", self._state.name, new.name)
+        self._state = new
+
+    def _measure(self, block: Int16Array) -> float:
+        n = len(block)
+        if n == 0:
+            return SILENCE_DBFS
+        if len(self._work) < n:
+            self._work = np.zeros(n, dtype=np.float64)
+        work = self._work[:n]
+        np.copyto(work, block)
+        energy = float(np.dot(work, work)) / (n * 32768.0 * 32768.0)
+        return SILENCE_DBFS if energy <= 0.0 else max(SILENCE_DBFS, 10.0 * math.log10(energy))
+
+    def _emit(self, event: PlaybackEvent) -> None:
+        logger.debug("playback: %s", event)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def _notify_data(self) -> None:
+        if self.on_data is not None:
+            self.on_data()
