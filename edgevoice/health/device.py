@@ -57,7 +57,7 @@ class TurnRecord:
     """Where the time of one finished turn went. The daemon fills it; ms are None
     for stages the turn never reached (e.g. no reply)."""
 
-    turn_id: str
+    turn_id: int
     #: what started it: "button", "wake_word", "api", "always_on", ...
     trigger: str
     #: wall-clock start, ISO 8601 (see :func:`edgevoice.health.exposition.iso_utc`)

@@ -31,7 +31,7 @@ TOKEN = "device-health-token"
 
 def turn(n: int, **kwargs: object) -> TurnRecord:
     fields: dict[str, object] = {
-        "turn_id": f"t{n}",
+        "turn_id": n,
         "trigger": "button",
         "started_at": "2025-01-01T12:00:00+00:00",
         "trigger_to_first_uplink_ms": 21.0,
@@ -178,9 +178,9 @@ def test_stats_is_the_snapshot_as_json() -> None:
         assert stats["problems"] == ["watchdog late: last fed 20 s ago"]
         turns = stats["turns"]
         assert len(turns) == RECENT_TURNS
-        assert [t["turn_id"] for t in turns] == [f"t{n}" for n in range(5, 25)]
+        assert [t["turn_id"] for t in turns] == list(range(5, 25))
         assert turns[-1] == {
-            "turn_id": "t24",
+            "turn_id": 24,
             "trigger": "button",
             "started_at": "2025-01-01T12:00:00+00:00",
             "trigger_to_first_uplink_ms": 21.0,
