@@ -230,7 +230,7 @@ class PlaybackBuffer:
         filled = 0
         cap = self.capacity_samples
         with self._lock:
-            while filled < n:
+            while True:  # at least once: a zero-length pull still ends a drained response
                 state = self._state
                 buffered = self._written - self._read
                 if state is P.IDLE:
@@ -239,6 +239,8 @@ class PlaybackBuffer:
                     if buffered < self.prefill_samples and not self._end_marks:
                         break
                     if state is P.PREFILLING:
+                        if filled >= n:  # block full: the next response starts next pull
+                            break
                         self.stats.responses_started += 1
                         events.append(PlaybackStarted(at=self._clock()))
                     self._goto(P.PLAYING)
@@ -264,12 +266,13 @@ class PlaybackBuffer:
                 if filled < n:
                     self.stats.underruns += 1
                     self._goto(P.STARVED)
-                    break
+                break
             if self._state is P.STARVED:
                 self.stats.underrun_samples += n - filled
             self.stats.played_samples += filled
-            out[filled:] = 0
-            self._last_block_dbfs = self._measure(out)
+            if n:
+                out[filled:] = 0
+                self._last_block_dbfs = self._measure(out)
         for event in events:
             self._emit(event)
         return filled

@@ -314,3 +314,14 @@ def test_responses_dropped_whole_by_an_overflow_end_once() -> None:
     buf.push(ramp(60 * MS, 200 * MS))  # drops both earlier replies and more
     assert buf.pull(100 * MS) == ramp(160 * MS, 100 * MS)
     assert rec.kinds() == ["started", "ended", "started"]
+
+
+def test_a_zero_length_pull_ends_a_drained_response() -> None:
+    # A consumer that pulls only ready audio (a fast WAV sink) relies on this.
+    buf, rec = make(prefill_ms=10)
+    buf.push(ramp(0, 20 * MS))
+    assert buf.pull_into(np.zeros(20 * MS, dtype=np.int16)) == 20 * MS
+    buf.end_of_response()
+    assert buf.pull(0) == b""
+    assert rec.kinds() == ["started", "ended"]
+    assert buf.stats.underruns == 0
