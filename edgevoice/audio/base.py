@@ -38,6 +38,8 @@ class SourceStats:
     last_frame_at: float = 0.0
     #: times the device was (re)opened
     opens: int = 0
+    #: blocks the device reported as overflowed (audio lost before we could take it)
+    overflows: int = 0
 
 
 class AudioSource(Protocol):
