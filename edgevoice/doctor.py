@@ -424,7 +424,9 @@ def check_microphone(name: str, env: DoctorEnv, *, onset_db: float = 10.0) -> Ch
             f"{where}: digital silence (every sample is 0)",
             "unmute the capture channel and raise its gain (alsamixer, F4), check the mic cable",
         )
-    suggested = round(report.noise_floor_dbfs + onset_db)
+    # Clamped: under -70 dBFS any real microphone's hiss would count as speech, and
+    # over -20 dBFS users would have to shout.
+    suggested = min(-20, max(-70, round(report.noise_floor_dbfs + onset_db)))
     detail = (
         f"{where}: noise floor {report.noise_floor_dbfs:.1f} dBFS, peak "
         f"{report.peak_dbfs:.1f} dBFS, "
