@@ -37,6 +37,7 @@ from edgevoice.doctor import (
     doctor_checks,
     find_device,
     format_result,
+    module_available,
     run_check,
     run_doctor,
     tone,
@@ -409,9 +410,11 @@ def test_gpio_only_matters_when_a_button_or_led_is_enabled(tmp_path: Path) -> No
     (tmp_path / "dev/gpiochip0").touch()
     no_lib = check_gpio(config, env_with(root=tmp_path, module_available=lambda name: False))  # type: ignore[arg-type]
     assert no_lib.status is Status.FAIL and "edgevoice[pi]" in no_lib.fix
-    ok = check_gpio(config, env_with(root=tmp_path))  # type: ignore[arg-type]
+    with_lib = env_with(root=tmp_path, module_available=lambda name: name == "gpiozero")
+    ok = check_gpio(config, with_lib)  # type: ignore[arg-type]
     assert ok.status is Status.OK
     assert ok.detail == "button: gpiochip0 present, gpiozero importable"
+    assert module_available("json") and not module_available("edgevoice_no_such_module")
 
 
 # --------------------------------------------------------------------------- running
