@@ -287,8 +287,7 @@ def device_health_api(
 
     async def metrics(request: Request) -> Response:
         snapshot = source.snapshot()
-        families = device_metrics(snapshot, source.health_problems(now()))
-        return Response(200, exposition.CONTENT_TYPE, exposition.render(families))
+        return exposition.metrics_response(device_metrics(snapshot, source.health_problems(now())))
 
     def action(hook: Callable[[], bool], refused: str) -> Handler:
         async def handle(request: Request) -> Response:

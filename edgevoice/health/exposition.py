@@ -18,6 +18,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import generate_latest
 
+from edgevoice.health.http import Response
 from edgevoice.health.system import SystemStats
 
 #: The classic text format: understood by every Prometheus version and scraper.
@@ -39,6 +40,11 @@ def render(families: Iterable[Metric]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(families))
     return bytes(generate_latest(registry))
+
+
+def metrics_response(families: Iterable[Metric]) -> Response:
+    """A 200 carrying the text exposition of ``families``."""
+    return Response(200, CONTENT_TYPE, render(families))
 
 
 def gauge(name: str, documentation: str, value: float | None) -> list[Metric]:

@@ -277,8 +277,10 @@ def relay_admin_api(
         return health_response(source.health_problems(now()))
 
     async def metrics(request: Request) -> Response:
-        families = relay_metrics(source.snapshot(), source.devices(), source.health_problems(now()))
-        return Response(200, exposition.CONTENT_TYPE, exposition.render(families))
+        problems = source.health_problems(now())
+        return exposition.metrics_response(
+            relay_metrics(source.snapshot(), source.devices(), problems)
+        )
 
     async def devices(request: Request) -> Response:
         return json_response(200, devices_document(source.devices()))
