@@ -19,8 +19,11 @@ from edgevoice.config.base import require
 from edgevoice.config.loader import load_file
 from edgevoice.device.link import RelaySettings
 from edgevoice.device.turn import TurnSettings
+from edgevoice.health.http import HealthSettings
+from edgevoice.health.relay import RelayAdminSettings
 from edgevoice.relay.auth import AuthSettings
 from edgevoice.relay.settings import LimitsSettings, ListenSettings
+from edgevoice.service.notify import WatchdogSettings
 from edgevoice.upstream.echo import EchoSettings
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -73,6 +76,8 @@ class DeviceConfig:
     silence: SilenceSettings = field(default_factory=SilenceSettings)
     opus: OpusSettings = field(default_factory=OpusSettings)
     turn: TurnSettings = field(default_factory=TurnSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
+    watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
 
     def __post_init__(self) -> None:
         require(bool(_DEVICE_ID.match(self.device_id)), "device_id",
@@ -102,6 +107,8 @@ class RelayConfig:
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    admin: RelayAdminSettings = field(default_factory=RelayAdminSettings)
+    watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
 
 
 def load_device_config(path: str | Path) -> DeviceConfig:

@@ -1,4 +1,9 @@
-"""Runs the device daemon process: config → audio → daemon, until SIGTERM."""
+"""Runs the device daemon process: config → audio → daemon, until SIGTERM.
+
+Also the process-level duties around the daemon: sd_notify (READY, STATUS,
+WATCHDOG, STOPPING), the health endpoint, and signals (SIGTERM/SIGINT stop,
+SIGUSR1 starts a turn so any other program can start one).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,10 @@ import signal
 from edgevoice.audio.sounddevice_io import open_sink, open_source
 from edgevoice.config.model import DeviceConfig
 from edgevoice.device.daemon import DeviceDaemon, read_token
+from edgevoice.device.health_source import DaemonHealth
+from edgevoice.health.device import device_health_api
+from edgevoice.health.http import load_token
+from edgevoice.service.notify import LoopLagProbe, SystemdNotifier, capture_probe
 
 logger = logging.getLogger(__name__)
 
@@ -22,13 +31,32 @@ def build_daemon(config: DeviceConfig, config_file: str, **kwargs: object) -> De
 
 
 async def run_device(config: DeviceConfig, config_file: str) -> None:
-    daemon = build_daemon(config, config_file)
+    notifier = SystemdNotifier(settings=config.watchdog)
+    health_token = (load_token(config.health.token_file) if config.health.token_file
+                    else None)
+    daemon = build_daemon(config, config_file, on_state=notifier.status,
+                          on_ready=lambda status: notifier.ready(status))
+    health = DaemonHealth(daemon, config.health, lambda: notifier.last_ping_at)
+    api = device_health_api(health, config.health, health_token, source_file=config_file)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: daemon.request_turn("signal"))
+    probe = LoopLagProbe()
+    probe.start()
+    watchdog = notifier.watchdog_task(probe, capture_probe(daemon.source))
+    await api.start()
+    logger.info("health endpoint on %s:%d", config.health.bind, api.port)
     try:
         await daemon.run()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        notifier.stopping("stopping")
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog
+        probe.stop()
+        await api.stop()
+        notifier.close()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)

@@ -151,7 +151,8 @@ class DeviceDaemon(LinkListener):
     def __init__(self, config: DeviceConfig, token: str, source: AudioSource, sink: AudioSink,
                  *, clock: Clock | None = None, exit_on_eof: bool = False,
                  on_turn_done: Callable[[TurnTimeline], None] | None = None,
-                 on_state: Callable[[str], None] | None = None) -> None:
+                 on_state: Callable[[str], None] | None = None,
+                 on_ready: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.clock = clock or MonotonicClock()
         self.source = source
@@ -159,6 +160,10 @@ class DeviceDaemon(LinkListener):
         self.exit_on_eof = exit_on_eof
         self.on_turn_done = on_turn_done
         self.on_state = on_state
+        self.on_ready = on_ready
+        self.ready = False
+        self.session_id: str | None = None
+        self._link_tried = False
         self.detector = SilenceDetector(config.silence)
         self.machine = TurnMachine(config.turn)
         self.encoder = OpusEncoder.from_settings(config.opus)
@@ -209,6 +214,36 @@ class DeviceDaemon(LinkListener):
     def stop(self) -> None:
         self._stop.set()
 
+    def _maybe_ready(self) -> None:
+        """Ready once audio is open and the link loop has made its first attempt.
+
+        Not "once the relay answered": a device booting while the relay is down must
+        still come up (and say so in its status) rather than be killed by systemd's
+        start timeout and restarted in a loop.
+        """
+        if self.ready or self.audio_problem is not None or not self._link_tried:
+            return
+        self.ready = True
+        logger.info("ready: %s", self.status)
+        if self.on_ready is not None:
+            self.on_ready(self.status)
+
+    # ------------------------------------------------------------ API actions
+
+    def request_turn(self, source: str = "api") -> bool:
+        """Start a turn as if a button was pressed; False if one cannot start now."""
+        now = self.clock.now()
+        commands = self.machine.request_turn(source, now)
+        self._execute(commands, now)
+        return any(isinstance(c, BeginTurn) for c in commands)
+
+    def request_interrupt(self, source: str = "api") -> bool:
+        """Stop the reply now; False if nothing was playing or pending."""
+        now = self.clock.now()
+        commands = self.machine.request_interrupt(source, now)
+        self._execute(commands, now)
+        return any(isinstance(c, StopPlayback) for c in commands)
+
     def _set_status(self, text: str) -> None:
         if text != self.status:
             self.status = text
@@ -225,6 +260,7 @@ class DeviceDaemon(LinkListener):
                 await self.source.open()
                 self.audio_problem = None
                 backoff.reset()
+                self._maybe_ready()
                 while True:
                     frame = await self.source.read()
                     self._on_frame(frame)
@@ -366,8 +402,11 @@ class DeviceDaemon(LinkListener):
 
     def link_up(self, welcome: Welcome) -> None:
         now = self.clock.now()
+        self.session_id = welcome.session_id
         self._execute(self.machine.on_link(True, now), now)
         self._set_status("listening for speech" if self.config.turn.always_on else "idle")
+        self._link_tried = True
+        self._maybe_ready()
 
     def link_down(self, reason: str, retry_in_s: float | None) -> None:
         now = self.clock.now()
@@ -377,6 +416,8 @@ class DeviceDaemon(LinkListener):
             self._close_turn("link_lost")
         when = f"reconnecting in {retry_in_s:.1f} s: " if retry_in_s is not None else ""
         self._set_status(f"{when}{reason}")
+        self._link_tried = True
+        self._maybe_ready()
 
     def on_message(self, message: Message) -> None:
         now = self.clock.now()

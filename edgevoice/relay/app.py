@@ -1,4 +1,8 @@
-"""Runs the relay process: config → token store → upstream → server, until SIGTERM."""
+"""Runs the relay process: config → token store → upstream → server, until SIGTERM.
+
+Around the server: sd_notify (READY once listening, STATUS with the number of
+devices, WATCHDOG while the event loop turns, STOPPING) and the admin endpoint.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,12 @@ import logging
 import signal
 
 from edgevoice.config.model import RelayConfig
+from edgevoice.health.http import load_token
+from edgevoice.health.relay import relay_admin_api
 from edgevoice.relay.auth import TokenStore
+from edgevoice.relay.health_source import RelayHealth
 from edgevoice.relay.server import RelayServer
+from edgevoice.service.notify import LoopLagProbe, SystemdNotifier
 from edgevoice.upstream.base import Upstream
 from edgevoice.upstream.echo import EchoUpstream
 
@@ -30,18 +38,40 @@ def build_server(config: RelayConfig) -> RelayServer:
                        max_failures_per_minute=config.auth.max_failures_per_minute)
 
 
-async def run_relay(config: RelayConfig) -> None:
+async def run_relay(config: RelayConfig, config_file: str = "config") -> None:
+    notifier = SystemdNotifier(settings=config.watchdog)
+    admin_token = load_token(config.admin.token_file, key="admin.token_file") \
+        if config.admin.token_file else None
     server = build_server(config)
+    admin = relay_admin_api(RelayHealth(server), config.admin, admin_token,
+                            source_file=config_file)
     await server.start()
+    await admin.start()
+    logger.info("admin endpoint on %s:%d", config.admin.bind, admin.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    probe = LoopLagProbe()
+    probe.start()
+    watchdog = notifier.watchdog_task(probe)
+    notifier.ready(f"listening on {config.listen.host}:{server.port}")
     try:
-        await stop.wait()
+        while not stop.is_set():
+            notifier.status(f"{len(server.sessions)} devices connected "
+                            f"({server.upstream.name} upstream)")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 5.0)
         logger.info("stopping: telling devices we are going away")
     finally:
+        notifier.stopping("stopping: closing device connections")
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog
+        probe.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
+        await admin.stop()
         await server.close()
+        notifier.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import http
 import logging
 import ssl
@@ -18,7 +17,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -30,6 +28,7 @@ from edgevoice.audio.opus import OpusDecodeError, OpusDecoder, OpusEncoder
 from edgevoice.audio.resample import FrameFifo
 from edgevoice.clock import Clock, MonotonicClock
 from edgevoice.errors import ProtocolError, RemoteProtocolError
+from edgevoice.health.relay import FleetTracker
 from edgevoice.protocol.connection import Connection, Role
 from edgevoice.protocol.messages import (
     MAX_TEXT_BYTES,
@@ -91,28 +90,9 @@ class RelayCounters:
     rate_limited: int = 0
     upstream_errors: dict[str, int] = field(default_factory=dict)
     tool_calls: int = 0
-    #: per device: [input tokens, output tokens]
-    tokens: dict[str, list[int]] = field(default_factory=dict)
-    #: upstream reply latency (turn end -> first reply audio), seconds, recent values
-    upstream_latency_s: list[float] = field(default_factory=list)
-
-
-@dataclass
-class DeviceRecord:
-    """What the relay knows of a device, connected or not (the fleet view)."""
-
-    device_id: str
-    connected: bool = False
-    address: str = ""
-    session_id: str = ""
-    first_seen: float = 0.0
-    last_seen: float = 0.0
-    last_stats: dict[str, Any] = field(default_factory=dict)
-    connects: int = 0
-
-
-def _wall(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds")
+    #: upstream reply latency (turn end -> first reply audio): count and sum in seconds
+    upstream_latency_count: int = 0
+    upstream_latency_sum_s: float = 0.0
 
 
 class DeviceSession:
@@ -137,6 +117,7 @@ class DeviceSession:
         self._turn_ended_at: float | None = None
         self._window_start = 0.0
         self._window_count = 0
+        self._usage = (0, 0)
 
     # ------------------------------------------------------------------ uplink
 
@@ -166,7 +147,6 @@ class DeviceSession:
             except ConnectionClosed:
                 return
             now = clock.now()
-            self.relay.records[self.device_id].last_seen = time.time()
             if now - self._window_start >= 1.0:
                 self._window_start, self._window_count = now, 0
             self._window_count += 1
@@ -223,7 +203,7 @@ class DeviceSession:
             self._drop_downlink()
             await self.upstream.interrupt()
         elif isinstance(message, Stats):
-            self.relay.records[self.device_id].last_stats = dict(message.values)
+            self.relay.fleet.stats_received(self.device_id, message.values, at=time.time())
         elif isinstance(message, Error):
             logger.warning("%s reports %s: %s", self.device_id, message.code, message.message)
 
@@ -249,7 +229,8 @@ class DeviceSession:
                 if isinstance(event, AudioOutput):
                     if self._turn_ended_at is not None:
                         latency = self.relay.clock.now() - self._turn_ended_at
-                        counters.upstream_latency_s = [*counters.upstream_latency_s[-99:], latency]
+                        counters.upstream_latency_count += 1
+                        counters.upstream_latency_sum_s += latency
                         self._turn_ended_at = None
                     self._queue_audio(event.pcm)
                 elif isinstance(event, ResponseStarted):
@@ -274,7 +255,12 @@ class DeviceSession:
                                    event.message)
                     await self._send_now(Error(event.code, event.message, event.retryable))
                 elif isinstance(event, UsageReported):
-                    counters.tokens[self.device_id] = [event.input_tokens, event.output_tokens]
+                    # the upstream reports session totals; the fleet view adds deltas
+                    before = self._usage
+                    self._usage = (event.input_tokens, event.output_tokens)
+                    self.relay.fleet.tokens_used(
+                        self.device_id, input_tokens=max(0, event.input_tokens - before[0]),
+                        output_tokens=max(0, event.output_tokens - before[1]))
                 elif isinstance(event, ToolCalled):
                     counters.tool_calls += 1
         except ConnectionClosed:
@@ -329,7 +315,7 @@ class RelayServer:
         self.upstream = upstream
         self.clock = clock or MonotonicClock()
         self.counters = RelayCounters()
-        self.records: dict[str, DeviceRecord] = {}
+        self.fleet = FleetTracker()
         self.sessions: dict[str, DeviceSession] = {}
         self.started_at = time.time()
         self._limiter = FailureLimiter(max_failures_per_minute)
@@ -337,6 +323,10 @@ class RelayServer:
         self._server: Server | None = None
         self._context_factory = context_factory or (
             lambda device_id, session_id: DeviceContext(device_id, session_id))
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None
 
     @property
     def port(self) -> int:
@@ -454,33 +444,19 @@ class RelayServer:
         session_id = uuid.uuid4().hex
         upstream = await self.upstream.open_session(self._context_factory(device_id, session_id))
         session = DeviceSession(self, ws, conn, device_id, session_id, upstream)
-        record = self.records.setdefault(device_id, DeviceRecord(device_id, first_seen=time.time()))
-        record.connected, record.session_id = True, session_id
-        record.address = str(ws.remote_address[0]) if ws.remote_address else ""
-        record.last_seen = time.time()
-        record.connects += 1
+        address = str(ws.remote_address[0]) if ws.remote_address else None
+        self.fleet.connected(device_id, session_id=session_id, address=address, at=time.time())
         self.sessions[device_id] = session
         self.counters.sessions_total += 1
         try:
             await ws.send(conn.accept(Welcome(
                 session_id=session_id, heartbeat_interval_ms=self.limits.heartbeat_interval_ms)))
-            logger.info("%s connected from %s (session %s)", device_id, record.address,
-                        session_id[:8])
+            logger.info("%s connected from %s (session %s)", device_id, address, session_id[:8])
             await session.run()
         except ConnectionClosed:
             pass
         finally:
             if self.sessions.get(device_id) is session:
                 del self.sessions[device_id]
-                record.connected = False
-            record.last_seen = time.time()
+            self.fleet.disconnected(device_id, session_id=session_id, at=time.time())
             logger.info("%s disconnected (code %s)", device_id, ws.close_code)
-
-    def fleet(self) -> list[dict[str, Any]]:
-        """Every device seen since start, for the admin /devices view."""
-        return [{
-            "device": r.device_id, "connected": r.connected, "address": r.address,
-            "session_id": r.session_id, "connects": r.connects,
-            "first_seen": _wall(r.first_seen), "last_seen": _wall(r.last_seen),
-            "stats": r.last_stats,
-        } for r in sorted(self.records.values(), key=lambda r: r.device_id)]

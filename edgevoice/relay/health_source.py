@@ -1,0 +1,44 @@
+"""The relay seen from its admin endpoint: snapshot, fleet and problems."""
+
+from __future__ import annotations
+
+import time
+
+from edgevoice import __version__
+from edgevoice.health.relay import DeviceRecord, RelaySnapshot
+from edgevoice.health.system import SystemSampler
+from edgevoice.relay.server import RelayServer
+
+
+class RelayHealth:
+    """Implements RelayHealthSource over a running RelayServer."""
+
+    def __init__(self, server: RelayServer, sampler: SystemSampler | None = None) -> None:
+        self.server = server
+        self.sampler = sampler or SystemSampler.for_this_machine()
+
+    def snapshot(self) -> RelaySnapshot:
+        s = self.server
+        c = s.counters
+        return RelaySnapshot(
+            version=__version__,
+            uptime_s=round(time.time() - s.started_at, 1),
+            sessions_active=len(s.sessions),
+            sessions_total=c.sessions_total,
+            frames_in=c.frames_in,
+            frames_out=c.frames_out,
+            frames_dropped=c.frames_dropped,
+            upstream_latency_count=c.upstream_latency_count,
+            upstream_latency_sum_s=c.upstream_latency_sum_s,
+            upstream_errors=dict(c.upstream_errors),
+            auth_failures=c.auth_failures,
+            system=self.sampler.sample(),
+        )
+
+    def devices(self) -> list[DeviceRecord]:
+        return self.server.fleet.records()
+
+    def health_problems(self, now: float) -> list[str]:
+        if not self.server.listening:
+            return ["not listening for devices"]
+        return []
