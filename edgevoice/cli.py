@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="read and write the WAVs as fast as possible, not at real time")
     demo.add_argument("--timeout", type=float, default=60.0, help="give up after this many s")
 
+    doctor = sub.add_parser("doctor", help="check this device: audio, codec, relay, token, unit")
+    doctor.add_argument("--config", default=DEFAULT_DEVICE_CONFIG, help="device YAML file")
+
     token = sub.add_parser("token", help="manage device tokens on the relay")
     token.add_argument("action", choices=["add", "list", "remove"])
     token.add_argument("name", nargs="?", help="device id (for add and remove)")
@@ -121,6 +124,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return main_demo(args.input, args.output, args.json, args.fast, args.timeout)
     if args.command == "token":
         return _token(args)
+    if args.command == "doctor":
+        from edgevoice.doctor import run_doctor
+        return run_doctor(args.config)
     raise AssertionError(args.command)
 
 

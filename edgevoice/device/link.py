@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import ipaddress
 import logging
 import random
 import ssl
@@ -40,6 +39,7 @@ from edgevoice.errors import (
     RemoteProtocolError,
     is_retryable,
 )
+from edgevoice.health.http import is_loopback
 from edgevoice.protocol.connection import AudioReceived, Connection, Role
 from edgevoice.protocol.messages import (
     MAX_TEXT_BYTES,
@@ -123,15 +123,6 @@ class LinkStats:
     last_error: str = ""
     #: monotonic time the link last went down (None while up or never up)
     down_since: float | None = None
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class DeviceLink:
