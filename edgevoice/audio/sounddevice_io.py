@@ -1,0 +1,441 @@
+"""Real sound cards through PortAudio (``sounddevice``), and choosing a source or sink.
+
+:class:`SoundDeviceSource` captures from a microphone at a rate the device supports
+(16 kHz when it can) and delivers 20 ms frames of 16 kHz mono. Its PortAudio callback
+does the least possible on the audio thread: copy the block and hand it to the event
+loop through a bounded :class:`~edgevoice.queues.DropOldestQueue`. Down-mixing,
+resampling and re-framing happen on the event loop, in :meth:`SoundDeviceSource.read`.
+
+:class:`SoundDeviceSink` plays a :class:`~edgevoice.audio.playback.PlaybackBuffer`:
+its callback pulls one block (the buffer never blocks) and duplicates it to every
+channel the device insists on.
+
+Devices are chosen by name (a case-insensitive part of it, as :func:`list_devices`
+shows them) or ``"default"``, never by index: indexes change when a USB device is
+plugged in. A device that vanishes surfaces as
+:class:`~edgevoice.errors.AudioDeviceError` from ``read``; reopening with backoff is
+the daemon's job.
+
+``sounddevice`` is imported on first use because PortAudio enumerates devices once,
+when it is initialised: the environment (``PULSE_SERVER``, ``ALSA_CONFIG_PATH``) must be
+final by then. :func:`open_source` and :func:`open_sink` map a config string to a
+source or sink (``wav:PATH``, ``wav+fast:PATH`` or a device name).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgevoice.audio.base import (
+    CAPTURE_FRAME_SAMPLES,
+    CAPTURE_RATE_HZ,
+    PLAYBACK_INPUT_RATE_HZ,
+    AudioSink,
+    AudioSource,
+    SourceStats,
+    frame_samples,
+)
+from edgevoice.audio.playback import PlaybackBuffer
+from edgevoice.audio.resample import FrameFifo, Int16Array, StreamResampler
+from edgevoice.audio.wavio import WavSink, WavSource
+from edgevoice.clock import Clock
+from edgevoice.errors import AudioDeviceError, EdgevoiceError
+from edgevoice.queues import DropOldestQueue
+
+logger = logging.getLogger(__name__)
+
+#: A block the capture callback hands over to say the stream has finished.
+_STREAM_FINISHED = b""
+
+
+class PortAudioUnavailableError(EdgevoiceError):
+    """The PortAudio library is missing. Retrying will not help: install it."""
+
+
+def _sounddevice() -> ModuleType:
+    try:
+        return importlib.import_module("sounddevice")
+    except OSError as exc:  # sounddevice raises OSError when libportaudio is missing
+        raise PortAudioUnavailableError(
+            f"PortAudio is not installed: apt-get install libportaudio2 [{exc}]"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """One sound device as PortAudio sees it (for ``edgevoice doctor``)."""
+
+    name: str
+    hostapi: str
+    max_input_channels: int
+    max_output_channels: int
+    default_samplerate_hz: int
+    default_input: bool
+    default_output: bool
+
+
+def list_devices() -> list[DeviceInfo]:
+    """Every device PortAudio knows, in its order."""
+    sd = _sounddevice()
+    hostapis = sd.query_hostapis()
+    default_in, default_out = _default_indexes(sd)
+    return [
+        DeviceInfo(
+            name=str(d["name"]),
+            hostapi=str(hostapis[d["hostapi"]]["name"]),
+            max_input_channels=int(d["max_input_channels"]),
+            max_output_channels=int(d["max_output_channels"]),
+            default_samplerate_hz=int(d["default_samplerate"]),
+            default_input=i == default_in,
+            default_output=i == default_out,
+        )
+        for i, d in enumerate(sd.query_devices())
+    ]
+
+
+def _default_indexes(sd: Any) -> tuple[int, int]:
+    pair = sd.default.device
+    ins, outs = int(pair[0]), int(pair[1])
+    if ins < 0 or outs < 0:
+        for api in sd.query_hostapis():  # PortAudio's own default: the first host API's
+            ins = ins if ins >= 0 else int(api["default_input_device"])
+            outs = outs if outs >= 0 else int(api["default_output_device"])
+            break
+    return ins, outs
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """How a device will be opened."""
+
+    name: str
+    rate_hz: int
+    channels: int
+    index: int | None = None  # PortAudio's index, valid only until PortAudio re-scans
+
+
+def _find_device(sd: Any, spec: str, kind: str) -> tuple[int, dict[str, Any]]:
+    """The device named ``spec`` ("default" or part of a name) with ``kind`` channels."""
+    key = "max_input_channels" if kind == "input" else "max_output_channels"
+    devices = [(i, dict(d)) for i, d in enumerate(sd.query_devices()) if d[key] > 0]
+    if spec.strip().lower() == "default":
+        default_in, default_out = _default_indexes(sd)
+        wanted = default_in if kind == "input" else default_out
+        for i, d in devices:
+            if i == wanted:
+                return i, d
+        if devices:
+            return devices[0]
+        raise AudioDeviceError(f"no {kind} sound device at all (is the sound card connected?)")
+    needle = spec.strip().lower()
+    exact = [(i, d) for i, d in devices if str(d["name"]).lower() == needle]
+    partial = [(i, d) for i, d in devices if needle in str(d["name"]).lower()]
+    found = exact or partial
+    if not found:
+        names = ", ".join(repr(str(d["name"])) for _, d in devices) or "none"
+        raise AudioDeviceError(f"no {kind} sound device matches {spec!r}; {kind} devices: {names}")
+    if len(found) > 1:
+        logger.warning(
+            "%r matches several %s devices (%s); using %r",
+            spec,
+            kind,
+            ", ".join(str(d["name"]) for _, d in found),
+            found[0][1]["name"],
+        )
+    return found[0]
+
+
+def plan_stream(sd: Any, spec: str, kind: str, preferred_rate_hz: int | None) -> StreamPlan:
+    """Pick the device, a rate it accepts (``preferred_rate_hz`` if it can) and mono if
+    it can, else two channels. ``sd`` is the sounddevice module (or a stand-in with
+    its ``query_devices``, ``query_hostapis``, ``default`` and ``check_*_settings``)."""
+    index, device = _find_device(sd, spec, kind)
+    check = sd.check_input_settings if kind == "input" else sd.check_output_settings
+    default_rate = int(device["default_samplerate"])
+    rates = [r for r in (preferred_rate_hz, default_rate) if r]
+    for channels in (1, 2):
+        for rate in rates:
+            try:
+                check(device=index, channels=channels, dtype="int16", samplerate=rate)
+            except Exception:  # PortAudioError or ValueError: this combination won't do
+                continue
+            return StreamPlan(str(device["name"]), rate, channels, index)
+    raise AudioDeviceError(
+        f"{kind} device {device['name']!r} accepts neither {rates} Hz nor 1-2 channels "
+        "of 16-bit audio"
+    )
+
+
+class _Stream(Protocol):
+    """What this module needs of a PortAudio stream (lets tests substitute one)."""
+
+    @property
+    def active(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SoundDeviceSource:
+    """An AudioSource capturing from a sound card (see the module docstring)."""
+
+    def __init__(
+        self,
+        device: str = "default",
+        *,
+        queue_frames: int = 25,
+        stall_timeout_s: float = 1.0,
+        start_timeout_s: float = 5.0,
+    ) -> None:
+        self.device = device
+        self.name = f"sounddevice:{device}"
+        self.stats = SourceStats()
+        self.queue_frames = queue_frames
+        self.stall_timeout_s = stall_timeout_s
+        # Some back ends take well over a second to deliver the first block (PulseAudio
+        # through ALSA: ~1.8 s for a process's first stream), so the first wait is longer.
+        self.start_timeout_s = max(start_timeout_s, stall_timeout_s)
+        self._started = False
+        self.plan: StreamPlan | None = None
+        self._stream: _Stream | None = None
+        self._queue: DropOldestQueue[bytes] = DropOldestQueue(queue_frames)
+        self._resampler: StreamResampler | None = None
+        self._fifo = FrameFifo(CAPTURE_FRAME_SAMPLES)
+
+    async def open(self) -> None:
+        if self._stream is not None:
+            raise AudioDeviceError(f"audio source {self.name} is already open")
+        loop = asyncio.get_running_loop()
+        queue: DropOldestQueue[bytes] = DropOldestQueue(self.queue_frames)
+        stats = self.stats
+
+        def on_block(indata: Any, frames: int, time_info: Any, status: Any) -> None:
+            # PortAudio's thread: count, copy, hand over. Nothing else.
+            if status.input_overflow:
+                stats.overflows += 1
+            stats.last_frame_at = time.monotonic()
+            with contextlib.suppress(RuntimeError):  # the loop is closing: drop it
+                loop.call_soon_threadsafe(queue.put_nowait, bytes(indata))
+
+        def on_finished() -> None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, _STREAM_FINISHED)
+
+        plan, stream = await asyncio.to_thread(self._start_stream, on_block, on_finished)
+        self.plan, self._stream, self._queue = plan, stream, queue
+        self._resampler = StreamResampler(plan.rate_hz, CAPTURE_RATE_HZ)
+        self._fifo.clear()
+        self._started = False
+        self.stats.opens += 1
+        logger.info(
+            "audio source %s open: %r at %d Hz, %d channel(s)%s",
+            self.name,
+            plan.name,
+            plan.rate_hz,
+            plan.channels,
+            "" if plan.rate_hz == CAPTURE_RATE_HZ else f", resampled to {CAPTURE_RATE_HZ} Hz",
+        )
+
+    def _start_stream(self, on_block: Any, on_finished: Any) -> tuple[StreamPlan, _Stream]:
+        """Resolve the device and start capturing (in a worker thread: may block)."""
+        sd = _sounddevice()
+        plan = plan_stream(sd, self.device, "input", CAPTURE_RATE_HZ)
+        try:
+            stream = sd.InputStream(
+                device=plan.index,
+                samplerate=plan.rate_hz,
+                channels=plan.channels,
+                dtype="int16",
+                blocksize=frame_samples(plan.rate_hz),
+                callback=on_block,
+                finished_callback=on_finished,
+            )
+            stream.start()
+        except sd.PortAudioError as exc:
+            raise AudioDeviceError(f"cannot open input device {plan.name!r}: {exc}") from exc
+        return plan, stream
+
+    async def read(self) -> bytes:
+        while True:
+            frame = self._fifo.pop()
+            if frame is not None:
+                self.stats.frames_captured += 1
+                return frame
+            block = await self._next_block()
+            self._fifo.push(self._convert(block))
+
+    async def _next_block(self) -> bytes:
+        stream, plan = self._stream, self.plan
+        if stream is None or plan is None:
+            raise AudioDeviceError(f"audio source {self.name} is not open")
+        timeout = self.stall_timeout_s if self._started else self.start_timeout_s
+        try:
+            block = await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            raise AudioDeviceError(
+                f"input device {plan.name!r} delivered no audio for {timeout:g} s "
+                f"(stream {'active' if _active(stream) else 'stopped'}): unplugged or stalled?"
+            ) from None
+        self._started = True
+        self.stats.frames_dropped = self._queue.dropped
+        if block == _STREAM_FINISHED:
+            raise AudioDeviceError(f"input device {plan.name!r} stopped (unplugged?)")
+        return block
+
+    def _convert(self, block: bytes) -> Int16Array:
+        assert self.plan is not None and self._resampler is not None
+        samples = np.frombuffer(block, dtype=np.int16)
+        if self.plan.channels > 1:
+            wide = samples.reshape(-1, self.plan.channels).astype(np.int32)
+            samples = (wide.sum(axis=1) // self.plan.channels).astype(np.int16)
+        return self._resampler.process(samples)
+
+    async def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is None:
+            return
+        await asyncio.to_thread(_stop_and_close, stream)
+        self._fifo.clear()
+        self._queue.clear()
+        logger.info("audio source %s closed", self.name)
+
+
+class SoundDeviceSink:
+    """An AudioSink playing a PlaybackBuffer on a sound card.
+
+    ``rate_hz`` None means the device's default rate, resolved when the sink is
+    made (the daemon needs ``sample_rate_hz`` to build the buffer before ``open``).
+    """
+
+    def __init__(self, device: str = "default", rate_hz: int | None = None) -> None:
+        self.device = device
+        self.name = f"sounddevice:{device}"
+        self.plan = self._plan(rate_hz)
+        self.sample_rate_hz = self.plan.rate_hz
+        #: blocks the device reported it had to play before we delivered them
+        self.underflows = 0
+        #: monotonic time of the last output callback (0 = never): the audio thread lives
+        self.last_callback_at = 0.0
+        self._stream: _Stream | None = None
+
+    def _plan(self, rate_hz: int | None) -> StreamPlan:
+        return plan_stream(_sounddevice(), self.device, "output", rate_hz)
+
+    async def open(self, buffer: PlaybackBuffer) -> None:
+        if buffer.rate_hz != self.sample_rate_hz:
+            raise ValueError(
+                f"{self.name} plays {self.sample_rate_hz} Hz but the buffer holds "
+                f"{buffer.rate_hz} Hz audio"
+            )
+        if self._stream is not None:
+            raise AudioDeviceError(f"audio sink {self.name} is already open")
+        channels = self.plan.channels
+
+        def on_block(outdata: Any, frames: int, time_info: Any, status: Any) -> None:
+            # PortAudio's thread: the buffer's pull never waits.
+            if status.output_underflow:
+                self.underflows += 1
+            self.last_callback_at = time.monotonic()
+            buffer.pull_into(outdata[:, 0])
+            if channels > 1:
+                outdata[:, 1:] = outdata[:, :1]
+
+        self._stream = await asyncio.to_thread(self._start_stream, on_block)
+        logger.info(
+            "audio sink %s open: %r at %d Hz, %d channel(s)",
+            self.name,
+            self.plan.name,
+            self.plan.rate_hz,
+            channels,
+        )
+
+    def _start_stream(self, on_block: Any) -> _Stream:
+        sd = _sounddevice()
+        # Resolve again: the index from construction time may be stale by now.
+        plan = plan_stream(sd, self.device, "output", self.sample_rate_hz)
+        if plan.rate_hz != self.sample_rate_hz:
+            raise AudioDeviceError(
+                f"output device {plan.name!r} no longer accepts {self.sample_rate_hz} Hz"
+            )
+        self.plan = plan
+        try:
+            stream = sd.OutputStream(
+                device=plan.index,
+                samplerate=plan.rate_hz,
+                channels=plan.channels,
+                dtype="int16",
+                blocksize=frame_samples(plan.rate_hz),
+                callback=on_block,
+            )
+            stream.start()
+        except sd.PortAudioError as exc:
+            raise AudioDeviceError(f"cannot open output device {plan.name!r}: {exc}") from exc
+        stream_: _Stream = stream
+        return stream_
+
+    @property
+    def active(self) -> bool:
+        """Whether the output stream is running."""
+        return self._stream is not None and _active(self._stream)
+
+    async def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is None:
+            return
+        await asyncio.to_thread(_stop_and_close, stream)
+        logger.info("audio sink %s closed", self.name)
+
+
+def _active(stream: _Stream) -> bool:
+    try:
+        return bool(stream.active)
+    except Exception:  # a stream whose device vanished may fail even this
+        return False
+
+
+def _stop_and_close(stream: _Stream) -> None:
+    # A stream whose device vanished may refuse to stop; it must still be closed.
+    with contextlib.suppress(Exception):
+        stream.stop()
+    with contextlib.suppress(Exception):
+        stream.close()
+
+
+def open_source(spec: str, *, queue_frames: int = 25, clock: Clock | None = None) -> AudioSource:
+    """Make (not open) the source a config string names: ``wav:PATH`` (real time),
+    ``wav+fast:PATH`` (as fast as read), or a sound device name / ``default``."""
+    kind, _, rest = spec.partition(":")
+    if kind == "wav" and rest:
+        return WavSource(Path(rest), realtime=True, clock=clock)
+    if kind == "wav+fast" and rest:
+        return WavSource(Path(rest), realtime=False, clock=clock)
+    return SoundDeviceSource(spec, queue_frames=queue_frames)
+
+
+def open_sink(spec: str, rate_hz: int | None = None, *, clock: Clock | None = None) -> AudioSink:
+    """Make (not open) the sink a config string names: ``wav:PATH`` (writes what a
+    speaker would play, at real time), ``wav+fast:PATH`` (writes only the replies, as
+    fast as they come), or a sound device name / ``default``. A device sink resolves
+    the device now, to know its rate."""
+    kind, _, rest = spec.partition(":")
+    if kind in ("wav", "wav+fast") and rest:
+        return WavSink(
+            Path(rest),
+            rate_hz=rate_hz or PLAYBACK_INPUT_RATE_HZ,
+            realtime=kind == "wav",
+            clock=clock,
+        )
+    return SoundDeviceSink(spec, rate_hz)

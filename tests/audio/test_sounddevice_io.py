@@ -1,0 +1,283 @@
+"""Sound-device plumbing without PortAudio: a scripted stream and a fake device list.
+
+(The same classes against real PortAudio devices: test_soundcard.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgevoice.audio.sounddevice_io import (
+    SoundDeviceSource,
+    StreamPlan,
+    open_sink,
+    open_source,
+    plan_stream,
+)
+from edgevoice.audio.wavio import WavSink, WavSource
+from edgevoice.errors import AudioDeviceError
+
+from ._signals import dominant_hz, from_pcm, level_dbfs, tone
+
+
+class ScriptedStream:
+    def __init__(self) -> None:
+        self.active = False
+        self.closed = False
+
+    def start(self) -> None:
+        self.active = True
+
+    def stop(self) -> None:
+        self.active = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class ScriptedSource(SoundDeviceSource):
+    """A SoundDeviceSource whose 'device' is fed by the test instead of PortAudio."""
+
+    def __init__(self, rate_hz: int, channels: int, **kwargs: Any) -> None:
+        super().__init__("scripted", **kwargs)
+        self.device_plan = StreamPlan("scripted mic", rate_hz, channels)
+        self.stream = ScriptedStream()
+        self.on_block: Any = None
+        self.on_finished: Any = None
+
+    def _start_stream(self, on_block: Any, on_finished: Any) -> tuple[StreamPlan, Any]:
+        self.on_block, self.on_finished = on_block, on_finished
+        self.stream.start()
+        return self.device_plan, self.stream
+
+    def deliver(self, samples: np.ndarray, overflow: bool = False) -> None:
+        """What PortAudio's thread does: one callback per 20 ms block."""
+        status = SimpleNamespace(input_overflow=overflow)
+        block = self.device_plan.rate_hz // 50
+        for i in range(0, len(samples) - block + 1, block):
+            self.on_block(samples[i : i + block], block, None, status)
+
+
+def device_samples(rate: int, channels: int, seconds: float) -> np.ndarray:
+    mono = np.round(tone(1000.0, -12.0, int(rate * seconds), rate_hz=rate)).astype(np.int16)
+    return np.repeat(mono[:, None], channels, axis=1)
+
+
+@pytest.mark.parametrize(("rate", "channels"), [(16_000, 1), (48_000, 2), (44_100, 1)])
+def test_device_blocks_become_16_khz_20_ms_frames(rate: int, channels: int) -> None:
+    async def main() -> list[bytes]:
+        src = ScriptedSource(rate, channels, queue_frames=200)
+        await src.open()
+        # From PortAudio's own thread, as in real life.
+        feeder = threading.Thread(target=src.deliver, args=(device_samples(rate, channels, 1.0),))
+        feeder.start()
+        frames = [await src.read() for _ in range(45)]
+        feeder.join()
+        await src.close()
+        assert src.stream.closed and src.stats.opens == 1
+        assert src.stats.frames_captured == 45 and src.stats.last_frame_at > 0
+        return frames
+
+    frames = asyncio.run(main())
+    assert {len(f) for f in frames} == {640}
+    pcm = from_pcm(b"".join(frames))[1600:]
+    assert abs(dominant_hz(pcm, 16_000) - 1000.0) < 3
+    assert abs(level_dbfs(pcm) - (-12.0)) < 0.3
+
+
+def test_16_khz_mono_capture_is_passed_through_bit_exact() -> None:
+    samples = device_samples(16_000, 1, 0.2)
+
+    async def main() -> bytes:
+        src = ScriptedSource(16_000, 1, queue_frames=50)
+        await src.open()
+        src.deliver(samples)  # from the loop's thread: same effect, queued in order
+        return b"".join([await src.read() for _ in range(10)])
+
+    assert asyncio.run(main()) == samples[:3200, 0].tobytes()
+
+
+def test_a_slow_reader_loses_the_oldest_blocks_and_counts_them() -> None:
+    async def main() -> ScriptedSource:
+        src = ScriptedSource(16_000, 1, queue_frames=5)
+        await src.open()
+        marked = np.zeros((320 * 8, 1), dtype=np.int16)
+        for k in range(8):
+            marked[320 * k : 320 * (k + 1)] = k
+        src.deliver(marked)
+        await asyncio.sleep(0)  # let the handed-over blocks land in the queue
+        first = await src.read()
+        assert np.frombuffer(first, dtype=np.int16)[0] == 3  # blocks 0-2 were dropped
+        return src
+
+    src = asyncio.run(main())
+    assert src.stats.frames_dropped == 3
+
+
+def test_overflow_flags_are_counted() -> None:
+    async def main() -> ScriptedSource:
+        src = ScriptedSource(16_000, 1)
+        await src.open()
+        src.deliver(device_samples(16_000, 1, 0.06), overflow=True)
+        await src.read()
+        return src
+
+    assert asyncio.run(main()).stats.overflows == 3
+
+
+def test_a_device_that_stops_delivering_raises_audio_device_error() -> None:
+    async def main() -> None:
+        src = ScriptedSource(16_000, 1, stall_timeout_s=0.05, start_timeout_s=30)
+        await src.open()
+        src.deliver(device_samples(16_000, 1, 0.04))
+        await src.read()
+        await src.read()
+        src.stream.active = False  # unplugged: PortAudio just stops calling back
+        await src.read()
+
+    with pytest.raises(AudioDeviceError, match=r"no audio for 0\.05 s.*stopped"):
+        asyncio.run(main())
+
+
+def test_a_device_that_never_starts_raises_after_the_start_timeout() -> None:
+    async def main() -> None:
+        src = ScriptedSource(16_000, 1, stall_timeout_s=0.01, start_timeout_s=0.1)
+        await src.open()
+        await src.read()
+
+    with pytest.raises(AudioDeviceError, match=r"no audio for 0\.1 s \(stream active\)"):
+        asyncio.run(main())
+
+
+def test_a_finished_stream_raises_audio_device_error_at_once() -> None:
+    async def main() -> None:
+        src = ScriptedSource(16_000, 1, stall_timeout_s=60)
+        await src.open()
+        src.on_finished()
+        await src.read()
+
+    with pytest.raises(AudioDeviceError, match="stopped"):
+        asyncio.run(main())
+
+
+def test_reading_a_closed_source_raises() -> None:
+    async def main() -> None:
+        src = ScriptedSource(16_000, 1)
+        await src.open()
+        await src.close()
+        await src.close()  # idempotent
+        await src.read()
+
+    with pytest.raises(AudioDeviceError, match="not open"):
+        asyncio.run(main())
+
+
+# -- choosing a device -------------------------------------------------------------------
+
+
+class FakePortAudio:
+    """The few sounddevice functions plan_stream uses, over a made-up device list."""
+
+    class PortAudioError(Exception):
+        pass
+
+    def __init__(self, devices: list[dict[str, Any]], rates: dict[str, set[int]]) -> None:
+        self.devices = devices
+        self.rates = rates  # device name -> rates it accepts
+        self.default = SimpleNamespace(device=[-1, -1])
+
+    def query_devices(self) -> list[dict[str, Any]]:
+        return self.devices
+
+    def query_hostapis(self) -> list[dict[str, Any]]:
+        return [{"name": "ALSA", "default_input_device": 1, "default_output_device": 2}]
+
+    def _check(self, device: int, channels: int, dtype: str, samplerate: int) -> None:
+        d = self.devices[device]
+        if samplerate not in self.rates[d["name"]] or channels < d.get("min_channels", 1):
+            raise self.PortAudioError("Invalid sample rate")
+
+    check_input_settings = _check
+    check_output_settings = _check
+
+
+def dev(name: str, ins: int, outs: int, rate: int = 48_000, **more: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "max_input_channels": ins,
+        "max_output_channels": outs,
+        "default_samplerate": float(rate),
+        "hostapi": 0,
+        **more,
+    }
+
+
+PA = FakePortAudio(
+    [
+        dev("HDMI 0", 0, 8),
+        dev("USB PnP Sound Device: Audio (hw:1,0)", 1, 0, 44_100),
+        dev("seeed-2mic-voicecard: bcm2835 (hw:2,0)", 2, 2, 48_000, min_channels=2),
+        dev("pulse", 32, 32, 44_100),
+    ],
+    {
+        "HDMI 0": {48_000},
+        "USB PnP Sound Device: Audio (hw:1,0)": {44_100, 48_000},
+        "seeed-2mic-voicecard: bcm2835 (hw:2,0)": {16_000, 48_000},
+        "pulse": {8_000, 16_000, 24_000, 44_100, 48_000},
+    },
+)
+
+
+def test_a_device_is_found_by_part_of_its_name_ignoring_case() -> None:
+    plan = plan_stream(PA, "usb pnp", "input", 16_000)
+    assert plan.name.startswith("USB PnP") and plan.index == 1
+
+
+def test_16_khz_is_preferred_else_the_devices_default_rate() -> None:
+    assert plan_stream(PA, "pulse", "input", 16_000).rate_hz == 16_000
+    assert plan_stream(PA, "USB", "input", 16_000).rate_hz == 44_100
+
+
+def test_a_device_that_needs_two_channels_gets_two() -> None:
+    plan = plan_stream(PA, "seeed", "input", 16_000)
+    assert (plan.rate_hz, plan.channels) == (16_000, 2)
+
+
+def test_default_is_portaudios_default_device_for_that_direction() -> None:
+    assert plan_stream(PA, "default", "input", None).index == 1
+    assert plan_stream(PA, "default", "output", None).rate_hz == 48_000  # HDMI 0's rate
+
+
+def test_an_unknown_name_lists_the_devices_there_are() -> None:
+    with pytest.raises(AudioDeviceError, match=r"no input sound device matches 'jabra'.*USB PnP"):
+        plan_stream(PA, "jabra", "input", 16_000)
+
+
+def test_an_output_only_device_is_not_a_microphone() -> None:
+    with pytest.raises(AudioDeviceError, match="HDMI"):
+        plan_stream(PA, "HDMI", "input", 16_000)
+
+
+# -- config strings --------------------------------------------------------------------------
+
+
+def test_specs_pick_wav_files_or_devices(tmp_path: Path) -> None:
+    src = open_source(f"wav:{tmp_path}/in.wav")
+    assert isinstance(src, WavSource) and src.realtime and src.path == tmp_path / "in.wav"
+    fast = open_source(f"wav+fast:{tmp_path}/in.wav")
+    assert isinstance(fast, WavSource) and not fast.realtime
+    dev_src = open_source("USB PnP", queue_frames=7)
+    assert isinstance(dev_src, SoundDeviceSource) and dev_src.device == "USB PnP"
+    assert dev_src.queue_frames == 7
+    sink = open_sink(f"wav:{tmp_path}/out.wav")
+    assert isinstance(sink, WavSink) and sink.realtime and sink.sample_rate_hz == 24_000
+    fast_sink = open_sink(f"wav+fast:{tmp_path}/out.wav", rate_hz=48_000)
+    assert isinstance(fast_sink, WavSink) and not fast_sink.realtime
+    assert fast_sink.sample_rate_hz == 48_000
