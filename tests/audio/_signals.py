@@ -12,14 +12,17 @@ Samples = npt.NDArray[np.float64]
 
 def rms_amplitude(level_dbfs: float) -> float:
     """RMS in sample units for a level in dBFS (0 dBFS = full-scale square)."""
-    return 32768.0 * 10.0 ** (level_dbfs / 20.0)
+    return float(32768.0 * 10.0 ** (level_dbfs / 20.0))
 
 
 def tone(
     freq_hz: float, level_dbfs: float, n: int, rate_hz: int = CAPTURE_RATE_HZ, phase: float = 0.0
 ) -> Samples:
     t = np.arange(n) / rate_hz
-    return rms_amplitude(level_dbfs) * np.sqrt(2.0) * np.sin(2 * np.pi * freq_hz * t + phase)
+    out: Samples = (
+        rms_amplitude(level_dbfs) * np.sqrt(2.0) * np.sin(2 * np.pi * freq_hz * t + phase)
+    )
+    return out
 
 
 def noise(level_dbfs: float, n: int, seed: int = 0) -> Samples:

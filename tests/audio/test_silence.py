@@ -197,7 +197,7 @@ def test_reset_forgets_an_utterance_in_progress() -> None:
     run(det, burst_in_noise(1000, 1000, 2000))
     assert det.state is SpeechState.SPEAKING
     det.reset()
-    assert det.state is SpeechState.QUIET
+    assert det.state is SpeechState.QUIET  # type: ignore[comparison-overlap]
     assert det.noise_floor_dbfs == det.settings.noise_floor_init_dbfs
     # A fresh warm-up: the loud tone is learnt as the floor, not taken for speech.
     decisions = run(det, frames(tone(440.0, -20.0, ms_to_samples(1000))))

@@ -1,0 +1,103 @@
+"""Child process for test_soundcard.py: uses real PortAudio devices and reports back.
+
+It runs in its own interpreter because PortAudio enumerates devices when
+``sounddevice`` is first imported: the parent starts the virtual sound card and
+passes its environment to this process, which imports sounddevice only then.
+
+    python soundcard_probe.py devices
+    python soundcard_probe.py capture SECONDS OUT.raw      (prints "ready" once capturing)
+    python soundcard_probe.py play WAV [RATE_HZ]
+    python soundcard_probe.py unplug                       (prints "ready" once capturing)
+
+The last line on stdout is a JSON report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from edgevoice.audio.playback import PlaybackBuffer, PlaybackEnded, PlaybackEvent
+from edgevoice.audio.sounddevice_io import SoundDeviceSink, SoundDeviceSource, list_devices
+from edgevoice.audio.wavio import load_wav
+from edgevoice.errors import AudioDeviceError
+
+
+def report(**fields: Any) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+async def capture(seconds: float, out: Path) -> None:
+    src = SoundDeviceSource("default", queue_frames=100)
+    await src.open()
+    # Audio flows only once the first block arrives (which can take a second or two
+    # with PulseAudio): anything played before that is never captured.
+    frames = [await src.read()]
+    print("ready", flush=True)
+    frames += [await src.read() for _ in range(int(seconds * 50))]
+    await src.close()
+    await asyncio.to_thread(out.write_bytes, b"".join(frames))
+    assert src.plan is not None
+    report(plan=dataclasses.asdict(src.plan), stats=dataclasses.asdict(src.stats))
+
+
+async def play(wav: Path, rate_hz: int | None) -> None:
+    loop = asyncio.get_running_loop()
+    ended = asyncio.Event()
+
+    def on_event(event: PlaybackEvent) -> None:  # called on PortAudio's thread
+        if isinstance(event, PlaybackEnded):
+            loop.call_soon_threadsafe(ended.set)
+
+    sink = SoundDeviceSink("default", rate_hz)
+    buffer = PlaybackBuffer(sink.sample_rate_hz, prefill_ms=60, on_event=on_event)
+    await sink.open(buffer)
+    buffer.push(load_wav(wav, sink.sample_rate_hz))
+    buffer.end_of_response()
+    await asyncio.wait_for(ended.wait(), 30)
+    await asyncio.sleep(0.3)  # let the device play out its own buffers
+    await sink.close()
+    report(
+        rate_hz=sink.sample_rate_hz,
+        channels=sink.plan.channels,
+        underruns=buffer.stats.underruns,
+        played_samples=buffer.stats.played_samples,
+        callbacks_alive=sink.last_callback_at > 0,
+    )
+
+
+async def unplug() -> None:
+    src = SoundDeviceSource("default", stall_timeout_s=1.0)
+    await src.open()
+    await src.read()
+    print("ready", flush=True)
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                await src.read()
+    except AudioDeviceError as exc:
+        report(error=type(exc).__name__, message=str(exc))
+    finally:
+        await src.close()
+
+
+def main(argv: list[str]) -> None:
+    command = argv[0]
+    if command == "devices":
+        report(devices=[dataclasses.asdict(d) for d in list_devices()])
+    elif command == "capture":
+        asyncio.run(capture(float(argv[1]), Path(argv[2])))
+    elif command == "play":
+        asyncio.run(play(Path(argv[1]), int(argv[2]) if len(argv) > 2 else None))
+    elif command == "unplug":
+        asyncio.run(unplug())
+    else:
+        raise SystemExit(f"unknown command {command}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

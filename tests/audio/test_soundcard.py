@@ -1,0 +1,127 @@
+"""Real PortAudio devices, on the virtual PulseAudio sound card (scripts/soundcard).
+
+PortAudio scans devices once, when sounddevice is imported, so everything that opens
+a device runs in a child interpreter (soundcard_probe.py) started with the card's
+environment; this process never imports sounddevice.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgevoice.audio.wavio import load_wav, write_wav
+from edgevoice.testing.soundcard import SPEAKER_RATE_HZ, VirtualSoundCard, missing_tools
+from edgevoice.testing.speech import synthesize
+
+from ._signals import dominant_hz, from_pcm, level_dbfs, to_pcm, tone
+
+PROBE = Path(__file__).with_name("soundcard_probe.py")
+
+pytestmark = [
+    pytest.mark.soundcard,
+    pytest.mark.skipif(bool(missing_tools()), reason=f"missing: {missing_tools()}"),
+]
+
+
+@pytest.fixture(scope="module")
+def card() -> Iterator[VirtualSoundCard]:
+    with VirtualSoundCard() as card:
+        yield card
+
+
+def probe(card: VirtualSoundCard, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(PROBE), *args],
+        env=card.environ(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_ready(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if line != "ready":
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"probe did not start: {line!r} {err}")
+
+
+def finish(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def align(reference: np.ndarray, recorded: np.ndarray) -> np.ndarray:
+    """The stretch of ``recorded`` that best matches ``reference`` (by correlation)."""
+    n = len(reference) + len(recorded)
+    spectrum = np.fft.rfft(recorded, n) * np.conj(np.fft.rfft(reference, n))
+    lag = int(np.argmax(np.fft.irfft(spectrum, n)))
+    segment = recorded[lag : lag + len(reference)]
+    assert len(segment) == len(reference), "the recording does not hold the whole reference"
+    return segment
+
+
+def test_portaudio_sees_the_pulse_devices(card: VirtualSoundCard) -> None:
+    devices = finish(probe(card, "devices"))["devices"]
+    names = {d["name"] for d in devices}
+    assert {"pulse", "default"} <= names
+    default = next(d for d in devices if d["name"] == "default")
+    assert default["default_input"] and default["default_output"]
+
+
+def test_speech_played_into_the_mic_is_captured_through_sounddevice(
+    card: VirtualSoundCard, tmp_path: Path
+) -> None:
+    speech = synthesize("Turn on the kitchen lights, please.", voice="slt", path=tmp_path / "s.wav")
+    proc = probe(card, "capture", "4", str(tmp_path / "captured.raw"))
+    wait_ready(proc)
+    card.play_into_mic(speech)
+    result = finish(proc)
+    assert result["plan"]["rate_hz"] == 16_000  # no resampling on the way in
+    assert result["stats"]["overflows"] == 0 and result["stats"]["frames_dropped"] == 0
+    reference = from_pcm(load_wav(speech))
+    captured = align(reference, from_pcm((tmp_path / "captured.raw").read_bytes()))
+    assert np.corrcoef(reference, captured)[0, 1] >= 0.99
+    # In practice it is bit-exact except for pulse's first few ms of the stream.
+    exact = np.mean(reference == captured)
+    assert exact >= 0.99, f"only {exact:.4f} of the samples are bit-exact"
+
+
+@pytest.mark.parametrize("rate_hz", [None, 48_000])
+def test_a_tone_played_through_the_sink_reaches_the_speaker(
+    card: VirtualSoundCard, tmp_path: Path, rate_hz: int | None
+) -> None:
+    wav = tmp_path / "tone.wav"
+    write_wav(wav, to_pcm(tone(1000.0, -10.0, 48_000, rate_hz=48_000)), 48_000)
+    recording = card.start_recording()
+    result = finish(probe(card, "play", str(wav), *([str(rate_hz)] if rate_hz else [])))
+    heard = from_pcm(recording.stop())
+    assert result["underruns"] == 0 and result["callbacks_alive"]
+    if rate_hz:
+        assert result["rate_hz"] == rate_hz
+    loud = heard[np.abs(heard) > 1000]
+    assert len(loud) > 0.8 * SPEAKER_RATE_HZ  # most of the second arrived
+    start = int(np.argmax(np.abs(heard) > 1000))
+    steady = heard[start + 4800 : start + 4800 + 24_000]  # 0.5 s inside the tone
+    assert abs(dominant_hz(steady, SPEAKER_RATE_HZ) - 1000.0) < 3
+    assert abs(level_dbfs(steady) - (-10.0)) < 1.0
+
+
+def test_a_vanished_device_surfaces_as_audio_device_error(tmp_path: Path) -> None:
+    with VirtualSoundCard() as own_card:  # this test kills its card
+        proc = probe(own_card, "unplug")
+        wait_ready(proc)
+        own_card.stop()  # the sound server (and with it every device) goes away
+        result = finish(proc)
+    assert result["error"] == "AudioDeviceError", result
