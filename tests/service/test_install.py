@@ -142,13 +142,16 @@ DEVICE_LAYOUT = {
     "/etc/edgevoice/device.token": ("0600", "root", "root"),
     "/var/lib/edgevoice": ("0750", "edgevoice", "edgevoice"),
     "/etc/systemd/system/edgevoice.service": ("0644", "root", "root"),
-    "/etc/systemd/system/edgevoice.path": ("0644", "root", "root"),
+    "/etc/systemd/system/edgevoice-reconfigure.path": ("0644", "root", "root"),
+    "/etc/systemd/system/edgevoice-reconfigure.service": ("0644", "root", "root"),
 }
 DEVICE_LINKS = {
     "/etc/systemd/system/multi-user.target.wants/edgevoice.service": (
         "/etc/systemd/system/edgevoice.service"
     ),
-    "/etc/systemd/system/paths.target.wants/edgevoice.path": "/etc/systemd/system/edgevoice.path",
+    "/etc/systemd/system/paths.target.wants/edgevoice-reconfigure.path": (
+        "/etc/systemd/system/edgevoice-reconfigure.path"
+    ),
     "/usr/local/bin/edgevoice": "/opt/edgevoice/venv/bin/edgevoice",
 }
 
@@ -168,7 +171,11 @@ def test_device_install_puts_every_file_in_place_with_its_owner_and_mode(
         assert os.readlink(staging.path(link)) == points_to, link
     assert staging.path("/etc/edgevoice/device.yaml").read_text() == DEVICE_CONFIG
     assert staging.path("/etc/edgevoice/device.token").read_text() == "kitchen.s3cret\n"
-    for unit in ("edgevoice.service", "edgevoice.path"):
+    for unit in (
+        "edgevoice.service",
+        "edgevoice-reconfigure.path",
+        "edgevoice-reconfigure.service",
+    ):
         installed = staging.path(f"/etc/systemd/system/{unit}").read_bytes()
         assert installed == (REPO / "systemd" / unit).read_bytes()
 
@@ -345,7 +352,11 @@ def test_relay_install_uses_its_own_user_and_no_device_token(staging: Staging) -
         "edgevoice-relay",
         "edgevoice-relay",
     )
-    for unit in ("edgevoice-relay.service", "edgevoice-relay.path"):
+    for unit in (
+        "edgevoice-relay.service",
+        "edgevoice-relay-reconfigure.path",
+        "edgevoice-relay-reconfigure.service",
+    ):
         assert staging.owner_and_mode(f"/etc/systemd/system/{unit}") == ("0644", "root", "root")
     assert (
         os.readlink(
@@ -371,7 +382,8 @@ def test_uninstall_keeps_config_token_and_state_unless_purged(staging: Staging) 
 
     for gone in (
         "/etc/systemd/system/edgevoice.service",
-        "/etc/systemd/system/edgevoice.path",
+        "/etc/systemd/system/edgevoice-reconfigure.path",
+        "/etc/systemd/system/edgevoice-reconfigure.service",
         *DEVICE_LINKS,
     ):
         assert not staging.path(gone).is_symlink() and not staging.path(gone).exists(), gone
@@ -423,16 +435,14 @@ def test_the_installed_tree_passes_systemd_analyze_verify(staging: Staging) -> N
             break
     else:
         pytest.skip("systemd's own unit files are not installed")
-    binary = staging.path("/opt/edgevoice/venv/bin/edgevoice")
-    binary.parent.mkdir(parents=True)
-    binary.write_text("#!/bin/sh\n")
-    binary.chmod(0o755)
-    for unit in (
-        "edgevoice.service",
-        "edgevoice.path",
-        "edgevoice-relay.service",
-        "edgevoice-relay.path",
-    ):
+    for stub in ("/opt/edgevoice/venv/bin/edgevoice", "/usr/bin/systemctl"):
+        binary = staging.path(stub)
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        binary.write_text("#!/bin/sh\n")
+        binary.chmod(0o755)
+    units = sorted(p.name for p in staging.path("/etc/systemd/system").glob("edgevoice*.*"))
+    assert len(units) == 6, units
+    for unit in units:
         result = subprocess.run(
             [
                 "systemd-analyze",
