@@ -207,6 +207,7 @@ class SessionStats:
     idle_closes: int = 0
     failures: int = 0
     pending_frames_dropped: int = 0
+    frames_without_stream: int = 0
     audio_chunks_dropped: int = 0
     malformed_events: int = 0
     unknown_events: int = 0
@@ -307,8 +308,10 @@ class SessionCore:
             return []
         actions: list[Action] = []
         if self.state in (_S.CLOSED, _S.CLOSING):
-            # Audio without a turn: the device's turn start got lost; open anyway.
-            actions += self.start_turn(now)
+            # No turn started, or it failed: only start_turn opens a stream, so a
+            # fatal error cannot turn every later frame into another attempt.
+            self.stats.frames_without_stream += 1
+            return actions
         self._last_activity = now
         self._turn_audio.append(pcm)
         if self.state is _S.OPEN and self._current is not None:
@@ -698,6 +701,7 @@ class SessionCore:
         return actions
 
     def _give_up(self, code: str, message: str, *, retryable: bool) -> list[Action]:
+        self._turn_active = False
         self._pending.clear()
         self._turn_audio.clear()
         self._awaiting_since = None

@@ -412,6 +412,9 @@ def test_access_denied_tells_the_device_and_does_not_retry() -> None:
     assert "bedrock:InvokeModelWithBidirectionalStream" in failed.message
     assert core.state is SessionState.CLOSED
     assert of(core.tick(5.0), OpenStream) == []
+    # The rest of the failed turn's audio must not become another attempt each frame.
+    assert core.audio_in(SPEECH, 0.2) == []
+    assert core.stats.frames_without_stream == 1
 
 
 def test_throttling_backs_off_then_gives_up_retryable() -> None:
