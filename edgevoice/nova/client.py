@@ -1,0 +1,228 @@
+"""The only module that imports the AWS SDK: open a Nova Sonic stream, explain its errors.
+
+``aws-sdk-bedrock-runtime`` (the ``nova`` extra) needs Python >= 3.12 and changes
+its API between minor versions, so it is pinned and imported lazily, here only:
+the rest of edgevoice imports and runs without it. Everything above this module
+sees two small protocols, :class:`StreamOpener` and :class:`NovaStream`, which a
+test can also satisfy without any SDK.
+
+Facts about SDK 0.12 this module relies on:
+
+* the default aiohttp transport cannot do duplex streams; the CRT transport
+  (``AWSCRTHTTPClient``) can, over HTTP/2 and TLS only;
+* the TLS trust store is read when the transport is created (``SSL_CERT_FILE``);
+* when the server resets or never answers the request, ``await_output()`` never
+  returns: the caller must time it out;
+* a dropped connection makes ``receive()`` return None, exactly like a clean end;
+* exceptions Nova sends inside the stream are raised by ``receive()``, and an
+  exception type the SDK does not model surfaces as a ``KeyError``.
+
+Credentials come from the SDK's standard chain (environment, shared profile,
+container or instance role) and are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, Protocol
+
+from edgevoice.errors import UpstreamError
+from edgevoice.nova.faults import NETWORK, NO_CREDENTIALS, OPEN_TIMEOUT, SDK_MISSING, Fault
+from edgevoice.nova.settings import NovaSettings
+
+logger = logging.getLogger(__name__)
+
+
+class NovaStream(Protocol):
+    """One bidirectional stream, as the runner uses it."""
+
+    async def send(self, event_json: bytes) -> None:
+        """Send one input event (its JSON)."""
+
+    async def wait_open(self) -> None:
+        """Wait for the HTTP response; raise if the service refused the stream."""
+
+    async def receive(self) -> bytes | None:
+        """The next output event's JSON; None when the output ended (cleanly or not)."""
+
+    async def close_input(self) -> None:
+        """Signal the end of our events (a signed empty frame, then end of body)."""
+
+    async def close(self) -> None:
+        """Release everything. Idempotent; never raises."""
+
+
+class StreamOpener(Protocol):
+    """Opens streams to one model and explains their failures."""
+
+    async def open(self) -> NovaStream: ...
+
+    def fault(self, exc: BaseException) -> Fault:
+        """Translate whatever ``open``, ``send``, ``wait_open`` or ``receive`` raised."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def sdk_available() -> bool:
+    """Whether the ``nova`` extra is importable (Python >= 3.12 with the SDK)."""
+    try:
+        import aws_sdk_bedrock_runtime.client  # noqa: F401
+        import smithy_http.aio.crt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_sdk() -> None:
+    """Raise a clear, non-retryable error when the SDK is missing."""
+    if not sdk_available():
+        raise UpstreamError(
+            "nova_sdk_missing",
+            "The Nova Sonic upstream needs Python >= 3.12 and the 'nova' extra: "
+            "pip install 'edgevoice[nova]' (aws-sdk-bedrock-runtime[awscrt]).",
+            retryable=False,
+        )
+
+
+class BedrockStream:
+    """:class:`NovaStream` over the SDK's ``DuplexEventStream``."""
+
+    def __init__(self, duplex: Any) -> None:
+        from aws_sdk_bedrock_runtime.models import (
+            BidirectionalInputPayloadPart,
+            InvokeModelWithBidirectionalStreamInputChunk,
+            InvokeModelWithBidirectionalStreamOutputChunk,
+        )
+
+        self._duplex = duplex
+        self._chunk = InvokeModelWithBidirectionalStreamInputChunk
+        self._part = BidirectionalInputPayloadPart
+        self._output_chunk = InvokeModelWithBidirectionalStreamOutputChunk
+        self._receiver: Any = None
+        self._open_task: asyncio.Task[Any] | None = None
+        self._closed = False
+
+    async def send(self, event_json: bytes) -> None:
+        await self._duplex.input_stream.send(self._chunk(value=self._part(bytes_=event_json)))
+
+    async def wait_open(self) -> None:
+        # Our own task, so close() can cancel it: the SDK's future may never resolve.
+        self._open_task = asyncio.ensure_future(self._duplex.await_output())
+        _, self._receiver = await self._open_task
+
+    async def receive(self) -> bytes | None:
+        while True:
+            item = await self._receiver.receive()
+            if item is None:
+                return None
+            if isinstance(item, self._output_chunk):
+                return bytes(item.value.bytes_ or b"")
+            # An output variant newer than this SDK: nothing we could act on.
+            logger.debug("ignoring unknown output stream member %r", item)
+
+    async def close_input(self) -> None:
+        await self._duplex.input_stream.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._open_task is not None and not self._open_task.done():
+            self._open_task.cancel()
+        # DuplexEventStream.close() would wait for an output that may never come.
+        with contextlib.suppress(Exception):
+            await self._duplex.input_stream.close()
+        if self._receiver is not None:
+            with contextlib.suppress(Exception):
+                await self._receiver.close()
+
+
+class BedrockStreamOpener:
+    """:class:`StreamOpener` for Amazon Bedrock through the official SDK."""
+
+    def __init__(self, settings: NovaSettings) -> None:
+        require_sdk()
+        self.settings = settings
+        self._client: Any = None
+        self._lock = asyncio.Lock()
+
+    async def _get_client(self) -> Any:
+        async with self._lock:
+            if self._client is None:
+                from aws_sdk_bedrock_runtime.client import AsyncBedrockRuntimeClient
+                from aws_sdk_bedrock_runtime.config import AsyncBedrockRuntimeConfig
+                from smithy_http.aio.crt import AWSCRTHTTPClient
+
+                overrides: dict[str, Any] = {}
+                if self.settings.endpoint_url:
+                    overrides["endpoint_uri"] = self.settings.endpoint_url
+                config = await AsyncBedrockRuntimeConfig.resolve(
+                    region=self.settings.region,
+                    # The session core retries with its own policy and history replay.
+                    max_attempts=1,
+                    transport=AWSCRTHTTPClient(),
+                    **overrides,
+                )
+                logger.info(
+                    "nova: Bedrock client for region %s, model %s%s",
+                    self.settings.region,
+                    self.settings.model_id,
+                    f", endpoint {config.endpoint_uri}" if config.endpoint_uri else "",
+                )
+                self._client = AsyncBedrockRuntimeClient(config=config)
+            return self._client
+
+    async def open(self) -> NovaStream:
+        from aws_sdk_bedrock_runtime.models import (
+            InvokeModelWithBidirectionalStreamOperationInput,
+        )
+
+        client = await self._get_client()
+        duplex = await client.invoke_model_with_bidirectional_stream(
+            InvokeModelWithBidirectionalStreamOperationInput(model_id=self.settings.model_id)
+        )
+        return BedrockStream(duplex)
+
+    def fault(self, exc: BaseException) -> Fault:
+        return fault_from_exception(exc)
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+
+def fault_from_exception(exc: BaseException) -> Fault:
+    """Describe an SDK, CRT or network exception as a :class:`Fault`."""
+    if isinstance(exc, ImportError):
+        return Fault(SDK_MISSING, str(exc))
+    if isinstance(exc, TimeoutError):
+        return Fault(OPEN_TIMEOUT, "no answer from the endpoint in time")
+    try:
+        from smithy_aws_event_stream.exceptions import UnmodeledEventError
+        from smithy_core.exceptions import CallError, SmithyIdentityError
+    except ImportError:  # pragma: no cover - fault() is only reached with the SDK
+        return Fault(type(exc).__name__, str(exc))
+    if isinstance(exc, SmithyIdentityError):
+        return Fault(NO_CREDENTIALS, "no usable AWS credentials")
+    if isinstance(exc, CallError):
+        metadata = getattr(exc, "response_metadata", None)
+        status = getattr(metadata, "http_status_code", None)
+        return Fault(type(exc).__name__, exc.message, status if isinstance(status, int) else None)
+    if isinstance(exc, UnmodeledEventError):
+        return Fault(str(exc.args[0]) if exc.args else "UnmodeledEventError", str(exc))
+    if isinstance(exc, KeyError):
+        # The SDK's deserializer met an exception type it does not model.
+        name = str(exc.args[0]) if exc.args else "unknown"
+        return Fault(name[:1].upper() + name[1:], "an exception this SDK version does not know")
+    crt_name = getattr(exc, "name", None)
+    if isinstance(crt_name, str) and crt_name.startswith("AWS_"):
+        return Fault(NETWORK if "DNS" not in crt_name else crt_name, crt_name)
+    if isinstance(exc, OSError):
+        cause = exc.__cause__ or exc
+        return Fault(NETWORK, f"{type(cause).__name__}: {cause}")
+    return Fault(type(exc).__name__, str(exc))

@@ -1,0 +1,401 @@
+"""The Nova Sonic upstream: runs :class:`~edgevoice.nova.session.SessionCore` against Bedrock.
+
+:class:`NovaUpstream` is what the relay instantiates for ``upstream: nova``; each
+device gets a :class:`NovaSession` implementing
+:class:`~edgevoice.upstream.base.UpstreamSession`. All decisions live in the core;
+this module only carries out its actions:
+
+* one task per stream: open it (with a deadline), then read Nova's events, parse
+  them (:mod:`edgevoice.nova.events`) and hand them to the core;
+* one writer per stream, fed by a bounded queue, so ``send_audio`` never waits on
+  the network; the queue drops its oldest item when full, and counts it;
+* one ticker per session that calls :meth:`SessionCore.tick` every 20 ms while a
+  stream is open (silence filling, rotation, idle close) and sleeps otherwise;
+* tools run in their own tasks through the :class:`~edgevoice.tools.registry.ToolRegistry`,
+  with the configured timeout.
+
+Closing a stream sends ``contentEnd``, ``promptEnd`` and ``sessionEnd``, closes the
+input, and only then stops reading output (after Nova's last usage events, or
+``drain_timeout_s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Final
+
+from edgevoice.clock import Clock, MonotonicClock
+from edgevoice.nova import events as nova
+from edgevoice.nova.client import BedrockStreamOpener, NovaStream, StreamOpener
+from edgevoice.nova.faults import OPEN_TIMEOUT, Fault
+from edgevoice.nova.session import (
+    AbortStream,
+    Action,
+    CloseStream,
+    Emit,
+    OpenStream,
+    RunTool,
+    SendEvents,
+    SessionCore,
+    SessionState,
+    SessionStats,
+)
+from edgevoice.nova.settings import NovaSettings
+from edgevoice.queues import DropOldestQueue
+from edgevoice.tools.registry import ToolRegistry, build_registry
+from edgevoice.upstream.base import DeviceContext, UpstreamEvent
+
+__all__ = ["NovaSession", "NovaSettings", "NovaUpstream"]
+
+logger = logging.getLogger(__name__)
+
+#: Events waiting for the relay; a reply is many audio chunks, and Nova is faster
+#: than real time, so this is generous. Overflow drops the oldest (counted).
+EVENT_QUEUE_SIZE: Final = 4096
+#: Input events waiting for the network per stream: 10 s of audio plus control.
+OUTBOX_SIZE: Final = 600
+
+
+class _Close:
+    """Outbox marker: close the input stream after everything before it."""
+
+
+_CLOSE: Final = _Close()
+
+
+class _StreamRunner:
+    """The I/O of one Nova stream."""
+
+    def __init__(self, session: NovaSession, stream_id: int) -> None:
+        self.session = session
+        self.stream_id = stream_id
+        self.outbox: DropOldestQueue[bytes | _Close] = DropOldestQueue(OUTBOX_SIZE)
+        self.task: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._writer_error: BaseException | None = None
+        self._closing = False
+        self._aborted = False
+        self._drain_expired = False
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._reported_drops = 0
+
+    def start(self, prelude: tuple[nova.Event, ...]) -> None:
+        self._put(prelude)
+        self.task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"nova-stream-{self.stream_id}"
+        )
+
+    def send(self, events: tuple[nova.Event, ...]) -> None:
+        if not self._closing:
+            self._put(events)
+
+    def close(self, events: tuple[nova.Event, ...]) -> None:
+        if self._closing:
+            return
+        self._put(events)
+        self.outbox.put_nowait(_CLOSE)
+        self._closing = True
+        self._drain_timer = asyncio.get_running_loop().call_later(
+            self.session.settings.drain_timeout_s + 1.0, self._expire
+        )
+
+    def abort(self) -> None:
+        self._aborted = True
+        self._closing = True
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+
+    def _expire(self) -> None:
+        # Nova did not end its output after our sessionEnd: stop reading anyway.
+        self._drain_expired = True
+        if self.task is not None:
+            self.task.cancel()
+
+    def _put(self, events: tuple[nova.Event, ...]) -> None:
+        for event in events:
+            self.outbox.put_nowait(nova.encode_event(event))
+        if self.outbox.dropped > self._reported_drops:
+            logger.warning(
+                "nova stream %d: network too slow, dropped %d input events so far",
+                self.stream_id,
+                self.outbox.dropped,
+            )
+            self._reported_drops = self.outbox.dropped
+
+    async def _write(self, stream: NovaStream) -> None:
+        try:
+            while True:
+                item = await self.outbox.get()
+                if isinstance(item, _Close):
+                    await stream.close_input()
+                    return
+                await stream.send(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._writer_error = exc
+            if not self._closing and self.task is not None:
+                self.task.cancel()
+
+    async def _run(self) -> None:
+        session = self.session
+        opener = session.upstream.opener
+        timeout_s = session.settings.open_timeout_s
+        stream: NovaStream | None = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                stream = await opener.open()
+                self._writer = asyncio.get_running_loop().create_task(self._write(stream))
+                await stream.wait_open()
+            session.apply(session.core.stream_opened(self.stream_id, session.now()))
+            while True:
+                payload = await stream.receive()
+                if payload is None:
+                    break
+                event = nova.parse_output_event(payload)
+                session.apply(session.core.output_event(self.stream_id, event, session.now()))
+        except asyncio.CancelledError:
+            if self._aborted:
+                raise
+            if self._drain_expired:
+                session.apply(session.core.stream_ended(self.stream_id, session.now()))
+            elif self._writer_error is not None:
+                self._failed(opener.fault(self._writer_error))
+            else:
+                raise
+        except TimeoutError:
+            self._failed(Fault(OPEN_TIMEOUT, f"no response within {timeout_s:g} s"))
+        except Exception as exc:
+            self._failed(opener.fault(exc))
+        else:
+            session.apply(session.core.stream_ended(self.stream_id, session.now()))
+        finally:
+            if self._drain_timer is not None:
+                self._drain_timer.cancel()
+            if self._writer is not None:
+                self._writer.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._writer
+            if stream is not None:
+                await stream.close()
+            session.forget_stream(self.stream_id, self)
+
+    def _failed(self, fault: Fault) -> None:
+        session = self.session
+        session.apply(session.core.stream_failed(self.stream_id, fault, session.now()))
+
+
+class NovaSession:
+    """One device's conversation with Nova Sonic (an ``UpstreamSession``)."""
+
+    def __init__(self, upstream: NovaUpstream, context: DeviceContext) -> None:
+        self.upstream = upstream
+        self.context = context
+        self.settings = upstream.settings
+        self.core = SessionCore(
+            upstream.settings,
+            tool_specs=tuple(upstream.tools.specs()),
+            debug_name=context.device_id,
+        )
+        self._events: DropOldestQueue[UpstreamEvent | None] = DropOldestQueue(EVENT_QUEUE_SIZE)
+        self._streams: dict[int, _StreamRunner] = {}
+        self._tools: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._ticker: asyncio.Task[None] | None = None
+        self._closed = False
+        self._reported_event_drops = 0
+
+    # --- UpstreamSession ----------------------------------------------------------
+
+    async def start_turn(self) -> None:
+        self.apply(self.core.start_turn(self.now()))
+
+    async def send_audio(self, pcm: bytes) -> None:
+        self.apply(self.core.audio_in(pcm, self.now()))
+
+    async def end_turn(self) -> None:
+        self.apply(self.core.end_turn(self.now()))
+
+    async def interrupt(self) -> None:
+        self.apply(self.core.interrupt(self.now()))
+
+    async def events(self) -> AsyncIterator[UpstreamEvent]:
+        while True:
+            event = await self._events.get()
+            if event is None:
+                return
+            yield event
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.apply(self.core.close(self.now()))
+        for task in list(self._tools):
+            task.cancel()
+        runners = [r.task for r in self._streams.values() if r.task is not None]
+        if runners:
+            # Every runner ends by itself: drained, expired or failed.
+            _, pending = await asyncio.wait(
+                runners, timeout=self.settings.open_timeout_s + self.settings.drain_timeout_s + 2
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        await asyncio.gather(*self._tools, return_exceptions=True)
+        self._events.put_nowait(None)
+        self.upstream.forget(self)
+        logger.info(
+            "nova session %s closed: %d streams, %d rotations, %d resumes",
+            self.context.device_id,
+            self.core.stats.streams_opened,
+            self.core.stats.rotations,
+            self.core.stats.resumes,
+        )
+
+    # --- for the runner and tests ---------------------------------------------------
+
+    @property
+    def state(self) -> SessionState:
+        return self.core.state
+
+    @property
+    def stats(self) -> SessionStats:
+        return self.core.stats
+
+    @property
+    def events_dropped(self) -> int:
+        return self._events.dropped
+
+    def now(self) -> float:
+        return self.upstream.clock.now()
+
+    def apply(self, actions: list[Action]) -> None:
+        """Carry out the core's actions. Never blocks."""
+        for action in actions:
+            match action:
+                case Emit(event=event):
+                    self._events.put_nowait(event)
+                case SendEvents(stream_id=sid, events=events):
+                    runner = self._streams.get(sid)
+                    if runner is not None:
+                        runner.send(events)
+                case OpenStream(stream_id=sid, events=events):
+                    runner = _StreamRunner(self, sid)
+                    self._streams[sid] = runner
+                    runner.start(events)
+                case CloseStream(stream_id=sid, events=events):
+                    runner = self._streams.get(sid)
+                    if runner is not None:
+                        runner.close(events)
+                case AbortStream(stream_id=sid):
+                    runner = self._streams.get(sid)
+                    if runner is not None:
+                        runner.abort()
+                case RunTool():
+                    task = asyncio.get_running_loop().create_task(self._run_tool(action))
+                    self._tools.add(task)
+                    task.add_done_callback(self._tools.discard)
+        if self._events.dropped > self._reported_event_drops:
+            logger.warning(
+                "nova session %s: the relay is not reading; dropped %d events so far",
+                self.context.device_id,
+                self._events.dropped,
+            )
+            self._reported_event_drops = self._events.dropped
+        if self._ticker is None and not self._closed:
+            self._ticker = asyncio.get_running_loop().create_task(
+                self._tick_loop(), name=f"nova-ticker-{self.context.device_id}"
+            )
+        self._wake.set()
+
+    def forget_stream(self, stream_id: int, runner: _StreamRunner) -> None:
+        if self._streams.get(stream_id) is runner:
+            del self._streams[stream_id]
+
+    async def _tick_loop(self) -> None:
+        clock = self.upstream.clock
+        while not self._closed:
+            deadline = self.core.next_deadline(clock.now())
+            if deadline is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            delay = deadline - clock.now()
+            if delay > 0:
+                await clock.sleep(delay)
+            if not self._closed:
+                self.apply(self.core.tick(clock.now()))
+
+    async def _run_tool(self, action: RunTool) -> None:
+        started = time.monotonic()
+        ok, result = await self.upstream.tools.run(
+            action.name, action.arguments, self.context, self.settings.tool_timeout_s
+        )
+        duration_ms = (time.monotonic() - started) * 1000
+        self.apply(
+            self.core.tool_finished(
+                action.stream_id,
+                action.tool_use_id,
+                action.name,
+                ok,
+                result,
+                duration_ms,
+                self.now(),
+            )
+        )
+
+
+class NovaUpstream:
+    """The ``nova`` upstream: Amazon Nova Sonic over Bedrock bidirectional streaming.
+
+    ``tools`` defaults to the registry ``settings.tools`` describes. ``opener`` is a
+    seam for tests; by default the official SDK is used, and constructing this
+    without it installed raises ``UpstreamError("nova_sdk_missing")``.
+    """
+
+    name = "nova"
+
+    def __init__(
+        self,
+        settings: NovaSettings | None = None,
+        tools: ToolRegistry | None = None,
+        clock: Clock | None = None,
+        *,
+        opener: StreamOpener | None = None,
+    ) -> None:
+        self.settings = settings or NovaSettings()
+        self.tools = tools if tools is not None else build_registry(self.settings.tools)
+        self.clock: Clock = clock or MonotonicClock()
+        self.opener: StreamOpener = opener or BedrockStreamOpener(self.settings)
+        self._sessions: set[NovaSession] = set()
+
+    async def open_session(self, context: DeviceContext) -> NovaSession:
+        session = NovaSession(self, context)
+        self._sessions.add(session)
+        logger.info(
+            "nova session for device %s (model %s, %d tools)",
+            context.device_id,
+            self.settings.model_id,
+            len(self.tools),
+        )
+        return session
+
+    def forget(self, session: NovaSession) -> None:
+        self._sessions.discard(session)
+
+    @property
+    def sessions(self) -> int:
+        return len(self._sessions)
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(s.close() for s in list(self._sessions)), return_exceptions=True)
+        await self.opener.aclose()
