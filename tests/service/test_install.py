@@ -496,3 +496,73 @@ def test_a_real_virtualenv_install_into_the_staging_root(tmp_path: Path) -> None
     st = venv.stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, 0, 0o755)
     assert time.monotonic() - started < 300
+
+
+# ----------------------------------------------------------------------------- host mode
+
+HOST_SIMULATION = """
+set -e
+fs="$1"; shift
+mount -t tmpfs edgevoice-test "$fs"
+mkdir -p "$fs/etc" && cp -a /etc/. "$fs/etc/" && mount --bind "$fs/etc" /etc
+for dir in /opt /var/lib /usr/local /run; do
+    mkdir -p "$fs$dir" && mount --bind "$fs$dir" "$dir"
+done
+"$@"
+"""
+
+
+def run_as_if_on_this_host(tmp_path: Path, script: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` with /etc, /opt, /var/lib, /usr/local and /run replaced by
+    private copies in a private mount namespace, so the host stays untouched."""
+    fs = tmp_path / "fs"
+    fs.mkdir(exist_ok=True)
+    return subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "bash",
+            "-c",
+            HOST_SIMULATION,
+            "host-simulation",
+            str(fs),
+            "bash",
+            "-c",
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare (util-linux) missing")
+def test_without_root_it_installs_on_this_machine(tmp_path: Path) -> None:
+    # The code path a real Pi takes: users in /etc/passwd, units enabled with
+    # systemctl (offline here: systemd is not running, so nothing is started).
+    probe = run_as_if_on_this_host(tmp_path, "true")
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a private mount namespace here: {probe.stderr.strip()}")
+    script = f"""
+        {INSTALL} --no-apt --no-venv --token host.t0ken
+        {INSTALL} --no-apt --no-venv > second-run.txt
+        grep -q '0 change(s)' second-run.txt
+        echo "groups: $(id -nG edgevoice)"
+        stat -c '%a %U:%G %n' /etc/edgevoice/device.yaml /etc/edgevoice/device.token \
+            /var/lib/edgevoice /etc/systemd/system/edgevoice.service
+        systemctl is-enabled edgevoice.service edgevoice-reconfigure.path
+        {UNINSTALL} --purge
+        test ! -e /etc/edgevoice && test ! -e /etc/systemd/system/edgevoice.service
+    """
+    result = run_as_if_on_this_host(tmp_path, f"cd {tmp_path} && {script}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert "640 root:edgevoice /etc/edgevoice/device.yaml" in lines
+    assert "600 root:root /etc/edgevoice/device.token" in lines
+    assert "750 edgevoice:edgevoice /var/lib/edgevoice" in lines
+    assert "644 root:root /etc/systemd/system/edgevoice.service" in lines
+    assert lines.count("enabled") == 2
+    assert "audio" in next(line for line in lines if line.startswith("groups:")).split()
+    assert "systemd is not running here" in result.stderr
