@@ -336,7 +336,8 @@ class SystemdNotifier:
         if text is not None:
             lines.append(text)
         self._send("\n".join(lines))
-        logger.info("reported ready to systemd")
+        if self.enabled:
+            logger.info("reported ready to systemd")
 
     def status(self, text: str) -> None:
         """Set the one-line status ``systemctl status`` shows; repeats are not resent."""
@@ -368,7 +369,8 @@ class SystemdNotifier:
 
         ``loop_alive_probe`` is usually a started :class:`LoopLagProbe`;
         ``audio_probe`` (device only) is :func:`capture_probe` of the audio source.
-        Returns at once when systemd asked for no watchdog.
+        While capture is closed on purpose, pass a probe that reports the current
+        time instead. Returns at once when systemd asked for no watchdog.
         """
         policy = self.policy
         if not (self.enabled and policy.enabled):
