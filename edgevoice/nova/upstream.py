@@ -33,6 +33,7 @@ from edgevoice.nova import events as nova
 from edgevoice.nova.client import BedrockStreamOpener, NovaStream, StreamOpener
 from edgevoice.nova.faults import OPEN_TIMEOUT, Fault
 from edgevoice.nova.session import (
+    FRAME_S,
     AbortStream,
     Action,
     CloseStream,
@@ -56,8 +57,9 @@ logger = logging.getLogger(__name__)
 #: Events waiting for the relay; a reply is many audio chunks, and Nova is faster
 #: than real time, so this is generous. Overflow drops the oldest (counted).
 EVENT_QUEUE_SIZE: Final = 4096
-#: Input events waiting for the network per stream: 10 s of audio plus control.
-OUTBOX_SIZE: Final = 600
+#: Input events per stream beyond the held audio: the first events (history can be
+#: a few hundred) plus 10 s of live audio should the network slow down.
+OUTBOX_MARGIN: Final = 1000
 
 
 class _Close:
@@ -73,7 +75,10 @@ class _StreamRunner:
     def __init__(self, session: NovaSession, stream_id: int) -> None:
         self.session = session
         self.stream_id = stream_id
-        self.outbox: DropOldestQueue[bytes | _Close] = DropOldestQueue(OUTBOX_SIZE)
+        # Room for everything held while the stream opened, flushed at once, so a
+        # slow start never pushes the stream's first events out of the queue.
+        held = round(session.settings.pending_audio_max_s / FRAME_S)
+        self.outbox: DropOldestQueue[bytes | _Close] = DropOldestQueue(held + OUTBOX_MARGIN)
         self.task: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._writer_error: BaseException | None = None
