@@ -80,7 +80,8 @@ async def run_demo(input_wav: Path, output_wav: Path, *, fast: bool = False,
 
         source = WavSource(input_wav, realtime=not fast)
         sink = WavSink(output_wav, rate_hz=24_000, realtime=not fast)
-        daemon = DeviceDaemon(config, token, source, sink, on_turn_done=turn_done)
+        daemon = DeviceDaemon(config, token, source, sink, on_turn_done=turn_done,
+                              capture_after_link=True)
         task = asyncio.create_task(daemon.run())
         timeline: TurnTimeline | None = None
         try:

@@ -19,11 +19,13 @@ from edgevoice.config.base import require
 from edgevoice.config.loader import load_file
 from edgevoice.device.link import RelaySettings
 from edgevoice.device.turn import TurnSettings
+from edgevoice.feedback.settings import FeedbackSettings
 from edgevoice.health.http import HealthSettings
 from edgevoice.health.relay import RelayAdminSettings
 from edgevoice.relay.auth import AuthSettings
 from edgevoice.relay.settings import LimitsSettings, ListenSettings
 from edgevoice.service.notify import WatchdogSettings
+from edgevoice.triggers.settings import TriggerSettings
 from edgevoice.upstream.echo import EchoSettings
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -76,6 +78,8 @@ class DeviceConfig:
     silence: SilenceSettings = field(default_factory=SilenceSettings)
     opus: OpusSettings = field(default_factory=OpusSettings)
     turn: TurnSettings = field(default_factory=TurnSettings)
+    triggers: TriggerSettings = field(default_factory=TriggerSettings)
+    feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
     health: HealthSettings = field(default_factory=HealthSettings)
     watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
 

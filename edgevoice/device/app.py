@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from typing import Any
 
 from edgevoice.audio.sounddevice_io import open_sink, open_source
 from edgevoice.config.model import DeviceConfig
@@ -19,15 +20,33 @@ from edgevoice.device.health_source import DaemonHealth
 from edgevoice.health.device import device_health_api
 from edgevoice.health.http import load_token
 from edgevoice.service.notify import LoopLagProbe, SystemdNotifier, capture_probe
+from edgevoice.triggers.base import Trigger
 
 logger = logging.getLogger(__name__)
 
 
-def build_daemon(config: DeviceConfig, config_file: str, **kwargs: object) -> DeviceDaemon:
+def build_triggers(config: DeviceConfig) -> list[Trigger]:
+    """The button and wake word the config enables (barge-in is built by the daemon)."""
+    triggers: list[Trigger] = []
+    if config.triggers.button.enabled:
+        from edgevoice.triggers.button import ButtonTrigger
+        triggers.append(ButtonTrigger(config.triggers.button))
+    if config.triggers.wake.enabled:
+        from edgevoice.triggers.wake import WakeWordTrigger
+        triggers.append(WakeWordTrigger(config.triggers.wake))
+    return triggers
+
+
+def build_daemon(config: DeviceConfig, config_file: str, **kwargs: Any) -> DeviceDaemon:
     token = read_token(config, config_file)
-    source = open_source(config.audio.input)
+    source = open_source(config.audio.input, queue_frames=config.audio.capture_queue_frames)
     sink = open_sink(config.audio.output, rate_hz=config.audio.output_rate_hz)
-    return DeviceDaemon(config, token, source, sink, **kwargs)  # type: ignore[arg-type]
+    display = None
+    if config.feedback.led_enabled:
+        from edgevoice.feedback.led import LedController
+        display = LedController(config.feedback)
+    return DeviceDaemon(config, token, source, sink, triggers=build_triggers(config),
+                        display=display, **kwargs)
 
 
 async def run_device(config: DeviceConfig, config_file: str) -> None:

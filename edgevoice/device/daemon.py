@@ -14,10 +14,10 @@ import datetime
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from edgevoice import __version__
 from edgevoice.audio.base import AudioSink, AudioSource
@@ -41,6 +41,8 @@ from edgevoice.device.turn import (
     TurnState,
 )
 from edgevoice.errors import AudioDeviceError, ConfigError
+from edgevoice.feedback.earcons import Earcon, Earcons
+from edgevoice.feedback.states import DeviceState
 from edgevoice.protocol.connection import AudioReceived
 from edgevoice.protocol.messages import (
     DOWNLINK_FORMAT,
@@ -56,14 +58,32 @@ from edgevoice.protocol.messages import (
     TurnStart,
     Welcome,
 )
+from edgevoice.triggers.bargein import VoiceBargeInTrigger
+from edgevoice.triggers.base import (
+    AudioTrigger,
+    InterruptRequested,
+    MuteToggled,
+    Trigger,
+    TriggerEvent,
+    TurnEndRequested,
+    TurnStartRequested,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_FILE = "/etc/edgevoice/device.token"
 #: A gap longer than this is not concealed: invented audio would only confuse.
 MAX_CONCEALED_FRAMES = 5
-#: Until the echo guard has measured the speaker->mic coupling, assume this much (dB).
-DEFAULT_ECHO_COUPLING_DB = -10.0
+EARCONS = {"listening": Earcon.LISTEN_START, "done": Earcon.LISTEN_END,
+           "error": Earcon.ERROR, "offline": Earcon.OFFLINE}
+#: How long the ERROR state (LED, /stats) lasts after a failed turn, in seconds.
+ERROR_STATE_S = 3.0
+
+
+class StateDisplay(Protocol):
+    """Something that shows the device state (the LED)."""
+
+    def set_state(self, state: DeviceState) -> None: ...
 
 
 def read_token(config: DeviceConfig, config_file: str) -> str:
@@ -152,7 +172,13 @@ class DeviceDaemon(LinkListener):
                  *, clock: Clock | None = None, exit_on_eof: bool = False,
                  on_turn_done: Callable[[TurnTimeline], None] | None = None,
                  on_state: Callable[[str], None] | None = None,
-                 on_ready: Callable[[str], None] | None = None) -> None:
+                 on_ready: Callable[[str], None] | None = None,
+                 triggers: Sequence[Trigger] = (),
+                 display: StateDisplay | None = None,
+                 capture_after_link: bool = False) -> None:
+        """``capture_after_link``: open the source only once the relay answered (for
+        recordings: a WAV read as fast as possible would otherwise be spoken while
+        the device is still offline)."""
         self.config = config
         self.clock = clock or MonotonicClock()
         self.source = source
@@ -174,6 +200,22 @@ class DeviceDaemon(LinkListener):
                                        max_ms=config.audio.playback_max_ms,
                                        on_event=self._playback_event_threadsafe)
         self.link = DeviceLink(config.relay, config.device_id, token, self, clock=self.clock)
+        self.barge_in = (VoiceBargeInTrigger(config.triggers.barge_in, self.clock)
+                         if config.triggers.barge_in.enabled else None)
+        self.triggers: list[Trigger] = list(triggers)
+        self.audio_triggers: list[AudioTrigger] = [
+            t for t in self.triggers if isinstance(t, AudioTrigger)]
+        if self.barge_in is not None:
+            self.audio_triggers.append(self.barge_in)
+        self.display = display
+        self.earcons = (Earcons(sink.sample_rate_hz, config.feedback.earcon_volume)
+                        if config.feedback.earcons_enabled else None)
+        #: what the playback buffer is playing, in order: "earcon" or "reply"
+        self._playing: collections.deque[str] = collections.deque()
+        self._frame_index = 0
+        self._wake_frame_index: int | None = None
+        self._error_until = 0.0
+        self.device_state = DeviceState.OFFLINE
         self.counters = DeviceCounters()
         self.turns: collections.deque[TurnTimeline] = collections.deque(maxlen=20)
         self.current: TurnTimeline | None = None
@@ -182,6 +224,8 @@ class DeviceDaemon(LinkListener):
         self.status = "starting"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
+        self._connected = asyncio.Event()
+        self.capture_after_link = capture_after_link
         self._uplink_index = 0
         self._discard_downlink = False
         self._response_frames = 0
@@ -193,6 +237,9 @@ class DeviceDaemon(LinkListener):
         """Run until :meth:`stop` (or the end of a WAV source with ``exit_on_eof``)."""
         self._loop = asyncio.get_running_loop()
         await self.sink.open(self.playback)
+        for trigger in self.triggers:
+            await trigger.start(self._on_trigger_event)
+        self._show_state()
         tasks = [asyncio.create_task(self._capture(), name="capture"),
                  asyncio.create_task(self.link.run(), name="link"),
                  asyncio.create_task(self._ticker(), name="ticker")]
@@ -203,6 +250,9 @@ class DeviceDaemon(LinkListener):
             if self.machine.state is TurnState.LISTENING and self.current is not None:
                 self.link.send(TurnEnd(self.current.turn_id, "cancelled"))
             await self.link.stop()
+            for trigger in self.triggers:
+                with contextlib.suppress(Exception):
+                    await trigger.stop()
             for task in tasks:
                 task.cancel()
             for task in tasks:
@@ -255,6 +305,8 @@ class DeviceDaemon(LinkListener):
     async def _capture(self) -> None:
         backoff = Backoff(BackoffSettings(initial_ms=500, max_ms=self.config.audio.reopen_max_ms,
                                           min_ms=200))
+        if self.capture_after_link:
+            await self._connected.wait()
         while True:
             try:
                 await self.source.open()
@@ -279,26 +331,93 @@ class DeviceDaemon(LinkListener):
                     await self.source.close()
                 await self.clock.sleep(delay)
 
-    def _echo_reference_dbfs(self) -> float | None:
-        if not self.playback.playing:
+    def _echo_reference_dbfs(self, now: float) -> float | None:
+        """The level our own playback is expected to reach in the microphone now."""
+        if self.barge_in is None:
             return None
-        return self.playback.last_block_dbfs + DEFAULT_ECHO_COUPLING_DB
+        if self.playback.playing:
+            self.barge_in.guard.on_playback_block(self.playback.last_block_dbfs, now)
+        return self.barge_in.reference_dbfs(now)
 
     def _on_frame(self, frame: bytes) -> None:
         now = self.clock.now()
+        self._frame_index += 1
         self.counters.frames_captured += 1
-        decision = self.detector.process(frame, self._echo_reference_dbfs())
+        detector = self.detector
+        decision = detector.process(frame, self._echo_reference_dbfs(now))
+        trigger_events: list[TriggerEvent] = []
+        for trigger in self.audio_triggers:
+            trigger_events.extend(trigger.process(frame))
         event = decision.event
         started = event.preroll if isinstance(event, SpeechStarted) else None
+        if started is not None and self._wake_frame_index is not None:
+            # the wake word itself is not sent upstream: cut the pre-roll after it
+            after = self._frame_index - self._wake_frame_index - 1
+            started = started[len(started) - min(len(started), max(0, after)):]
         ended = isinstance(event, SpeechEnded)
+        voiced = detector.level_dbfs >= detector.release_threshold_dbfs()
         commands = self.machine.on_frame(frame, speech_started=started, speech_ended=ended,
-                                         in_speech=decision.send, now=now)
+                                         in_speech=decision.send, now=now, voiced=voiced)
         if self.current is not None:
             if started is not None and self.current.speech_start is None:
                 self.current.speech_start = now
             if ended and self.current.speech_end is None:
                 self.current.speech_end = now
         self._execute(commands, now)
+        for trigger_event in trigger_events:
+            self._on_trigger_event(trigger_event)
+
+    def _on_trigger_event(self, event: TriggerEvent) -> None:
+        """A button, wake word or barge-in detector asked for something."""
+        now = self.clock.now()
+        logger.debug("trigger: %s", event)
+        if isinstance(event, TurnStartRequested):
+            if event.source == "wake":
+                self._wake_frame_index = self._frame_index
+            commands = self.machine.request_turn(event.source, now)
+        elif isinstance(event, TurnEndRequested):
+            commands = self.machine.request_end(event.source, event.reason, now)
+        elif isinstance(event, InterruptRequested):
+            commands = self.machine.request_interrupt(event.source, now)
+        elif isinstance(event, MuteToggled):
+            commands = self.machine.set_muted(event.muted, now)
+        else:  # pragma: no cover - the union is exhaustive
+            return
+        self._execute(commands, now)
+
+    # ------------------------------------------------------------ feedback
+
+    def _show_state(self) -> None:
+        state = {
+            TurnState.LISTENING: DeviceState.LISTENING,
+            TurnState.THINKING: DeviceState.THINKING,
+            TurnState.SPEAKING: DeviceState.SPEAKING,
+            TurnState.MUTED: DeviceState.MUTED,
+            TurnState.IDLE: DeviceState.IDLE,
+        }[self.machine.state]
+        if state is DeviceState.IDLE:
+            if not self.link.connected:
+                state = DeviceState.OFFLINE
+            elif self.clock.now() < self._error_until:
+                state = DeviceState.ERROR
+        if state is self.device_state:
+            return
+        self.device_state = state
+        for trigger in self.triggers:
+            trigger.set_state(state)
+        if self.barge_in is not None:
+            self.barge_in.set_state(state)
+        if self.display is not None:
+            self.display.set_state(state)
+
+    def _play_earcon(self, kind: str) -> None:
+        if self.earcons is None or "reply" in self._playing:
+            return  # never talk over the assistant
+        if kind == "error":
+            self._error_until = self.clock.now() + ERROR_STATE_S
+        self._playing.append("earcon")
+        self.playback.push(self.earcons.pcm(EARCONS[kind]))
+        self.playback.end_of_response()
 
     # ------------------------------------------------------------- commands
 
@@ -316,6 +435,7 @@ class DeviceDaemon(LinkListener):
                         self._close_turn(command.reason)
             elif isinstance(command, StopPlayback):
                 self.playback.flush()
+                self._playing.clear()
                 self.resampler.reset()
                 self._discard_downlink = True
                 self.counters.interrupts += 1
@@ -323,9 +443,10 @@ class DeviceDaemon(LinkListener):
                     self.link.send(Interrupt(reason=command.reason))
                 logger.info("playback stopped (%s)", command.reason)
             elif isinstance(command, PlayEarcon):
-                logger.debug("earcon: %s", command.kind)
+                self._play_earcon(command.kind)
             elif isinstance(command, StateChanged):
                 self._on_state_changed(command)
+                self._show_state()
 
     def _begin_turn(self, command: BeginTurn, now: float) -> None:
         if self.current is not None and self.current.outcome == "open":
@@ -386,6 +507,11 @@ class DeviceDaemon(LinkListener):
 
     def _on_playback_event(self, event: object) -> None:
         now = self.clock.now()
+        what = self._playing[0] if self._playing else "reply"
+        if isinstance(event, PlaybackEnded) and self._playing:
+            self._playing.popleft()
+        if what != "reply":
+            return  # an earcon: not part of any turn
         turn = self.current
         if isinstance(event, PlaybackStarted):
             if turn is not None and turn.playback_start is None:
@@ -403,10 +529,12 @@ class DeviceDaemon(LinkListener):
     def link_up(self, welcome: Welcome) -> None:
         now = self.clock.now()
         self.session_id = welcome.session_id
+        self._connected.set()
         self._execute(self.machine.on_link(True, now), now)
         self._set_status("listening for speech" if self.config.turn.always_on else "idle")
         self._link_tried = True
         self._maybe_ready()
+        self._show_state()
 
     def link_down(self, reason: str, retry_in_s: float | None) -> None:
         now = self.clock.now()
@@ -418,10 +546,12 @@ class DeviceDaemon(LinkListener):
         self._set_status(f"{when}{reason}")
         self._link_tried = True
         self._maybe_ready()
+        self._show_state()
 
     def on_message(self, message: Message) -> None:
         now = self.clock.now()
         if isinstance(message, ResponseStart):
+            self._playing.append("reply")
             self._discard_downlink = False
             self._response_frames = 0
             self.decoder.reset()
@@ -432,6 +562,8 @@ class DeviceDaemon(LinkListener):
                 return
             self.playback.end_of_response()
             if self._response_frames == 0:
+                if "reply" in self._playing:
+                    self._playing.remove("reply")
                 if self.current is not None:
                     self._close_turn("no_reply")
                 self._execute(self.machine.on_reply_finished(now), now)
@@ -485,6 +617,7 @@ class DeviceDaemon(LinkListener):
             await self.clock.sleep(0.1)
             now = self.clock.now()
             self._execute(self.machine.tick(now), now)
+            self._show_state()  # the ERROR state times out
             if interval and now - last_stats >= interval and self.link.connected:
                 last_stats = now
                 self.link.send(Stats(self.compact_stats()))

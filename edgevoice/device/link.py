@@ -2,10 +2,19 @@
 
 A thin runner around :class:`edgevoice.protocol.connection.Connection`. It owns the
 WebSocket, the reconnect loop (capped exponential backoff with full jitter, asking
-:func:`edgevoice.errors.is_retryable` what is worth retrying) and the heartbeats
-that measure round-trip time. What the relay says is handed to a
-:class:`LinkListener`; what the daemon wants to say goes through ``send`` and
-``send_audio``, which never block (bounded queue, drops counted).
+:func:`edgevoice.errors.is_retryable` what is worth retrying), the heartbeats that
+measure round-trip time, and the device's half of session resume
+(``docs/protocol.md`` §7). What the relay says is handed to a :class:`LinkListener`;
+what the daemon wants to say goes through ``send`` and ``send_audio``, which never
+block (bounded queue, drops counted).
+
+Resume: after a drop the session is *suspended* for ``resume.window_ms``. Meanwhile
+``send``/``send_audio`` keep queueing (bounded), the listener hears
+``link_suspended`` rather than ``link_down``, and reconnect attempts ask the relay
+to resume. On a resumed welcome the link re-sends what the relay missed (from the
+journal of what it sent) and then what it queued, in order. A relay that no longer
+holds the session, or a window that runs out, ends it: the queue is dropped
+(counted) and the listener hears ``link_down``.
 
 websockets' own ``async for ws in connect()`` reconnect is not used because the
 daemon must report the next retry delay (``STATUS=reconnecting in 4.2 s``) and keep
@@ -40,7 +49,7 @@ from edgevoice.errors import (
     is_retryable,
 )
 from edgevoice.health.http import is_loopback
-from edgevoice.protocol.connection import AudioReceived, Connection, Role
+from edgevoice.protocol.connection import RELIABLE, AudioReceived, Connection, Role
 from edgevoice.protocol.messages import (
     MAX_TEXT_BYTES,
     SUBPROTOCOL,
@@ -51,11 +60,34 @@ from edgevoice.protocol.messages import (
     Message,
     Ping,
     Pong,
+    ResumeRequest,
     Welcome,
 )
-from edgevoice.queues import DropOldestQueue
+from edgevoice.protocol.replay import OutboundQueue, ReplayJournal, SentFrame
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResumeSettings:
+    """Session resume after a short drop (docs/protocol.md §7)."""
+
+    window_ms: int = 10_000
+    """After the link drops, the session can be resumed for this long, in milliseconds;
+    meanwhile what the device says is queued. 0 turns resume off."""
+    buffer_ms: int = 10_000
+    """Uplink audio kept after it was sent, to re-send what the relay missed, in milliseconds."""
+    attempt_timeout_ms: int = 3_000
+    """Connection attempts inside the window give up after this long, in milliseconds,
+    so one attempt into a dead route cannot use up the whole window."""
+    retry_max_ms: int = 1_000
+    """Longest wait between attempts inside the window, in milliseconds."""
+
+    def __post_init__(self) -> None:
+        require(0 <= self.window_ms <= 300_000, "window_ms", "must be 0..300000")
+        require(1_000 <= self.buffer_ms <= 120_000, "buffer_ms", "must be 1000..120000")
+        require(self.attempt_timeout_ms >= 100, "attempt_timeout_ms", "must be >= 100")
+        require(self.retry_max_ms >= 50, "retry_max_ms", "must be >= 50")
 
 
 @dataclass(frozen=True)
@@ -76,11 +108,14 @@ class RelaySettings:
     ping_timeout_ms: int = 20_000
     """Close the link when a keepalive ping is not answered within this."""
     send_queue_frames: int = 500
-    """Messages queued towards the relay (500 = 10 s of audio); the oldest are dropped."""
+    """Audio frames waiting to be sent, also while a drop is being resumed (500 = 10 s);
+    the oldest are dropped."""
     stats_interval_s: int = 30
     """Push a compact stats message to the relay this often (0 = never)."""
     backoff: BackoffSettings = field(default_factory=BackoffSettings)
     """Reconnect delays."""
+    resume: ResumeSettings = field(default_factory=ResumeSettings)
+    """Session resume after a short drop."""
 
     def __post_init__(self) -> None:
         parsed = urllib.parse.urlparse(self.url)
@@ -101,11 +136,30 @@ class LinkState(enum.Enum):
 
 
 class LinkListener(Protocol):
-    """What the daemon hears from the link. Called in the event loop."""
+    """What the daemon hears from the link. Called in the event loop.
 
-    def link_up(self, welcome: Welcome) -> None: ...
+    The order is: ``link_up`` once connected; after a drop either
+    ``link_suspended`` (the session may still be resumed) or ``link_down`` (it is
+    gone); while suspended, ``link_suspended`` again after each failed attempt, and
+    ``link_down`` once the window runs out; then ``link_up`` again.
+    """
 
-    def link_down(self, reason: str, retry_in_s: float | None) -> None: ...
+    def link_up(self, welcome: Welcome) -> None:
+        """Connected. ``welcome.resume.resumed`` says whether the earlier session went
+        on (everything queued while suspended is being delivered; keep the turn) or a
+        new one began (preceded by ``link_down`` when a resume was refused)."""
+
+    def link_down(self, reason: str, retry_in_s: float | None) -> None:
+        """Offline, and no session to resume: whatever was queued is dropped; reset the
+        turn, tell the user (offline earcon) and say so in STATUS. ``retry_in_s`` is
+        the wait before the next attempt (None: an attempt is under way)."""
+
+    def link_suspended(self, reason: str, retry_in_s: float | None,
+                       resume_within_s: float) -> None:
+        """The connection dropped but the session can be resumed for another
+        ``resume_within_s`` seconds: keep the turn going, ``send``/``send_audio``
+        queue. A listener that predates resume gets the old behaviour: link_down."""
+        self.link_down(reason, retry_in_s)
 
     def on_message(self, message: Message) -> None: ...
 
@@ -118,15 +172,50 @@ class LinkStats:
     reconnects: int = 0
     frames_sent: int = 0
     frames_received: int = 0
+    #: said while offline with no session to resume: dropped
     dropped_offline: int = 0
     rtt_ms: float | None = None
     last_error: str = ""
     #: monotonic time the link last went down (None while up or never up)
     down_since: float | None = None
+    #: sessions continued after a drop / resumes the relay refused / windows run out
+    resumes: int = 0
+    resumes_refused: int = 0
+    resumes_expired: int = 0
+    #: frames queued while suspended, and re-sent from the journal after a resume
+    frames_queued_suspended: int = 0
+    frames_replayed: int = 0
+    messages_replayed: int = 0
+    #: queued frames dropped because the session could not be resumed
+    dropped_session_lost: int = 0
+    #: frames the relay missed that the journal had already forgotten
+    replay_gap_frames: int = 0
+    #: how long the last resume took, drop to resumed welcome, in seconds
+    last_resume_s: float | None = None
+
+
+@dataclass(frozen=True)
+class _Audio:
+    """One uplink Opus packet waiting to be sent."""
+
+    payload: bytes
+    timestamp_ms: int
+    flags: AudioFlags
+
+
+#: Close codes from the relay after which there is no session to resume.
+SESSION_ENDING_CLOSES = frozenset({
+    CloseCode.NORMAL, CloseCode.GOING_AWAY, CloseCode.PROTOCOL_ERROR,
+    CloseCode.POLICY_VIOLATION, CloseCode.MESSAGE_TOO_BIG, CloseCode.SESSION_REPLACED,
+    CloseCode.UNSUPPORTED_VERSION})
+
+
+class _SessionEnded(LinkError):
+    """The link closed in a way that leaves no session to resume."""
 
 
 class DeviceLink:
-    """Keeps one WebSocket to the relay open, forever."""
+    """Keeps one WebSocket to the relay open, forever, and a session across short drops."""
 
     def __init__(self, settings: RelaySettings, device_id: str, token: str,
                  listener: LinkListener, *, clock: Clock | None = None,
@@ -140,10 +229,16 @@ class DeviceLink:
         self.state = LinkState.CONNECTING
         self.stats = LinkStats(down_since=self.clock.now())
         self.next_retry_at: float | None = None
-        self._queue: DropOldestQueue[Message | tuple[bytes, int, AudioFlags]] = DropOldestQueue(
-            settings.send_queue_frames)
+        self._outbox: OutboundQueue[_Audio] = OutboundQueue(settings.send_queue_frames)
+        self._journal = ReplayJournal(max(1, settings.resume.buffer_ms // 20))
         self._conn: Connection | None = None
         self._ws: ClientConnection | None = None
+        #: the session that may be resumed, and its last connection (for the counters)
+        self.session_id: str | None = None
+        self._session_conn: Connection | None = None
+        #: when a suspended session can no longer be resumed (None: not suspended)
+        self._resume_until: float | None = None
+        self._dropped_at: float | None = None
         self._stopping = False
         self._ping_id = 0
         host = urllib.parse.urlparse(settings.url).hostname or ""
@@ -156,26 +251,39 @@ class DeviceLink:
         return self.state is LinkState.CONNECTED
 
     @property
+    def suspended(self) -> bool:
+        """Not connected, but a dropped session can still be resumed."""
+        return (not self.connected and self.session_id is not None
+                and self._resume_until is not None and self.clock.now() < self._resume_until)
+
+    @property
     def dropped(self) -> int:
-        return self._queue.dropped + self.stats.dropped_offline
+        return self._outbox.dropped + self.stats.dropped_offline + self.stats.dropped_session_lost
+
+    @property
+    def queued(self) -> int:
+        """Items waiting to be sent (audio and control)."""
+        return len(self._outbox)
 
     # --------------------------------------------------------------- sending
 
     def send(self, message: Message) -> bool:
-        """Queue a control message; False (and counted) when the link is down."""
-        if not self.connected:
+        """Queue a control message; False (and counted) when offline with no session."""
+        if not (self.connected or self.suspended):
             self.stats.dropped_offline += 1
             return False
-        self._queue.put_nowait(message)
+        self._outbox.put_nowait(message)
         return True
 
     def send_audio(self, packet: bytes, timestamp_ms: int,
                    flags: AudioFlags = AudioFlags.NONE) -> bool:
-        """Queue one uplink Opus packet; False (and counted) when the link is down."""
+        """Queue one uplink Opus packet; False (and counted) when offline with no session."""
         if not self.connected:
-            self.stats.dropped_offline += 1
-            return False
-        self._queue.put_nowait((packet, timestamp_ms, flags))
+            if not self.suspended:
+                self.stats.dropped_offline += 1
+                return False
+            self.stats.frames_queued_suspended += 1
+        self._outbox.put_nowait(_Audio(packet, timestamp_ms, flags))
         return True
 
     # ------------------------------------------------------------------ loop
@@ -184,18 +292,19 @@ class DeviceLink:
         """Connect and reconnect until :meth:`stop`."""
         while not self._stopping:
             self.state = LinkState.CONNECTING
+            session_over = False
             try:
                 await self._session()
-                reason = "relay closed the link"
-                if self._ws is not None and self._ws.close_code is not None:
-                    reason = f"relay closed the link ({self._ws.close_code} " \
-                             f"{self._ws.close_reason or ''})".rstrip(" )") + ")"
+                reason = self._close_reason()
                 retryable = True
+                session_over = self._close_ends_session()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 reason = self._describe(exc)
                 retryable = is_retryable(exc)
+                session_over = isinstance(exc, ProtocolError | AuthenticationError
+                                          | _SessionEnded)
                 self.stats.last_error = reason
             finally:
                 self._mark_down()
@@ -208,12 +317,64 @@ class DeviceLink:
                 logger.error("relay refused this device: %s; retrying every %.0f s", reason,
                              delay)
             self.state = LinkState.WAITING
-            self.next_retry_at = self.clock.now() + delay
-            logger.info("link down: %s; reconnecting in %.1f s", reason, delay)
-            self.listener.link_down(reason, delay)
-            await self.clock.sleep(delay)
+            now = self.clock.now()
+            if not session_over and self._hold_session(now):
+                assert self._resume_until is not None
+                delay = min(delay, self.settings.resume.retry_max_ms / 1000)
+                left = self._resume_until - now
+                self.next_retry_at = now + delay
+                logger.info("link down: %s; resuming within %.1f s, next attempt in %.1f s",
+                            reason, left, delay)
+                self.listener.link_suspended(reason, delay, left)
+                await self._wait_suspended(delay, reason)
+            else:
+                self._end_session(reason)
+                self.next_retry_at = now + delay
+                logger.info("link down: %s; reconnecting in %.1f s", reason, delay)
+                self.listener.link_down(reason, delay)
+                await self.clock.sleep(delay)
             self.stats.reconnects += 1
         self.state = LinkState.STOPPED
+
+    def _hold_session(self, now: float) -> bool:
+        """Whether the session survives this drop (starting its window if it is new)."""
+        if self.session_id is None or self.settings.resume.window_ms == 0:
+            return False
+        if self._resume_until is None:
+            self._resume_until = now + self.settings.resume.window_ms / 1000
+            self._dropped_at = now
+        return now < self._resume_until
+
+    async def _wait_suspended(self, delay: float, reason: str) -> None:
+        """Sleep ``delay``; if the window runs out meanwhile, end the session then."""
+        assert self._resume_until is not None
+        now = self.clock.now()
+        until_expiry = self._resume_until - now
+        if delay < until_expiry:
+            await self.clock.sleep(delay)
+            return
+        await self.clock.sleep(max(0.0, until_expiry))
+        window_s = self.settings.resume.window_ms / 1000
+        self.stats.resumes_expired += 1
+        expired = f"{reason}; session lost after {window_s:.0f} s offline"
+        self._end_session(expired)
+        rest = max(0.0, delay - until_expiry)
+        logger.warning("link down: %s", expired)
+        self.listener.link_down(expired, rest)
+        await self.clock.sleep(rest)
+
+    def _end_session(self, reason: str) -> None:
+        """Forget the session: drop what was queued for it (counted) and the journal."""
+        lost = self._outbox.audio_queued
+        self._outbox.clear()
+        self._journal.clear()
+        if self.session_id is not None and lost:
+            logger.warning("dropped %d queued audio frames: %s", lost, reason)
+        self.stats.dropped_session_lost += lost
+        self.session_id = None
+        self._session_conn = None
+        self._resume_until = None
+        self._dropped_at = None
 
     async def stop(self) -> None:
         """Close the link with going-away and end :meth:`run`."""
@@ -221,6 +382,20 @@ class DeviceLink:
         if self._ws is not None:
             with contextlib.suppress(Exception):
                 await self._ws.close(CloseCode.GOING_AWAY, "device shutting down")
+
+    def _close_reason(self) -> str:
+        ws = self._ws
+        if ws is not None and ws.close_code is not None:
+            return f"relay closed the link ({ws.close_code} {ws.close_reason or ''}".rstrip() \
+                + ")"
+        return "relay closed the link"
+
+    def _close_ends_session(self) -> bool:
+        ws = self._ws
+        if ws is None:
+            return False
+        received = ws.protocol.close_rcvd
+        return received is not None and received.code in SESSION_ENDING_CLOSES
 
     def _describe(self, exc: BaseException) -> str:
         if isinstance(exc, InvalidStatus):
@@ -242,9 +417,10 @@ class DeviceLink:
 
     def _mark_down(self) -> None:
         was_up = self._conn is not None and self.state is LinkState.CONNECTED
+        if self._conn is not None:
+            self._session_conn = self._conn
         self._conn = None
-        self._ws = None
-        self._queue.clear()
+        self.state = LinkState.WAITING
         if was_up or self.stats.down_since is None:
             self.stats.down_since = self.clock.now()
 
@@ -256,15 +432,31 @@ class DeviceLink:
             context.load_verify_locations(self.settings.ca_file)
         return context
 
+    def _new_connection(self) -> tuple[Connection, ResumeRequest | None]:
+        old = self._session_conn
+        if self.session_id is None or old is None or not self.suspended:
+            return Connection(Role.DEVICE), None
+        request = ResumeRequest(self.session_id, old.last_received_seq, old.messages_received)
+        conn = Connection(Role.DEVICE, next_seq=old.next_seq,
+                          last_received_seq=old.last_received_seq,
+                          messages_sent=old.messages_sent,
+                          messages_received=old.messages_received)
+        return conn, request
+
     async def _session(self) -> None:
         s = self.settings
+        conn, resume = self._new_connection()
+        timeout_ms = s.open_timeout_ms
+        if resume is not None:
+            timeout_ms = min(timeout_ms, s.resume.attempt_timeout_ms)
+        self._ws = None
         try:
             ws = await connect(
                 s.url,
                 additional_headers={"Authorization": f"Bearer {self._token}"},
                 subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
                 compression=None,
-                open_timeout=s.open_timeout_ms / 1000,
+                open_timeout=timeout_ms / 1000,
                 ping_interval=s.ping_interval_ms / 1000,
                 ping_timeout=s.ping_timeout_ms / 1000,
                 close_timeout=2,
@@ -279,38 +471,84 @@ class DeviceLink:
             raise
         self._ws = ws
         async with ws:
-            conn = Connection(Role.DEVICE)
             await ws.send(conn.start(Hello(device=self.device_id,
-                                           software=f"edgevoice/{__version__}")))
+                                           software=f"edgevoice/{__version__}",
+                                           resume=resume)))
             try:
-                first = await asyncio.wait_for(ws.recv(), s.open_timeout_ms / 1000)
+                first = await asyncio.wait_for(ws.recv(), timeout_ms / 1000)
             except TimeoutError:
                 raise LinkError("relay did not answer hello") from None
-            if isinstance(first, bytes):
-                conn.receive_binary(first)
-            message = conn.receive_text(first)
+            try:
+                if isinstance(first, bytes):
+                    conn.receive_binary(first)
+                message = conn.receive_text(first)
+            except ProtocolError as exc:
+                await ws.close(exc.close_code, str(exc)[:120])
+                raise
             if isinstance(message, Error):
-                raise LinkError(f"relay refused the session: {message.message}")
+                raise _SessionEnded(f"relay refused the session: {message.message}")
             assert isinstance(message, Welcome)
+            if resume is not None:
+                if message.resume.resumed:
+                    await self._replay(ws, conn, message)
+                else:
+                    self.stats.resumes_refused += 1
+                    lost = "the relay no longer held the session (it restarted, or the " \
+                           "drop was too long): starting a new one"
+                    logger.warning("%s", lost)
+                    self._end_session(lost)
+                    self.listener.link_down(lost, None)
+            elif self.session_id is not None:
+                self._end_session("a new session began")
+            self.session_id = message.session_id
+            self._session_conn = conn
+            self._resume_until = None
+            self._dropped_at = None
             self._conn = conn
             self.state = LinkState.CONNECTED
             self.stats.connects += 1
             self.stats.down_since = None
             self.next_retry_at = None
             self.backoff.reset()
-            self._queue.clear()
-            logger.info("connected to %s (session %s)", s.url, message.session_id[:8])
+            logger.info("connected to %s (session %s%s)", s.url, message.session_id[:8],
+                        ", resumed" if message.resume.resumed else "")
             self.listener.link_up(message)
-            tasks = [asyncio.create_task(self._sender(ws, conn)),
-                     asyncio.create_task(self._heartbeat(ws, conn, message))]
+            tasks = [asyncio.create_task(self._receiver(ws, conn), name="link-receiver"),
+                     asyncio.create_task(self._sender(ws, conn), name="link-sender"),
+                     asyncio.create_task(self._heartbeat(ws, conn, message),
+                                         name="link-heartbeat")]
             try:
-                await self._receiver(ws, conn)
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for task in tasks:
                     task.cancel()
                 for task in tasks:
                     with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
                         await task
+            for task in done:
+                failure = task.exception()
+                if failure is not None and not isinstance(failure, ConnectionClosed):
+                    raise failure
+
+    async def _replay(self, ws: ClientConnection, conn: Connection, welcome: Welcome) -> None:
+        """Re-send, flagged REPLAY, what the relay says it did not get."""
+        replay = self._journal.after(welcome.resume.last_uplink_seq,
+                                     welcome.resume.uplink_messages)
+        for entry in replay.items:
+            if isinstance(entry, SentFrame):
+                await ws.send(conn.replay_audio(entry.frame))
+                self.stats.frames_replayed += 1
+            else:
+                await ws.send(conn.resend(entry.message))
+                self.stats.messages_replayed += 1
+        self.stats.replay_gap_frames += replay.frames_lost
+        self.stats.resumes += 1
+        if self._dropped_at is not None:
+            self.stats.last_resume_s = self.clock.now() - self._dropped_at
+        logger.info("session resumed: re-sent %d frames and %d messages the relay missed"
+                    "%s; %d items queued", replay.frames, len(replay.items) - replay.frames,
+                    f" ({replay.frames_lost} no longer held)" if replay.frames_lost else "",
+                    len(self._outbox))
 
     async def _receiver(self, ws: ClientConnection, conn: Connection) -> None:
         try:
@@ -321,7 +559,7 @@ class DeviceLink:
                         self.stats.rtt_ms = self.clock.now() * 1000 - message.ping_sent_ms
                     elif isinstance(message, Ping):
                         now_ms = int(self.clock.now() * 1000)
-                        self._queue.put_nowait(Pong(message.id, message.sent_ms, now_ms))
+                        await ws.send(conn.send(Pong(message.id, message.sent_ms, now_ms)))
                     else:
                         self.listener.on_message(message)
                 else:
@@ -335,13 +573,20 @@ class DeviceLink:
             raise RemoteProtocolError(str(exc)) from exc
 
     async def _sender(self, ws: ClientConnection, conn: Connection) -> None:
+        reliable = RELIABLE[Role.DEVICE]
         while True:
-            item = await self._queue.get()
+            item = await self._outbox.get()
+            # Journal before the socket: if the link dies during the send, a resume
+            # re-sends it (the relay drops a duplicate by its sequence number).
+            now = self.clock.now()
             if isinstance(item, Message):
-                await ws.send(conn.send(item))
+                text = conn.send(item)
+                if type(item) in reliable:
+                    self._journal.record_message(conn.messages_sent, item, now)
+                await ws.send(text)
             else:
-                packet, timestamp_ms, flags = item
-                _, data = conn.send_audio(packet, timestamp_ms, flags)
+                frame, data = conn.send_audio(item.payload, item.timestamp_ms, item.flags)
+                self._journal.record_frame(frame, now)
                 await ws.send(data)
                 self.stats.frames_sent += 1
 
@@ -349,5 +594,5 @@ class DeviceLink:
         interval = welcome.heartbeat_interval_ms / 1000
         while True:
             self._ping_id += 1
-            self._queue.put_nowait(Ping(self._ping_id, int(self.clock.now() * 1000)))
+            await ws.send(conn.send(Ping(self._ping_id, int(self.clock.now() * 1000))))
             await self.clock.sleep(interval)

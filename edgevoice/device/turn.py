@@ -36,6 +36,8 @@ class TurnState(enum.Enum):
 
 
 S = TurnState
+#: 300 ms of voiced frames inside a trigger-started turn count as the user speaking.
+HEARD_AFTER_VOICED_FRAMES = 15
 TRANSITIONS: dict[TurnState, frozenset[TurnState]] = {
     S.IDLE: frozenset({S.LISTENING, S.MUTED}),
     # LISTENING -> SPEAKING: upstreams with their own turn detection may answer first
@@ -126,6 +128,7 @@ class TurnMachine:
     link_up: bool = False
     _entered_at: float = 0.0
     _heard_speech: bool = False
+    _voiced_frames: int = 0
 
     # ----------------------------------------------------------- transitions
 
@@ -148,6 +151,7 @@ class TurnMachine:
             out.append(StopPlayback("barge_in", notify_relay=True))
         self.turn_id += 1
         self._heard_speech = bool(preroll)
+        self._voiced_frames = 0
         self._enter(TurnState.LISTENING, now, out)
         out.append(BeginTurn(self.turn_id, trigger, preroll))
         if trigger != "vad":
@@ -203,12 +207,19 @@ class TurnMachine:
     # ------------------------------------------------------------ microphone
 
     def on_frame(self, pcm: bytes, *, speech_started: tuple[bytes, ...] | None,
-                 speech_ended: bool, in_speech: bool, now: float) -> list[Command]:
+                 speech_ended: bool, in_speech: bool, now: float,
+                 voiced: bool = False) -> list[Command]:
         """One captured frame with the silence detector's verdict on it.
 
         ``speech_started`` is the pre-roll when speech began at this frame (None
         otherwise); ``in_speech`` is whether this frame belongs to speech or its
-        hangover, i.e. whether it would be streamed.
+        hangover, i.e. whether it would be streamed; ``voiced`` is whether the frame
+        itself is loud enough to be speech.
+
+        A turn opened by a button or wake word may begin while the detector is still
+        in the wake phrase's speech: its end must not end the turn. Such a turn
+        counts as having heard speech only after a speech onset inside the turn or
+        :data:`HEARD_AFTER_VOICED_FRAMES` voiced frames.
         """
         out: list[Command] = []
         state = self.state
@@ -222,6 +233,10 @@ class TurnMachine:
                 self._heard_speech = True
                 out.extend(StreamFrame(f) for f in speech_started)
         if self.state is TurnState.LISTENING:
+            if voiced:
+                self._voiced_frames += 1
+                if self._voiced_frames >= HEARD_AFTER_VOICED_FRAMES:
+                    self._heard_speech = True
             if in_speech:
                 out.append(StreamFrame(pcm))
             if speech_ended and self._heard_speech:

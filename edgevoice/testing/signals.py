@@ -30,7 +30,8 @@ def envelope(samples: FloatArray, rate_hz: int, window_ms: int = 10) -> FloatArr
     usable = len(samples) // n * n
     blocks = samples[:usable].reshape(-1, n)
     rms = np.sqrt(np.mean(blocks**2, axis=1) + 1e-12)
-    return np.maximum(20 * np.log10(rms), -80.0)
+    result: FloatArray = np.maximum(20 * np.log10(rms), -80.0)
+    return result
 
 
 def aligned_envelope_correlation(reference: FloatArray, ref_rate: int, test: FloatArray,

@@ -147,3 +147,24 @@ def test_illegal_transition_raises() -> None:
     m = machine()
     with pytest.raises(RuntimeError, match="illegal"):
         m._enter(TurnState.SPEAKING, 0.0, [])
+
+
+def test_wake_turn_is_not_ended_by_the_wake_phrase_hangover() -> None:
+    m = machine(always_on=False)
+    m.request_turn("wake", 0.0)  # the detector is still inside "hey jarvis"
+    frame(m, 0.02, speech=True)
+    assert frame(m, 0.6, end=True, speech=True) == [StreamFrame(F)]
+    assert m.state is TurnState.LISTENING
+    # the question: a new onset inside the turn, then its end
+    frame(m, 1.0, start=(b"q",), speech=True)
+    assert FinishTurn(1, "silence") in frame(m, 2.0, end=True, speech=True)
+
+
+def test_long_voiced_speech_inside_a_trigger_turn_counts_as_heard() -> None:
+    m = machine(always_on=False)
+    m.request_turn("button", 0.0)
+    for i in range(15):
+        m.on_frame(F, speech_started=None, speech_ended=False, in_speech=True,
+                   now=0.02 * i, voiced=True)
+    out = m.on_frame(F, speech_started=None, speech_ended=True, in_speech=True, now=0.5)
+    assert FinishTurn(1, "silence") in out

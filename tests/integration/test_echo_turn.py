@@ -51,7 +51,8 @@ def test_garbage_device_is_dropped_while_another_completes_its_turn(
                              relay=replace(DeviceConfig().relay, url=url))
             daemon = DeviceDaemon(config, good_token, WavSource(speech_wav, realtime=True),
                                   WavSink(tmp_path / "good.wav", realtime=False),
-                                  on_turn_done=lambda t: done.done() or done.set_result(t))
+                                  on_turn_done=lambda t: done.done() or done.set_result(t),
+                                  capture_after_link=True)
             task = asyncio.create_task(daemon.run())
             await asyncio.sleep(0.5)
             # the bad device: valid token and hello, then garbage
