@@ -22,6 +22,7 @@ from edgevoice.device.turn import TurnSettings
 from edgevoice.feedback.settings import FeedbackSettings
 from edgevoice.health.http import HealthSettings
 from edgevoice.health.relay import RelayAdminSettings
+from edgevoice.nova.settings import NovaSettings
 from edgevoice.relay.auth import AuthSettings
 from edgevoice.relay.settings import LimitsSettings, ListenSettings
 from edgevoice.service.notify import WatchdogSettings
@@ -99,6 +100,7 @@ class UpstreamSettings:
     kind: Literal["echo", "nova"] = "echo"
     """echo: speak the user's words back (no cloud). nova: Amazon Nova Sonic on Bedrock."""
     echo: EchoSettings = field(default_factory=EchoSettings)
+    nova: NovaSettings = field(default_factory=NovaSettings)
 
 
 @dataclass(frozen=True)

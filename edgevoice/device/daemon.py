@@ -535,6 +535,8 @@ class DeviceDaemon(LinkListener):
         self._link_tried = True
         self._maybe_ready()
         self._show_state()
+        if self.config.relay.stats_interval_s:
+            self.link.send(Stats(self.compact_stats()))  # the fleet view is current at once
 
     def link_down(self, reason: str, retry_in_s: float | None) -> None:
         now = self.clock.now()
@@ -630,6 +632,7 @@ class DeviceDaemon(LinkListener):
         source = self.source.stats
         return {
             "version": __version__,
+            "timezone": self.config.timezone,
             "uptime_s": round(self.clock.now() - self.started_at, 1),
             "state": self.machine.state.value,
             "rtt_ms": None if link.rtt_ms is None else round(link.rtt_ms, 1),

@@ -10,32 +10,62 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Mapping
 
 from edgevoice.config.model import RelayConfig
 from edgevoice.health.http import load_token
-from edgevoice.health.relay import relay_admin_api
+from edgevoice.health.relay import FleetTracker, relay_admin_api
 from edgevoice.relay.auth import TokenStore
 from edgevoice.relay.health_source import RelayHealth
 from edgevoice.relay.server import RelayServer
 from edgevoice.service.notify import LoopLagProbe, SystemdNotifier
-from edgevoice.upstream.base import Upstream
+from edgevoice.upstream.base import DeviceContext, Upstream
 from edgevoice.upstream.echo import EchoUpstream
 
 logger = logging.getLogger(__name__)
 
 
 def build_upstream(config: RelayConfig) -> Upstream:
-    """The upstream named in the config."""
-    kind = config.upstream.kind
-    if kind == "echo":
-        return EchoUpstream(config.upstream.echo)
-    raise NotImplementedError(f"upstream {kind!r} is not available in this build")
+    """The upstream named in the config.
+
+    Nova Sonic needs the ``nova`` extra (Python >= 3.12); without it the relay stops
+    with an UpstreamError that says what to install, before accepting any device.
+    """
+    if config.upstream.kind == "nova":
+        from edgevoice.nova.upstream import NovaUpstream
+        return NovaUpstream(config.upstream.nova)
+    return EchoUpstream(config.upstream.echo)
+
+
+class DeviceContexts:
+    """Builds each device session's DeviceContext from what the relay knows of it.
+
+    The device-status tool reads the device's latest stats message through it.
+    """
+
+    def __init__(self) -> None:
+        self.fleet: FleetTracker | None = None
+
+    def status_of(self, device_id: str) -> Mapping[str, object]:
+        for record in self.fleet.records() if self.fleet else ():
+            if record.device_id == device_id:
+                return dict(record.last_stats or {})
+        return {}
+
+    def __call__(self, device_id: str, session_id: str) -> DeviceContext:
+        timezone = str(self.status_of(device_id).get("timezone") or "UTC")
+        return DeviceContext(device_id, session_id, timezone=timezone,
+                             status=lambda: self.status_of(device_id))
 
 
 def build_server(config: RelayConfig) -> RelayServer:
-    return RelayServer(config.listen, config.limits, TokenStore(config.auth.tokens_file),
-                       build_upstream(config),
-                       max_failures_per_minute=config.auth.max_failures_per_minute)
+    contexts = DeviceContexts()
+    server = RelayServer(config.listen, config.limits, TokenStore(config.auth.tokens_file),
+                         build_upstream(config),
+                         max_failures_per_minute=config.auth.max_failures_per_minute,
+                         context_factory=contexts)
+    contexts.fleet = server.fleet
+    return server
 
 
 async def run_relay(config: RelayConfig, config_file: str = "config") -> None:

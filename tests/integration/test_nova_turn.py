@@ -1,0 +1,197 @@
+"""Device daemon → relay (upstream: nova) → the real AWS SDK → a local fake Bedrock.
+
+Everything between the device's WAV microphone and its WAV speaker is the real
+thing: Opus, WebSockets, the relay, the Nova Sonic SDK over HTTP/2 and TLS, and the
+event-stream framing; only Bedrock itself is a fake (edgevoice.testing.fake_bedrock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("aws_sdk_bedrock_runtime",
+                    reason="the Nova Sonic upstream needs Python >= 3.12 and the 'nova' extra")
+
+from edgevoice.audio.wavio import WavSink, WavSource, load_wav, write_wav
+from edgevoice.config.model import RelayConfig, UpstreamSettings
+from edgevoice.device.daemon import DeviceDaemon, TurnTimeline
+from edgevoice.nova.settings import NovaSettings
+from edgevoice.testing.fake_bedrock import FakeBedrock, Reply, StreamPlan
+from edgevoice.testing.harness import device_config, run, running_relay
+
+pytestmark = pytest.mark.nova
+
+
+@pytest.fixture(scope="module")
+def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fake-bedrock-ca")
+
+
+@pytest.fixture
+def fake(ca_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBedrock]:
+    with FakeBedrock(ca_dir=ca_dir) as server:
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+        yield server
+
+
+def relay_config(**nova: object) -> RelayConfig:
+    settings = NovaSettings(open_timeout_s=5.0, drain_timeout_s=0.5, stall_timeout_s=5.0,
+                            system_prompt="You are a test.", **nova)  # type: ignore[arg-type]
+    return RelayConfig(upstream=UpstreamSettings(kind="nova", nova=settings))
+
+
+def speech_then_more(tmp_path: Path, gap_s: float, second: bool = True) -> Path:
+    """hello.wav, a silence of ``gap_s``, then hello.wav again (a barge-in)."""
+    from edgevoice.demo import bundled_speech
+    pcm = np.frombuffer(load_wav(bundled_speech()), dtype=np.int16)
+    parts = [pcm, np.zeros(int(16000 * gap_s), dtype=np.int16)]
+    if second:
+        parts.append(pcm)
+    path = tmp_path / "mic.wav"
+    write_wav(path, np.concatenate(parts).tobytes(), 16000)
+    return path
+
+
+async def one_conversation(tmp_path: Path, mic: Path, config: RelayConfig,
+                           turns: int = 1, timeout: float = 40) -> tuple[
+                               list[TurnTimeline], DeviceDaemon, Path]:
+    async with running_relay(tmp_path, config) as server:
+        token = server.tokens.add("kitchen")
+        out = tmp_path / "speaker.wav"
+        done: list[TurnTimeline] = []
+        finished = asyncio.Event()
+
+        def turn_done(turn: TurnTimeline) -> None:
+            done.append(turn)
+            if len(done) >= turns:
+                finished.set()
+
+        cfg = device_config(f"ws://127.0.0.1:{server.port}/", "kitchen")
+        cfg = replace(cfg, feedback=replace(cfg.feedback, earcons_enabled=False))
+        daemon = DeviceDaemon(cfg, token, WavSource(mic, realtime=True, tail_silence_ms=8000),
+                              WavSink(out, realtime=False), on_turn_done=turn_done,
+                              capture_after_link=True)
+        task = asyncio.create_task(daemon.run())
+        try:
+            await asyncio.wait_for(finished.wait(), timeout)
+        except TimeoutError:
+            pass
+        daemon.stop()
+        await task
+        return done, daemon, out
+
+
+def test_turn_with_transcripts_and_audio_reply(tmp_path: Path, fake: FakeBedrock) -> None:
+    fake.script.push(StreamPlan(default_reply=Reply(
+        user_text="what is the weather", assistant_text="It is sunny.", audio_chunks=10)))
+    turns, daemon, out = run(one_conversation(
+        tmp_path, speech_then_more(tmp_path, 1.0, second=False), relay_config()), 60)
+    assert turns and turns[0].outcome == "completed", turns
+    assert ("user", "what is the weather") in turns[0].transcripts
+    assert ("assistant", "It is sunny.") in turns[0].transcripts
+    assert turns[0].downlink_frames >= 10 * 5  # 10 chunks of 100 ms = 50 frames of 20 ms
+    assert out.stat().st_size > 44 + 24000 * 2 * 0.9  # ~1 s of reply audio
+    stream = fake.received[0]
+    assert stream.audio(), "Nova received the user's audio"
+    names = stream.names()
+    assert names[:2] == ["sessionStart", "promptStart"]
+
+
+def test_barge_in_mid_reply_stops_the_device_output(tmp_path: Path, fake: FakeBedrock) -> None:
+    # a 6 s reply paced in real time; the user speaks again 2 s into it
+    fake.script.push(StreamPlan(default_reply=Reply(
+        audio_chunks=60, chunk_interval_s=0.1, barge_in_signal="both")))
+    turns, daemon, out = run(one_conversation(
+        tmp_path, speech_then_more(tmp_path, 2.0), relay_config(), turns=1), 60)
+    assert turns, "no turn finished"
+    first = turns[0]
+    assert first.outcome == "interrupted", first.as_dict()
+    assert daemon.counters.interrupts >= 1
+    # the reply was cut: far less than its 6 s (300 frames) reached the speaker
+    assert first.downlink_frames < 250
+
+
+def test_tool_call_round_trip(tmp_path: Path, fake: FakeBedrock) -> None:
+    fake.script.push(StreamPlan(replies=[Reply(
+        tool_name="current_time", tool_args={}, assistant_text="It is noon.",
+        audio_chunks=5)]))
+    turns, daemon, out = run(one_conversation(
+        tmp_path, speech_then_more(tmp_path, 1.0, second=False), relay_config()), 60)
+    stream = fake.received[0]
+    results = stream.bodies("toolResult")
+    assert results, f"no toolResult in {stream.names()}"
+    content = json.loads(results[0]["content"])
+    assert "time" in json.dumps(content).lower()
+    assert turns and ("assistant", "It is noon.") in turns[0].transcripts
+
+
+def test_access_denied_reaches_the_device_as_an_error(tmp_path: Path, fake: FakeBedrock) -> None:
+    fake.script.push(*[StreamPlan(http_status=403, error_type="AccessDeniedException",
+                                  error_message="not allowed")] * 3)
+    turns, daemon, out = run(one_conversation(
+        tmp_path, speech_then_more(tmp_path, 1.0, second=False), relay_config(), timeout=12),
+        60)
+    assert daemon.counters.errors.get("nova_access_denied", 0) >= 1, daemon.counters.errors
+
+
+def test_relay_cli_with_nova_upstream_holds_a_conversation(
+        tmp_path: Path, fake: FakeBedrock) -> None:
+    """`edgevoice relay --config` (a real process) with upstream: nova, and a real daemon."""
+    fake.script.push(StreamPlan(default_reply=Reply(assistant_text="Hi from Nova.",
+                                                    audio_chunks=8)))
+    tokens = tmp_path / "tokens.json"
+    cfg = tmp_path / "relay.yaml"
+    cfg.write_text(f"listen: {{port: 0}}\nauth: {{tokens_file: {tokens}}}\n"
+                   "admin: {port: 0}\nupstream:\n  kind: nova\n  nova: {open_timeout_s: 5}\n")
+    env = {**os.environ, **fake.env}
+    token = subprocess.run([sys.executable, "-m", "edgevoice", "token", "add", "kitchen",
+                            "--config", str(cfg)], capture_output=True, text=True, env=env,
+                           check=True).stdout.strip()
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg.write_text(cfg.read_text().replace("listen: {port: 0}", f"listen: {{port: {port}}}"))
+    relay = subprocess.Popen([sys.executable, "-m", "edgevoice", "relay", "--config", str(cfg)],
+                             env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        async def converse() -> list[TurnTimeline]:
+            done: list[TurnTimeline] = []
+            finished = asyncio.Event()
+            for _ in range(100):
+                try:
+                    _, w = await asyncio.open_connection("127.0.0.1", port)
+                    w.close()
+                    break
+                except OSError:
+                    await asyncio.sleep(0.1)
+            config = device_config(f"ws://127.0.0.1:{port}/", "kitchen")
+            daemon = DeviceDaemon(config, token,
+                                  WavSource(speech_then_more(tmp_path, 1.0, False),
+                                            tail_silence_ms=6000),
+                                  WavSink(tmp_path / "out.wav", realtime=False),
+                                  on_turn_done=lambda t: (done.append(t), finished.set()),
+                                  capture_after_link=True)
+            task = asyncio.create_task(daemon.run())
+            await asyncio.wait_for(finished.wait(), 40)
+            daemon.stop()
+            await task
+            return done
+        turns = run(converse(), 60)
+        assert turns and turns[0].outcome == "completed"
+        assert ("assistant", "Hi from Nova.") in turns[0].transcripts
+    finally:
+        relay.terminate()
+        _, err = relay.communicate(timeout=15)
+    assert relay.returncode == 0, err[-2000:]
