@@ -1,0 +1,375 @@
+"""Echo-safe barge-in by voice, without acoustic echo cancellation.
+
+A device without echo cancellation hears its own reply through the air. It must not
+take that for the user talking over the reply, yet it should notice a real user
+quickly. The approach here is level-based and needs no DSP beyond an RMS per block:
+
+* :class:`EchoGuard` is told the level (RMS dBFS) of every block the device *plays*
+  and of every frame it *captures*. It learns the speaker-to-microphone coupling
+  (how many dB quieter the echo is than the playback) and predicts, for any instant,
+  the echo level the microphone should hear: :meth:`EchoGuard.reference_dbfs`. The
+  capture path lags the playback path by tens of milliseconds (buffers, converters,
+  the air), so the prediction uses the *loudest* playback block of the last
+  ``max_delay_ms`` rather than trying to align blocks. It learns only while the
+  playback is loud enough to be heard, has had time to reach the microphone, and the
+  microphone is not clearly louder than the prediction (that would be the user
+  talking: learning from double talk would teach it to ignore the user). It starts
+  from a deliberately pessimistic coupling (``prior_coupling_db``) and then uses a
+  high percentile of the last few seconds of observations, the top of the echo's range.
+* :class:`BargeInDetector` asks, while the device is SPEAKING, whether the
+  microphone has been louder than the predicted echo by ``margin_db`` (and louder than
+  ``min_level_dbfs``) for ``min_speech_ms`` worth of frames (short dips allowed), or
+  far louder for half that, and if so returns ``InterruptRequested("voice")`` once per
+  reply.
+* :class:`VoiceBargeInTrigger` packages both as an
+  :class:`~edgevoice.triggers.base.AudioTrigger` over raw frames.
+
+The silence detector uses the same prediction: pass ``reference_dbfs(now)`` as its
+``reference_dbfs`` so an utterance can only start when speech rises above the echo.
+
+Levels follow the convention of ``edgevoice.audio.silence``: RMS relative to full
+scale (a full-scale sine reads -3 dBFS), digital silence reads -100 dBFS.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgevoice.audio.base import FRAME_MS
+from edgevoice.clock import Clock, MonotonicClock
+from edgevoice.config.base import require
+from edgevoice.feedback.states import DeviceState
+from edgevoice.triggers.base import Emit, InterruptRequested, TriggerEvent
+
+logger = logging.getLogger(__name__)
+
+SOURCE = "voice"
+
+#: Level of digital silence; also the floor of :func:`pcm_dbfs`.
+SILENCE_DBFS = -100.0
+#: Playback quieter than this is treated as "nothing is playing".
+_AUDIBLE_PLAYBACK_DBFS = -80.0
+#: Coupling estimates are kept inside this range (dB): a small enclosure can make the
+#: echo louder than the playback (positive dB), nothing real is below -70 dB.
+_COUPLING_RANGE_DB = (-70.0, 12.0)
+#: Playback blocks whose echo has decayed by this much (dB) no longer matter.
+_FORGET_BELOW_DB = 40.0
+
+
+def pcm_dbfs(pcm: bytes) -> float:
+    """RMS level of s16le PCM in dBFS (full-scale sine = -3 dBFS; silence = -100)."""
+    samples = np.frombuffer(pcm, dtype="<i2")
+    if samples.size == 0:
+        return SILENCE_DBFS
+    mean_square = float(np.mean(np.square(samples, dtype=np.float64)))
+    if mean_square <= 0.0:
+        return SILENCE_DBFS
+    return max(SILENCE_DBFS, 10.0 * math.log10(mean_square / (32768.0 * 32768.0)))
+
+
+@dataclass(frozen=True)
+class BargeInSettings:
+    """Interrupting the reply by talking over it, made safe against the device's own echo."""
+
+    enabled: bool = True
+    """Let the user interrupt a reply by speaking (the button always can)."""
+
+    margin_db: float = 8.0
+    """How far (dB) the microphone must rise above the predicted echo to count as the
+    user talking. Lower reacts to quieter voices and risks self-interruption."""
+
+    min_speech_ms: int = 100
+    """How long (ms, whole 20 ms frames) the user must be above the echo before the
+    reply is interrupted. Coughs and clicks are shorter."""
+
+    min_level_dbfs: float = -45.0
+    """The microphone must also be at least this loud (dBFS), whatever the echo."""
+
+    prior_coupling_db: float = -6.0
+    """Speaker-to-microphone coupling assumed before anything was learnt (dB, echo
+    level minus playback level). Pessimistic on purpose: too high only delays
+    barge-in until it is learnt; too low would let the device interrupt itself."""
+
+    max_delay_ms: int = 120
+    """Longest delay (ms) between playing a block and hearing it in the microphone
+    (output buffer + input buffer + the air). The prediction covers this window."""
+
+    reverb_rt60_ms: int = 400
+    """How long (ms) the room keeps ringing after a sound stops (time to fall by
+    60 dB). Living rooms are 300-500 ms; tiled or empty rooms up to 1000 ms."""
+
+    learn_min_playback_dbfs: float = -40.0
+    """The coupling is learnt only while the playback is at least this loud (dBFS);
+    quieter playback drowns in the room noise and says nothing about the coupling."""
+
+    def __post_init__(self) -> None:
+        require(0.0 < self.margin_db <= 40.0, "margin_db", "must be in (0, 40] dB")
+        require(
+            FRAME_MS <= self.min_speech_ms <= 2000,
+            "min_speech_ms",
+            f"must be in [{FRAME_MS}, 2000] ms",
+        )
+        require(-90.0 <= self.min_level_dbfs <= 0.0, "min_level_dbfs", "must be in [-90, 0] dBFS")
+        lo, hi = _COUPLING_RANGE_DB
+        require(
+            lo <= self.prior_coupling_db <= hi,
+            "prior_coupling_db",
+            f"must be in [{lo:g}, {hi:g}] dB",
+        )
+        require(0 <= self.max_delay_ms <= 1000, "max_delay_ms", "must be in [0, 1000] ms")
+        require(50 <= self.reverb_rt60_ms <= 3000, "reverb_rt60_ms", "must be in [50, 3000] ms")
+        require(
+            -80.0 <= self.learn_min_playback_dbfs <= 0.0,
+            "learn_min_playback_dbfs",
+            "must be in [-80, 0] dBFS",
+        )
+
+
+# The coupling is a high percentile of (microphone - playback) over the last few
+# seconds of frames that heard our playback: the top of the echo's range, so echo
+# rarely exceeds the prediction, yet robust to outliers in both directions -- a few
+# silent frames (a pause the playback history does not show) cannot pull it down, and
+# the first syllables of a user too quiet to count as double talk cannot push it up,
+# because they are a few percent of the history. Only minutes of quiet double talk
+# could, and that errs on the safe side (fewer barge-ins).
+_HISTORY_FRAMES = 200  # 4 s of frames that heard loud playback
+_MIN_HISTORY_FRAMES = 25  # 0.5 s: until then the prior applies
+_PERCENTILE = 0.8
+#: Quiet frames tolerated among the ``min_speech_ms`` of loud ones.
+_DIP_FRAMES = 3
+#: A frame this far (dB) above the barge-in threshold is "strong": half of
+#: ``min_speech_ms`` of strong frames is enough.
+_STRONG_DB = 6.0
+_STRONG = 2
+
+
+class EchoGuard:
+    """Predicts the level of the device's own playback in the microphone.
+
+    Pure: time comes in as ``now`` (monotonic seconds). Call
+    :meth:`on_playback_block` for every block handed to the sound card (when it is
+    handed over, including earcons) and :meth:`on_capture_frame` for every captured
+    frame, both from the event loop's thread.
+
+    The *effective playback level* at ``now`` is the loudest recent block, where a
+    block older than ``max_delay_ms`` counts as quieter by the room's decay (60 dB per
+    ``reverb_rt60_ms``): the echo of a loud syllable rings on after it, and a
+    prediction that dropped at once would take that ringing for the user.
+    """
+
+    def __init__(self, settings: BargeInSettings | None = None) -> None:
+        self.settings = settings or BargeInSettings()
+        s = self.settings
+        # A block reported at t sounds during [t, t + block): the window spans the delay
+        # plus one block before the room's decay applies.
+        self._direct_s = (s.max_delay_ms + FRAME_MS) / 1000.0
+        self._decay_db_per_s = 60.0 / (s.reverb_rt60_ms / 1000.0)
+        # Blocks whose decayed level fell this far are irrelevant: forget them.
+        self._keep_s = self._direct_s + _FORGET_BELOW_DB / self._decay_db_per_s
+        self._playback: collections.deque[tuple[float, float]] = collections.deque()
+        # (microphone - playback) of the frames learnt from, in arrival order and sorted
+        self._observed: collections.deque[float] = collections.deque()
+        self._sorted: list[float] = []
+        self._coupling_db = s.prior_coupling_db
+        #: capture frames the coupling was learnt from
+        self.learnt_frames = 0
+
+    @property
+    def coupling_db(self) -> float:
+        """Current estimate of echo level minus playback level (dB)."""
+        return self._coupling_db
+
+    def reset(self) -> None:
+        """Forget the playback history and return to the prior coupling."""
+        self._playback.clear()
+        self._observed.clear()
+        self._sorted.clear()
+        self._coupling_db = self.settings.prior_coupling_db
+        self.learnt_frames = 0
+
+    def on_playback_block(self, dbfs: float, now: float) -> None:
+        """The device started playing a block whose level is ``dbfs``."""
+        if dbfs > _AUDIBLE_PLAYBACK_DBFS:
+            self._playback.append((now, dbfs))
+        self._prune(now)
+
+    def playback_dbfs(self, now: float) -> float | None:
+        """Effective playback level now (dBFS), or None when nothing audible played."""
+        self._prune(now)
+        if not self._playback:
+            return None
+        direct_from = now - self._direct_s
+        decay = self._decay_db_per_s
+        level = max(
+            dbfs if played_at >= direct_from else dbfs - decay * (direct_from - played_at)
+            for played_at, dbfs in self._playback
+        )
+        return level if level > _AUDIBLE_PLAYBACK_DBFS else None
+
+    def reference_dbfs(self, now: float) -> float | None:
+        """The echo level the microphone may hear now (dBFS), or None if nothing plays."""
+        played = self.playback_dbfs(now)
+        if played is None:
+            return None
+        return played + self._coupling_db
+
+    def on_capture_frame(self, dbfs: float, now: float, *, learn: bool = True) -> None:
+        """A frame of level ``dbfs`` was captured; learn the coupling if it is echo.
+
+        ``learn=False`` (used while barge-in suspects the user is talking) skips learning.
+        """
+        if not learn:
+            return
+        played = self.playback_dbfs(now)
+        if played is None or played < self.settings.learn_min_playback_dbfs:
+            return
+        if not self._echo_has_arrived(now):
+            # Playback (re)started less than max_delay_ms ago: the microphone may not hear
+            # it yet, and learning from that silence would teach a far too low coupling.
+            return
+        observed = dbfs - played
+        if observed > self._coupling_db + self.settings.margin_db:
+            return  # louder than any echo could be: the user is talking (double talk)
+        self._observed.append(observed)
+        bisect.insort(self._sorted, observed)
+        if len(self._observed) > _HISTORY_FRAMES:
+            del self._sorted[bisect.bisect_left(self._sorted, self._observed.popleft())]
+        self.learnt_frames += 1
+        if len(self._sorted) >= _MIN_HISTORY_FRAMES:
+            top = self._sorted[min(len(self._sorted) - 1, int(_PERCENTILE * len(self._sorted)))]
+            lo, hi = _COUPLING_RANGE_DB
+            self._coupling_db = min(hi, max(lo, top))
+
+    def _echo_has_arrived(self, now: float) -> bool:
+        """Whether a loud block started more than ``max_delay_ms`` before this frame.
+
+        The frame reported at ``now`` covers the last 20 ms; a block played at ``t`` is
+        heard from ``t + delay`` on, ``delay <= max_delay_ms``. Only blocks from a short
+        span just beyond that bound count, so a restart after a pause is waited out too.
+        """
+        frame_s = FRAME_MS / 1000.0
+        latest = now - self.settings.max_delay_ms / 1000.0 - frame_s
+        earliest = latest - 2 * frame_s
+        loud = self.settings.learn_min_playback_dbfs
+        return any(
+            earliest <= played_at <= latest and dbfs >= loud for played_at, dbfs in self._playback
+        )
+
+    def _prune(self, now: float) -> None:
+        oldest = now - self._keep_s
+        playback = self._playback
+        while playback and playback[0][0] < oldest:
+            playback.popleft()
+
+
+class BargeInDetector:
+    """Decides when the user talks over the reply. Pure: levels and ``now`` in, events out.
+
+    Feed every captured frame's level to :meth:`on_capture_frame` (it also feeds the
+    guard, so the guard stops learning while a barge-in is suspected). Fires at most
+    once per SPEAKING period.
+    """
+
+    def __init__(self, settings: BargeInSettings | None = None, guard: EchoGuard | None = None):
+        self.settings = settings or BargeInSettings()
+        self.guard = guard or EchoGuard(self.settings)
+        self._needed_frames = -(-self.settings.min_speech_ms // FRAME_MS)
+        # Frames far above the echo are proof enough in half the time: a short, loud
+        # "stop!" has only a few voiced frames, while echo never gets that far above its
+        # prediction.
+        self._needed_strong_frames = -(-self._needed_frames // 2)
+        # The loud frames need not be consecutive: speech dips between syllables, and
+        # restarting the count at every dip would make short words too slow.
+        self._recent: collections.deque[int] = collections.deque(
+            maxlen=self._needed_frames + _DIP_FRAMES
+        )
+        self._state = DeviceState.IDLE
+        self._fired = False
+        #: barge-ins detected since creation
+        self.interrupts = 0
+
+    def set_state(self, state: DeviceState) -> None:
+        if state is not self._state:
+            self._recent.clear()
+            self._fired = False
+        self._state = state
+
+    def threshold_dbfs(self, now: float) -> float:
+        """Level the microphone must reach now to count as the user talking."""
+        threshold = self.settings.min_level_dbfs
+        reference = self.guard.reference_dbfs(now)
+        if reference is not None:
+            threshold = max(threshold, reference + self.settings.margin_db)
+        return threshold
+
+    def on_capture_frame(self, dbfs: float, now: float) -> list[TriggerEvent]:
+        threshold = self.threshold_dbfs(now)
+        loud = dbfs >= threshold
+        # No learning while the user may be talking: it would teach the guard their voice.
+        self.guard.on_capture_frame(dbfs, now, learn=not loud and not any(self._recent))
+        if not self.settings.enabled or self._state is not DeviceState.SPEAKING or self._fired:
+            self._recent.clear()
+            return []
+        self._recent.append(_STRONG if dbfs >= threshold + _STRONG_DB else int(loud))
+        if not loud:
+            return []
+        loud_frames = sum(1 for level in self._recent if level)
+        strong_frames = sum(1 for level in self._recent if level == _STRONG)
+        if loud_frames < self._needed_frames and strong_frames < self._needed_strong_frames:
+            return []
+        self._fired = True
+        self._recent.clear()
+        self.interrupts += 1
+        logger.info(
+            "barge-in: mic %.1f dBFS over predicted echo %s (coupling %.1f dB)",
+            dbfs,
+            _fmt(self.guard.reference_dbfs(now)),
+            self.guard.coupling_db,
+        )
+        return [InterruptRequested(SOURCE)]
+
+
+def _fmt(dbfs: float | None) -> str:
+    return "none" if dbfs is None else f"{dbfs:.1f} dBFS"
+
+
+class VoiceBargeInTrigger:
+    """:class:`BargeInDetector` over raw PCM, as an AudioTrigger for the daemon.
+
+    The daemon also calls :meth:`on_playback` with every block it hands to the sound
+    card, and passes :meth:`reference_dbfs` to the silence detector.
+    """
+
+    name = "barge_in"
+
+    def __init__(self, settings: BargeInSettings | None = None, clock: Clock | None = None):
+        self.detector = BargeInDetector(settings)
+        self.guard = self.detector.guard
+        self._clock: Clock = clock or MonotonicClock()
+
+    async def start(self, emit: Emit) -> None:
+        # Events are returned by process(); emit is not needed.
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def set_state(self, state: DeviceState) -> None:
+        self.detector.set_state(state)
+
+    def process(self, frame: bytes) -> list[TriggerEvent]:
+        return self.detector.on_capture_frame(pcm_dbfs(frame), self._clock.now())
+
+    def on_playback(self, pcm: bytes, now: float | None = None) -> None:
+        """A block of s16le PCM (any rate) started playing at ``now`` (default: now)."""
+        self.guard.on_playback_block(pcm_dbfs(pcm), self._clock.now() if now is None else now)
+
+    def reference_dbfs(self, now: float | None = None) -> float | None:
+        """Predicted echo level for the silence detector (None: nothing is playing)."""
+        return self.guard.reference_dbfs(self._clock.now() if now is None else now)
