@@ -19,9 +19,8 @@ from edgevoice.config.model import DeviceConfig
 from edgevoice.demo import run_demo
 from edgevoice.device.daemon import DeviceDaemon, TurnTimeline
 from edgevoice.protocol.messages import SUBPROTOCOL, CloseCode, Hello, encode_message
-from edgevoice.testing.signals import aligned_envelope_correlation, read_wav_mono
-
 from edgevoice.testing.harness import run, running_relay
+from edgevoice.testing.signals import aligned_envelope_correlation, read_wav_mono
 
 
 def test_reply_wav_contains_the_spoken_input(tmp_path: Path, speech_wav: Path) -> None:

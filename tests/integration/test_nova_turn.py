@@ -22,6 +22,8 @@ import pytest
 pytest.importorskip("aws_sdk_bedrock_runtime",
                     reason="the Nova Sonic upstream needs Python >= 3.12 and the 'nova' extra")
 
+import contextlib
+
 from edgevoice.audio.wavio import WavSink, WavSource, load_wav, write_wav
 from edgevoice.config.model import RelayConfig, UpstreamSettings
 from edgevoice.device.daemon import DeviceDaemon, TurnTimeline
@@ -64,7 +66,7 @@ def speech_then_more(tmp_path: Path, gap_s: float, second: bool = True) -> Path:
 
 
 async def one_conversation(tmp_path: Path, mic: Path, config: RelayConfig,
-                           turns: int = 1, timeout: float = 40) -> tuple[
+                           turns: int = 1, wait_s: float = 40) -> tuple[
                                list[TurnTimeline], DeviceDaemon, Path]:
     async with running_relay(tmp_path, config) as server:
         token = server.tokens.add("kitchen")
@@ -83,10 +85,8 @@ async def one_conversation(tmp_path: Path, mic: Path, config: RelayConfig,
                               WavSink(out, realtime=False), on_turn_done=turn_done,
                               capture_after_link=True)
         task = asyncio.create_task(daemon.run())
-        try:
-            await asyncio.wait_for(finished.wait(), timeout)
-        except TimeoutError:
-            pass
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(finished.wait(), wait_s)
         daemon.stop()
         await task
         return done, daemon, out
@@ -95,7 +95,7 @@ async def one_conversation(tmp_path: Path, mic: Path, config: RelayConfig,
 def test_turn_with_transcripts_and_audio_reply(tmp_path: Path, fake: FakeBedrock) -> None:
     fake.script.push(StreamPlan(default_reply=Reply(
         user_text="what is the weather", assistant_text="It is sunny.", audio_chunks=10)))
-    turns, daemon, out = run(one_conversation(
+    turns, _daemon, out = run(one_conversation(
         tmp_path, speech_then_more(tmp_path, 1.0, second=False), relay_config()), 60)
     assert turns and turns[0].outcome == "completed", turns
     assert ("user", "what is the weather") in turns[0].transcripts
@@ -112,7 +112,7 @@ def test_barge_in_mid_reply_stops_the_device_output(tmp_path: Path, fake: FakeBe
     # a 6 s reply paced in real time; the user speaks again 2 s into it
     fake.script.push(StreamPlan(default_reply=Reply(
         audio_chunks=60, chunk_interval_s=0.1, barge_in_signal="both")))
-    turns, daemon, out = run(one_conversation(
+    turns, daemon, _out = run(one_conversation(
         tmp_path, speech_then_more(tmp_path, 2.0), relay_config(), turns=1), 60)
     assert turns, "no turn finished"
     first = turns[0]
@@ -126,7 +126,7 @@ def test_tool_call_round_trip(tmp_path: Path, fake: FakeBedrock) -> None:
     fake.script.push(StreamPlan(replies=[Reply(
         tool_name="current_time", tool_args={}, assistant_text="It is noon.",
         audio_chunks=5)]))
-    turns, daemon, out = run(one_conversation(
+    turns, _daemon, _out = run(one_conversation(
         tmp_path, speech_then_more(tmp_path, 1.0, second=False), relay_config()), 60)
     stream = fake.received[0]
     results = stream.bodies("toolResult")
@@ -139,8 +139,8 @@ def test_tool_call_round_trip(tmp_path: Path, fake: FakeBedrock) -> None:
 def test_access_denied_reaches_the_device_as_an_error(tmp_path: Path, fake: FakeBedrock) -> None:
     fake.script.push(*[StreamPlan(http_status=403, error_type="AccessDeniedException",
                                   error_message="not allowed")] * 3)
-    turns, daemon, out = run(one_conversation(
-        tmp_path, speech_then_more(tmp_path, 1.0, second=False), relay_config(), timeout=12),
+    _turns, daemon, _out = run(one_conversation(
+        tmp_path, speech_then_more(tmp_path, 1.0, second=False), relay_config(), wait_s=12),
         60)
     assert daemon.counters.errors.get("nova_access_denied", 0) >= 1, daemon.counters.errors
 
