@@ -82,7 +82,7 @@ def test_error_is_a_low_buzz_and_offline_three_low_beeps() -> None:
     assert dominant_hz(error, rate_hz) == pytest.approx(200, abs=10)
     spectrum = np.abs(np.fft.rfft(error))
     freqs = np.fft.rfftfreq(len(error), 1 / rate_hz)
-    harmonics = spectrum[(freqs > 500) & (freqs < 4000)].sum() / spectrum.sum()
+    harmonics = float(spectrum[(freqs > 500) & (freqs < 4000)].sum()) / float(spectrum.sum())
     assert harmonics > 0.2  # a buzz, not a pure tone
     offline = samples(earcons.pcm(Earcon.OFFLINE))
     assert dominant_hz(offline, rate_hz) == pytest.approx(330, abs=15)
