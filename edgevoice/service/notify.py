@@ -311,6 +311,8 @@ class SystemdNotifier:
         #: keep-alives sent, and checks at which one was due but withheld
         self.pings_sent = 0
         self.pings_withheld = 0
+        #: notifications dropped because the receiving queue was full
+        self.dropped = 0
 
     @property
     def enabled(self) -> bool:
@@ -434,6 +436,12 @@ class SystemdNotifier:
                         return
                 try:
                     self._sd.notify(_wire(state))
+                except BlockingIOError:
+                    # The receiver's queue is full (the kernel keeps only
+                    # net.unix.max_dgram_qlen datagrams, often 10). Waiting would
+                    # freeze the event loop that moves audio: drop this one instead.
+                    self.dropped += 1
+                    return
                 except OSError as exc:
                     self._disconnect()
                     if not self._send_failing:
@@ -449,7 +457,11 @@ class SystemdNotifier:
         try:
             # debug=True makes sdnotify raise instead of swallowing errors, so a
             # dead socket is noticed and reconnected.
-            return sdnotify.SystemdNotifier(debug=True)
+            notifier = sdnotify.SystemdNotifier(debug=True)
+            sock = getattr(notifier, "socket", None)
+            if sock is not None:
+                sock.setblocking(False)  # never let a full queue block the loop
+            return notifier
         except (OSError, TypeError, IndexError) as exc:
             if not self._send_failing:
                 logger.warning("cannot connect to systemd at %s: %s", self.address, exc)

@@ -450,3 +450,29 @@ def test_a_chronically_late_loop_withholds_keepalives(
     assert late == [], (marks, pings)
     assert notifier.pings_withheld > 0
     assert [t for t in pings if t > marks["calm"]], (marks, pings)
+
+
+def test_a_full_notify_queue_never_blocks_the_caller(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody reads the socket: sends must drop, not block (the queue holds ~10)."""
+    import socket as socket_module
+    import threading
+
+    path = tmp_path / "full.sock"
+    receiver = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_DGRAM)
+    receiver.bind(str(path))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    notifier = SystemdNotifier()
+    finished = threading.Event()
+
+    def flood() -> None:
+        for i in range(500):
+            notifier.status(f"status {i}")
+        finished.set()
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    assert finished.wait(10), "status() blocked on a full notification queue"
+    assert notifier.dropped > 0
+    receiver.close()
+    notifier.close()
