@@ -129,6 +129,12 @@ class TokenStore:
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tokens-")
         try:
             os.fchmod(fd, 0o600)
+            # `edgevoice token add` usually runs as root while the relay runs as its
+            # own user: the file belongs to whoever owns its directory (the relay's
+            # StateDirectory), or the relay could not read its own tokens.
+            directory = self.path.parent.stat()
+            if os.geteuid() == 0 and (directory.st_uid, directory.st_gid) != (0, 0):
+                os.fchown(fd, directory.st_uid, directory.st_gid)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(data, f, indent=2, sort_keys=True)
             os.replace(tmp, self.path)
