@@ -127,6 +127,8 @@ class ResumeRequest:
     session_id: str
     #: last downlink sequence number the device received (None: none yet)
     last_downlink_seq: int | None = None
+    #: reliable control messages the device received from the relay in this session
+    downlink_messages: int = 0
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,8 @@ class ResumeResult:
     resumed: bool
     #: last uplink sequence number the relay received (None: none yet)
     last_uplink_seq: int | None = None
+    #: reliable control messages the relay received from the device in this session
+    uplink_messages: int = 0
 
 
 class Message:

@@ -4,11 +4,18 @@ Thin runner around the sans-I/O protocol core. Per device it decodes the uplink
 Opus to 16 kHz PCM for the upstream and re-encodes the upstream's 24 kHz reply to
 Opus, paced to the device at real time. A device that misbehaves is closed on its
 own; nothing it sends can disturb another device's session.
+
+A :class:`DeviceSession` outlives the connection that opened it: when a connection
+drops (not closed on purpose by either side), the session is *held* for
+``limits.resume_window_ms``. Its upstream stays open and its reply keeps being
+queued (bounded); a hello that names the session within the window re-attaches it,
+re-sends what the device missed and goes on pacing (``docs/protocol.md`` §7).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import http
 import logging
@@ -29,7 +36,7 @@ from edgevoice.audio.resample import FrameFifo
 from edgevoice.clock import Clock, MonotonicClock
 from edgevoice.errors import ProtocolError, RemoteProtocolError
 from edgevoice.health.relay import FleetTracker
-from edgevoice.protocol.connection import Connection, Role
+from edgevoice.protocol.connection import RELIABLE, Connection, Role
 from edgevoice.protocol.messages import (
     MAX_TEXT_BYTES,
     SUBPROTOCOL,
@@ -43,13 +50,15 @@ from edgevoice.protocol.messages import (
     Pong,
     ResponseEnd,
     ResponseStart,
+    ResumeRequest,
+    ResumeResult,
     Stats,
     Transcript,
     TurnEnd,
     TurnStart,
     Welcome,
 )
-from edgevoice.queues import DropOldestQueue
+from edgevoice.protocol.replay import OutboundQueue, ReplayJournal, SentFrame
 from edgevoice.relay.auth import FailureLimiter, TokenStore
 from edgevoice.relay.settings import LimitsSettings, ListenSettings
 from edgevoice.upstream.base import (
@@ -74,6 +83,11 @@ DOWNLINK_FRAME_SAMPLES = UPSTREAM_OUTPUT_RATE_HZ // 50  # 480
 PACING_LEAD_FRAMES = 3
 #: Missing uplink frames concealed with PLC; a longer gap is not worth inventing.
 MAX_CONCEALED_FRAMES = 5
+#: Reliable messages held for a detached device beyond the paced queue (transcripts,
+#: errors); the oldest go first.
+MAX_HELD_MESSAGES = 256
+#: Close codes with which a device ends its session on purpose: nothing to hold.
+DEVICE_GOODBYES = frozenset({CloseCode.NORMAL, CloseCode.GOING_AWAY})
 
 
 @dataclass
@@ -93,88 +107,247 @@ class RelayCounters:
     #: upstream reply latency (turn end -> first reply audio): count and sum in seconds
     upstream_latency_count: int = 0
     upstream_latency_sum_s: float = 0.0
+    #: sessions held after a drop / resumed by their device / expired unresumed
+    sessions_held: int = 0
+    sessions_resumed: int = 0
+    sessions_expired: int = 0
+    #: downlink frames and messages re-sent after a resume
+    frames_replayed: int = 0
+    messages_replayed: int = 0
+    #: duplicate uplink frames dropped (a device re-sent what had arrived)
+    frames_duplicate: int = 0
+    #: devices disconnected because they did not read their downlink
+    slow_readers: int = 0
+
+
+class MessageRate:
+    """A token bucket: ``rate`` messages a second, bursts of ``rate``; pure (takes ``now``).
+
+    A resumed device may catch up at once on what it queued while the link was
+    down: :meth:`grant` adds a one-off allowance for that.
+    """
+
+    def __init__(self, rate: int, now: float) -> None:
+        self.rate = rate
+        self._tokens = float(rate)
+        self._at = now
+
+    def allow(self, now: float) -> bool:
+        if self._tokens < self.rate:
+            self._tokens = min(float(self.rate), self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    def grant(self, messages: int) -> None:
+        self._tokens += messages
+
+
+#: What waits in the downlink queue: control messages and (Opus packet, flags).
+DownlinkAudio = tuple[bytes, AudioFlags]
 
 
 class DeviceSession:
-    """One connected device: its protocol core, upstream session and downlink pacer."""
+    """One device's session: upstream, reply queue and pacer, across its connections.
 
-    def __init__(self, relay: RelayServer, ws: ServerConnection, conn: Connection,
-                 device_id: str, session_id: str, upstream: UpstreamSession) -> None:
+    The session is *attached* to at most one WebSocket at a time (``ws``/``conn``).
+    While detached, the upstream's events keep arriving and are queued; nothing is
+    sent. :meth:`serve` runs one connection; the relay decides, when it ends,
+    whether to hold the session for a resume or close it.
+    """
+
+    def __init__(self, relay: RelayServer, device_id: str, session_id: str,
+                 upstream: UpstreamSession) -> None:
         self.relay = relay
-        self.ws = ws
-        self.conn = conn
         self.device_id = device_id
         self.session_id = session_id
         self.upstream = upstream
+        #: the connection this session belongs to (from its hello on), and the one
+        #: attached to it (from the end of its replay on; None while detached)
+        self.owner: ServerConnection | None = None
+        self.ws: ServerConnection | None = None
+        #: the current connection's core, or the last one's while detached (counters)
+        self.conn: Connection | None = None
         self.decoder = OpusDecoder(16_000)
         self.encoder = OpusEncoder(sample_rate_hz=UPSTREAM_OUTPUT_RATE_HZ, bitrate_bps=32_000)
         self.fifo = FrameFifo(DOWNLINK_FRAME_SAMPLES)
         limits = relay.limits
-        self.downlink: DropOldestQueue[Message | tuple[bytes, AudioFlags]] = DropOldestQueue(
-            max(50, limits.downlink_queue_ms // 20))
+        self.downlink: OutboundQueue[DownlinkAudio] = OutboundQueue(
+            max(50, limits.downlink_queue_ms // 20), max_control=1024)
+        self.journal = ReplayJournal(max(1, limits.resume_buffer_ms // 20))
+        self._held_messages: collections.deque[Message] = collections.deque()
+        self._attached = asyncio.Event()
         self.turn_id: int | None = None
+        self.closed = False
+        #: set when the relay closed the connection for a reason that ends the session
+        self.end_reason: str | None = None
+        self.detached_at: float | None = None
         self._response_first = True
         self._turn_ended_at: float | None = None
-        self._window_start = 0.0
-        self._window_count = 0
+        self._rate = MessageRate(limits.max_messages_per_s, relay.clock.now())
         self._usage = (0, 0)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._expiry: asyncio.Task[None] | None = None
+
+    @property
+    def attached(self) -> bool:
+        return self.ws is not None
+
+    def start(self) -> None:
+        """Start the tasks that live as long as the session."""
+        self._tasks = [
+            asyncio.create_task(self._pump_upstream(), name=f"upstream:{self.device_id}"),
+            asyncio.create_task(self._pace_downlink(), name=f"downlink:{self.device_id}")]
+
+    async def close(self) -> None:
+        """End the session: stop its tasks, close the upstream. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self._attached.clear()
+        current = asyncio.current_task()
+        tasks = [t for t in (*self._tasks, self._expiry) if t is not None and t is not current]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.upstream.close()
+
+    # ------------------------------------------------------------ attachment
+
+    def detach(self) -> ServerConnection | None:
+        """Stop using the current connection (it dropped, or a resume replaces it)."""
+        ws, self.ws = self.ws, None
+        self._attached.clear()
+        if ws is not None:
+            self.detached_at = self.relay.clock.now()
+            self.relay.fleet.disconnected(self.device_id, session_id=self.session_id,
+                                          at=time.time())
+        return ws
+
+    def hold(self, window_s: float) -> None:
+        """Keep the detached session for ``window_s`` seconds, then close it."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry = asyncio.create_task(self._expire_after(window_s),
+                                           name=f"resume-window:{self.device_id}")
+
+    async def _expire_after(self, window_s: float) -> None:
+        await self.relay.clock.sleep(window_s)
+        if not self.attached and not self.closed:
+            logger.info("%s: not back within %.0f s; closing its session %s", self.device_id,
+                        window_s, self.session_id[:8])
+            self.relay.counters.sessions_expired += 1
+            self._expiry = None
+            await self.relay.forget(self)
+
+    def continue_on(self, conn: Connection) -> ResumeResult:
+        """A new connection resumes this session: carry the counters over to ``conn``."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        last = self.conn
+        assert last is not None
+        conn.continue_session(next_seq=last.next_seq, last_received_seq=last.last_received_seq,
+                              messages_sent=last.messages_sent,
+                              messages_received=last.messages_received)
+        self.conn = conn
+        return ResumeResult(True, conn.last_received_seq, conn.messages_received)
+
+    async def serve(self, ws: ServerConnection, conn: Connection,
+                    resume: ResumeRequest | None) -> bool:
+        """Run one connection until it ends; True if the session may be held for a resume.
+
+        The welcome has been sent. With ``resume``, first re-send what the device
+        missed and what was held for it, then attach (the pacer goes on).
+        """
+        self.conn = conn
+        address = str(ws.remote_address[0]) if ws.remote_address else None
+        if resume is not None:
+            replay = self.journal.after(resume.last_downlink_seq, resume.downlink_messages)
+            for entry in replay.items:
+                if isinstance(entry, SentFrame):
+                    await ws.send(conn.replay_audio(entry.frame))
+                    self.relay.counters.frames_replayed += 1
+                else:
+                    await ws.send(conn.resend(entry.message))
+                    self.relay.counters.messages_replayed += 1
+            # the device may now catch up on what it queued while away, at once
+            self._rate.grant(2 * self.relay.limits.resume_window_ms // 20 + 100)
+            logger.info("%s resumed session %s: re-sent %d frames and %d messages%s",
+                        self.device_id, self.session_id[:8], replay.frames,
+                        len(replay.items) - replay.frames,
+                        f" ({replay.frames_lost} no longer held)" if replay.frames_lost else "")
+        while self._held_messages and self.owner is ws:
+            message = self._held_messages.popleft()
+            await self._transmit(ws, conn, message)
+        if self.owner is not ws or self.closed:
+            return False  # a newer connection resumed the session meanwhile
+        self.ws = ws
+        self.detached_at = None
+        self.relay.fleet.connected(self.device_id, session_id=self.session_id, address=address,
+                                   at=time.time())
+        self._attached.set()
+        with contextlib.suppress(ConnectionClosed):
+            await self._receive(ws, conn)
+        if self.end_reason is not None:
+            return False
+        received = ws.protocol.close_rcvd
+        return received is None or received.code not in DEVICE_GOODBYES
 
     # ------------------------------------------------------------------ uplink
 
-    async def run(self) -> None:
-        tasks = [asyncio.create_task(self._pump_upstream(), name=f"upstream:{self.device_id}"),
-                 asyncio.create_task(self._pace_downlink(), name=f"downlink:{self.device_id}")]
-        try:
-            await self._receive()
-        finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            await self.upstream.close()
+    async def _close_for(self, ws: ServerConnection, code: int, reason: str,
+                         *, ends_session: bool) -> None:
+        if ends_session:
+            self.end_reason = reason
+        await ws.close(code, reason[:120])
 
-    async def _receive(self) -> None:
+    async def _receive(self, ws: ServerConnection, conn: Connection) -> None:
         limits = self.relay.limits
         idle_s = 3 * limits.heartbeat_interval_ms / 1000
         clock = self.relay.clock
         while True:
             try:
-                data = await asyncio.wait_for(self.ws.recv(), idle_s)
+                data = await asyncio.wait_for(ws.recv(), idle_s)
             except TimeoutError:
-                await self.ws.close(CloseCode.IDLE_TIMEOUT, "no message for three heartbeats")
+                await self._close_for(ws, CloseCode.IDLE_TIMEOUT,
+                                      "no message for three heartbeats", ends_session=False)
                 return
             except ConnectionClosed:
                 return
-            now = clock.now()
-            if now - self._window_start >= 1.0:
-                self._window_start, self._window_count = now, 0
-            self._window_count += 1
-            if self._window_count > limits.max_messages_per_s:
+            if self.owner is not ws:
+                return  # a resume moved the session to a newer connection
+            if not self._rate.allow(clock.now()):
                 self.relay.counters.rate_limited += 1
                 logger.warning("%s: over %d messages/s, closing", self.device_id,
                                limits.max_messages_per_s)
-                await self.ws.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+                await self._close_for(ws, CloseCode.POLICY_VIOLATION, "rate limit exceeded",
+                                      ends_session=True)
                 return
             try:
                 if isinstance(data, str):
-                    await self._on_message(self.conn.receive_text(data))
+                    await self._on_message(ws, conn, conn.receive_text(data))
                 else:
-                    await self._on_audio(data)
+                    await self._on_audio(conn, data)
             except ProtocolError as exc:
                 self.relay.counters.protocol_errors += 1
                 logger.info("%s: protocol error, closing: %s", self.device_id, exc)
-                with contextlib.suppress(ConnectionClosed):
-                    await self.ws.send(self.conn.send(
-                        Error(code="protocol_error", message=str(exc)[:200])))
-                await self.ws.close(exc.close_code, str(exc)[:120])
+                self.end_reason = str(exc)
+                await self._transmit(ws, conn, Error(code="protocol_error",
+                                                     message=str(exc)[:200]))
+                await self._close_for(ws, exc.close_code, str(exc), ends_session=True)
                 return
 
-    async def _on_audio(self, data: bytes) -> None:
-        received = self.conn.receive_binary(data)
-        if received is None:
-            return
+    async def _on_audio(self, conn: Connection, data: bytes) -> None:
         counters = self.relay.counters
+        received = conn.receive_binary(data)
+        if received is None:
+            counters.frames_duplicate += 1
+            return
         counters.frames_in += 1
         if self.turn_id is None:
             raise RemoteProtocolError("uplink audio outside a turn")
@@ -187,10 +360,11 @@ class DeviceSession:
             raise RemoteProtocolError(f"undecodable Opus packet: {exc}") from None
         await self.upstream.send_audio(pcm)
 
-    async def _on_message(self, message: Message) -> None:
+    async def _on_message(self, ws: ServerConnection, conn: Connection,
+                          message: Message) -> None:
         if isinstance(message, Ping):
             now_ms = int(self.relay.clock.now() * 1000)
-            await self.ws.send(self.conn.send(Pong(message.id, message.sent_ms, now_ms)))
+            await self._send_bytes(ws, conn.send(Pong(message.id, message.sent_ms, now_ms)))
         elif isinstance(message, TurnStart):
             self.turn_id = message.turn_id
             await self.upstream.start_turn()
@@ -219,87 +393,117 @@ class DeviceSession:
         while (frame := self.fifo.pop()) is not None:
             flags = AudioFlags.START if self._response_first else AudioFlags.NONE
             self._response_first = False
-            if self.downlink.put_nowait((self.encoder.encode(frame), flags)) is not None:
+            if not self.downlink.put_nowait((self.encoder.encode(frame), flags)):
                 self.relay.counters.frames_dropped += 1
+
+    async def _send_soon(self, message: Message) -> None:
+        """Send a message ahead of the queued reply audio, or hold it while detached."""
+        ws, conn = self.ws, self.conn
+        if ws is None or conn is None or not self._attached.is_set():
+            self._held_messages.append(message)
+            if len(self._held_messages) > MAX_HELD_MESSAGES:
+                self._held_messages.popleft()
+            return
+        await self._transmit(ws, conn, message)
+
+    async def _transmit(self, ws: ServerConnection, conn: Connection,
+                        message: Message) -> None:
+        """Send one control message on ``ws``, journaling it if it is reliable."""
+        text = conn.send(message)
+        if type(message) in RELIABLE[Role.RELAY]:
+            self.journal.record_message(conn.messages_sent, message, self.relay.clock.now())
+        await self._send_bytes(ws, text)
+
+    async def _send_bytes(self, ws: ServerConnection, data: str | bytes) -> None:
+        """Send, bounded in time: a device that does not read is disconnected."""
+        timeout = self.relay.limits.send_timeout_ms / 1000
+        try:
+            await asyncio.wait_for(ws.send(data), timeout)
+        except TimeoutError:
+            self.relay.counters.slow_readers += 1
+            logger.warning("%s: not reading for %.1f s, disconnecting", self.device_id, timeout)
+            # A dead route looks the same as a slow reader: hold the session, in
+            # case the device comes back and resumes.
+            with contextlib.suppress(Exception):
+                await self._close_for(ws, CloseCode.POLICY_VIOLATION, "device is not reading",
+                                      ends_session=False)
+        except ConnectionClosed:
+            pass  # journaled: a resume re-sends it
 
     async def _pump_upstream(self) -> None:
         counters = self.relay.counters
-        try:
-            async for event in self.upstream.events():
-                if isinstance(event, AudioOutput):
-                    if self._turn_ended_at is not None:
-                        latency = self.relay.clock.now() - self._turn_ended_at
-                        counters.upstream_latency_count += 1
-                        counters.upstream_latency_sum_s += latency
-                        self._turn_ended_at = None
-                    self._queue_audio(event.pcm)
-                elif isinstance(event, ResponseStarted):
-                    self._response_first = True
-                    self.downlink.put_nowait(ResponseStart(self.turn_id))
-                elif isinstance(event, ResponseEnded):
-                    for tail in self.fifo.flush():
-                        self.downlink.put_nowait((self.encoder.encode(tail), AudioFlags.END))
-                    self.downlink.put_nowait(ResponseEnd(self.turn_id, event.reason))
-                elif isinstance(event, ResponseInterrupted):
-                    self._drop_downlink()
-                    await self._send_now(Interrupt(self.turn_id, "barge_in"))
-                    await self._send_now(ResponseEnd(self.turn_id, "interrupted"))
-                elif isinstance(event, TranscriptReceived):
-                    logger.debug("%s %s: %s", self.device_id, event.role, event.text)
-                    await self._send_now(Transcript(event.role, event.text, event.final,
-                                                    self.turn_id))
-                elif isinstance(event, UpstreamFailed):
-                    counters.upstream_errors[event.code] = (
-                        counters.upstream_errors.get(event.code, 0) + 1)
-                    logger.warning("%s: upstream failed (%s): %s", self.device_id, event.code,
-                                   event.message)
-                    await self._send_now(Error(event.code, event.message, event.retryable))
-                elif isinstance(event, UsageReported):
-                    # the upstream reports session totals; the fleet view adds deltas
-                    before = self._usage
-                    self._usage = (event.input_tokens, event.output_tokens)
-                    self.relay.fleet.tokens_used(
-                        self.device_id, input_tokens=max(0, event.input_tokens - before[0]),
-                        output_tokens=max(0, event.output_tokens - before[1]))
-                elif isinstance(event, ToolCalled):
-                    counters.tool_calls += 1
-        except ConnectionClosed:
-            pass
-
-    async def _send_now(self, message: Message) -> None:
-        await asyncio.wait_for(self.ws.send(self.conn.send(message)),
-                               self.relay.limits.send_timeout_ms / 1000)
+        async for event in self.upstream.events():
+            if isinstance(event, AudioOutput):
+                if self._turn_ended_at is not None:
+                    latency = self.relay.clock.now() - self._turn_ended_at
+                    counters.upstream_latency_count += 1
+                    counters.upstream_latency_sum_s += latency
+                    self._turn_ended_at = None
+                self._queue_audio(event.pcm)
+            elif isinstance(event, ResponseStarted):
+                self._response_first = True
+                self.downlink.put_nowait(ResponseStart(self.turn_id))
+            elif isinstance(event, ResponseEnded):
+                for tail in self.fifo.flush():
+                    self.downlink.put_nowait((self.encoder.encode(tail), AudioFlags.END))
+                self.downlink.put_nowait(ResponseEnd(self.turn_id, event.reason))
+            elif isinstance(event, ResponseInterrupted):
+                self._drop_downlink()
+                await self._send_soon(Interrupt(self.turn_id, "barge_in"))
+                await self._send_soon(ResponseEnd(self.turn_id, "interrupted"))
+            elif isinstance(event, TranscriptReceived):
+                logger.debug("%s %s: %s", self.device_id, event.role, event.text)
+                await self._send_soon(Transcript(event.role, event.text, event.final,
+                                                 self.turn_id))
+            elif isinstance(event, UpstreamFailed):
+                counters.upstream_errors[event.code] = (
+                    counters.upstream_errors.get(event.code, 0) + 1)
+                logger.warning("%s: upstream failed (%s): %s", self.device_id, event.code,
+                               event.message)
+                await self._send_soon(Error(event.code, event.message, event.retryable))
+            elif isinstance(event, UsageReported):
+                # the upstream reports session totals; the fleet view adds deltas
+                before = self._usage
+                self._usage = (event.input_tokens, event.output_tokens)
+                self.relay.fleet.tokens_used(
+                    self.device_id, input_tokens=max(0, event.input_tokens - before[0]),
+                    output_tokens=max(0, event.output_tokens - before[1]))
+            elif isinstance(event, ToolCalled):
+                counters.tool_calls += 1
 
     async def _pace_downlink(self) -> None:
         clock = self.relay.clock
-        send_timeout = self.relay.limits.send_timeout_ms / 1000
         t0: float | None = None
         sent = 0
-        try:
-            while True:
-                item = await self.downlink.get()
+        while True:
+            item = await self.downlink.get()
+            while True:  # until this item has been handed to a connection
+                await self._attached.wait()
                 if isinstance(item, Message):
+                    ws, conn = self.ws, self.conn
+                    if ws is None or conn is None:
+                        continue
                     if isinstance(item, ResponseEnd):
                         t0 = None
-                    await asyncio.wait_for(self.ws.send(self.conn.send(item)), send_timeout)
-                    continue
-                payload, flags = item
+                    await self._transmit(ws, conn, item)
+                    break
                 now = clock.now()
                 if t0 is None or now - (t0 + sent * 0.02) > 0.2:
                     t0, sent = now, 0  # start of a reply, or fell far behind: re-anchor
                 due = t0 + (sent - PACING_LEAD_FRAMES) * 0.02
                 if due > now:
                     await clock.sleep(due - now)
-                _, data = self.conn.send_audio(payload, int(sent * 20), flags)
+                ws, conn = self.ws, self.conn
+                if ws is None or conn is None or not self._attached.is_set():
+                    continue  # detached while waiting: keep the frame for the next one
+                payload, flags = item
+                frame, data = conn.send_audio(payload, int(sent * 20), flags)
+                # journal first: if the link dies during the send, a resume re-sends it
+                self.journal.record_frame(frame, now)
                 sent += 1
-                await asyncio.wait_for(self.ws.send(data), send_timeout)
                 self.relay.counters.frames_out += 1
-        except TimeoutError:
-            logger.warning("%s: not reading for %.1f s, disconnecting", self.device_id,
-                           send_timeout)
-            await self.ws.close(CloseCode.POLICY_VIOLATION, "device is not reading")
-        except ConnectionClosed:
-            pass
+                await self._send_bytes(ws, data)
+                break
 
 
 class RelayServer:
@@ -316,11 +520,16 @@ class RelayServer:
         self.clock = clock or MonotonicClock()
         self.counters = RelayCounters()
         self.fleet = FleetTracker()
+        #: sessions attached to a connection, by device id
         self.sessions: dict[str, DeviceSession] = {}
+        #: sessions whose connection dropped, held for a resume, by device id
+        self.held: dict[str, DeviceSession] = {}
         self.started_at = time.time()
         self._limiter = FailureLimiter(max_failures_per_minute)
         self._authenticated: dict[int, str] = {}
         self._server: Server | None = None
+        self._closing = False
+        self._background: set[asyncio.Task[None]] = set()
         self._context_factory = context_factory or (
             lambda device_id, session_id: DeviceContext(device_id, session_id))
 
@@ -344,6 +553,7 @@ class RelayServer:
 
     async def start(self) -> None:
         limits = self.limits
+        self._closing = False
         self._server = await serve(
             self._handle,
             self.listen.host,
@@ -364,16 +574,45 @@ class RelayServer:
                     self.upstream.name)
 
     async def close(self) -> None:
-        """Stop accepting; tell every device we are going away; close the upstream."""
+        """Stop accepting; tell every device we are going away; close every session.
+
+        Sessions do not survive a relay restart: devices come back (1001 says so)
+        and start new ones.
+        """
         if self._server is None:
             return
+        self._closing = True
         self._server.close(close_connections=False)
         for session in list(self.sessions.values()):
-            with contextlib.suppress(Exception):
-                await session.ws.close(CloseCode.GOING_AWAY, "relay shutting down")
+            if session.ws is not None:
+                with contextlib.suppress(Exception):
+                    await session.ws.close(CloseCode.GOING_AWAY, "relay shutting down")
         await self._server.wait_closed()
+        for session in [*self.sessions.values(), *self.held.values()]:
+            await self.forget(session)
+        for task in list(self._background):
+            with contextlib.suppress(Exception):
+                await task
         await self.upstream.aclose()
         self._server = None
+
+    async def forget(self, session: DeviceSession) -> None:
+        """Close a session and drop it from the relay's tables."""
+        if self.sessions.get(session.device_id) is session:
+            del self.sessions[session.device_id]
+        if self.held.get(session.device_id) is session:
+            del self.held[session.device_id]
+        session.owner = None
+        ws = session.detach()
+        if ws is not None:
+            self._close_in_background(ws, CloseCode.SESSION_REPLACED, "session replaced")
+        await session.close()
+
+    def _close_in_background(self, ws: ServerConnection, code: int, reason: str) -> None:
+        """Close a connection without waiting for its (maybe unreachable) peer."""
+        task = asyncio.create_task(ws.close(code, reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ----------------------------------------------------------- handshake
 
@@ -386,6 +625,7 @@ class RelayServer:
         address = str(ws.remote_address[0]) if ws.remote_address else "?"
         now = self.clock.now()
         if self._limiter.blocked(address, now):
+            self.counters.rate_limited += 1
             return self._reject(http.HTTPStatus.TOO_MANY_REQUESTS,
                                 "too many bad tokens; try again in a minute",
                                 **{"Retry-After": "60"})
@@ -403,7 +643,8 @@ class RelayServer:
         if SUBPROTOCOL not in offered:
             return self._reject(http.HTTPStatus.BAD_REQUEST,
                                 f"offer the WebSocket subprotocol {SUBPROTOCOL}")
-        if len(self.sessions) >= self.limits.max_devices and device_id not in self.sessions:
+        known = device_id in self.sessions or device_id in self.held
+        if len(self.sessions) + len(self.held) >= self.limits.max_devices and not known:
             return self._reject(http.HTTPStatus.SERVICE_UNAVAILABLE, "relay is full",
                                 **{"Retry-After": "30"})
         self._authenticated[id(ws)] = device_id
@@ -432,31 +673,73 @@ class RelayServer:
                 error = RemoteProtocolError(f"hello names {hello.device!r}, token is {device_id!r}")
                 error.close_code = CloseCode.POLICY_VIOLATION
                 raise error
+            session, result = await self._session_for(device_id, hello, conn, ws)
         except ProtocolError as exc:
             self.counters.protocol_errors += 1
             logger.info("%s: bad handshake: %s", device_id, exc)
             await ws.close(exc.close_code, str(exc)[:120])
             return
-        previous = self.sessions.get(device_id)
-        if previous is not None:
-            logger.info("%s connected again; closing its previous connection", device_id)
-            await previous.ws.close(CloseCode.SESSION_REPLACED, "session replaced")
-        session_id = uuid.uuid4().hex
-        upstream = await self.upstream.open_session(self._context_factory(device_id, session_id))
-        session = DeviceSession(self, ws, conn, device_id, session_id, upstream)
         address = str(ws.remote_address[0]) if ws.remote_address else None
-        self.fleet.connected(device_id, session_id=session_id, address=address, at=time.time())
-        self.sessions[device_id] = session
-        self.counters.sessions_total += 1
+        keep = False
         try:
             await ws.send(conn.accept(Welcome(
-                session_id=session_id, heartbeat_interval_ms=self.limits.heartbeat_interval_ms)))
-            logger.info("%s connected from %s (session %s)", device_id, address, session_id[:8])
-            await session.run()
+                session_id=session.session_id,
+                heartbeat_interval_ms=self.limits.heartbeat_interval_ms, resume=result)))
+            logger.info("%s connected from %s (session %s%s)", device_id, address,
+                        session.session_id[:8], ", resumed" if result.resumed else "")
+            keep = await session.serve(ws, conn, hello.resume if result.resumed else None)
         except ConnectionClosed:
-            pass
+            keep = True
         finally:
-            if self.sessions.get(device_id) is session:
-                del self.sessions[device_id]
-            self.fleet.disconnected(device_id, session_id=session_id, at=time.time())
+            if session.owner is ws:
+                await self._connection_ended(session, keep)
             logger.info("%s disconnected (code %s)", device_id, ws.close_code)
+
+    async def _session_for(self, device_id: str, hello: Hello, conn: Connection,
+                           ws: ServerConnection) -> tuple[DeviceSession, ResumeResult]:
+        """The session this hello continues, or a new one (ending any older one)."""
+        current = self.sessions.get(device_id) or self.held.get(device_id)
+        request = hello.resume
+        if (request is not None and current is not None and not current.closed
+                and current.session_id == request.session_id and current.conn is not None
+                and self.limits.resume_window_ms > 0):
+            current.journal.after(request.last_downlink_seq, request.downlink_messages)
+            older = current.detach()
+            if older is not None:  # the old connection has not noticed it is dead yet
+                logger.info("%s resumed while its old connection was still open; closing it",
+                            device_id)
+                self._close_in_background(older, CloseCode.SESSION_REPLACED,
+                                          "session resumed elsewhere")
+            current.owner = ws
+            self.held.pop(device_id, None)
+            self.sessions[device_id] = current
+            self.counters.sessions_resumed += 1
+            return current, current.continue_on(conn)
+        if current is not None:
+            logger.info("%s started a new session; closing its previous one", device_id)
+            await self.forget(current)
+        session_id = uuid.uuid4().hex
+        upstream = await self.upstream.open_session(self._context_factory(device_id, session_id))
+        session = DeviceSession(self, device_id, session_id, upstream)
+        session.owner = ws
+        session.start()
+        self.sessions[device_id] = session
+        self.counters.sessions_total += 1
+        return session, ResumeResult(resumed=False)
+
+    async def _connection_ended(self, session: DeviceSession, keep: bool) -> None:
+        """The session's connection is gone: hold the session for a resume, or close it."""
+        session.detach()
+        session.owner = None
+        device_id = session.device_id
+        if self.sessions.get(device_id) is session:
+            del self.sessions[device_id]
+        window_s = self.limits.resume_window_ms / 1000
+        if keep and window_s > 0 and not self._closing and not session.closed:
+            self.held[device_id] = session
+            self.counters.sessions_held += 1
+            session.hold(window_s)
+            logger.info("%s: link dropped; holding session %s for %.0f s", device_id,
+                        session.session_id[:8], window_s)
+        else:
+            await session.close()

@@ -46,6 +46,12 @@ class LimitsSettings:
     """A device that does not read for this long is disconnected."""
     max_devices: int = 1000
     """Simultaneous device connections."""
+    resume_window_ms: int = 10_000
+    """A dropped device's session (its upstream, its queued reply) is kept this long,
+    in milliseconds, for the device to resume it (docs/protocol.md §7). 0: never."""
+    resume_buffer_ms: int = 10_000
+    """Reply audio kept after it was sent, to re-send what a resuming device missed,
+    in milliseconds."""
 
     def __post_init__(self) -> None:
         require(self.handshake_timeout_ms >= 100, "handshake_timeout_ms", "must be >= 100")
@@ -57,3 +63,6 @@ class LimitsSettings:
         require(self.downlink_queue_ms >= 1000, "downlink_queue_ms", "must be >= 1000")
         require(self.send_timeout_ms >= 100, "send_timeout_ms", "must be >= 100")
         require(self.max_devices >= 1, "max_devices", "must be >= 1")
+        require(0 <= self.resume_window_ms <= 300_000, "resume_window_ms", "must be 0..300000")
+        require(1_000 <= self.resume_buffer_ms <= 120_000, "resume_buffer_ms",
+                "must be 1000..120000")
