@@ -97,8 +97,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.help_config:
             return _help_config(DeviceConfig)
         config = load_device_config(args.config)
-        from edgevoice.device.daemon import read_token
-        read_token(config, args.config)
+        from edgevoice.device.daemon import device_identity, read_token
+        device_identity(config, read_token(config, args.config), args.config)
         if args.check_config:
             print(f"{args.config}: OK")
             return 0

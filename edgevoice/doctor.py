@@ -350,7 +350,8 @@ def check_config(config_path: str, env: DoctorEnv) -> tuple[DeviceConfig | None,
             f"the config loader is not available: {exc}", "reinstall edgevoice"
         )
     return config, CheckResult.ok(
-        f"{config_path}: device {config.device_id!r}, relay {config.relay.url}"
+        f"{config_path}: device {config.device_id or '(named by its token)'!r}, "
+        f"relay {config.relay.url}"
     )
 
 

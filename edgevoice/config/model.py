@@ -68,8 +68,9 @@ class AudioSettings:
 class DeviceConfig:
     """config/device.yaml"""
 
-    device_id: str = "edgevoice"
-    """This device's name at the relay; must match the name its token was issued for."""
+    device_id: str | None = None
+    """This device's name at the relay. Empty: the name its token was issued for (a
+    token is NAME.SECRET); when set, it must match that name."""
     timezone: str = "UTC"
     """IANA time zone of the device, e.g. Europe/Berlin (for the date and time tool)."""
     log_level: LogLevel = "info"
@@ -85,7 +86,7 @@ class DeviceConfig:
     watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
 
     def __post_init__(self) -> None:
-        require(bool(_DEVICE_ID.match(self.device_id)), "device_id",
+        require(self.device_id is None or bool(_DEVICE_ID.match(self.device_id)), "device_id",
                 "must be lowercase letters, digits and dashes, 1-63 characters")
         try:
             zoneinfo.ZoneInfo(self.timezone)

@@ -111,6 +111,18 @@ def read_token(config: DeviceConfig, config_file: str) -> str:
                       f"no token found (looked in {', '.join(p for p, _ in candidates)})")
 
 
+def device_identity(config: DeviceConfig, token: str, config_file: str) -> str:
+    """This device's name: the one in its token (NAME.SECRET), checked against the config."""
+    name, dot, _secret = token.partition(".")
+    if not dot or not name:
+        raise ConfigError(config_file, "relay.token_file",
+                          "the token is not NAME.SECRET: copy it whole from `edgevoice token add`")
+    if config.device_id is not None and config.device_id != name:
+        raise ConfigError(config_file, "device_id",
+                          f"is {config.device_id!r} but the token was issued for {name!r}")
+    return name
+
+
 @dataclass
 class TurnTimeline:
     """When each step of one turn happened (monotonic seconds; None: did not happen)."""
@@ -199,7 +211,8 @@ class DeviceDaemon(LinkListener):
                                        prefill_ms=config.audio.playback_prefill_ms,
                                        max_ms=config.audio.playback_max_ms,
                                        on_event=self._playback_event_threadsafe)
-        self.link = DeviceLink(config.relay, config.device_id, token, self, clock=self.clock)
+        self.device_id = device_identity(config, token, "config")
+        self.link = DeviceLink(config.relay, self.device_id, token, self, clock=self.clock)
         self.barge_in = (VoiceBargeInTrigger(config.triggers.barge_in, self.clock)
                          if config.triggers.barge_in.enabled else None)
         self.triggers: list[Trigger] = list(triggers)

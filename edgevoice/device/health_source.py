@@ -60,7 +60,7 @@ class DaemonHealth:
         return DeviceSnapshot(
             version=__version__,
             uptime_s=round(d.clock.now() - d.started_at, 1),
-            device_id=d.config.device_id,
+            device_id=d.device_id,
             state=d.machine.state.value,
             link_state=LINK_CONNECTED if d.link.connected else d.link.state.value,
             session_id=d.session_id,

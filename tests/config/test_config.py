@@ -112,3 +112,15 @@ def test_random_text_never_crashes_the_loader(text: str) -> None:
         load_text(text, DeviceConfig, "fuzz.yaml")
     except ConfigError as exc:
         assert exc.file == "fuzz.yaml"
+
+
+def test_device_name_comes_from_the_token_and_must_match_the_config(tmp_path: Path) -> None:
+    from edgevoice.device.daemon import device_identity
+    assert device_identity(DeviceConfig(), "kitchen.secret", "d.yaml") == "kitchen"
+    assert device_identity(DeviceConfig(device_id="kitchen"), "kitchen.s", "d.yaml") == "kitchen"
+    with pytest.raises(ConfigError, match="issued for 'kitchen'") as info:
+        device_identity(DeviceConfig(device_id="hall"), "kitchen.s", "d.yaml")
+    assert info.value.key == "device_id"
+    with pytest.raises(ConfigError) as info:
+        device_identity(DeviceConfig(), "no-dot-here", "d.yaml")
+    assert info.value.key == "relay.token_file"

@@ -317,6 +317,8 @@ def test_the_token_can_come_from_stdin(staging: Staging) -> None:
         (["--frobnicate"], "unknown option"),
         (["--extras", "pi;rm -rf /"], "--extras"),
         (["--relay", "--token", "x"], "--token is for the device"),
+        (["--relay-url", "http://relay/"], "--relay-url"),
+        (["--relay-url", "wss://a b/"], "--relay-url"),
     ],
 )
 def test_bad_arguments_are_refused_before_anything_happens(
@@ -327,6 +329,20 @@ def test_bad_arguments_are_refused_before_anything_happens(
     assert result.returncode != 0
     assert message in result.stderr
     assert manifest(staging.root) == before
+
+
+def test_relay_url_goes_into_a_new_config_and_the_result_loads(staging: Staging) -> None:
+    from edgevoice.config.model import load_device_config
+
+    shutil.copy(REPO / "config" / "device.yaml", staging.source / "config" / "device.yaml")
+    staging.install("--relay-url", "wss://relay.example.net:8780/")
+    config = load_device_config(staging.path("/etc/edgevoice/device.yaml"))
+    assert config.relay.url == "wss://relay.example.net:8780/"
+    # an existing file is never rewritten: a different URL only earns a warning
+    again = staging.install("--relay-url", "wss://other.example.net/")
+    assert "set relay.url" in again.stderr
+    config = load_device_config(staging.path("/etc/edgevoice/device.yaml"))
+    assert config.relay.url == "wss://relay.example.net:8780/"
 
 
 def test_a_source_without_its_config_is_refused(staging: Staging) -> None:
