@@ -229,6 +229,7 @@ class DeviceDaemon(LinkListener):
         self._wake_frame_index: int | None = None
         self._error_until = 0.0
         self.device_state = DeviceState.OFFLINE
+        self._shown: DeviceState | None = None  # what the triggers and LED were last told
         self.counters = DeviceCounters()
         self.turns: collections.deque[TurnTimeline] = collections.deque(maxlen=20)
         self.current: TurnTimeline | None = None
@@ -413,9 +414,10 @@ class DeviceDaemon(LinkListener):
                 state = DeviceState.OFFLINE
             elif self.clock.now() < self._error_until:
                 state = DeviceState.ERROR
-        if state is self.device_state:
-            return
         self.device_state = state
+        if state is self._shown:
+            return
+        self._shown = state
         for trigger in self.triggers:
             trigger.set_state(state)
         if self.barge_in is not None:
