@@ -219,12 +219,19 @@ def test_double_talk_is_not_learnt() -> None:
 
 def test_nothing_is_learnt_before_the_echo_can_have_arrived() -> None:
     guard = EchoGuard(BargeInSettings(prior_coupling_db=-10.0, max_delay_ms=100))
-    # Playback starts at 0; with a 100 ms delay the mic hears nothing until 100 ms,
-    # so the frames ending at 20..100 ms may be silent.
+    _feed_echo(guard, 100, -20.0, -44.0)
+    learnt = guard.learnt_frames
+    # A pause long enough to forget the playback, then the reply resumes at t = 10 s.
+    # With a 100 ms delay the microphone hears nothing until 10.1 s, so the frames
+    # ending at 10.02 .. 10.10 s may be silent: none of them may be learnt from.
     for k in range(5):
-        guard.on_playback_block(-20.0, k * FRAME_S)
-        guard.on_capture_frame(-70.0, (k + 1) * FRAME_S)
-    assert guard.coupling_db == pytest.approx(-10.0)
+        guard.on_playback_block(-20.0, 10.0 + k * FRAME_S)
+        guard.on_capture_frame(-70.0, 10.0 + (k + 1) * FRAME_S)
+    assert guard.learnt_frames == learnt
+    # From the frame after that, the echo must be there: learning resumes.
+    guard.on_playback_block(-20.0, 10.1)
+    guard.on_capture_frame(-44.0, 10.12)
+    assert guard.learnt_frames == learnt + 1
 
 
 def test_a_few_odd_frames_do_not_move_the_coupling() -> None:
