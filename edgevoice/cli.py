@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check this device: audio, codec, relay, token, unit")
     doctor.add_argument("--config", default=DEFAULT_DEVICE_CONFIG, help="device YAML file")
 
+    # `bench` has its own parser (edgevoice.bench): main() hands it the rest of argv.
+    sub.add_parser("bench", help="benchmarks against the peers: edgevoice bench [--quick]",
+                   add_help=False)
+
     token = sub.add_parser("token", help="manage device tokens on the relay")
     token.add_argument("action", choices=["add", "list", "remove"])
     token.add_argument("name", nargs="?", help="device id (for add and remove)")
@@ -82,6 +86,11 @@ def _help_config(cls: type[Any]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        setup_logging(os.environ.get("EDGEVOICE_LOG_LEVEL", "warning"))
+        from edgevoice.bench import main as bench_main
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
