@@ -18,3 +18,9 @@ def voice_wav(tmp_path: Path) -> Path:
 def long_voice_wav(tmp_path: Path) -> Path:
     """0.6 s of quiet, then 6 s of one unbroken 'utterance'."""
     return write_voice_like(tmp_path / "long-voice.wav", voiced_ms=6000)
+
+
+@pytest.fixture
+def speech_wav() -> Path:
+    from edgevoice.demo import bundled_speech
+    return bundled_speech()
