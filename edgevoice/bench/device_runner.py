@@ -1,0 +1,71 @@
+"""A device process for the latency and barge-in benchmarks: the daemon, instrumented.
+
+``python -m edgevoice.bench.device_runner --config device.yaml --source wav:PATH``
+runs :class:`~edgevoice.bench.instrument.InstrumentedDaemon` (the real daemon with
+timestamps taken around it) with a WAV or silent microphone and a sink pulling
+20 ms blocks at real time, until SIGTERM; then it writes its timestamps to
+``--record``. It prints a ``link_up`` JSON event each time the relay answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from edgevoice.audio.base import AudioSource
+from edgevoice.audio.wavio import WavSource
+from edgevoice.bench.instrument import DeviceLog, InstrumentedDaemon, PacedSink, SilentSource
+from edgevoice.bench.proc import emit
+from edgevoice.config.model import load_device_config
+from edgevoice.device.daemon import read_token
+from edgevoice.protocol.messages import Welcome
+
+logger = logging.getLogger(__name__)
+
+
+class _Daemon(InstrumentedDaemon):
+    def link_up(self, welcome: Welcome) -> None:
+        super().link_up(welcome)
+        emit({"event": "link_up", "t": self.bench_log.link_ups[-1]})
+
+
+async def run(args: argparse.Namespace) -> DeviceLog:
+    config = load_device_config(args.config)
+    token = read_token(config, args.config)
+    source: AudioSource
+    if args.source == "silence":
+        source = SilentSource()
+    else:
+        source = WavSource(Path(args.source.removeprefix("wav:")), realtime=True)
+    log = DeviceLog()
+    daemon = _Daemon(config, token, source, PacedSink(args.output_rate, log), bench_log=log)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop)
+    await daemon.run()
+    return log
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m edgevoice.bench.device_runner")
+    p.add_argument("--config", required=True)
+    p.add_argument("--source", default="silence", help="wav:PATH or silence")
+    p.add_argument("--output-rate", type=int, default=48_000)
+    p.add_argument("--record", help="write the device's timestamps here (JSON)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log = asyncio.run(run(args))
+    if args.record:
+        Path(args.record).write_text(json.dumps(log.as_dict()))
+    emit({"event": "stopped", "t": time.monotonic()})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""The CPU floor of the device: libopus and soxr alone, on the frames the device handled.
+
+What the device cannot avoid doing for N uplink and M downlink frames: encode N
+frames of 16 kHz speech with its Opus settings, decode M frames of 24 kHz Opus and
+resample them to the output rate. Timed in this process with ``process_time``,
+best of three passes, so it is the cost of the codec work and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgevoice.audio.base import CAPTURE_FRAME_BYTES
+from edgevoice.audio.opus import OpusDecoder, OpusEncoder, OpusSettings
+from edgevoice.audio.resample import StreamResampler
+from edgevoice.relay.server import DOWNLINK_FRAME_SAMPLES
+
+logger = logging.getLogger(__name__)
+
+RELAY_DOWNLINK_BITRATE_BPS = 32_000  # what the relay's encoder uses
+
+
+@dataclass(frozen=True)
+class Floor:
+    uplink_frames: int
+    downlink_frames: int
+    encode_s: float
+    decode_s: float
+    resample_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.encode_s + self.decode_s + self.resample_s
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"uplink_frames": self.uplink_frames, "downlink_frames": self.downlink_frames,
+                "encode_s": round(self.encode_s, 5), "decode_s": round(self.decode_s, 5),
+                "resample_s": round(self.resample_s, 5), "total_s": round(self.total_s, 5)}
+
+
+def _frames(pcm: bytes, size: int, count: int) -> list[bytes]:
+    """``count`` consecutive frames of ``size`` bytes from ``pcm``, wrapping around."""
+    usable = len(pcm) - len(pcm) % size
+    return [pcm[(i * size) % usable: (i * size) % usable + size] for i in range(count)]
+
+
+def measure_floor(speech16k: bytes, reply24k: bytes, uplink_frames: int, downlink_frames: int,
+                  output_rate_hz: int, settings: OpusSettings | None = None,
+                  passes: int = 3) -> Floor:
+    settings = settings or OpusSettings()
+    up = _frames(speech16k, CAPTURE_FRAME_BYTES, uplink_frames)
+    relay_encoder = OpusEncoder(sample_rate_hz=24_000, bitrate_bps=RELAY_DOWNLINK_BITRATE_BPS)
+    packets = [relay_encoder.encode(f)
+               for f in _frames(reply24k, DOWNLINK_FRAME_SAMPLES * 2, downlink_frames)]
+    best = (float("inf"), float("inf"), float("inf"))
+    for _ in range(passes):
+        encoder = OpusEncoder.from_settings(settings)
+        t0 = time.process_time()
+        for frame in up:
+            encoder.encode(frame)
+        t1 = time.process_time()
+        decoder = OpusDecoder(24_000)
+        decoded = [decoder.decode(p) for p in packets]
+        t2 = time.process_time()
+        resampler = StreamResampler(24_000, output_rate_hz)
+        for pcm in decoded:
+            resampler.process(np.frombuffer(pcm, dtype=np.int16))
+        t3 = time.process_time()
+        best = (min(best[0], t1 - t0), min(best[1], t2 - t1), min(best[2], t3 - t2))
+    return Floor(uplink_frames, downlink_frames, *best)
+
+
+def relay_opus_seconds_per_frame(speech16k: bytes, reply24k: bytes, frames: int = 500,
+                                 passes: int = 3) -> float:
+    """CPU the relay cannot avoid per session and 20 ms: one 16 kHz Opus decode plus one
+    24 kHz Opus encode with its settings (best of ``passes``)."""
+    uplink = OpusEncoder.from_settings(OpusSettings())
+    packets = [uplink.encode(f) for f in _frames(speech16k, CAPTURE_FRAME_BYTES, frames)]
+    replies = _frames(reply24k, DOWNLINK_FRAME_SAMPLES * 2, frames)
+    best = float("inf")
+    for _ in range(passes):
+        decoder = OpusDecoder(16_000)
+        encoder = OpusEncoder(sample_rate_hz=24_000, bitrate_bps=RELAY_DOWNLINK_BITRATE_BPS)
+        t0 = time.process_time()
+        for packet, reply in zip(packets, replies, strict=True):
+            decoder.decode(packet)
+            encoder.encode(reply)
+        best = min(best, time.process_time() - t0)
+    return best / frames

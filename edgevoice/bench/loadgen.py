@@ -1,0 +1,188 @@
+"""The load generator: N simulated devices against one relay, from one process.
+
+``python -m edgevoice.bench.loadgen --url ws://... --tokens FILE --clients N`` opens
+N real WebSocket connections speaking ``edgevoice.v1`` (through the shared
+sans-I/O :class:`~edgevoice.protocol.connection.Connection`), starts one turn on
+each and streams real Opus frames (speech encoded once, up front, with the device's
+encoder settings) at real time, each device at its own phase of the 20 ms period,
+while reading the relay's downlink. It notes when every uplink frame was sent and
+every downlink frame arrived, prints ``streaming``, ``measure_start`` and
+``measure_end`` events, and writes its timestamps to ``--record``.
+
+Downlink Opus is counted, not decoded: the load generator stands in for the
+network side of many devices, and decoding would only eat the core it shares
+with nobody but itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from edgevoice.audio.base import CAPTURE_FRAME_BYTES
+from edgevoice.audio.opus import OpusEncoder, OpusSettings
+from edgevoice.audio.wavio import load_wav
+from edgevoice.bench.proc import emit, pin_to_cpu
+from edgevoice.protocol.connection import Connection, Role
+from edgevoice.protocol.messages import (
+    MAX_TEXT_BYTES,
+    SUBPROTOCOL,
+    AudioFlags,
+    Hello,
+    TurnStart,
+)
+
+logger = logging.getLogger(__name__)
+
+FRAME_S = 0.02
+
+
+@dataclass
+class ClientLog:
+    device: str
+    sent: list[float] = field(default_factory=list)
+    received: list[float] = field(default_factory=list)
+    #: how late each send was against its schedule (s)
+    late: list[float] = field(default_factory=list)
+    closed: str = ""
+
+
+def encode_speech(path: str, frames: int = 250) -> list[bytes]:
+    """``frames`` Opus packets of the speech in ``path``, with the device's settings."""
+    pcm = load_wav(path)
+    encoder = OpusEncoder.from_settings(OpusSettings())
+    packets = []
+    for i in range(frames):
+        start = (i * CAPTURE_FRAME_BYTES) % max(CAPTURE_FRAME_BYTES, len(pcm) - CAPTURE_FRAME_BYTES)
+        packets.append(encoder.encode(pcm[start: start + CAPTURE_FRAME_BYTES]))
+    return packets
+
+
+async def _open(url: str, device: str, token: str) -> tuple[ClientConnection, Connection]:
+    ws = await connect(url, additional_headers={"Authorization": f"Bearer {token}"},
+                       subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+                       compression=None, max_size=MAX_TEXT_BYTES, proxy=None,
+                       open_timeout=30, ping_interval=20, ping_timeout=20)
+    conn = Connection(Role.DEVICE)
+    await ws.send(conn.start(Hello(device=device, software="edgevoice-loadgen")))
+    conn.receive_text(await asyncio.wait_for(ws.recv(), 30))
+    return ws, conn
+
+
+async def _receive(ws: ClientConnection, log: ClientLog) -> None:
+    received = log.received
+    async for data in ws:
+        if isinstance(data, bytes):
+            received.append(time.monotonic())
+
+
+async def _stream(ws: ClientConnection, conn: Connection, packets: list[bytes], start: float,
+                  until: float, log: ClientLog) -> None:
+    await ws.send(conn.send(TurnStart(turn_id=1, trigger="api")))
+    k = 0
+    n = len(packets)
+    while True:
+        due = start + k * FRAME_S
+        if due >= until:
+            return
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        now = time.monotonic()
+        log.late.append(now - due)
+        _, data = conn.send_audio(packets[k % n], k * 20, AudioFlags.START if k == 0 else
+                                  AudioFlags.NONE)
+        log.sent.append(now)
+        await ws.send(data)
+        k += 1
+
+
+async def run(args: argparse.Namespace, tokens: dict[str, str],
+              packets: list[bytes]) -> dict[str, Any]:
+    """Connect, stream, measure; the timestamps of every client."""
+    devices = sorted(tokens)[: args.clients]
+    logs = {d: ClientLog(d) for d in devices}
+    links: dict[str, tuple[ClientConnection, Connection]] = {}
+    failures: list[str] = []
+    # Connect in small batches, as a fleet coming online would, not all in one burst.
+    for i in range(0, len(devices), 20):
+        batch = devices[i:i + 20]
+        opened = await asyncio.gather(*(_open(args.url, d, tokens[d]) for d in batch),
+                                      return_exceptions=True)
+        for device, result in zip(batch, opened, strict=True):
+            if isinstance(result, BaseException):
+                failures.append(f"{device}: {result}")
+            else:
+                links[device] = result
+    stream_start = time.monotonic() + 0.2
+    measure_start = stream_start + args.warmup
+    measure_end = measure_start + args.measure
+    until = measure_end + 0.3
+    emit({"event": "streaming", "clients": len(links), "failures": failures[:5],
+          "t": stream_start})
+    receivers = [asyncio.create_task(_receive(ws, logs[d])) for d, (ws, _) in links.items()]
+    senders = [asyncio.create_task(_stream(ws, conn, packets,
+                                           stream_start + FRAME_S * i / max(1, len(links)),
+                                           until, logs[d]))
+               for i, (d, (ws, conn)) in enumerate(links.items())]
+
+    async def mark(name: str, at: float) -> None:
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        emit({"event": name, "t": time.monotonic()})
+
+    markers = [asyncio.create_task(mark("measure_start", measure_start)),
+               asyncio.create_task(mark("measure_end", measure_end))]
+    outcomes = await asyncio.gather(*senders, return_exceptions=True)
+    for device, outcome in zip(links, outcomes, strict=True):
+        if isinstance(outcome, ConnectionClosed):
+            logs[device].closed = f"closed by the relay: {outcome}"
+        elif isinstance(outcome, BaseException):
+            logs[device].closed = f"{type(outcome).__name__}: {outcome}"
+    await asyncio.gather(*markers)
+    await asyncio.sleep(0.3)  # the last downlink frames are still on their way
+    for task in receivers:
+        task.cancel()
+    await asyncio.gather(*(ws.close() for ws, _ in links.values()), return_exceptions=True)
+    for task in receivers:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    return {
+        "clients": len(links), "connect_failures": failures,
+        "devices": {d: {"sent": log.sent, "received": log.received, "late": log.late,
+                        "closed": log.closed} for d, log in logs.items()},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m edgevoice.bench.loadgen")
+    p.add_argument("--url", required=True)
+    p.add_argument("--tokens", required=True, help="JSON object: device id -> token")
+    p.add_argument("--clients", type=int, required=True)
+    p.add_argument("--speech", required=True, help="speech WAV the devices stream")
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--measure", type=float, default=5.0)
+    p.add_argument("--record", required=True)
+    p.add_argument("--cpu", type=int)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    pin_to_cpu(args.cpu)
+    tokens: dict[str, str] = json.loads(Path(args.tokens).read_text())
+    record = asyncio.run(run(args, tokens, encode_speech(args.speech)))
+    Path(args.record).write_text(json.dumps(record))
+    emit({"event": "done", "t": time.monotonic()})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

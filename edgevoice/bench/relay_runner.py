@@ -1,0 +1,93 @@
+"""A relay process for the benchmarks: the real RelayServer with a bench upstream.
+
+``python -m edgevoice.bench.relay_runner --tokens FILE --upstream KIND ...`` listens
+on 127.0.0.1, prints JSON event lines on stdout (``listening``, ``session``, ...)
+and, on SIGTERM, closes the relay the way ``edgevoice relay`` does, writes what its
+upstream recorded to ``--record`` and prints a ``stopped`` event with the relay's
+counters. ``--cpu`` pins it to one core; ``--profile`` writes a cProfile of the
+whole run (CPU time, not wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from edgevoice.bench.proc import emit, pin_to_cpu
+from edgevoice.bench.upstreams import BargeInUpstream, LoopbackUpstream, ReplyUpstream
+from edgevoice.relay.auth import TokenStore
+from edgevoice.relay.server import RelayServer
+from edgevoice.relay.settings import LimitsSettings, ListenSettings
+
+logger = logging.getLogger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m edgevoice.bench.relay_runner")
+    p.add_argument("--tokens", required=True, help="token store (JSON) of the devices")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--upstream", choices=["reply", "loopback", "bargein"], required=True)
+    p.add_argument("--reply", help="raw 24 kHz s16le PCM file the upstream speaks")
+    p.add_argument("--reply-ms", type=int, default=600)
+    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--record", help="write the upstream's timestamps here (JSON)")
+    p.add_argument("--cpu", type=int, help="pin the relay to this CPU")
+    p.add_argument("--profile", help="write a cProfile (CPU time) of the run here")
+    return p
+
+
+async def serve(args: argparse.Namespace, reply: bytes) -> dict[str, Any]:
+    """Run the relay until SIGTERM; what the upstream recorded."""
+    upstream: ReplyUpstream | LoopbackUpstream | BargeInUpstream
+    if args.upstream == "reply":
+        upstream = ReplyUpstream(reply, args.reply_ms, notify=emit)
+    elif args.upstream == "loopback":
+        upstream = LoopbackUpstream(reply, notify=None)  # hundreds of sessions: stay quiet
+    else:
+        upstream = BargeInUpstream(reply, args.trials, notify=emit)
+    server = RelayServer(ListenSettings(host="127.0.0.1", port=args.port), LimitsSettings(),
+                         TokenStore(args.tokens), upstream)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    emit({"event": "listening", "port": server.port, "t": time.monotonic()})
+    await stop.wait()
+    await server.close()
+    counters = asdict(server.counters)
+    counters.pop("upstream_latency_s", None)
+    return {"record": upstream.dump(), "counters": counters}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    pin_to_cpu(args.cpu)
+    reply = Path(args.reply).read_bytes() if args.reply else b""
+    profile = cProfile.Profile(time.process_time) if args.profile else None
+    if profile is not None:
+        profile.enable()
+    try:
+        outcome = asyncio.run(serve(args, reply))
+    finally:
+        if profile is not None:
+            profile.disable()
+            profile.dump_stats(args.profile)
+    if args.record:
+        Path(args.record).write_text(json.dumps(outcome["record"]))
+    emit({"event": "stopped", "t": time.monotonic(), "counters": outcome["counters"]})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""The bench runs, and produces every row with numbers. Its figures are never asserted.
+
+The pure parts (counting WebSocket frames, matching timestamps) are tested on
+made-up inputs; the whole bench runs once in its tiny mode, every row briefly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+from edgevoice.bench import main
+from edgevoice.bench.analysis import (
+    Spread,
+    downlink_delays,
+    paired_delays,
+    percentile,
+    silence_delays,
+)
+from edgevoice.bench.report import render_markdown, render_table
+from edgevoice.bench.runner import parse_rows
+from edgevoice.bench.wire import (
+    OPCODE_BINARY,
+    OPCODE_PING,
+    OPCODE_TEXT,
+    WebSocketTally,
+    client_frame_bytes,
+)
+
+
+def _frame(opcode: int, payload: bytes, masked: bool) -> bytes:
+    n = len(payload)
+    if n < 126:
+        header = bytes([0x80 | opcode, (0x80 if masked else 0) | n])
+    elif n < 65536:
+        header = bytes([0x80 | opcode, (0x80 if masked else 0) | 126]) + struct.pack("!H", n)
+    else:
+        header = bytes([0x80 | opcode, (0x80 if masked else 0) | 127]) + struct.pack("!Q", n)
+    return header + (b"\0\0\0\0" if masked else b"") + payload
+
+
+def test_tally_splits_handshake_audio_and_control_even_when_fed_byte_by_byte() -> None:
+    handshake = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    frames = [_frame(OPCODE_TEXT, b'{"type":"hello"}', True),
+              _frame(OPCODE_BINARY, bytes(70), True),
+              _frame(OPCODE_BINARY, bytes(300), True),
+              _frame(OPCODE_PING, b"", True),
+              _frame(OPCODE_BINARY, bytes(70_000), True)]
+    stream = handshake + b"".join(frames)
+    tally = WebSocketTally()
+    for i, byte in enumerate(stream):
+        tally.feed(bytes([byte]), now=float(i))
+    assert tally.handshake_bytes == len(handshake)
+    audio = tally.tally(OPCODE_BINARY)
+    assert audio.frames == 3
+    assert audio.wire_bytes == len(frames[1]) + len(frames[2]) + len(frames[4])
+    assert audio.payload_bytes == 70 + 300 + 70_000
+    assert tally.control_bytes == len(frames[0]) + len(frames[3])
+    assert len(tally.binary_times) == 3
+    assert client_frame_bytes(70) == len(frames[1])
+    assert client_frame_bytes(300) == len(frames[2])
+    assert client_frame_bytes(70_000) == len(frames[4])
+
+
+def test_server_frames_are_unmasked_and_need_no_handshake() -> None:
+    tally = WebSocketTally(http_first=False)
+    tally.feed(_frame(OPCODE_BINARY, bytes(60), False) * 2, now=1.0)
+    assert tally.tally(OPCODE_BINARY).frames == 2
+    assert tally.tally(OPCODE_BINARY).wire_bytes == 2 * (2 + 60)
+    assert tally.binary_frames_between(0.5, 1.5) == 2
+    assert tally.binary_frames_between(1.5, 2.0) == 0
+
+
+def test_percentiles_and_spread() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.5
+    assert percentile(values, 100) == 100.0
+    assert math.isnan(percentile([], 50))
+    spread = Spread.of([0.001, 0.002, 0.003])
+    assert spread.n == 3 and spread.p50_ms == 2.0 and spread.max_ms == 3.0
+
+
+def test_paired_delays_match_frames_by_position_and_count_the_unmatched() -> None:
+    sent = [[0.0, 0.02, 0.04], [1.0]]
+    arrived = [[0.001, 0.022], [1.005], [2.0]]
+    delays, unmatched = paired_delays(sent, arrived)
+    assert [round(d, 3) for d in delays] == [0.001, 0.002, 0.005]
+    assert unmatched == 2  # one frame never arrived, one group had no sender
+
+
+def test_downlink_delays_follow_the_first_sample_through_a_bursty_resampler() -> None:
+    # 24 -> 48 kHz: frame j starts at output sample 960 j. The resampler releases
+    # nothing for frame 0, then frames 0 and 1 together, as soxr HQ does.
+    emitted = [[0.000, 0.020, 0.040]]
+    pushes = [[(0.021, 1660), (0.041, 1660)]]
+    delays, missing = downlink_delays(emitted, pushes, 48_000)
+    assert [round(d, 3) for d in delays] == [0.021, 0.001, 0.001]
+    assert missing == 0
+    delays, missing = downlink_delays([[0.0, 0.02, 0.04, 0.06]], [[(0.001, 1920)]], 48_000)
+    assert len(delays) == 2 and missing == 2  # the reply was cut after two frames
+
+
+def test_silence_is_the_first_empty_block_pulled_after_the_interrupt() -> None:
+    pulls = [(0.00, 960), (0.02, 960), (0.04, 960), (0.06, 0), (0.08, 960), (0.10, 960)]
+    delays, missed = silence_delays([0.05, 0.09], pulls)
+    assert [round(d, 3) for d in delays] == [0.01]
+    assert missed == 1
+
+
+def test_rows_are_parsed_like_a_page_range() -> None:
+    assert parse_rows("1-7") == [1, 2, 3, 4, 5, 6, 7]
+    assert parse_rows("3, 1,6-7") == [1, 3, 6, 7]
+
+
+def test_the_bench_runs_every_row_with_both_peers_and_the_floor(tmp_path: Path) -> None:
+    json_path, md_path = tmp_path / "results.json", tmp_path / "benchmarks.md"
+    status = main(["--tiny", "--json", str(json_path), "--markdown", str(md_path)])
+    results = json.loads(json_path.read_text())
+    rows = {row["row"]: row for row in results["rows"]}
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6, 7]
+    assert {row["row"]: row["error"] for row in rows.values()} == dict.fromkeys(rows, "")
+    assert status == 0
+    for row in rows.values():
+        assert row["lines"] and row["lines"][0]["edgevoice"] not in ("", "n/a")
+    peers = {peer["name"]: peer for peer in rows[1]["data"]["peers"]}
+    assert {"wyoming", "nova-json"} <= set(peers)
+    assert all(peer["streaming_bytes_per_s"] > 0 for peer in peers.values())
+    assert rows[1]["data"]["edgevoice"]["audio_frames"] > 0
+    assert rows[2]["data"]["floor"]["total_s"] > 0
+    assert rows[2]["data"]["opus"]["complexity"] >= 0
+    assert rows[3]["data"]["uplink_live"]["n"] > 0 and rows[3]["data"]["downlink"]["n"] > 0
+    assert rows[4]["data"]["steps"][0]["connected"] > 0
+    assert rows[5]["data"]["to_silent"]["n"] > 0
+    assert rows[6]["data"]["restarts"] > 0
+    assert rows[7]["data"]["rss_mb"] > 0
+    assert results["machine"]["cpu_model"] and results["command"].startswith("edgevoice bench")
+    page = md_path.read_text()
+    assert results["command"] in page and results["machine"]["cpu_model"] in page
+    table = render_table(results)
+    assert "wyoming" in table and "nova-json" in table and "floor" in table
+    assert render_markdown(results) == page
