@@ -255,6 +255,10 @@ class TurnMachine:
 
     def on_response_start(self, now: float) -> list[Command]:
         out: list[Command] = []
+        if self.state is TurnState.LISTENING:
+            # The upstream decided the user had finished (Nova detects the end of
+            # speech itself, sooner than our hangover): the turn is over.
+            out.append(FinishTurn(self.turn_id, "answered"))
         if self.state in (TurnState.THINKING, TurnState.LISTENING):
             self._enter(TurnState.SPEAKING, now, out)
         return out

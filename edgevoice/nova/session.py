@@ -252,6 +252,8 @@ class SessionCore:
         self._pending_max = max(1, round(settings.pending_audio_max_s / FRAME_S))
         self._turn_active = False
         self._awaiting_since: float | None = None
+        #: a reply started since the device's current turn began
+        self._turn_answered = False
         self._response: _Response | None = None
         self._tools_running: dict[str, int] = {}
         self._last_activity = 0.0
@@ -295,6 +297,7 @@ class SessionCore:
         if self.state is _S.STOPPED:
             return []
         self._turn_active = True
+        self._turn_answered = False
         self._turn_audio.clear()
         self._awaiting_since = None
         self._last_activity = now
@@ -329,7 +332,9 @@ class SessionCore:
             return []
         self._turn_active = False
         self._last_activity = now
-        if self._turn_audio and self._response is None:
+        # Nova detects the end of speech itself and often answers before the
+        # device's longer hangover ends the turn: then nothing is awaited.
+        if self._turn_audio and self._response is None and not self._turn_answered:
             self._awaiting_since = now
         return []
 
@@ -746,6 +751,7 @@ class SessionCore:
         self._turn_audio.clear()
         self._last_activity = now
         self._log("reply started")
+        self._turn_answered = True
         return [Emit(ResponseStarted())]
 
     def _end_response(self, reason: str) -> list[Action]:

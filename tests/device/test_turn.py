@@ -168,3 +168,10 @@ def test_long_voiced_speech_inside_a_trigger_turn_counts_as_heard() -> None:
                    now=0.02 * i, voiced=True)
     out = m.on_frame(F, speech_started=None, speech_ended=True, in_speech=True, now=0.5)
     assert FinishTurn(1, "silence") in out
+
+
+def test_a_reply_that_starts_mid_turn_ends_the_turn() -> None:
+    m = machine()
+    frame(m, 0.0, start=(), speech=True)
+    out = m.on_response_start(0.5)
+    assert FinishTurn(1, "answered") in out and m.state is TurnState.SPEAKING

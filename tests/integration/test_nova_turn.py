@@ -195,3 +195,48 @@ def test_relay_cli_with_nova_upstream_holds_a_conversation(
         relay.terminate()
         _, err = relay.communicate(timeout=15)
     assert relay.returncode == 0, err[-2000:]
+
+
+def two_utterances(tmp_path: Path, gap_s: float) -> Path:
+    """Speech, a pause long enough for the reply, speech again."""
+    return speech_then_more(tmp_path, gap_s)
+
+
+def test_model_timeout_mid_conversation_resumes_transparently(
+        tmp_path: Path, fake: FakeBedrock) -> None:
+    # the first stream answers, then Bedrock reports a model timeout; the second turn
+    # must be answered on a fresh stream without the device noticing
+    fake.script.push(StreamPlan(replies=[Reply(assistant_text="First.", audio_chunks=4,
+                                               after="model_timeout", after_chunks=3)]),
+                     StreamPlan(default_reply=Reply(assistant_text="Second.", audio_chunks=4)))
+    turns, daemon, _ = run(one_conversation(
+        tmp_path, two_utterances(tmp_path, 4.0), relay_config(), turns=2, wait_s=45), 60)
+    assert len(turns) == 2 and turns[1].outcome == "completed", [t.as_dict() for t in turns]
+    assert ("assistant", "Second.") in turns[1].transcripts
+    assert not daemon.counters.errors, daemon.counters.errors
+    assert len(fake.received) >= 2
+    # the resumed stream carries the conversation so far
+    assert ("USER", "hello fake nova") in fake.received[1].text_inputs()
+
+
+def test_rotation_carries_history_to_the_next_stream(tmp_path: Path, fake: FakeBedrock) -> None:
+    fake.script.push(StreamPlan(default_reply=Reply(assistant_text="Rotated fine.",
+                                                    audio_chunks=4)))
+    turns, daemon, _ = run(one_conversation(
+        tmp_path, two_utterances(tmp_path, 4.0),
+        relay_config(rotate_after_s=2.0, rotate_hard_s=20.0), turns=2, wait_s=45), 60)
+    assert [t.outcome for t in turns] == ["completed", "completed"]
+    assert len(fake.received) >= 2, "the session was rotated onto a second stream"
+    history = fake.received[1].text_inputs()
+    assert history, "the new stream received the conversation history"
+    assert not daemon.counters.errors
+
+
+def test_malformed_events_from_the_service_do_not_break_the_turn(
+        tmp_path: Path, fake: FakeBedrock) -> None:
+    fake.script.push(StreamPlan(default_reply=Reply(assistant_text="Still here.",
+                                                    audio_chunks=4, malformed_first=True)))
+    turns, _daemon, _ = run(one_conversation(
+        tmp_path, speech_then_more(tmp_path, 1.0, second=False), relay_config()), 60)
+    assert turns and turns[0].outcome == "completed"
+    assert ("assistant", "Still here.") in turns[0].transcripts

@@ -108,7 +108,7 @@ def test_push_to_talk_button_starts_a_real_turn(tmp_path: Path, mock_pins: Any) 
         await asyncio.sleep(4.2)  # hold while the user speaks
         pin.drive_high()
 
-    turn, daemon, _ = run(converse(tmp_path, microphone, base, [button], hold_the_button,
+    turn, _daemon, _ = run(converse(tmp_path, microphone, base, [button], hold_the_button,
                                    display), 60)
     assert turn is not None and turn.trigger == "button", turn
     assert turn.outcome == "completed" and turn.uplink_frames > 100
@@ -155,7 +155,7 @@ def test_wake_word_starts_a_turn_without_sending_the_wake_word(tmp_path: Path) -
                      ("speech", question), ("quiet", 0.3))
     base = DeviceConfig()
     base = replace(base, turn=replace(base.turn, always_on=False))
-    turn, daemon, _ = run(converse(tmp_path, microphone, base, [wake]), 60)
+    turn, _daemon, _ = run(converse(tmp_path, microphone, base, [wake]), 60)
     assert turn is not None and turn.trigger == "wake", turn
     assert turn.outcome == "completed"
     question_frames = len(load_wav(question)) // 640
@@ -191,7 +191,7 @@ def test_http_trigger_starts_a_real_turn_and_needs_the_token_when_set(tmp_path: 
         await api.stop()
         return statuses
 
-    turn, daemon, statuses = run(converse(tmp_path, microphone, base, [], post_trigger), 60)
+    turn, _daemon, statuses = run(converse(tmp_path, microphone, base, [], post_trigger), 60)
     assert statuses == [401, 401, 202]
     assert turn is not None and turn.trigger == "api" and turn.outcome == "completed"
 
