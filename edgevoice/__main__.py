@@ -1,3 +1,5 @@
-from edgevoice.cli import main
 import sys
+
+from edgevoice.cli import main
+
 sys.exit(main())

@@ -11,7 +11,14 @@
      │    └── AuthenticationError     the relay refused our token (not retryable)
      ├── AudioDeviceError            a sound card vanished or cannot be opened (retryable)
      ├── UpstreamError               the speech upstream failed; carries code and retryable
-     └── ToolError                   a function-calling tool failed or timed out
+     ├── ToolError                   a function-calling tool failed or timed out
+     └── IllegalTransitionError      a state machine tried a move its table forbids (a bug)
+
+Not retryable either, defined beside the code that raises them:
+``audio.opus.CodecUnavailableError`` (no libopus), ``audio.wavio.AudioFileError``
+(not a usable WAV), ``audio.sounddevice_io.PortAudioUnavailableError`` (no
+PortAudio) and ``triggers.base.TriggerUnavailableError`` (a missing extra, model or
+GPIO): the operator must install or configure something.
 
 Every reconnect loop asks :func:`is_retryable` and nothing else, so the whole
 daemon agrees on what is worth another try.
@@ -79,6 +86,10 @@ class UpstreamError(EdgevoiceError):
 
 class ToolError(EdgevoiceError):
     """A function-calling tool failed, timed out or was given bad arguments."""
+
+
+class IllegalTransitionError(EdgevoiceError, RuntimeError):
+    """A state machine tried a transition its table does not list: a bug, never input."""
 
 
 def is_retryable(exc: BaseException) -> bool:

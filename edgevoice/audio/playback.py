@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgevoice.audio.base import SAMPLE_WIDTH_BYTES
-from edgevoice.errors import EdgevoiceError
+from edgevoice.errors import IllegalTransitionError
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +104,6 @@ TRANSITIONS: dict[PlaybackState, frozenset[PlaybackState]] = {
     P.PLAYING: frozenset({P.STARVED, P.IDLE}),  # IDLE: drained or flushed
     P.STARVED: frozenset({P.PLAYING, P.IDLE}),
 }
-
-
-class IllegalTransitionError(EdgevoiceError, RuntimeError):
-    """The buffer tried a transition :data:`TRANSITIONS` does not list (a bug here)."""
 
 
 Int16Array = npt.NDArray[np.int16]

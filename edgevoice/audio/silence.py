@@ -34,7 +34,7 @@ import numpy as np
 
 from edgevoice.audio.base import CAPTURE_FRAME_BYTES, CAPTURE_FRAME_SAMPLES, FRAME_MS
 from edgevoice.config.base import require
-from edgevoice.errors import EdgevoiceError
+from edgevoice.errors import IllegalTransitionError
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +42,6 @@ logger = logging.getLogger(__name__)
 SILENCE_DBFS = -100.0
 
 _FULL_SCALE_SQUARED = 32768.0 * 32768.0
-
-
-class IllegalTransitionError(EdgevoiceError, RuntimeError):
-    """The detector tried a transition :data:`TRANSITIONS` does not list (a bug here)."""
 
 
 @dataclass(frozen=True)

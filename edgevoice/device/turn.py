@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass, field
 
 from edgevoice.config.base import require
+from edgevoice.errors import IllegalTransitionError
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,8 @@ class TurnMachine:
         if new is self.state:
             return
         if new not in TRANSITIONS[self.state]:
-            raise RuntimeError(f"illegal turn transition {self.state.value} -> {new.value}")
+            raise IllegalTransitionError(
+                f"illegal turn transition {self.state.value} -> {new.value}")
         logger.debug("turn %d: %s -> %s", self.turn_id, self.state.value, new.value)
         out.append(StateChanged(new, self.state))
         self.state = new

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from edgevoice.backoff import Backoff, BackoffSettings
+from edgevoice.errors import IllegalTransitionError
 from edgevoice.nova import events as nova
 from edgevoice.nova.faults import (
     STREAM_ENDED,
@@ -105,9 +106,8 @@ _TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
 }
 
 
-class IllegalTransition(RuntimeError):
-    """A bug: the core tried a move its transition table does not allow."""
-
+#: kept under its old name for callers of this module
+IllegalTransition = IllegalTransitionError
 
 # --- actions for the runner -------------------------------------------------------
 

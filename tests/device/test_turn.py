@@ -16,6 +16,7 @@ from edgevoice.device.turn import (
     TurnSettings,
     TurnState,
 )
+from edgevoice.errors import IllegalTransitionError
 
 F = b"\x00" * 640
 
@@ -145,7 +146,7 @@ def test_every_state_change_is_reported_and_legal() -> None:
 
 def test_illegal_transition_raises() -> None:
     m = machine()
-    with pytest.raises(RuntimeError, match="illegal"):
+    with pytest.raises(IllegalTransitionError, match="illegal"):
         m._enter(TurnState.SPEAKING, 0.0, [])
 
 
