@@ -202,6 +202,22 @@ class OpusDecoder:
         ``next_packet`` itself with :meth:`decode`."""
         return self._run(next_packet, self._last_samples, fec=True)
 
+    def decode_after_gap(self, packet: bytes, missing: int, max_concealed: int) -> list[bytes]:
+        """PCM for ``packet`` that arrived ``missing`` packets after the last one.
+
+        One lost packet is rebuilt from the FEC that ``packet`` carries; a longer gap
+        is bridged by concealment, but only up to ``max_concealed`` packets (invented
+        audio beyond that would only confuse). Raises OpusDecodeError when ``packet``
+        itself is corrupt, after the gap's audio was made.
+        """
+        out: list[bytes] = []
+        if missing == 1:
+            out.append(self.recover(packet))
+        else:
+            out.extend(self.conceal() for _ in range(min(missing, max_concealed)))
+        out.append(self.decode(packet))
+        return out
+
     def reset(self) -> None:
         """Start a new stream: forget the state used for concealment."""
         self._dec.reset_state()

@@ -601,16 +601,12 @@ class DeviceDaemon(LinkListener):
         now = self.clock.now()
         self.counters.frames_received += 1
         self._response_frames += 1
-        payload = received.frame.payload
         try:
-            if received.missing == 1:
-                self._play(self.decoder.recover(payload))
-                self.counters.frames_concealed += 1
-            else:
-                for _ in range(min(received.missing, MAX_CONCEALED_FRAMES)):
-                    self._play(self.decoder.conceal())
-                    self.counters.frames_concealed += 1
-            self._play(self.decoder.decode(payload))
+            pieces = self.decoder.decode_after_gap(received.frame.payload, received.missing,
+                                                   MAX_CONCEALED_FRAMES)
+            self.counters.frames_concealed += len(pieces) - 1
+            for pcm in pieces:
+                self._play(pcm)
         except OpusDecodeError as exc:
             logger.warning("undecodable downlink frame %d: %s", received.frame.seq, exc)
             self._play(self.decoder.conceal())

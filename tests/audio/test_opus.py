@@ -173,3 +173,17 @@ def test_missing_binding_names_the_package_to_install(monkeypatch: pytest.Monkey
     monkeypatch.setitem(sys.modules, "opuslib_next", None)  # import raises ImportError
     with pytest.raises(CodecUnavailableError, match="pip install opuslib-next"):
         OpusDecoder()
+
+
+def test_decode_after_gap_recovers_one_conceals_a_few_and_caps_the_rest() -> None:
+    from edgevoice.audio.opus import OpusDecoder, OpusEncoder
+    encoder = OpusEncoder()
+    t = np.arange(320 * 30) / 16000.0
+    tone = (np.sin(2 * np.pi * 440 * t) * 8000).astype("<i2").tobytes()
+    packets = [encoder.encode(tone[i * 640:(i + 1) * 640]) for i in range(30)]
+    decoder = OpusDecoder()
+    assert len(decoder.decode_after_gap(packets[0], 0, 5)) == 1
+    assert len(decoder.decode_after_gap(packets[2], 1, 5)) == 2  # FEC rebuilds packet 1
+    assert len(decoder.decode_after_gap(packets[6], 3, 5)) == 4  # three concealed
+    assert len(decoder.decode_after_gap(packets[20], 13, 5)) == 6  # capped at five
+    assert all(len(p) == 640 for p in decoder.decode_after_gap(packets[22], 1, 5))
