@@ -435,6 +435,15 @@ class NetnsLoop:
         concurrent = asyncio.run_coroutine_threadsafe(wrapper(), self.loop)
         return asyncio.wrap_future(concurrent)
 
+    def run(self, factory: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
+        """Run ``factory()`` in the namespace's loop and wait (blocking) for its result."""
+        assert self.loop is not None
+
+        async def wrapper() -> T:
+            return await factory()
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(timeout)
+
     def call(self, function: Callable[[], T], timeout: float = 10.0) -> T:
         """Run a plain function in the namespace's loop thread and wait for its result."""
         assert self.loop is not None
