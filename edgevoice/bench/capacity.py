@@ -284,6 +284,7 @@ async def run_row(ws: Workspace) -> RowResult:
             "process per core behind one port (SO_REUSEPORT).")
     if ws.plan.profile and not ok:
         n = min(best.clients if best else steps[0].clients, 100)
+        logger.info("profiling the relay with %d sessions (figures of this pass not used)", n)
         _, summary = await _step(ws, n, profile=True)
         row.profile = summary
     row.seconds = time.monotonic() - started

@@ -294,9 +294,23 @@ def _cpu_row(ws: Workspace, run: ConversationRun) -> RowResult:
         spent = run.cpu_s - floor.total_s
         row.findings.append(
             f"The device spends {spent * 1000 / run.window_s:.1f} ms of CPU per second "
-            "outside libopus and soxr: waking the event loop for every 20 ms capture frame "
-            "and every 20 ms playback pull, the silence detector, WebSocket framing and "
-            "the daemon's bookkeeping. The profile below shows where.")
+            f"outside libopus and soxr, {run.cpu_s / max(floor.total_s, 1e-9):.1f} times what "
+            "the codecs need. The profile below (steady state only) shows no single hot "
+            "spot: it is Python and asyncio work repeated for every 20 ms frame. What to fix, "
+            "and where: (1) edgevoice/device/daemon.py, edgevoice/triggers/bargein.py: the "
+            "silence detector and the voice barge-in trigger each compute the RMS level of "
+            "the same microphone frame (pcm_dbfs repeats SilenceDetector._measure): compute "
+            "it once and hand it to both; (2) edgevoice/audio/playback.py: skip measuring "
+            "an output block that was all silence (most pulls; PlaybackBuffer._measure); "
+            "(3) edgevoice/device/link.py: send a frame straight to the WebSocket when "
+            "nothing is queued, instead of a queue and a task switch per frame. Part of the "
+            "figure is the WAV stand-ins': the WAV sink pulls every 20 ms block from an "
+            "asyncio timer (WavSink._pace in the profile) where a sound card's PortAudio "
+            "thread would pull without waking the loop, and the WAV source sleeps once per "
+            "frame; a shared 20 ms tick for both would halve those wake-ups. The uplink Opus "
+            f"encoder (complexity {opus['complexity']}, FEC) is "
+            f"{100 * floor.encode_s / max(run.cpu_s, 1e-9):.0f} % of the device's CPU and is "
+            "the floor itself.")
     return row
 
 

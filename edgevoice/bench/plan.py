@@ -57,7 +57,7 @@ QUICK = BenchPlan("quick", speech_s=15, latency_speech_s=12, capacity_steps=(10,
                   capacity_warmup_s=2, capacity_measure_s=4, bargein_trials=10,
                   reconnects=5, profile=False, stop_at_first_failure=False)
 #: For the test suite: every row runs, briefly.
-TINY = BenchPlan("tiny", speech_s=8, latency_speech_s=6, capacity_steps=(4,),
+TINY = BenchPlan("tiny", speech_s=8, latency_speech_s=7, capacity_steps=(4,),
                  capacity_warmup_s=1, capacity_measure_s=2, bargein_trials=3,
                  reconnects=2, profile=False, stop_at_first_failure=False)
 
