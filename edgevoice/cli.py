@@ -88,7 +88,7 @@ def _help_config(cls: type[Any]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
-        setup_logging(os.environ.get("EDGEVOICE_LOG_LEVEL", "warning"))
+        # the bench reports its own progress when no logging is configured
         from edgevoice.bench import main as bench_main
         return bench_main(argv[1:])
     args = _parser().parse_args(argv)
