@@ -268,7 +268,8 @@ class PlaybackBuffer:
             self.stats.played_samples += filled
             if n:
                 out[filled:] = 0
-                self._last_block_dbfs = self._measure(out)
+                # an all-silent block (most pulls while idle) needs no measuring
+                self._last_block_dbfs = self._measure(out) if filled else SILENCE_DBFS
         for event in events:
             self._emit(event)
         return filled
