@@ -625,7 +625,6 @@ class RelayServer:
         address = str(ws.remote_address[0]) if ws.remote_address else "?"
         now = self.clock.now()
         if self._limiter.blocked(address, now):
-            self.counters.rate_limited += 1
             return self._reject(http.HTTPStatus.TOO_MANY_REQUESTS,
                                 "too many bad tokens; try again in a minute",
                                 **{"Retry-After": "60"})

@@ -204,7 +204,12 @@ class FaultProxy:
         self._pairs.add(pair)
         pair.tasks = [asyncio.create_task(self._pipe(reader, up_writer, pair, up=True)),
                       asyncio.create_task(self._pipe(up_reader, writer, pair, up=False))]
-        await asyncio.gather(*pair.tasks, return_exceptions=True)
+        try:
+            await asyncio.gather(*pair.tasks, return_exceptions=True)
+        except asyncio.CancelledError:
+            # the proxy is closing; asyncio's stream server would report a cancelled
+            # handler as an error, so end quietly instead
+            pair.abort()
         self._pairs.discard(pair)
         for side in (writer, up_writer):
             with contextlib.suppress(Exception):

@@ -8,6 +8,7 @@ daemon may still use the protocol's default (treat it as ``link_down``).
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import struct
@@ -26,6 +27,17 @@ TIMEOUT_FACTOR = float(os.environ.get("EDGEVOICE_TIMEOUT_FACTOR", "1"))
 
 def scaled(seconds: float) -> float:
     return seconds * TIMEOUT_FACTOR
+
+
+def record(name: str, figures: dict[str, object]) -> None:
+    """Append measured figures to $RELIABILITY_FIGURES (a JSON-lines file), if set.
+
+    docs/reliability.md quotes them; nothing asserts on them.
+    """
+    path = os.environ.get("RELIABILITY_FIGURES")
+    if path:
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(json.dumps({"test": name, **figures}) + "\n")
 
 
 def write_voice_like(path: Path, *, lead_ms: int = 600, voiced_ms: int = 3000,

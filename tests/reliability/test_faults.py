@@ -14,7 +14,6 @@ The slow ones carry the ``slow`` marker (CI runs them); the namespace ones also
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -27,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from reliability_support import ResumingDaemon, scaled, wait_until
+from reliability_support import ResumingDaemon, record, scaled, wait_until
 
 from edgevoice.audio.base import CAPTURE_FRAME_BYTES, SourceStats
 from edgevoice.audio.wavio import WavSink, WavSource
@@ -68,6 +67,9 @@ class TurnResult:
     dropped: int
     resumes: int
     rtt_ms: float | None
+    last_resume_s: float | None
+    frames_replayed: int
+    underruns: int
 
 
 async def talk(url: str, token: str, source: WavSource, out: Path, turns_wanted: int,
@@ -97,7 +99,8 @@ async def talk(url: str, token: str, source: WavSource, out: Path, turns_wanted:
     link = daemon.link.stats
     return TurnResult(turns, daemon.counters.frames_sent, daemon.counters.frames_received,
                       daemon.counters.frames_concealed, daemon.link.dropped, link.resumes,
-                      link.rtt_ms)
+                      link.rtt_ms, link.last_resume_s, link.frames_replayed,
+                      daemon.playback.stats.underruns)
 
 
 # ------------------------------------------------------------ network namespaces
@@ -153,6 +156,12 @@ def test_link_down_and_up_mid_turn_loses_nothing(
     assert relay.counters.frames_concealed == 0
     assert result.frames_received == relay.counters.frames_out
     assert result.frames_concealed == 0 and result.dropped == 0
+    record("netns_link_down_3s_mid_utterance", {
+        "uplink_frames": turn.uplink_frames, "frames_in_at_relay": relay.counters.frames_in,
+        "frames_lost": turn.uplink_frames - relay.counters.frames_in,
+        "frames_replayed": result.frames_replayed,
+        "drop_to_resumed_s": round(result.last_resume_s or 0, 3),
+        "reply_frames": result.frames_received, "reply_frames_concealed": 0})
 
 
 @pytest.mark.slow
@@ -172,6 +181,11 @@ def test_five_percent_loss_each_way(
     # TCP repairs the loss: every frame arrives
     assert relay.counters.frames_in == sum(t.uplink_frames for t in result.turns)
     assert result.frames_concealed == 0
+    record("netns_loss_5pct_each_way", {
+        "packets_dropped": net.dropped_packets(), "turns": len(result.turns),
+        "uplink_frames": sum(t.uplink_frames for t in result.turns),
+        "frames_in_at_relay": relay.counters.frames_in,
+        "reply_frames": result.frames_received, "playback_underruns": result.underruns})
 
 
 # ----------------------------------------------------------------- delay
@@ -191,6 +205,10 @@ def test_two_hundred_ms_added_each_way(tmp_path: Path, speech_wav: Path) -> None
     assert result.turns[0].outcome == "completed"
     assert frames_in == result.turns[0].uplink_frames
     assert result.rtt_ms is not None and result.rtt_ms >= 400
+    record("delay_200ms_each_way", {
+        "rtt_ms": round(result.rtt_ms, 1), "uplink_frames": result.turns[0].uplink_frames,
+        "frames_in_at_relay": frames_in, "playback_underruns": result.underruns,
+        "turn": result.turns[0].milestones_ms()})
 
 
 # ----------------------------------------------------------- relay processes
@@ -255,14 +273,6 @@ def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
     return ordered[k]
-
-
-def record(name: str, figures: dict[str, object]) -> None:
-    """Append measured figures to $RELIABILITY_FIGURES (a JSON-lines file), if set."""
-    path = os.environ.get("RELIABILITY_FIGURES")
-    if path:
-        with open(path, "a", encoding="utf-8") as out:
-            out.write(json.dumps({"test": name, **figures}) + "\n")
 
 
 @pytest.mark.slow

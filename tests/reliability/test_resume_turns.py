@@ -13,7 +13,7 @@ import asyncio
 from dataclasses import replace
 from pathlib import Path
 
-from reliability_support import ResumingDaemon, scaled, wait_until
+from reliability_support import ResumingDaemon, record, scaled, wait_until
 
 from edgevoice.audio.wavio import WavSink, WavSource
 from edgevoice.backoff import BackoffSettings
@@ -84,6 +84,12 @@ def test_outage_mid_utterance_delivers_every_frame_and_the_whole_reply(
     # and the echo of all of it played, with nothing concealed
     assert daemon.counters.frames_received == relay["frames_out"] >= turn.uplink_frames - 2
     assert daemon.counters.frames_concealed == 0
+    record("outage_3s_mid_utterance", {
+        "uplink_frames": turn.uplink_frames, "frames_in_at_relay": relay["frames_in"],
+        "frames_queued_while_down": link.frames_queued_suspended,
+        "frames_replayed": link.frames_replayed,
+        "drop_to_resumed_s": round(link.last_resume_s or 0, 3),
+        "reply_frames": daemon.counters.frames_received, "reply_frames_concealed": 0})
 
 
 def test_outage_mid_reply_resumes_playback_where_it_stopped(
@@ -107,3 +113,8 @@ def test_outage_mid_reply_resumes_playback_where_it_stopped(
     assert expected * 0.98 <= stats.played_samples <= expected + rate
     assert turn.playback_end is not None and turn.playback_start is not None
     assert turn.playback_end - turn.playback_start >= OUTAGE_S
+    record("outage_3s_mid_reply", {
+        "reply_frames": turn.downlink_frames, "reply_frames_concealed": 0,
+        "drop_to_resumed_s": round(link.last_resume_s or 0, 3),
+        "playback_underruns": stats.underruns,
+        "playback_s": round(turn.playback_end - turn.playback_start, 2)})
