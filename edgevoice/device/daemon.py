@@ -174,6 +174,8 @@ class DeviceCounters:
     audio_reopens: int = 0
     turns: int = 0
     interrupts: int = 0
+    #: link drops survived by resuming the session
+    suspensions: int = 0
     errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -569,6 +571,18 @@ class DeviceDaemon(LinkListener):
         self._link_tried = True
         self._maybe_ready()
         self._show_state()
+
+    def link_suspended(self, reason: str, retry_in_s: float | None,
+                       resume_within_s: float) -> None:
+        """The connection dropped but the relay keeps the session: the turn goes on,
+        what is said meanwhile is queued by the link and replayed on resume."""
+        self.counters.suspensions += 1
+        when = f"reconnecting in {retry_in_s:.1f} s" if retry_in_s is not None \
+            else "reconnecting"
+        self._set_status(f"link interrupted, {when}; session kept {resume_within_s:.0f} s "
+                         f"more: {reason}")
+        self._link_tried = True
+        self._maybe_ready()
 
     def on_message(self, message: Message) -> None:
         now = self.clock.now()
