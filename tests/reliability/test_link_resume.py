@@ -181,7 +181,7 @@ def test_past_the_window_the_session_is_lost_cleanly(tmp_path: Path) -> None:
             assert link.stats.resumes_expired == 1
             assert relay.counters.sessions_expired == 1
             assert relay.counters.sessions_total == 2 and not relay.held
-            assert not link.send_audio(b"x", 0) or link.connected
+            assert link.stats.dropped_session_lost == 0  # nothing was queued to lose
     run(scenario(), timeout=scaled(30))
 
 
@@ -197,7 +197,8 @@ def test_relay_going_away_ends_the_session_without_a_resume(tmp_path: Path) -> N
         # relay closed with 1001: the device does not try to resume
         await events.wait_for(lambda: len(events.kinds()) >= 2)
         assert events.kinds()[1] == "down"
-        assert "1001" in str(events.events[-1][1]) or "going" in str(events.events[-1][1])
+        first_down = next(str(d) for k, d in events.events if k == "down")
+        assert "1001" in first_down, first_down
         assert link.session_id is None
         await link.stop()
         task.cancel()
