@@ -1,9 +1,4 @@
-"""Shared pieces of the reliability tests: signals, listeners, a resuming daemon.
-
-``ResumingDaemon`` is the device daemon reacting to ``link_suspended`` the way the
-real one is meant to (keep the turn going while the link resumes); the shipped
-daemon may still use the protocol's default (treat it as ``link_down``).
-"""
+"""Shared pieces of the reliability tests: signals, a recording link listener, waits."""
 
 from __future__ import annotations
 
@@ -17,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgevoice.device.daemon import DeviceDaemon
 from edgevoice.protocol.connection import AudioReceived
 from edgevoice.protocol.messages import Message, Welcome
 
@@ -118,15 +112,3 @@ async def wait_until(predicate: Callable[[], bool], within_s: float = 10.0,
         if loop.time() > deadline:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(step)
-
-
-class ResumingDaemon(DeviceDaemon):
-    """The daemon keeping its turn while the link resumes (see the module docstring)."""
-
-    suspensions: int = 0
-
-    def link_suspended(self, reason: str, retry_in_s: float | None,
-                       resume_within_s: float) -> None:
-        self.suspensions += 1
-        self._set_status(f"link interrupted, resuming (for {resume_within_s:.1f} s more): "
-                         f"{reason}")

@@ -110,13 +110,6 @@ def device_main(url: str, token_file: str, status_file: str) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    class SoakDaemon(DeviceDaemon):
-        """Keeps its turn while the link resumes (as the shipped daemon is meant to)."""
-
-        def link_suspended(self, reason: str, retry_in_s: float | None,
-                           resume_within_s: float) -> None:
-            self._set_status(f"link interrupted, resuming: {reason}")
-
     outcomes: dict[str, int] = {}
 
     def turn_done(turn: TurnTimeline) -> None:
@@ -126,7 +119,7 @@ def device_main(url: str, token_file: str, status_file: str) -> None:
     config = replace(base, device_id="soak", relay=replace(
         base.relay, url=url, backoff=BackoffSettings()))
     token = Path(token_file).read_text().strip()
-    daemon = SoakDaemon(config, token,
+    daemon = DeviceDaemon(config, token,
                         WavSource(bundled_speech(), loop=True, tail_silence_ms=6000),
                         WavSink("/dev/null", realtime=True), on_turn_done=turn_done)
 

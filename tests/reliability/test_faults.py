@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from reliability_support import ResumingDaemon, record, scaled, wait_until
+from reliability_support import record, scaled, wait_until
 
 from edgevoice.audio.base import CAPTURE_FRAME_BYTES, SourceStats
 from edgevoice.audio.wavio import WavSink, WavSource
@@ -74,7 +74,7 @@ class TurnResult:
 
 async def talk(url: str, token: str, source: WavSource, out: Path, turns_wanted: int,
                within_s: float, during: object = None, **relay: object) -> TurnResult:
-    """A resuming daemon has ``turns_wanted`` turns; ``during`` (a coroutine function
+    """A daemon has ``turns_wanted`` turns; ``during`` (a coroutine function
     taking the daemon) runs alongside, to break things."""
     turns: list[TurnTimeline] = []
     finished = asyncio.Event()
@@ -84,7 +84,7 @@ async def talk(url: str, token: str, source: WavSource, out: Path, turns_wanted:
         if len(turns) >= turns_wanted:
             finished.set()
 
-    daemon = ResumingDaemon(device_config(url, **relay), token, source,
+    daemon = DeviceDaemon(device_config(url, **relay), token, source,
                             WavSink(out, realtime=True), on_turn_done=done,
                             capture_after_link=True)
     task = asyncio.create_task(daemon.run())
@@ -259,7 +259,7 @@ class RelayProcess:
         return self.proc.wait(timeout=scaled(20))
 
 
-class Timestamped(ResumingDaemon):
+class Timestamped(DeviceDaemon):
     """Notes when each link_up happened."""
 
     ups: list[tuple[float, bool]]

@@ -1,7 +1,7 @@
 """Acceptance of session resume: a 3 s outage mid-utterance and mid-reply loses nothing.
 
-A real daemon (``ResumingDaemon``: the shipped one, keeping its turn while the link
-resumes) and a real relay with the echo upstream, joined through a
+The shipped daemon (it keeps its turn while the link is suspended) and a real
+relay with the echo upstream, joined through a
 :class:`~edgevoice.testing.netfault.FaultProxy` that resets every connection and
 refuses new ones for 3 s. Just before the cut the proxy stalls for a moment, so
 frames sent then die with the connection and must be re-sent.
@@ -13,12 +13,12 @@ import asyncio
 from dataclasses import replace
 from pathlib import Path
 
-from reliability_support import ResumingDaemon, record, scaled, wait_until
+from reliability_support import record, scaled, wait_until
 
 from edgevoice.audio.wavio import WavSink, WavSource
 from edgevoice.backoff import BackoffSettings
 from edgevoice.config.model import DeviceConfig
-from edgevoice.device.daemon import TurnTimeline
+from edgevoice.device.daemon import DeviceDaemon, TurnTimeline
 from edgevoice.relay.server import RelayServer
 from edgevoice.testing.harness import run, running_relay
 from edgevoice.testing.netfault import FaultProxy
@@ -27,18 +27,18 @@ OUTAGE_S = 3.0
 
 
 def daemon_for(url: str, token: str, source: Path, out: Path,
-               done: asyncio.Future[TurnTimeline]) -> ResumingDaemon:
+               done: asyncio.Future[TurnTimeline]) -> DeviceDaemon:
     base = DeviceConfig()
     relay = replace(base.relay, url=url,
                     backoff=BackoffSettings(initial_ms=100, max_ms=1000, min_ms=20))
     config = replace(base, device_id="d1", relay=relay)
-    return ResumingDaemon(config, token, WavSource(source, realtime=True),
+    return DeviceDaemon(config, token, WavSource(source, realtime=True),
                           WavSink(out, realtime=True),
                           on_turn_done=lambda t: done.done() or done.set_result(t))
 
 
 async def one_turn(tmp_path: Path, source: Path, *, cut_when: str,
-                   ) -> tuple[TurnTimeline, ResumingDaemon, RelayServer, dict[str, int]]:
+                   ) -> tuple[TurnTimeline, DeviceDaemon, RelayServer, dict[str, int]]:
     async with running_relay(tmp_path) as relay:
         token = relay.tokens.add("d1")
         async with FaultProxy("127.0.0.1", relay.port) as proxy:
@@ -73,7 +73,7 @@ def test_outage_mid_utterance_delivers_every_frame_and_the_whole_reply(
                                  timeout=scaled(90))
     link = daemon.link.stats
     assert turn.outcome == "completed", turn.as_dict()
-    assert daemon.suspensions >= 1 and link.resumes == 1 and relay["resumed"] == 1
+    assert daemon.counters.suspensions >= 1 and link.resumes == 1 and relay["resumed"] == 1
     assert relay["sessions"] == 1
     # 100 % of the uplink: every frame the daemon produced reached the upstream, once
     assert turn.uplink_frames >= 300
