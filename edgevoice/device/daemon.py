@@ -417,7 +417,7 @@ class DeviceDaemon(LinkListener):
             TurnState.IDLE: DeviceState.IDLE,
         }[self.machine.state]
         if state is DeviceState.IDLE:
-            if not self.link.connected:
+            if not (self.link.connected or self.link.suspended):
                 state = DeviceState.OFFLINE
             elif self.clock.now() < self._error_until:
                 state = DeviceState.ERROR
@@ -493,17 +493,20 @@ class DeviceDaemon(LinkListener):
             if self.current.first_uplink is None:
                 self.current.first_uplink = now
 
-    def _on_state_changed(self, change: StateChanged) -> None:
-        state = change.state
-        text = {
+    def _state_text(self, state: TurnState) -> str:
+        """What the daemon is doing, in the words STATUS= and the log use."""
+        return {
             TurnState.IDLE: "listening for speech" if self.config.turn.always_on else "idle",
             TurnState.LISTENING: f"streaming turn {self.machine.turn_id}",
             TurnState.THINKING: f"waiting for the reply to turn {self.machine.turn_id}",
             TurnState.SPEAKING: f"playing the reply to turn {self.machine.turn_id}",
             TurnState.MUTED: "microphone muted",
         }[state]
+
+    def _on_state_changed(self, change: StateChanged) -> None:
+        state = change.state
         if self.link.connected:
-            self._set_status(text)
+            self._set_status(self._state_text(state))
         if change.previous is TurnState.SPEAKING and state is not TurnState.SPEAKING and \
                 self.current is not None and self.current.outcome == "open" and \
                 state is TurnState.LISTENING:
@@ -553,7 +556,7 @@ class DeviceDaemon(LinkListener):
         self.session_id = welcome.session_id
         self._connected.set()
         self._execute(self.machine.on_link(True, now), now)
-        self._set_status("listening for speech" if self.config.turn.always_on else "idle")
+        self._set_status(self._state_text(self.machine.state))
         self._link_tried = True
         self._maybe_ready()
         self._show_state()

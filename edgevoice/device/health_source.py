@@ -62,7 +62,8 @@ class DaemonHealth:
             uptime_s=round(d.clock.now() - d.started_at, 1),
             device_id=d.device_id,
             state=d.machine.state.value,
-            link_state=LINK_CONNECTED if d.link.connected else d.link.state.value,
+            link_state=(LINK_CONNECTED if d.link.connected
+                        else "resuming" if d.link.suspended else d.link.state.value),
             session_id=d.session_id,
             relay_rtt_ms=None if link.rtt_ms is None else round(link.rtt_ms, 2),
             reconnects=link.reconnects,

@@ -351,14 +351,14 @@ class DeviceSession:
         counters.frames_in += 1
         if self.turn_id is None:
             raise RemoteProtocolError("uplink audio outside a turn")
-        for _ in range(min(received.missing, MAX_CONCEALED_FRAMES)):
-            counters.frames_concealed += 1
-            await self.upstream.send_audio(self.decoder.conceal())
         try:
-            pcm = self.decoder.decode(received.frame.payload)
+            pieces = self.decoder.decode_after_gap(received.frame.payload, received.missing,
+                                                   MAX_CONCEALED_FRAMES)
         except OpusDecodeError as exc:
             raise RemoteProtocolError(f"undecodable Opus packet: {exc}") from None
-        await self.upstream.send_audio(pcm)
+        counters.frames_concealed += len(pieces) - 1
+        for pcm in pieces:
+            await self.upstream.send_audio(pcm)
 
     async def _on_message(self, ws: ServerConnection, conn: Connection,
                           message: Message) -> None:

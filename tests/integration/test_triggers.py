@@ -131,7 +131,9 @@ def test_toggle_button_press_during_reply_interrupts(tmp_path: Path, mock_pins: 
         pin.drive_low()
         await asyncio.sleep(0.1)
         pin.drive_high()  # toggle: turn on; the silence detector ends it
-        while daemon.device_state is not S.SPEAKING:
+        for _ in range(400):  # the reply arrives within seconds; poll the daemon's state
+            if daemon.device_state is S.SPEAKING:
+                break
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.0)
         pin.drive_low()  # a press while the assistant speaks interrupts it
