@@ -43,7 +43,7 @@ class OpusDecodeError(EdgevoiceError, ValueError):
 
 @dataclass(frozen=True)
 class OpusSettings:
-    """Encoder settings for the device -> relay audio."""
+    """Opus encoder settings (VOIP application, mono, 20 ms frames)."""
 
     bitrate_bps: int = 24_000
     """Target bitrate (VBR). 24 kbps gives about 50-60 bytes per 20 ms frame."""

@@ -79,6 +79,7 @@ class DeviceConfig:
     audio: AudioSettings = field(default_factory=AudioSettings)
     silence: SilenceSettings = field(default_factory=SilenceSettings)
     opus: OpusSettings = field(default_factory=OpusSettings)
+    """The microphone's encoder (device -> relay, 16 kHz)."""
     turn: TurnSettings = field(default_factory=TurnSettings)
     triggers: TriggerSettings = field(default_factory=TriggerSettings)
     feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
@@ -114,6 +115,9 @@ class RelayConfig:
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    downlink_opus: OpusSettings = field(
+        default_factory=lambda: OpusSettings(bitrate_bps=32_000, complexity=3))
+    """Opus encoder for the replies sent to devices (24 kHz); lower complexity, more devices."""
     admin: RelayAdminSettings = field(default_factory=RelayAdminSettings)
     watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
 

@@ -26,35 +26,47 @@ def _scalar(value: object) -> str:
     return text.removesuffix("\n...").removesuffix("...").strip()
 
 
+def _join_docs(field_doc: str, section_doc: str) -> str:
+    """The field's doc (what this use is for), then the section's, without repeats."""
+    if not field_doc or section_doc.startswith(field_doc.rstrip(".")):
+        return section_doc or field_doc
+    if not section_doc or field_doc.startswith(section_doc.rstrip(".")):
+        return field_doc
+    return f"{field_doc} {section_doc}"
+
+
 def render(cls: type[Any], header: str = "", indent: int = 0) -> str:
     lines: list[str] = []
     if header:
         lines += [f"# {line}" if line else "#" for line in header.splitlines()]
         lines.append("")
-    _render(cls, indent, lines)
+    _render(cls(), indent, lines)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _render(cls: type[Any], indent: int, lines: list[str]) -> None:
+def _render(instance: Any, indent: int, lines: list[str]) -> None:
+    """Every field of ``instance`` (a default-built settings object) with its doc."""
+    cls = type(instance)
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     pad = " " * indent
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         doc = docs.get(f.name, "")
+        value = getattr(instance, f.name)
         if dataclasses.is_dataclass(tp):
-            section_doc = " ".join((tp.__doc__ or "").split())
+            # the field's own doc says what this use of the section is for
+            own = " ".join((tp.__doc__ or "").split())
+            section_doc = _join_docs(doc, own)
             if indent == 0 and lines and lines[-1] != "":
                 lines.append("")
-            for line in textwrap.wrap(section_doc or doc, 88 - indent):
+            for line in textwrap.wrap(section_doc, 88 - indent):
                 lines.append(f"{pad}# {line}")
             lines.append(f"{pad}{f.name}:")
-            _render(typing.cast(type, tp), indent + 2, lines)
+            _render(value, indent + 2, lines)
             continue
-        default: object = (f.default if f.default is not dataclasses.MISSING
-                           else f.default_factory())  # type: ignore[misc,operator]
-        for line in textwrap.wrap(f"{doc} [default: {_scalar(default) or 'empty'}]",
+        for line in textwrap.wrap(f"{doc} [default: {_scalar(value) or 'empty'}]",
                                   88 - indent):
             lines.append(f"{pad}# {line}")
-        value = _scalar(default)
-        lines.append(f"{pad}{f.name}:{' ' + value if value else ''}")
+        text = _scalar(value)
+        lines.append(f"{pad}{f.name}:{' ' + text if text else ''}")

@@ -63,7 +63,7 @@ def build_server(config: RelayConfig) -> RelayServer:
     server = RelayServer(config.listen, config.limits, TokenStore(config.auth.tokens_file),
                          build_upstream(config),
                          max_failures_per_minute=config.auth.max_failures_per_minute,
-                         context_factory=contexts)
+                         context_factory=contexts, downlink_opus=config.downlink_opus)
     contexts.fleet = server.fleet
     return server
 

@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from edgevoice import __version__
-from edgevoice.audio.opus import OpusDecodeError, OpusDecoder, OpusEncoder
+from edgevoice.audio.opus import OpusDecodeError, OpusDecoder, OpusEncoder, OpusSettings
 from edgevoice.audio.resample import FrameFifo
 from edgevoice.clock import Clock, MonotonicClock
 from edgevoice.errors import ProtocolError, RemoteProtocolError
@@ -81,6 +81,9 @@ logger = logging.getLogger(__name__)
 DOWNLINK_FRAME_SAMPLES = UPSTREAM_OUTPUT_RATE_HZ // 50  # 480
 #: Frames the pacer may send ahead of real time, to ride over network jitter.
 PACING_LEAD_FRAMES = 3
+#: The reply's encoder: re-encoding every session's reply is most of the relay's CPU;
+#: complexity 3 costs about half of 5 (bench row 4) and speech at 32 kbps stays clear.
+DOWNLINK_OPUS = OpusSettings(bitrate_bps=32_000, complexity=3)
 #: Missing uplink frames concealed with PLC; a longer gap is not worth inventing.
 MAX_CONCEALED_FRAMES = 5
 #: Reliable messages held for a detached device beyond the paced queue (transcripts,
@@ -171,7 +174,7 @@ class DeviceSession:
         #: the current connection's core, or the last one's while detached (counters)
         self.conn: Connection | None = None
         self.decoder = OpusDecoder(16_000)
-        self.encoder = OpusEncoder(sample_rate_hz=UPSTREAM_OUTPUT_RATE_HZ, bitrate_bps=32_000)
+        self.encoder = OpusEncoder.from_settings(relay.downlink_opus, UPSTREAM_OUTPUT_RATE_HZ)
         self.fifo = FrameFifo(DOWNLINK_FRAME_SAMPLES)
         limits = relay.limits
         self.downlink: OutboundQueue[DownlinkAudio] = OutboundQueue(
@@ -512,8 +515,10 @@ class RelayServer:
     def __init__(self, listen: ListenSettings, limits: LimitsSettings, tokens: TokenStore,
                  upstream: Upstream, *, max_failures_per_minute: int = 10,
                  clock: Clock | None = None,
-                 context_factory: Callable[[str, str], DeviceContext] | None = None) -> None:
+                 context_factory: Callable[[str, str], DeviceContext] | None = None,
+                 downlink_opus: OpusSettings | None = None) -> None:
         self.listen = listen
+        self.downlink_opus = downlink_opus or DOWNLINK_OPUS
         self.limits = limits
         self.tokens = tokens
         self.upstream = upstream
