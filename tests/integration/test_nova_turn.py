@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,19 +31,6 @@ from edgevoice.testing.fake_bedrock import FakeBedrock, Reply, StreamPlan
 from edgevoice.testing.harness import device_config, run, running_relay
 
 pytestmark = pytest.mark.nova
-
-
-@pytest.fixture(scope="module")
-def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("fake-bedrock-ca")
-
-
-@pytest.fixture
-def fake(ca_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBedrock]:
-    with FakeBedrock(ca_dir=ca_dir) as server:
-        for key, value in server.env.items():
-            monkeypatch.setenv(key, value)
-        yield server
 
 
 def relay_config(**nova: object) -> RelayConfig:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -52,19 +51,6 @@ SILENCE = bytes(FRAME)
 def speech(tag: int = 0) -> bytes:
     """A loud 20 ms frame; ``tag`` makes frames tell-apart-able in recordings."""
     return (3000 + tag).to_bytes(2, "little", signed=True) * (FRAME // 2)
-
-
-@pytest.fixture(scope="module")
-def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("fake-bedrock-ca")
-
-
-@pytest.fixture
-def fake(ca_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBedrock]:
-    with FakeBedrock(ca_dir=ca_dir) as server:
-        for key, value in server.env.items():
-            monkeypatch.setenv(key, value)
-        yield server
 
 
 def settings(**overrides: Any) -> NovaSettings:
