@@ -67,6 +67,8 @@ class DaemonHealth:
             session_id=d.session_id,
             relay_rtt_ms=None if link.rtt_ms is None else round(link.rtt_ms, 2),
             reconnects=link.reconnects,
+            resumes=link.resumes,
+            frames_replayed=link.frames_replayed,
             frames_captured=source.frames_captured,
             frames_sent=d.counters.frames_sent,
             frames_received=d.counters.frames_received,

@@ -96,6 +96,10 @@ class DeviceSnapshot:
     session_id: str | None = None
     relay_rtt_ms: float | None = None
     reconnects: int = 0
+    #: link drops survived by resuming the session (nothing lost)
+    resumes: int = 0
+    #: audio frames re-sent to the relay after a resume
+    frames_replayed: int = 0
     #: 20 ms frames delivered by the microphone
     frames_captured: int = 0
     #: audio frames sent to the relay
@@ -219,6 +223,16 @@ def device_metrics(snapshot: DeviceSnapshot, problems: list[str]) -> list[Metric
             _ms_to_s(snapshot.relay_rtt_ms),
         ),
         counter("edgevoice_reconnects", "Relay reconnections.", snapshot.reconnects),
+        counter(
+            "edgevoice_link_resumes",
+            "Link drops survived by resuming the session.",
+            snapshot.resumes,
+        ),
+        counter(
+            "edgevoice_frames_replayed",
+            "Audio frames re-sent to the relay after a resume.",
+            snapshot.frames_replayed,
+        ),
         counter(
             "edgevoice_frames_captured",
             "Audio frames from the microphone.",

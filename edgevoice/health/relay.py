@@ -75,6 +75,10 @@ class RelaySnapshot:
     uptime_s: float
     sessions_active: int = 0
     sessions_total: int = 0
+    #: sessions kept after their device dropped / continued by a resume / given up
+    sessions_held: int = 0
+    sessions_resumed: int = 0
+    sessions_expired: int = 0
     #: audio frames received from devices
     frames_in: int = 0
     #: audio frames sent to devices
@@ -225,6 +229,21 @@ def relay_metrics(
             "edgevoice_relay_sessions_active", "Device sessions open now.", snapshot.sessions_active
         ),
         counter("edgevoice_relay_sessions", "Device sessions opened.", snapshot.sessions_total),
+        counter(
+            "edgevoice_relay_sessions_held",
+            "Sessions kept open after their device dropped, for a resume.",
+            snapshot.sessions_held,
+        ),
+        counter(
+            "edgevoice_relay_sessions_resumed",
+            "Sessions a device resumed within the window.",
+            snapshot.sessions_resumed,
+        ),
+        counter(
+            "edgevoice_relay_sessions_expired",
+            "Held sessions given up when the window ran out.",
+            snapshot.sessions_expired,
+        ),
         *gauge(
             "edgevoice_relay_devices_connected",
             "Devices connected now.",

@@ -69,11 +69,25 @@ async def one_turn(tmp_path: Path, source: Path, *, cut_when: str,
 
 def test_outage_mid_utterance_delivers_every_frame_and_the_whole_reply(
         tmp_path: Path, long_voice_wav: Path) -> None:
-    turn, daemon, _, relay = run(one_turn(tmp_path, long_voice_wav, cut_when="utterance"),
-                                 timeout=scaled(90))
+    turn, daemon, server, relay = run(one_turn(tmp_path, long_voice_wav, cut_when="utterance"),
+                                      timeout=scaled(90))
     link = daemon.link.stats
     assert turn.outcome == "completed", turn.as_dict()
     assert daemon.counters.suspensions >= 1 and link.resumes == 1 and relay["resumed"] == 1
+    # the operator sees the resume on both ends' /metrics
+    from edgevoice.device.health_source import DaemonHealth
+    from edgevoice.health import exposition
+    from edgevoice.health.device import device_metrics
+    from edgevoice.health.http import HealthSettings
+    from edgevoice.health.relay import relay_metrics
+    from edgevoice.relay.health_source import RelayHealth
+    device_text = exposition.render(device_metrics(
+        DaemonHealth(daemon, HealthSettings()).snapshot(), [])).decode()
+    assert "edgevoice_link_resumes_total 1.0" in device_text
+    assert "edgevoice_frames_replayed_total 0.0" not in device_text
+    relay_text = exposition.render(relay_metrics(RelayHealth(server).snapshot(), [], [])).decode()
+    assert "edgevoice_relay_sessions_resumed_total 1.0" in relay_text
+    assert "edgevoice_relay_sessions_held_total 1.0" in relay_text
     assert relay["sessions"] == 1
     # 100 % of the uplink: every frame the daemon produced reached the upstream, once
     assert turn.uplink_frames >= 300
