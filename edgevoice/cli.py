@@ -8,30 +8,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from edgevoice import __version__
-from edgevoice.config.loader import EXIT_CONFIG, describe
+from edgevoice.config.loader import EXIT_CONFIG
 from edgevoice.errors import ConfigError
+from edgevoice.logs import setup_logging
 
 DEFAULT_DEVICE_CONFIG = "/etc/edgevoice/device.yaml"
 DEFAULT_RELAY_CONFIG = "/etc/edgevoice/relay.yaml"
-
-
-def setup_logging(level: str) -> None:
-    # Under systemd, journald stamps every line: do not print a second time stamp.
-    if os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(levelname)s %(name)s: %(message)s"
-    else:
-        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt,
-                        stream=sys.stderr)
-    # websockets logs every handshake failure at INFO with a traceback; keep it quiet.
-    logging.getLogger("websockets").setLevel(max(logging.WARNING, logging.root.level))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("action", choices=["add", "list", "remove"])
     token.add_argument("name", nargs="?", help="device id (for add and remove)")
     token.add_argument("--config", default=DEFAULT_RELAY_CONFIG, help="relay YAML file")
+    token.add_argument("--replace", action="store_true",
+                       help="add: issue a new token for a device that has one (the old one "
+                            "stops working at once)")
     return parser
 
 
@@ -79,9 +70,11 @@ def _config_error(exc: ConfigError) -> int:
     return EXIT_CONFIG
 
 
-def _help_config(cls: type[Any]) -> int:
-    for key, tp, default, doc in describe(cls):
-        print(f"{key} ({tp}, default {default!r})\n    {doc}")
+def _help_config(cls: type[Any], header: str) -> int:
+    """Every option as the YAML file that sets it to its default, with its comment."""
+    from edgevoice.config.render import render
+    sys.stdout.write(render(cls, header))
+    sys.stdout.flush()
     return 0
 
 
@@ -98,28 +91,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _config_error(exc)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `edgevoice ... | head`: the reader has gone; that is not an error of ours.
+        # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "device":
         from edgevoice.config.model import DeviceConfig, load_device_config
         if args.help_config:
-            return _help_config(DeviceConfig)
+            from edgevoice.config.templates import DEVICE_HEADER
+            return _help_config(DeviceConfig, DEVICE_HEADER)
         config = load_device_config(args.config)
         from edgevoice.device.daemon import device_identity, read_token
         device_identity(config, read_token(config, args.config), args.config)
         if args.check_config:
             print(f"{args.config}: OK")
             return 0
-        setup_logging(config.log_level)
+        native = setup_logging(config.log_level, capture_native=True)
         from edgevoice.device.app import run_device
-        asyncio.run(run_device(config, args.config))
+        asyncio.run(run_device(config, args.config, native=native))
         return 0
     if args.command == "relay":
         from edgevoice.config.model import RelayConfig, load_relay_config
         if args.help_config:
-            return _help_config(RelayConfig)
+            from edgevoice.config.templates import RELAY_HEADER
+            return _help_config(RelayConfig, RELAY_HEADER)
         relay_config = load_relay_config(args.config)
+        from edgevoice.relay.auth import check_token_store
+        check_token_store(relay_config.auth.tokens_file, args.config)
         if args.check_config:
             print(f"{args.config}: OK")
             return 0
@@ -141,7 +145,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _token(args: argparse.Namespace) -> int:
     from edgevoice.config.model import load_relay_config
-    from edgevoice.relay.auth import TokenStore
+    from edgevoice.relay.auth import TokenStore, TokenStoreError
     store = TokenStore(load_relay_config(args.config).auth.tokens_file)
     if args.action == "list":
         for name in store.devices():
@@ -150,19 +154,28 @@ def _token(args: argparse.Namespace) -> int:
     if not args.name:
         print(f"edgevoice token {args.action}: give the device name", file=sys.stderr)
         return 2
-    if args.action == "add":
-        try:
-            token = store.add(args.name)
-        except ValueError as exc:
-            print(f"edgevoice token add: {exc}", file=sys.stderr)
-            return 2
-        print(token)
-        print(f"# token for {args.name!r}: shown once; put it in /etc/edgevoice/device.token "
-              "on the device", file=sys.stderr)
-        return 0
-    if not store.remove(args.name):
-        print(f"edgevoice token remove: no device {args.name!r}", file=sys.stderr)
+    try:
+        if args.action == "add":
+            token = store.add(args.name, replace=args.replace)
+        elif not store.remove(args.name):
+            print(f"edgevoice token remove: no device {args.name!r}", file=sys.stderr)
+            return 1
+        else:
+            return 0
+    except ValueError as exc:  # a device id that is not one
+        print(f"edgevoice token {args.action}: {exc}", file=sys.stderr)
+        return 2
+    except TokenStoreError as exc:
+        hint = ""
+        if isinstance(exc.__context__, PermissionError):
+            hint = (" (run it as the relay's user, which owns the store: "
+                    f"sudo -u edgevoice-relay edgevoice token {args.action} {args.name})")
+        print(f"edgevoice token {args.action}: {exc}{hint}", file=sys.stderr)
         return 1
+    print(token)
+    verb = "replaced: the old one no longer works" if args.replace else "shown once"
+    print(f"# token for {args.name!r} {verb}; put it in /etc/edgevoice/device.token "
+          "on the device", file=sys.stderr)
     return 0
 
 

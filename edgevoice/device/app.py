@@ -3,6 +3,13 @@
 Also the process-level duties around the daemon: sd_notify (READY, STATUS,
 WATCHDOG, STOPPING), the health endpoint, and signals (SIGTERM/SIGINT stop,
 SIGUSR1 starts a turn so any other program can start one).
+
+A board may boot before its sound card is there (a USB card still enumerating, a
+HAT whose overlay is missing). The daemon cannot be built without the speaker (its
+rate sizes the playback path), so the process waits for it first: the health
+endpoint answers 503 with the reason, STATUS says "waiting for sound card ...", the
+start timeout is extended while the loop is healthy, and PortAudio is re-scanned
+with backoff. Waiting is not failing: no exit, so no restart loop.
 """
 
 from __future__ import annotations
@@ -11,16 +18,24 @@ import asyncio
 import contextlib
 import logging
 import signal
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
+from edgevoice import __version__
 from edgevoice.audio.sounddevice_io import open_sink, open_source
+from edgevoice.backoff import Backoff, BackoffSettings
+from edgevoice.clock import Clock, MonotonicClock
 from edgevoice.config.model import DeviceConfig
-from edgevoice.device.daemon import DeviceDaemon, read_token
+from edgevoice.device.daemon import DeviceDaemon, device_identity, read_token
 from edgevoice.device.health_source import DaemonHealth
-from edgevoice.health.device import device_health_api
+from edgevoice.errors import AudioDeviceError
+from edgevoice.health.device import DeviceHealthSource, DeviceSnapshot, device_health_api
 from edgevoice.health.http import load_token
-from edgevoice.service.notify import LoopLagProbe, SystemdNotifier, capture_probe
+from edgevoice.service.notify import LoopLagProbe, SystemdNotifier
 from edgevoice.triggers.base import Trigger
+
+if TYPE_CHECKING:
+    from edgevoice.logs import NativeStderr
 
 logger = logging.getLogger(__name__)
 
@@ -49,25 +64,159 @@ def build_daemon(config: DeviceConfig, config_file: str, **kwargs: Any) -> Devic
                         display=display, **kwargs)
 
 
-async def run_device(config: DeviceConfig, config_file: str) -> None:
+class WaitingForSoundCard:
+    """The health source while there is no daemon yet: always unhealthy, with the reason."""
+
+    def __init__(self, device_id: str, clock: Clock) -> None:
+        self.device_id = device_id
+        self.clock = clock
+        self.started_at = clock.now()
+        self.reason = "waiting for sound card"
+
+    def snapshot(self) -> DeviceSnapshot:
+        return DeviceSnapshot(version=__version__,
+                              uptime_s=round(self.clock.now() - self.started_at, 1),
+                              device_id=self.device_id, state="waiting for sound card",
+                              link_state="not started")
+
+    def health_problems(self, now: float) -> list[str]:
+        return [self.reason]
+
+    def request_turn(self) -> bool:
+        return False
+
+    def request_interrupt(self) -> bool:
+        return False
+
+
+class CurrentHealth:
+    """Forwards to the waiting source, then to the daemon once it exists."""
+
+    def __init__(self, source: DeviceHealthSource) -> None:
+        self.source = source
+
+    def snapshot(self) -> DeviceSnapshot:
+        return self.source.snapshot()
+
+    def health_problems(self, now: float) -> list[str]:
+        return self.source.health_problems(now)
+
+    def request_turn(self) -> bool:
+        return self.source.request_turn()
+
+    def request_interrupt(self) -> bool:
+        return self.source.request_interrupt()
+
+
+class AudioLiveness:
+    """The watchdog's audio probe: when capture last showed life.
+
+    Waiting for a sound card (or reopening one) is deliberate, not a hang: the
+    probe then reports "now", so the event-loop probe alone decides and systemd
+    keeps extending the start timeout instead of killing a patient daemon. A stream
+    that opened but has not delivered its first frame counts from when it opened,
+    so a healthy start never looks stalled.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.daemon: DeviceDaemon | None = None
+        self._opened_at: float | None = None
+
+    def __call__(self) -> float:
+        now = self.clock.now()
+        daemon = self.daemon
+        if daemon is None or daemon.audio_problem is not None:
+            self._opened_at = None
+            return now
+        last = daemon.source.stats.last_frame_at
+        if last > 0:
+            return last
+        if self._opened_at is None:
+            self._opened_at = now
+        return self._opened_at
+
+
+def rescan_sound_cards() -> None:
+    """Make PortAudio enumerate the sound cards again (it does so only when
+    initialised): a card plugged in after start becomes visible. Only while no
+    stream is open, i.e. before the daemon exists."""
+    sd = sys.modules.get("sounddevice")
+    if sd is None:
+        return  # not imported yet: the first use enumerates afresh
+    with contextlib.suppress(Exception):
+        sd._terminate()
+    with contextlib.suppress(Exception):
+        sd._initialize()
+
+
+async def wait_for_daemon(config: DeviceConfig, config_file: str, notifier: SystemdNotifier,
+                          waiting: WaitingForSoundCard, stopped: asyncio.Event,
+                          clock: Clock, **kwargs: Any) -> DeviceDaemon | None:
+    """Build the daemon, waiting with backoff while its sound card is missing.
+
+    None when asked to stop while waiting.
+    """
+    backoff = Backoff(BackoffSettings(initial_ms=500, max_ms=config.audio.reopen_max_ms,
+                                      min_ms=200))
+    logged = ""
+    while not stopped.is_set():
+        try:
+            return build_daemon(config, config_file, **kwargs)
+        except AudioDeviceError as exc:
+            delay = backoff.next_delay()
+            waiting.reason = f"waiting for sound card: {exc}"
+            notifier.status(f"{waiting.reason}; retrying in {delay:.1f} s")
+            if waiting.reason != logged:  # once per distinct reason, not per attempt
+                logged = waiting.reason
+                logger.warning("event=waiting_for_sound_card reason=%r retry_in_s=%.1f",
+                               str(exc), delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopped.wait(), delay)
+        rescan_sound_cards()
+    return None
+
+
+async def run_device(config: DeviceConfig, config_file: str, *,
+                     native: NativeStderr | None = None) -> None:
+    clock = MonotonicClock()
     notifier = SystemdNotifier(settings=config.watchdog)
     health_token = (load_token(config.health.token_file) if config.health.token_file
                     else None)
-    daemon = build_daemon(config, config_file, on_state=notifier.status,
-                          on_ready=lambda status: notifier.ready(status))
-    health = DaemonHealth(daemon, config.health, lambda: notifier.last_ping_at)
-    api = device_health_api(health, config.health, health_token, source_file=config_file)
+    device_id = device_identity(config, read_token(config, config_file), config_file)
+    waiting = WaitingForSoundCard(device_id, clock)
+    current = CurrentHealth(waiting)
+    api = device_health_api(current, config.health, health_token, source_file=config_file)
     loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    daemon: DeviceDaemon | None = None
+
+    def stop() -> None:
+        stopped.set()
+        if daemon is not None:
+            daemon.stop()
+
+    def turn() -> None:
+        if daemon is not None:
+            daemon.request_turn("signal")
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, daemon.stop)
-    loop.add_signal_handler(signal.SIGUSR1, lambda: daemon.request_turn("signal"))
+        loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGUSR1, turn)
     probe = LoopLagProbe()
     probe.start()
-    watchdog = notifier.watchdog_task(probe, capture_probe(daemon.source))
+    audio_alive = AudioLiveness(clock)
+    watchdog = notifier.watchdog_task(probe, audio_alive)
     await api.start()
     logger.info("health endpoint on %s:%d", config.health.bind, api.port)
     try:
-        await daemon.run()
+        daemon = await wait_for_daemon(
+            config, config_file, notifier, waiting, stopped, clock,
+            on_state=notifier.status, on_ready=lambda status: notifier.ready(status))
+        if daemon is not None:
+            current.source = DaemonHealth(daemon, config.health, lambda: notifier.last_ping_at)
+            audio_alive.daemon = daemon
+            await daemon.run()
     finally:
         notifier.stopping("stopping")
         watchdog.cancel()

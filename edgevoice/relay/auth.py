@@ -4,12 +4,20 @@ A token is ``<device-id>.<secret>``. The relay keeps only SHA-256 digests in a J
 file (mode 0600), re-read when it changes so ``edgevoice token add`` takes effect
 without a restart. The secret is 32 random bytes, so a fast hash is enough: there is
 nothing to brute-force that a slow hash would protect.
+
+Writers (``edgevoice token add|remove``, possibly many at once) take an exclusive
+``flock`` on the store's directory around read-modify-write, and replace the file
+atomically (write a temporary file, fsync, rename): no token is lost to a race and
+the relay never reads half a file. The directory, not a lock file, is locked so
+that root and the relay's user can both take the lock whoever wrote last.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import hmac
 import json
@@ -18,11 +26,12 @@ import os
 import re
 import secrets
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgevoice.config.base import require
-from edgevoice.errors import ConfigError
+from edgevoice.errors import ConfigError, EdgevoiceError
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +56,47 @@ def split_token(token: str) -> tuple[str, str] | None:
     if not dot or not DEVICE_ID.match(device_id) or not _SECRET.match(secret):
         return None
     return device_id, secret
+
+
+class TokenStoreError(EdgevoiceError):
+    """A token cannot be issued or removed: the reason says what to do."""
+
+
+class TokenExistsError(TokenStoreError):
+    """The device already has a token; replacing it must be asked for."""
+
+
+def _read_store(path: Path) -> dict[str, object]:
+    """The parsed store; ValueError (with the reason) when it is not a token store."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not isinstance(data.get("devices"), dict):
+        raise ValueError('expected {"version": 1, "devices": {...}}')
+    for name, entry in data["devices"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise ValueError(f"device {name!r} has no sha256 digest")
+    return data
+
+
+def check_token_store(path: str | Path, config_file: str) -> int:
+    """Refuse a missing or unreadable store (``file: key: reason``); else its size.
+
+    A relay started on a missing store would refuse every device without saying why.
+    """
+    store = Path(path)
+    key = "auth.tokens_file"
+    try:
+        data = _read_store(store)
+    except FileNotFoundError:
+        raise ConfigError(config_file, key, f"{store} does not exist: issue the first "
+                          "device token with `edgevoice token add NAME`, which creates it"
+                          ) from None
+    except OSError as exc:
+        raise ConfigError(config_file, key, f"cannot read {store}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(config_file, key, f"{store} is not a token store: {exc}") from None
+    devices = data["devices"]
+    assert isinstance(devices, dict)
+    return len(devices)
 
 
 @dataclass(frozen=True)
@@ -83,10 +133,10 @@ class TokenStore:
         if stamp == self._stamp:
             return
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            devices = data["devices"]
+            devices = _read_store(self.path)["devices"]
+            assert isinstance(devices, dict)
             digests = {str(k): str(v["sha256"]) for k, v in devices.items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (OSError, ValueError) as exc:
             raise ConfigError(str(self.path), "devices", f"unreadable token file: {exc}") from None
         self._digests, self._stamp = digests, stamp
         logger.info("loaded %d device tokens from %s", len(digests), self.path)
@@ -105,27 +155,67 @@ class TokenStore:
         self.reload_if_changed()
         return sorted(self._digests)
 
-    def add(self, device_id: str) -> str:
-        """Issue (or replace) the token of ``device_id``; return it. Shown only once."""
+    def add(self, device_id: str, *, replace: bool = False) -> str:
+        """Issue the token of ``device_id``; return it (shown only once).
+
+        A device that has a token keeps it unless ``replace``: silently issuing a
+        new one would lock out the device that uses the old one.
+        """
         token = new_token(device_id)
-        self._update(lambda d: d.__setitem__(device_id, {
-            "sha256": hash_token(token),
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}))
+
+        def change(devices: dict[str, object]) -> None:
+            if device_id in devices and not replace:
+                raise TokenExistsError(
+                    f"{device_id!r} already has a token; `edgevoice token add {device_id} "
+                    "--replace` issues a new one (the device must then be given it)")
+            devices[device_id] = {
+                "sha256": hash_token(token),
+                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+
+        self._update(change)
         return token
 
     def remove(self, device_id: str) -> bool:
-        present = device_id in self.devices()
-        if present:
-            self._update(lambda d: d.pop(device_id))
-        return present
+        removed: list[bool] = []
+        self._update(lambda d: removed.append(d.pop(device_id, None) is not None))
+        return removed[0]
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        directory = self.path.parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise TokenStoreError(f"cannot use {directory}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def _update(self, change: collections.abc.Callable[[dict[str, object]], object]) -> None:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            data = {"version": 1, "devices": {}}
-        change(data["devices"])
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            try:
+                data = _read_store(self.path)
+            except FileNotFoundError:
+                data = {"version": 1, "devices": {}}
+            except OSError as exc:
+                raise TokenStoreError(f"cannot read {self.path}: {exc.strerror}") from None
+            except ValueError as exc:
+                raise TokenStoreError(f"{self.path} is not a token store ({exc}): fix or "
+                                      "move it aside; nothing was changed") from None
+            devices = data["devices"]
+            assert isinstance(devices, dict)
+            change(devices)
+            try:
+                self._write(data)
+            except OSError as exc:
+                raise TokenStoreError(f"cannot write {self.path}: {exc.strerror}") from None
+        self._stamp = None
+        self.reload_if_changed()
+
+    def _write(self, data: dict[str, object]) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tokens-")
         try:
             os.fchmod(fd, 0o600)
@@ -137,12 +227,12 @@ class TokenStore:
                 os.fchown(fd, directory.st_uid, directory.st_gid)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(data, f, indent=2, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        self._stamp = None
-        self.reload_if_changed()
 
 
 class FailureLimiter:

@@ -28,7 +28,7 @@ def test_tokens_are_stored_hashed_and_verified(tmp_path: Path) -> None:
 def test_reissuing_replaces_the_old_token(tmp_path: Path) -> None:
     store = TokenStore(tmp_path / "tokens.json")
     old = store.add("kitchen")
-    new = store.add("kitchen")
+    new = store.add("kitchen", replace=True)
     assert store.verify(old) is None and store.verify(new) == "kitchen"
 
 
