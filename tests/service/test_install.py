@@ -381,6 +381,11 @@ def test_relay_install_uses_its_own_user_and_no_device_token(staging: Staging) -
         == "/etc/systemd/system/edgevoice-relay.service"
     )
     assert not staging.path("/etc/edgevoice/device.token").exists()
+    # an empty token store, so that the relay starts (it refuses a missing one)
+    assert staging.owner_and_mode("/var/lib/edgevoice-relay/tokens.json") == (
+        "0600", "edgevoice-relay", "edgevoice-relay")
+    from edgevoice.relay.auth import check_token_store
+    assert check_token_store(staging.path("/var/lib/edgevoice-relay/tokens.json"), "x") == 0
     assert not staging.path("/etc/systemd/system/edgevoice.service").exists()
     assert "edgevoice-relay" not in staging.members("audio")
     settled = manifest(staging.root)
