@@ -41,12 +41,13 @@ logger = logging.getLogger(__name__)
 
 
 def build_triggers(config: DeviceConfig) -> list[Trigger]:
-    """The button and wake word the config enables (barge-in is built by the daemon)."""
+    """The button and wake word ``turn.start`` names (barge-in is built by the daemon)."""
     triggers: list[Trigger] = []
-    if config.triggers.button.enabled:
+    ways = config.turn.ways
+    if "button" in ways:
         from edgevoice.triggers.button import ButtonTrigger
         triggers.append(ButtonTrigger(config.triggers.button))
-    if config.triggers.wake.enabled:
+    if "wake" in ways:
         from edgevoice.triggers.wake import WakeWordTrigger
         triggers.append(WakeWordTrigger(config.triggers.wake))
     return triggers

@@ -10,6 +10,7 @@ SPEAKING   pulse, 0.6 s up / 0.6 s down    the assistant talks (plain LED: blink
 ERROR      fast blink 0.1 s / 0.1 s        something failed; look at the logs
 OFFLINE    slow blink 1 s on / 1 s off     the relay is unreachable; reconnecting
 MUTED      blip 0.1 s every 3 s            the microphone is off (a reminder, not a glare)
+FOLLOW_UP  pulse, 0.2 s up / 0.2 s down    "still listening": talk on without the wake word
 =========  ==============================  ===========================================
 
 :func:`pattern_for` is the table; :class:`LedController` plays a pattern with
@@ -51,6 +52,7 @@ _PATTERNS: dict[DeviceState, LedPattern] = {
     DeviceState.ERROR: LedPattern("blink", on_ms=100, off_ms=100),
     DeviceState.OFFLINE: LedPattern("blink", on_ms=1000, off_ms=1000),
     DeviceState.MUTED: LedPattern("blink", on_ms=100, off_ms=2900),
+    DeviceState.FOLLOW_UP: LedPattern("pulse", on_ms=200, off_ms=200),
 }
 
 

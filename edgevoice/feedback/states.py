@@ -29,3 +29,6 @@ class DeviceState(enum.StrEnum):
     """The relay is unreachable; the daemon is reconnecting."""
     MUTED = "muted"
     """The user muted the microphone: no trigger may open a turn until unmuted."""
+    FOLLOW_UP = "follow_up"
+    """A reply just ended and the device listens for a follow-up: speaking now starts
+    a turn without the wake word or the button (``turn.follow_up_s``)."""

@@ -40,6 +40,10 @@ class TurnStartRequested:
     source: str
     """Which trigger asked: ``"button"``, ``"wake"``, ``"api"``..."""
 
+    held: bool = False
+    """The turn stays open until the trigger ends it (push-to-talk held, toggle on):
+    the silence detector's end of speech does not end it, ``max_turn_ms`` still does."""
+
 
 @dataclass(frozen=True)
 class TurnEndRequested:

@@ -8,6 +8,7 @@ mode and the device state at that moment, by one table, :data:`PRESS_PLANS`:
 device state       push_to_talk                    toggle
 =================  ==============================  =================================
 IDLE/ERROR/OFFLINE start the turn at press,        start the turn at release
+FOLLOW_UP          end it at release               (if the press was short)
                    end it at release               (if the press was short)
 LISTENING          nothing at press (the press     end the turn at release
                    takes over the open turn),      (if the press was short)
@@ -36,9 +37,14 @@ Why these choices:
   while the button is held); when a wake word is also enabled, mute through the local
   API, or use toggle mode.
 
-Contact bounce beyond gpiozero's debounce window can deliver a second press without a
-release (or the reverse). That is a fact of cheap switches, not a bug, so such edges
-are logged at debug level and ignored rather than raised.
+**Debounce is done here, in the pure logic**, not by the GPIO pin factory: every
+mechanical switch bounces (a tactile switch for 1-10 ms, twice or more at each edge),
+and a bounce that got through once gave five turns and cut a reply short. The first
+edge that changes the debounced level is acted on at once (no added latency); edges
+in the ``bounce_ms`` that follow are contact bounce and only update the raw level.
+When the lockout ends and the raw level has been steady for ``bounce_ms`` yet differs
+from the debounced one (the last bounce was a real change), :meth:`ButtonLogic.tick`
+commits it. gpiozero is therefore given no ``bounce_time`` of its own.
 """
 
 from __future__ import annotations
@@ -76,9 +82,6 @@ ButtonMode = Literal["push_to_talk", "toggle"]
 class ButtonSettings:
     """A momentary push button between a GPIO pin and ground (or 3.3 V)."""
 
-    enabled: bool = False
-    """Use a GPIO button as a trigger (needs the ``pi`` extra: gpiozero)."""
-
     pin: int = 17
     """BCM (GPIO) number of the pin, not the physical header position.
     GPIO17 is physical pin 11."""
@@ -88,8 +91,10 @@ class ButtonSettings:
     False: it connects the pin to 3.3 V and the internal pull-down is used."""
 
     bounce_ms: int = 30
-    """Edges closer together than this are contact bounce and are ignored
-    (0 disables debouncing)."""
+    """After an edge, further edges for this long are contact bounce (ms). Tactile
+    switches settle within 1-10 ms, worn or large ones within 20; 30 leaves margin and
+    is far below the shortest deliberate tap (~80 ms). Debouncing is done by edgevoice
+    itself and cannot be switched off: an RC-debounced button works with any value."""
 
     mode: ButtonMode = "push_to_talk"
     """``push_to_talk``: hold to talk, release to end. ``toggle``: press to start,
@@ -101,16 +106,21 @@ class ButtonSettings:
 
     def __post_init__(self) -> None:
         require(0 <= self.pin <= 27, "pin", "must be a BCM GPIO number in [0, 27]")
-        require(0 <= self.bounce_ms <= 500, "bounce_ms", "must be in [0, 500] ms")
+        require(
+            5 <= self.bounce_ms <= 200,
+            "bounce_ms",
+            "must be in [5, 200] ms: every mechanical switch bounces, and without a "
+            "debounce each bounce is a press (a tactile switch needs 10-30)",
+        )
         require(
             self.mode in ("push_to_talk", "toggle"),
             "mode",
             "must be 'push_to_talk' or 'toggle'",
         )
         require(
-            max(300, self.bounce_ms) < self.long_press_ms <= 30_000,
+            300 < self.long_press_ms <= 30_000,
             "long_press_ms",
-            "must be above 300 ms and bounce_ms, and at most 30000 ms",
+            "must be above 300 ms and at most 30000 ms",
         )
 
 
@@ -145,6 +155,7 @@ PRESS_PLANS: dict[tuple[ButtonMode, DeviceState], PressPlan] = {
     ("push_to_talk", _D.THINKING): _P.INTERRUPT_AND_START,
     ("push_to_talk", _D.SPEAKING): _P.INTERRUPT_AND_START,
     ("push_to_talk", _D.MUTED): _P.IGNORE,
+    ("push_to_talk", _D.FOLLOW_UP): _P.START_NOW,
     ("toggle", _D.IDLE): _P.START_ON_RELEASE,
     ("toggle", _D.ERROR): _P.START_ON_RELEASE,
     ("toggle", _D.OFFLINE): _P.START_ON_RELEASE,
@@ -152,6 +163,7 @@ PRESS_PLANS: dict[tuple[ButtonMode, DeviceState], PressPlan] = {
     ("toggle", _D.THINKING): _P.INTERRUPT,
     ("toggle", _D.SPEAKING): _P.INTERRUPT,
     ("toggle", _D.MUTED): _P.IGNORE,
+    ("toggle", _D.FOLLOW_UP): _P.START_ON_RELEASE,
 }
 
 #: Plans whose turn is already open when the button goes down (push-to-talk).
@@ -171,19 +183,26 @@ class ButtonPhase(enum.Enum):
 class ButtonLogic:
     """The button's decisions as a pure state machine: edges and time in, events out.
 
-    Call :meth:`on_press` / :meth:`on_release` on edges and :meth:`tick` at (or after)
-    :attr:`deadline`; each returns the events to emit, in order. ``now`` is monotonic
-    seconds.
+    Call :meth:`on_press` / :meth:`on_release` with every *raw* edge from the pin
+    (bounces included) and :meth:`tick` at (or after) :attr:`deadline`; each returns
+    the events to emit, in order. ``now`` is monotonic seconds.
     """
 
     def __init__(self, settings: ButtonSettings) -> None:
         self._mode: ButtonMode = settings.mode
         self._long_press_s = settings.long_press_ms / 1000.0
+        self._bounce_s = settings.bounce_ms / 1000.0
         self._state = DeviceState.IDLE
         self._muted = False
         self._phase = ButtonPhase.UP
         self._plan = PressPlan.IGNORE
         self._pressed_at = 0.0
+        # debounce: the raw level, when it last changed, and the end of the lockout
+        self._raw_down = False
+        self._raw_changed_at = float("-inf")
+        self._lockout_until = float("-inf")
+        #: edges dropped as contact bounce (for diagnostics)
+        self.bounces = 0
 
     @property
     def phase(self) -> ButtonPhase:
@@ -191,10 +210,17 @@ class ButtonLogic:
 
     @property
     def deadline(self) -> float | None:
-        """When :meth:`tick` must next be called (the long-press instant), or None."""
+        """When :meth:`tick` must next be called, or None.
+
+        Either the long-press instant or the moment a bounced level settles.
+        """
+        deadlines: list[float] = []
         if self._phase is ButtonPhase.DOWN and self._long_press_allowed():
-            return self._pressed_at + self._long_press_s
-        return None
+            deadlines.append(self._pressed_at + self._long_press_s)
+        settle = self._settle_at()
+        if settle is not None:
+            deadlines.append(settle)
+        return min(deadlines) if deadlines else None
 
     def set_state(self, state: DeviceState) -> None:
         """Learn the device state; MUTED and leaving MUTED also set the mute view."""
@@ -202,28 +228,71 @@ class ButtonLogic:
         self._muted = state is DeviceState.MUTED
 
     def on_press(self, now: float) -> list[TriggerEvent]:
-        if self._phase is not ButtonPhase.UP:
-            logger.debug("press while %s ignored (contact bounce)", self._phase.value)
-            return []
+        """A raw edge: the contact closed."""
+        return self._edge(True, now)
+
+    def on_release(self, now: float) -> list[TriggerEvent]:
+        """A raw edge: the contact opened."""
+        return self._edge(False, now)
+
+    def tick(self, now: float) -> list[TriggerEvent]:
+        """Commit a level that settled after a bounce; fire the long press when due."""
+        events: list[TriggerEvent] = []
+        settle = self._settle_at()
+        if settle is not None and now >= settle:
+            self._lockout_until = settle + self._bounce_s
+            events = self._pressed(settle) if self._raw_down else self._released(settle)
+        return events + self._long_press(now)
+
+    # -- debounce ------------------------------------------------------------------------
+
+    def _edge(self, down: bool, now: float) -> list[TriggerEvent]:
+        # A level that settled before this edge counts first (the tick came late).
+        events = self.tick(now) if self._settle_at() is not None else []
+        if down != self._raw_down:
+            self._raw_down = down
+            self._raw_changed_at = now
+        if now < self._lockout_until:
+            self.bounces += 1
+            logger.debug("%s at %.3f ignored (contact bounce)", "press" if down else "release", now)
+            return events
+        if down is self._debounced_down():
+            return events  # a repeated edge: nothing changed
+        self._lockout_until = now + self._bounce_s
+        return events + (self._pressed(now) if down else self._released(now))
+
+    def _debounced_down(self) -> bool:
+        return self._phase is not ButtonPhase.UP
+
+    def _settle_at(self) -> float | None:
+        """When the raw level, if it differs from the debounced one, counts as real."""
+        if self._raw_down is self._debounced_down():
+            return None
+        return max(self._lockout_until, self._raw_changed_at + self._bounce_s)
+
+    # -- debounced presses -----------------------------------------------------------------
+
+    def _pressed(self, now: float) -> list[TriggerEvent]:
         self._goto(ButtonPhase.DOWN)
         self._pressed_at = now
         self._plan = _P.IGNORE if self._muted else PRESS_PLANS[(self._mode, self._state)]
         logger.debug("press in %s/%s: %s", self._mode, self._state.value, self._plan.value)
+        held = self._mode == "push_to_talk"
         if self._plan is _P.START_NOW:
-            return [TurnStartRequested(SOURCE)]
+            return [TurnStartRequested(SOURCE, held=held)]
         if self._plan is _P.INTERRUPT_AND_START:
-            return [InterruptRequested(SOURCE), TurnStartRequested(SOURCE)]
+            return [InterruptRequested(SOURCE), TurnStartRequested(SOURCE, held=held)]
+        if self._plan is _P.TAKE_OVER:
+            # the open turn (started by voice or the wake word) is held from now on
+            return [TurnStartRequested(SOURCE, held=True)]
         if self._plan is _P.INTERRUPT:
             return [InterruptRequested(SOURCE)]
         return []
 
-    def on_release(self, now: float) -> list[TriggerEvent]:
-        if self._phase is ButtonPhase.UP:
-            logger.debug("release while up ignored (contact bounce)")
-            return []
+    def _released(self, now: float) -> list[TriggerEvent]:
         # A release can arrive before the tick that would have marked the press long
         # (the loop was busy): judge by the timestamps, not by whether tick ran.
-        events = self.tick(now)
+        events = self._long_press(now)
         was_long = self._phase is ButtonPhase.HELD_LONG
         self._goto(ButtonPhase.UP)
         plan, self._plan = self._plan, _P.IGNORE
@@ -234,15 +303,17 @@ class ButtonLogic:
         if was_long:
             return events
         if plan is _P.START_ON_RELEASE:
-            return [*events, TurnStartRequested(SOURCE)]
+            # toggle: the turn is held open until the next press ends it
+            return [*events, TurnStartRequested(SOURCE, held=True)]
         if plan is _P.END_ON_RELEASE:
             return [*events, TurnEndRequested(SOURCE, "pressed")]
         return events
 
-    def tick(self, now: float) -> list[TriggerEvent]:
+    def _long_press(self, now: float) -> list[TriggerEvent]:
         """Fire the long press if the button has been held long enough."""
-        deadline = self.deadline
-        if deadline is None or now < deadline:
+        if not (self._phase is ButtonPhase.DOWN and self._long_press_allowed()):
+            return []
+        if now < self._pressed_at + self._long_press_s:
             return []
         self._goto(ButtonPhase.HELD_LONG)
         self._muted = not self._muted
@@ -291,7 +362,7 @@ class ButtonTrigger:
             button = gpiozero.Button(
                 s.pin,
                 pull_up=s.pull_up,
-                bounce_time=s.bounce_ms / 1000.0 if s.bounce_ms else None,
+                bounce_time=None,  # ButtonLogic debounces (see the module docstring)
                 pin_factory=self._pin_factory,
             )
         except gpiozero.GPIOZeroError as exc:
@@ -341,8 +412,8 @@ class ButtonTrigger:
         self._schedule_tick()
 
     def _on_release(self, now: float) -> None:
-        self._cancel_timer()
         self._deliver(self.logic.on_release(now))
+        self._schedule_tick()
 
     def _on_tick(self) -> None:
         self._timer = None

@@ -11,7 +11,7 @@ from edgevoice.triggers.wake import WakeSettings
 
 @dataclass(frozen=True)
 class TriggerSettings:
-    """What can open, end or interrupt a turn besides the always-on silence detector."""
+    """How each trigger behaves. Which of them start turns is ``turn.start``."""
 
     button: ButtonSettings = field(default_factory=ButtonSettings)
     """A GPIO push button."""

@@ -1,32 +1,38 @@
 """The wake-word trigger: microWakeWord models (pymicro-wakeword) on the capture stream.
 
 The daemon feeds every captured 20 ms frame to :meth:`WakeWordTrigger.process`; the
-model works on 10 ms feature windows, so each frame yields two windows and the
-TensorFlow Lite model runs once per three windows (its stride). When the smoothed
-probability crosses the cutoff, ``process`` returns the events for that frame:
+features (10 ms windows) are computed once and every configured model runs on them
+(a TensorFlow Lite invocation per three windows, its stride). Each model has its own
+cutoff. When one model's smoothed probability crosses its cutoff, ``process`` returns
+the events for that frame:
 
-* IDLE, ERROR, OFFLINE: ``TurnStartRequested("wake")``;
+* IDLE, FOLLOW_UP, ERROR, OFFLINE: ``TurnStartRequested("wake")``;
 * THINKING, SPEAKING: ``InterruptRequested("wake")`` then ``TurnStartRequested("wake")``
   (saying the wake word over a reply means "stop, I have something to say");
 * LISTENING: nothing (a turn is already open; the user may just be repeating it);
-* MUTED: the model is not even run.
+* MUTED: the models are not even run.
 
 A detection opens a refractory period (``refractory_ms``) in which further detections
-are ignored: the model stays above the cutoff for several windows after one utterance.
+(by any model) are ignored: a model stays above its cutoff for several windows after
+one utterance.
 
-Pre-roll: the wake word itself must not be sent upstream. The detection fires on the
-frame that completes the wake word (typically 0.1-0.3 s after its last syllable), so
-the daemon clears its pre-roll buffer when it receives the ``TurnStartRequested("wake")``
-returned by ``process`` and streams from the *next* frame on. If the daemon handles the
-event later than that frame, :func:`frames_after_detection` picks the frames to keep
-using :attr:`WakeWordTrigger.last_detection_frame_index`.
+**Where the question starts.** The detection comes 0.05-0.3 s after the wake phrase
+ended (the smoothing window, and the model needs the end of the phrase to be sure).
+A user who does not pause ("okay nabu what's the time") is already saying the question
+then, and starting the uplink at the detection lost its first word. So each model's
+*raw* (unsmoothed) output is watched too: the frame where it last rose above one half
+is where the model started recognising the phrase's end. The phrase is taken to end
+``phrase_end_lead_ms`` before that (measured on synthetic voices, see
+docs/wake-words.md), exposed as :attr:`WakeWordTrigger.last_phrase_end_frame_index`,
+and the daemon sends the frames from there out of a short :class:`WakeUplinkBuffer`.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,37 +56,94 @@ SOURCE = "wake"
 BUILTIN_MODELS = ("hey_jarvis", "okay_nabu", "alexa", "hey_mycroft")
 
 
+#: Cutoff for a custom ``.tflite`` given without its ``.json`` (microWakeWord's usual).
+DEFAULT_CUSTOM_CUTOFF = 0.9
+#: Smoothing window (model outputs) for a custom ``.tflite`` without its ``.json``.
+DEFAULT_CUSTOM_WINDOW = 5
+#: A model's raw output above this counts as "recognising the phrase" (phrase end).
+_RISE_PROBABILITY = 0.5
+
+
 @dataclass(frozen=True)
 class WakeSettings:
-    """Wake-word detection on the microphone stream."""
+    """Wake-word detection on the microphone stream (used when ``turn.start`` has wake)."""
 
-    enabled: bool = False
-    """Listen for a wake word (needs the ``wake`` extra: pymicro-wakeword)."""
+    models: tuple[str, ...] = ("okay_nabu",)
+    """The wake words listened for, all at once: built-in models (okay_nabu,
+    hey_jarvis, alexa, hey_mycroft) and/or paths of custom microWakeWord models: a
+    ``.json`` description, or a ``.tflite`` file (its ``.json`` of the same name is
+    used when it exists). okay_nabu is the default because it was detected most
+    often on unseen voices (table in docs/wake-words.md)."""
 
-    model: str = "hey_jarvis"
-    """A built-in model (``hey_jarvis``, ``okay_nabu``, ``alexa``, ``hey_mycroft``) or
-    the path of a custom microWakeWord model: its ``.json`` description, or its
-    ``.tflite`` file with the ``.json`` of the same name beside it."""
-
-    probability_cutoff: float | None = None
-    """Detection threshold in (0, 1); higher means fewer false wakes and more misses.
-    ``null`` uses the model's own (0.97 for hey_jarvis)."""
+    probability_cutoffs: dict[str, float] = field(default_factory=dict)
+    """Per model (the name or path as written in ``models``), the detection threshold
+    in (0, 1): higher means fewer false wakes and more misses. Models not listed use
+    the cutoff measured for them in docs/wake-words.md (custom models: their .json's,
+    or 0.9)."""
 
     refractory_ms: int = 2000
     """After a detection, ignore further detections for this long."""
 
+    phrase_end_lead_ms: int = 100
+    """The wake phrase is taken to end this long before its model's raw output rose
+    above one half; the uplink starts there. Larger keeps more of a question said
+    without a pause (and risks the phrase's last sound), smaller the reverse."""
+
+    buffer_ms: int = 1500
+    """Audio kept to recover the start of the question after the wake phrase (ms)."""
+
     def __post_init__(self) -> None:
-        require(
-            self.model in BUILTIN_MODELS or self.model.endswith((".json", ".tflite")),
-            "model",
-            f"must be one of {', '.join(BUILTIN_MODELS)} or a path ending in .json or .tflite",
-        )
-        require(
-            self.probability_cutoff is None or 0.0 < self.probability_cutoff < 1.0,
-            "probability_cutoff",
-            "must be in (0, 1), or null for the model's default",
-        )
+        require(bool(self.models), "models", "must name at least one wake-word model")
+        for model in self.models:
+            require(
+                model in BUILTIN_MODELS or model.endswith((".json", ".tflite")),
+                "models",
+                f"{model!r} must be one of {', '.join(BUILTIN_MODELS)} or a path ending "
+                "in .json or .tflite",
+            )
+        require(len(set(self.models)) == len(self.models), "models", "names a model twice")
+        for model, cutoff in self.probability_cutoffs.items():
+            require(model in self.models, f"probability_cutoffs.{model}",
+                    "is not one of the models (list it in triggers.wake.models)")
+            require(0.0 < cutoff < 1.0, f"probability_cutoffs.{model}", "must be in (0, 1)")
         require(0 <= self.refractory_ms <= 60_000, "refractory_ms", "must be in [0, 60000] ms")
+        require(0 <= self.phrase_end_lead_ms <= 500, "phrase_end_lead_ms",
+                "must be in [0, 500] ms")
+        require(500 <= self.buffer_ms <= 5000, "buffer_ms", "must be in [500, 5000] ms")
+
+
+#: Cutoffs chosen by measurement (docs/wake-words.md) for the built-in models; they
+#: replace the models' own, which were tuned for other microphones and voices.
+MEASURED_CUTOFFS: dict[str, float] = {
+    "okay_nabu": 0.85,
+    "hey_jarvis": 0.97,
+    "alexa": 0.9,
+    "hey_mycroft": 0.95,
+}
+
+
+class WakeUplinkBuffer:
+    """The last few seconds of captured frames, by frame index (pure, bounded).
+
+    The daemon pushes every frame; when the wake word is detected it takes the frames
+    from the estimated end of the phrase on with :meth:`since`.
+    """
+
+    def __init__(self, max_frames: int) -> None:
+        if max_frames < 1:
+            raise ValueError("max_frames must be >= 1")
+        self._frames: collections.deque[tuple[int, bytes]] = collections.deque(
+            maxlen=max_frames)
+
+    def push(self, index: int, frame: bytes) -> None:
+        self._frames.append((index, frame))
+
+    def since(self, index: int) -> tuple[bytes, ...]:
+        """The buffered frames numbered ``index`` or later, oldest first."""
+        return tuple(frame for i, frame in self._frames if i >= index)
+
+    def clear(self) -> None:
+        self._frames.clear()
 
 
 def frames_after_detection(
@@ -99,22 +162,45 @@ def frames_after_detection(
     return list(frames[-keep:]) if keep < len(frames) else list(frames)
 
 
-def _resolve_model(model: str) -> Path:
-    """The ``.json`` description file of a custom model; raise if it is missing."""
+def _load_model(mww: Any, model: str) -> Any:
+    """Load a built-in model, a custom ``.json`` or a bare custom ``.tflite``."""
+    if model in BUILTIN_MODELS:
+        return mww.MicroWakeWord.from_builtin(mww.Model(model))
     path = Path(model).expanduser()
     config = path.with_suffix(".json")
-    if not config.is_file():
+    if config.is_file():
+        return mww.MicroWakeWord.from_config(config)
+    if path.suffix == ".json" or not path.is_file():
         raise TriggerUnavailableError(
-            f"wake-word model {model!r}: {config} does not exist. A custom microWakeWord "
-            "model needs its .json description (with the .tflite it names) on the device."
+            f"wake-word model {model!r}: {path} does not exist. Copy the model file to "
+            "the device (a .tflite, with its .json beside it if it has one)."
         )
-    return config
+    # A bare .tflite: the wheel's TensorFlow Lite library and microWakeWord's defaults.
+    library = next(iter((Path(mww.__file__).parent / "lib").glob("*tensorflowlite_c.*")), None)
+    if library is None:
+        raise TriggerUnavailableError("pymicro-wakeword has no TensorFlow Lite library here")
+    return mww.MicroWakeWord(
+        path.stem, wake_word=path.stem.replace("_", " ").title(), tflite_model=path,
+        probability_cutoff=DEFAULT_CUSTOM_CUTOFF, sliding_window_size=DEFAULT_CUSTOM_WINDOW,
+        trained_languages=[], libtensorflowlite_c_path=library)
+
+
+@dataclass
+class _Loaded:
+    """One model running in the trigger, and what it saw lately."""
+
+    name: str
+    model: Any
+    cutoff: float
+    #: the frame where its raw output last rose above one half
+    rise_frame_index: int | None = None
+    above: bool = False
 
 
 class WakeWordTrigger:
-    """Runs a microWakeWord model over the capture stream (an :class:`AudioTrigger`).
+    """Runs microWakeWord models over the capture stream (an :class:`AudioTrigger`).
 
-    Loads the model in the constructor, so a missing extra or model file fails at
+    Loads the models in the constructor, so a missing extra or model file fails at
     start-up with a message naming the fix, not at the first frame.
     """
 
@@ -123,58 +209,75 @@ class WakeWordTrigger:
     def __init__(self, settings: WakeSettings) -> None:
         self.settings = settings
         mww: Any = import_extra("pymicro_wakeword", "wake", "the wake word")
-        try:
-            if settings.model in BUILTIN_MODELS:
-                self._model: Any = mww.MicroWakeWord.from_builtin(mww.Model(settings.model))
-            else:
-                self._model = mww.MicroWakeWord.from_config(_resolve_model(settings.model))
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise TriggerUnavailableError(
-                f"cannot load wake-word model {settings.model!r}: {exc}"
-            ) from exc
-        if settings.probability_cutoff is not None:
-            self._model.probability_cutoff = settings.probability_cutoff
+        self._loaded: list[_Loaded] = []
+        for name in settings.models:
+            try:
+                model = _load_model(mww, name)
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                self.close()
+                raise TriggerUnavailableError(
+                    f"cannot load wake-word model {name!r}: {exc}") from exc
+            cutoff = settings.probability_cutoffs.get(
+                name, MEASURED_CUTOFFS.get(name, float(model.probability_cutoff)))
+            model.probability_cutoff = cutoff
+            self._loaded.append(_Loaded(name, model, cutoff))
+            logger.info("wake word %r loaded (cutoff %.3f)",
+                        getattr(model, "wake_word", name), cutoff)
         self._features: Any = mww.MicroWakeWordFeatures()
         self._refractory_frames = -(-settings.refractory_ms // FRAME_MS)
+        self._lead_frames = round(settings.phrase_end_lead_ms / FRAME_MS)
         self._state = DeviceState.IDLE
         #: frames fed to :meth:`process` since :meth:`start` (the next frame's index)
         self.frames_processed = 0
         #: index of the frame on which the last wake word was detected (None: none yet)
         self.last_detection_frame_index: int | None = None
+        #: estimated index of the first frame after the last detected wake phrase
+        self.last_phrase_end_frame_index: int | None = None
+        #: which model fired last (its entry in ``models``)
+        self.last_model: str | None = None
         #: detections since start(), including those the device state suppressed
         self.detections = 0
-        logger.info(
-            "wake word %r loaded (cutoff %.3f)",
-            getattr(self._model, "wake_word", settings.model),
-            self._model.probability_cutoff,
-        )
 
     @property
     def wake_word(self) -> str:
-        """The phrase the model listens for, e.g. "Hey Jarvis"."""
-        return str(getattr(self._model, "wake_word", self.settings.model))
+        """The phrase of the first model, e.g. "Okay Nabu"."""
+        first = self._loaded[0]
+        return str(getattr(first.model, "wake_word", first.name))
+
+    @property
+    def wake_words(self) -> dict[str, str]:
+        """Each model's phrase, by its entry in ``models``."""
+        return {m.name: str(getattr(m.model, "wake_word", m.name)) for m in self._loaded}
 
     @property
     def probability_cutoff(self) -> float:
-        return float(self._model.probability_cutoff)
+        """The first model's cutoff."""
+        return self._loaded[0].cutoff
+
+    @property
+    def probability_cutoffs(self) -> dict[str, float]:
+        return {m.name: m.cutoff for m in self._loaded}
 
     async def start(self, emit: Emit) -> None:
         # Events are returned by process(); emit is not needed.
         self._reset_model()
         self.frames_processed = 0
         self.last_detection_frame_index = None
+        self.last_phrase_end_frame_index = None
+        self.last_model = None
         self.detections = 0
 
     async def stop(self) -> None:
-        """Nothing to release until :meth:`close`: the model is kept for a restart."""
+        """Nothing to release until :meth:`close`: the models are kept for a restart."""
 
     def close(self) -> None:
-        """Free the TensorFlow Lite interpreter."""
-        self._model.close()
+        """Free the TensorFlow Lite interpreters."""
+        for loaded in self._loaded:
+            loaded.model.close()
 
     def set_state(self, state: DeviceState) -> None:
         if self._state is DeviceState.MUTED and state is not DeviceState.MUTED:
-            # Audio from before the mute is stale: start the model from scratch.
+            # Audio from before the mute is stale: start the models from scratch.
             self._reset_model()
         self._state = state
 
@@ -185,25 +288,49 @@ class WakeWordTrigger:
         self.frames_processed += 1
         if self._state is DeviceState.MUTED:
             return []
-        detected = False
+        fired: _Loaded | None = None
         for features in self._features.process_streaming(frame):
-            probability = self._model.process_streaming_prob(features)
-            if probability is not None and probability > self._model.probability_cutoff:
-                detected = True
-        if not detected:
+            for loaded in self._loaded:
+                probability = loaded.model.process_streaming_prob(features)
+                if probability is None:
+                    continue
+                self._watch_rise(loaded, index)
+                if probability > loaded.cutoff and fired is None:
+                    fired = loaded
+        if fired is None:
             return []
         last = self.last_detection_frame_index
         if last is not None and index - last <= self._refractory_frames:
             return []
         self.last_detection_frame_index = index
+        rise = fired.rise_frame_index if fired.rise_frame_index is not None else index
+        self.last_phrase_end_frame_index = min(index + 1, max(0, rise - self._lead_frames))
+        self.last_model = fired.name
         self.detections += 1
-        logger.info("wake word detected at frame %d while %s", index, self._state.value)
+        logger.info("wake word %s detected at frame %d (phrase ended ~frame %d) while %s",
+                    fired.name, index, self.last_phrase_end_frame_index, self._state.value)
         if self._state is DeviceState.LISTENING:
             return []
         if self._state in (DeviceState.SPEAKING, DeviceState.THINKING):
             return [InterruptRequested(SOURCE), TurnStartRequested(SOURCE)]
         return [TurnStartRequested(SOURCE)]
 
+    @staticmethod
+    def _watch_rise(loaded: _Loaded, index: int) -> None:
+        """Track where the model's raw (unsmoothed) output last rose above one half."""
+        # pymicro-wakeword keeps the raw outputs it averages in ``_probabilities``;
+        # without it (another version) the rise is not known and the detection is used.
+        raw_history = getattr(loaded.model, "_probabilities", None)
+        if not raw_history:
+            return
+        above = float(raw_history[-1]) > _RISE_PROBABILITY
+        if above and not loaded.above:
+            loaded.rise_frame_index = index
+        loaded.above = above
+
     def _reset_model(self) -> None:
         self._features.reset()
-        self._model.reset()
+        for loaded in self._loaded:
+            loaded.model.reset()
+            loaded.rise_frame_index = None
+            loaded.above = False

@@ -53,7 +53,7 @@ def test_silence_is_not_streamed() -> None:
 
 
 def test_button_turn_without_speech_ends_quietly_after_timeout() -> None:
-    m = machine(always_on=False, no_speech_timeout_ms=2000)
+    m = machine(start="button", no_speech_timeout_ms=2000)
     out = m.request_turn("button", 10.0)
     assert BeginTurn(1, "button") in out and PlayEarcon("listening") in out
     assert m.tick(11.0) == []
@@ -69,7 +69,7 @@ def test_max_turn_length_ends_the_turn() -> None:
 
 
 def test_release_ends_a_push_to_talk_turn() -> None:
-    m = machine(always_on=False)
+    m = machine(start="button")
     m.request_turn("button", 0.0)
     frame(m, 0.3, start=(b"p",), speech=True)
     assert FinishTurn(1, "release") in m.request_end("button", "release", 1.0)
@@ -151,7 +151,7 @@ def test_illegal_transition_raises() -> None:
 
 
 def test_wake_turn_is_not_ended_by_the_wake_phrase_hangover() -> None:
-    m = machine(always_on=False)
+    m = machine(start="button")
     m.request_turn("wake", 0.0)  # the detector is still inside "hey jarvis"
     frame(m, 0.02, speech=True)
     assert frame(m, 0.6, end=True, speech=True) == [StreamFrame(F)]
@@ -162,7 +162,7 @@ def test_wake_turn_is_not_ended_by_the_wake_phrase_hangover() -> None:
 
 
 def test_long_voiced_speech_inside_a_trigger_turn_counts_as_heard() -> None:
-    m = machine(always_on=False)
+    m = machine(start="button")
     m.request_turn("button", 0.0)
     for i in range(15):
         m.on_frame(F, speech_started=None, speech_ended=False, in_speech=True,

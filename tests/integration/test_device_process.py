@@ -113,7 +113,7 @@ def test_device_process_under_systemd_conventions(tmp_path: Path,
     cfg.write_text(f"""device_id: kitchen
 relay: {{url: "ws://127.0.0.1:{port}/", token_file: {tmp_path / 'device.token'}}}
 audio: {{input: "wav:{mic}", output: "wav:{tmp_path / 'speaker.wav'}"}}
-turn: {{always_on: false}}
+turn: {{start: api}}
 health: {{port: {health_port}}}
 watchdog: {{stall_after_s: 1.5}}
 """)

@@ -94,10 +94,10 @@ def mock_pins() -> Iterator[Any]:
 
 def test_push_to_talk_button_starts_a_real_turn(tmp_path: Path, mock_pins: Any) -> None:
     from edgevoice.triggers.button import ButtonSettings, ButtonTrigger
-    settings = ButtonSettings(enabled=True, pin=17, mode="push_to_talk", bounce_ms=0)
+    settings = ButtonSettings(pin=17, mode="push_to_talk", bounce_ms=5)
     button = ButtonTrigger(settings, pin_factory=mock_pins)
     base = DeviceConfig()
-    base = replace(base, turn=replace(base.turn, always_on=False))
+    base = replace(base, turn=replace(base.turn, start="button"))
     microphone = mic(tmp_path, ("quiet", 1.0), ("speech", bundled_speech()), ("quiet", 0.3))
     display = RecordingDisplay()
 
@@ -119,18 +119,24 @@ def test_push_to_talk_button_starts_a_real_turn(tmp_path: Path, mock_pins: Any) 
 
 def test_toggle_button_press_during_reply_interrupts(tmp_path: Path, mock_pins: Any) -> None:
     from edgevoice.triggers.button import ButtonSettings, ButtonTrigger
-    settings = ButtonSettings(enabled=True, pin=17, mode="toggle", bounce_ms=0)
+    settings = ButtonSettings(pin=17, mode="toggle", bounce_ms=5)
     button = ButtonTrigger(settings, pin_factory=mock_pins)
     base = DeviceConfig()
-    base = replace(base, turn=replace(base.turn, always_on=False))
+    base = replace(base, turn=replace(base.turn, start="button"))
     microphone = mic(tmp_path, ("quiet", 0.8), ("speech", bundled_speech()), ("quiet", 1.0))
+
+    speech_s = len(load_wav(bundled_speech())) / 2 / 16000
 
     async def press(daemon: DeviceDaemon) -> None:
         pin = mock_pins.pin(17)
         await asyncio.sleep(0.4)
         pin.drive_low()
         await asyncio.sleep(0.1)
-        pin.drive_high()  # toggle: turn on; the silence detector ends it
+        pin.drive_high()  # toggle: turn on; it stays open until the next press
+        await asyncio.sleep(0.3 + speech_s + 0.3)
+        pin.drive_low()
+        await asyncio.sleep(0.1)
+        pin.drive_high()  # the second press ends the turn
         for _ in range(400):  # the reply arrives within seconds; poll the daemon's state
             if daemon.device_state is S.SPEAKING:
                 break
@@ -150,13 +156,13 @@ def test_wake_word_starts_a_turn_without_sending_the_wake_word(tmp_path: Path) -
     pytest.importorskip("pymicro_wakeword")
     from edgevoice.testing.speech import synthesize
     from edgevoice.triggers.wake import WakeSettings, WakeWordTrigger
-    wake = WakeWordTrigger(WakeSettings(enabled=True, model="hey_jarvis"))
+    wake = WakeWordTrigger(WakeSettings(models=("hey_jarvis",)))
     phrase = synthesize("hey jarvis", voice="slt", path=tmp_path / "wake.wav")
     question = synthesize("what time is it in Tokyo", voice="slt", path=tmp_path / "q.wav")
     microphone = mic(tmp_path, ("quiet", 1.0), ("speech", phrase), ("quiet", 0.4),
                      ("speech", question), ("quiet", 0.3))
     base = DeviceConfig()
-    base = replace(base, turn=replace(base.turn, always_on=False))
+    base = replace(base, turn=replace(base.turn, start="button"))
     turn, _daemon, _ = run(converse(tmp_path, microphone, base, [wake]), 60)
     assert turn is not None and turn.trigger == "wake", turn
     assert turn.outcome == "completed"
@@ -169,7 +175,7 @@ def test_wake_word_starts_a_turn_without_sending_the_wake_word(tmp_path: Path) -
 
 def test_http_trigger_starts_a_real_turn_and_needs_the_token_when_set(tmp_path: Path) -> None:
     base = DeviceConfig()
-    base = replace(base, turn=replace(base.turn, always_on=False))
+    base = replace(base, turn=replace(base.turn, start="button"))
     microphone = mic(tmp_path, ("quiet", 1.5), ("speech", bundled_speech()), ("quiet", 0.3))
 
     async def post_trigger(daemon: DeviceDaemon) -> list[int]:
@@ -201,7 +207,7 @@ def test_http_trigger_starts_a_real_turn_and_needs_the_token_when_set(tmp_path: 
 def test_turn_requested_while_offline_plays_the_offline_earcon(tmp_path: Path) -> None:
     async def scenario() -> tuple[bytes, list[DeviceState]]:
         display = RecordingDisplay()
-        cfg = replace(DeviceConfig(), turn=replace(DeviceConfig().turn, always_on=False),
+        cfg = replace(DeviceConfig(), turn=replace(DeviceConfig().turn, start="button"),
                       relay=replace(DeviceConfig().relay, url="ws://127.0.0.1:9/"))
         out = tmp_path / "speaker.wav"
         daemon = DeviceDaemon(cfg, "kitchen.x", WavSource(mic(tmp_path, ("quiet", 3.0))),

@@ -30,14 +30,14 @@ from edgevoice.triggers.button import (
     ButtonTrigger,
 )
 
-START = TurnStartRequested("button")
+START = TurnStartRequested("button", held=True)
 RELEASED = TurnEndRequested("button", "released")
 PRESSED = TurnEndRequested("button", "pressed")
 INTERRUPT = InterruptRequested("button")
 
 
 def logic(mode: ButtonMode, state: DeviceState = DeviceState.IDLE) -> ButtonLogic:
-    core = ButtonLogic(ButtonSettings(enabled=True, mode=mode, long_press_ms=2000))
+    core = ButtonLogic(ButtonSettings(mode=mode, long_press_ms=2000))
     core.set_state(state)
     return core
 
@@ -74,7 +74,7 @@ def test_push_to_talk_press_while_thinking_interrupts_then_starts() -> None:
 
 def test_push_to_talk_press_during_open_turn_takes_it_over() -> None:
     core = logic("push_to_talk", DeviceState.LISTENING)
-    assert core.on_press(0.0) == []
+    assert core.on_press(0.0) == [START]  # holds the open turn until release
     assert core.on_release(2.0) == [RELEASED]
 
 
@@ -150,9 +150,94 @@ def test_bounced_edges_are_ignored(mode: ButtonMode) -> None:
     assert first + core.on_release(1.2) in ([START, RELEASED], [START])
 
 
+def _bouncy_press(t: float, hold_s: float, bounce_s: float = 0.005,
+                  bounces: int = 2) -> list[tuple[str, float]]:
+    """Raw edges of one real press: each edge chatters ``bounces`` times."""
+    edges: list[tuple[str, float]] = []
+    for level, start in (("press", t), ("release", t + hold_s)):
+        other = "release" if level == "press" else "press"
+        edges.append((level, start))
+        for k in range(bounces):
+            edges.append((other, start + (2 * k + 1) * bounce_s))
+            edges.append((level, start + (2 * k + 2) * bounce_s))
+    return edges
+
+
+def _drive(core: ButtonLogic, edges: list[tuple[str, float]], until: float) -> list[Any]:
+    """Feed raw edges, ticking at every deadline like ButtonTrigger does."""
+    out: list[Any] = []
+    for action, at in sorted(edges, key=lambda e: e[1]):
+        while core.deadline is not None and core.deadline <= at:
+            out += core.tick(core.deadline)
+        out += core.on_press(at) if action == "press" else core.on_release(at)
+    while core.deadline is not None and core.deadline <= until:
+        out += core.tick(core.deadline)
+    return out
+
+
+@pytest.mark.parametrize("bounce_s", [0.001, 0.005, 0.009])
+def test_push_to_talk_bouncing_press_gives_exactly_one_turn(bounce_s: float) -> None:
+    """The issue's switch: a 5 ms bounce, twice at each edge, gave 5 turns."""
+    core = logic("push_to_talk")
+    events = _drive(core, _bouncy_press(1.0, 2.0, bounce_s), until=5.0)
+    assert events == [START, RELEASED]
+    assert core.bounces >= 6  # the chatter was seen and dropped
+
+
+def test_release_bounce_does_not_interrupt_the_reply() -> None:
+    """A bounce at release used to be a new press: it interrupted the real answer."""
+    core = logic("push_to_talk")
+    events: list[Any] = []
+    for action, at in _bouncy_press(0.0, 1.5):
+        if action == "release" and at == 1.5:
+            core.set_state(DeviceState.LISTENING)
+        events += core.on_press(at) if action == "press" else core.on_release(at)
+        if events and events[-1] == RELEASED:
+            core.set_state(DeviceState.THINKING)  # the turn ended at once
+    assert events == [START, RELEASED]
+    assert INTERRUPT not in events
+
+
+def test_toggle_bouncing_presses_start_then_end_once_each() -> None:
+    core = logic("toggle")
+    events = _drive(core, _bouncy_press(0.0, 0.15), until=1.0)
+    assert events == [START]
+    core.set_state(DeviceState.LISTENING)
+    events = _drive(core, _bouncy_press(3.0, 0.15), until=4.0)
+    assert events == [PRESSED]
+
+
+def test_a_level_that_settles_after_the_lockout_is_committed() -> None:
+    """The last bounce was a real change: the tick commits it when it has settled."""
+    core = logic("push_to_talk")
+    assert core.on_press(0.0) == [START]
+    assert core.on_release(0.010) == []  # inside the 30 ms lockout: maybe a bounce
+    assert core.deadline == pytest.approx(0.040)  # steady for bounce_ms from 0.010
+    assert core.tick(0.039) == []
+    assert core.tick(0.040) == [RELEASED]  # it stayed up: a very short real press
+
+
+def test_a_late_tick_is_caught_up_by_the_next_edge() -> None:
+    core = logic("push_to_talk")
+    core.on_press(0.0)
+    core.on_release(0.010)
+    # No tick ran (busy loop); the next press comes much later: release first.
+    assert core.on_press(1.0) == [RELEASED, START]
+
+
 def test_every_mode_and_state_has_a_plan() -> None:
     modes: tuple[ButtonMode, ...] = ("push_to_talk", "toggle")
     assert set(PRESS_PLANS) == {(m, s) for m in modes for s in DeviceState}
+
+
+@pytest.mark.parametrize("bounce_ms", [0, 1, 4, 201])
+def test_no_debounce_is_refused(bounce_ms: int) -> None:
+    with pytest.raises(SettingError, match=r"bounce_ms.*every mechanical switch bounces"):
+        ButtonSettings(bounce_ms=bounce_ms)
+
+
+def test_default_debounce_suits_tactile_switches() -> None:
+    assert 10 <= ButtonSettings().bounce_ms <= 50
 
 
 def test_settings_are_checked() -> None:
@@ -242,9 +327,12 @@ def pin_factory() -> Iterator[Any]:
 
 
 async def _settle() -> None:
-    # call_soon_threadsafe callbacks run on the next loop iterations.
+    # call_soon_threadsafe callbacks run on the next loop iterations; mock edges come
+    # microseconds apart, so the debounce commits a release by its timer (5 ms), which
+    # fires before this longer sleep ends (same loop, earlier deadline).
     for _ in range(3):
         await asyncio.sleep(0)
+    await asyncio.sleep(0.05)
 
 
 def _run_button(factory: Any, settings: ButtonSettings, script: Any) -> list[TriggerEvent]:
@@ -288,7 +376,7 @@ def test_gpio_push_to_talk_sequence(pin_factory: Any) -> None:
     events: list[TriggerEvent] = []
 
     async def main() -> None:
-        settings = ButtonSettings(enabled=True, bounce_ms=0)
+        settings = ButtonSettings(bounce_ms=5)
         trigger = ButtonTrigger(settings, pin_factory=pin_factory)
         await trigger.start(record)
         try:
@@ -310,7 +398,7 @@ def test_gpio_toggle_sequence(pin_factory: Any) -> None:
             await _settle()
 
     # long_press_ms is far above the few milliseconds a mock press lasts.
-    settings = ButtonSettings(enabled=True, mode="toggle", bounce_ms=0, long_press_ms=5000)
+    settings = ButtonSettings(mode="toggle", bounce_ms=5, long_press_ms=5000)
     assert _run_button(pin_factory, settings, script) == [START, PRESSED, INTERRUPT]
 
 
@@ -325,7 +413,7 @@ def test_gpio_long_press_mutes_without_starting_a_turn(pin_factory: Any) -> None
         pin.drive_high()
         await _settle()
 
-    settings = ButtonSettings(enabled=True, mode="toggle", bounce_ms=0, long_press_ms=400)
+    settings = ButtonSettings(mode="toggle", bounce_ms=5, long_press_ms=400)
     assert _run_button(pin_factory, settings, script) == [MuteToggled(True)]
 
 
@@ -336,18 +424,18 @@ def test_gpio_pull_down_wiring_presses_on_high(pin_factory: Any) -> None:
         pin.drive_low()
         await _settle()
 
-    settings = ButtonSettings(enabled=True, pull_up=False, bounce_ms=0)
+    settings = ButtonSettings(pull_up=False, bounce_ms=5)
     assert _run_button(pin_factory, settings, script) == [START, RELEASED]
 
 
 def test_gpio_stop_releases_the_pin(pin_factory: Any) -> None:
     async def main() -> None:
-        trigger = ButtonTrigger(ButtonSettings(enabled=True), pin_factory=pin_factory)
+        trigger = ButtonTrigger(ButtonSettings(), pin_factory=pin_factory)
         await trigger.start(lambda event: None)
         await trigger.stop()
         await trigger.stop()  # idempotent
         # The pin is free again: another device can claim it.
-        again = ButtonTrigger(ButtonSettings(enabled=True), pin_factory=pin_factory)
+        again = ButtonTrigger(ButtonSettings(), pin_factory=pin_factory)
         await again.start(lambda event: None)
         await again.stop()
 

@@ -49,14 +49,14 @@ def speech_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def jarvis() -> Iterator[WakeWordTrigger]:
-    trigger = WakeWordTrigger(WakeSettings(enabled=True, model="hey_jarvis"))
+    trigger = WakeWordTrigger(WakeSettings(models=("hey_jarvis",)))
     yield trigger
     trigger.close()
 
 
 @pytest.fixture(scope="module")
 def nabu() -> Iterator[WakeWordTrigger]:
-    trigger = WakeWordTrigger(WakeSettings(enabled=True, model="okay_nabu"))
+    trigger = WakeWordTrigger(WakeSettings(models=("okay_nabu",)))
     yield trigger
     trigger.close()
 
@@ -185,8 +185,8 @@ def test_refractory_period_merges_close_detections(speech_dir: Path) -> None:
     wake = synth.flite("hey jarvis", "slt", speech_dir)
     gap = np.zeros(int(0.3 * synth.RATE_HZ))
     twice = padded(np.concatenate([wake, gap, wake]))
-    strict = WakeWordTrigger(WakeSettings(enabled=True, refractory_ms=5000))
-    relaxed = WakeWordTrigger(WakeSettings(enabled=True, refractory_ms=500))
+    strict = WakeWordTrigger(WakeSettings(models=("hey_jarvis",), refractory_ms=5000))
+    relaxed = WakeWordTrigger(WakeSettings(models=("hey_jarvis",), refractory_ms=500))
     try:
         assert len(feed(strict, twice)) == 1
         assert len(feed(relaxed, twice)) == 2
@@ -197,7 +197,8 @@ def test_refractory_period_merges_close_detections(speech_dir: Path) -> None:
 
 @needs_flite
 def test_probability_cutoff_override(speech_dir: Path) -> None:
-    deaf = WakeWordTrigger(WakeSettings(enabled=True, probability_cutoff=0.999))
+    deaf = WakeWordTrigger(WakeSettings(models=("hey_jarvis",),
+                                        probability_cutoffs={"hey_jarvis": 0.999}))
     try:
         assert deaf.probability_cutoff == pytest.approx(0.999)
         assert feed(deaf, padded(synth.flite("hey jarvis", "slt", speech_dir))) == []
@@ -212,27 +213,31 @@ def test_custom_model_by_path(tmp_path: Path) -> None:
     for name in ("okay_nabu.json", "okay_nabu.tflite"):
         shutil.copy(models / name, tmp_path / name)
     for path in (tmp_path / "okay_nabu.json", tmp_path / "okay_nabu.tflite"):
-        trigger = WakeWordTrigger(WakeSettings(enabled=True, model=str(path)))
+        trigger = WakeWordTrigger(WakeSettings(models=(str(path),)))
         assert trigger.wake_word == "Okay Nabu"
         trigger.close()
 
 
 def test_missing_custom_model_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(TriggerUnavailableError, match="does not exist"):
-        WakeWordTrigger(WakeSettings(enabled=True, model=str(tmp_path / "mine.tflite")))
+        WakeWordTrigger(WakeSettings(models=(str(tmp_path / "mine.tflite"),)))
 
 
 def test_missing_extra_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pymicro_wakeword", None)
     with pytest.raises(TriggerUnavailableError, match=r"edgevoice\[wake\]"):
-        WakeWordTrigger(WakeSettings(enabled=True))
+        WakeWordTrigger(WakeSettings())
 
 
 def test_settings_are_checked() -> None:
-    with pytest.raises(SettingError, match="model"):
-        WakeSettings(model="hey_siri")
-    with pytest.raises(SettingError, match="probability_cutoff"):
-        WakeSettings(probability_cutoff=1.5)
+    with pytest.raises(SettingError, match="models"):
+        WakeSettings(models=("hey_siri",))
+    with pytest.raises(SettingError, match="models"):
+        WakeSettings(models=())
+    with pytest.raises(SettingError, match=r"probability_cutoffs\.okay_nabu"):
+        WakeSettings(probability_cutoffs={"okay_nabu": 1.5})
+    with pytest.raises(SettingError, match=r"probability_cutoffs\.alexa.*not one of the models"):
+        WakeSettings(probability_cutoffs={"alexa": 0.5})
     with pytest.raises(SettingError, match="refractory_ms"):
         WakeSettings(refractory_ms=-1)
 
