@@ -56,8 +56,11 @@ def _parser() -> argparse.ArgumentParser:
                    add_help=False)
 
     token = sub.add_parser("token", help="manage device tokens on the relay")
-    token.add_argument("action", choices=["add", "list", "remove"])
-    token.add_argument("name", nargs="?", help="device id (for add and remove)")
+    token.add_argument("action", choices=["add", "list", "remove", "ticket"],
+                       help="ticket: a short-lived, single-use ticket for the browser page")
+    token.add_argument("name", nargs="?", help="device id (for add, remove and ticket)")
+    token.add_argument("--ttl-s", type=int, default=None,
+                       help="ticket lifetime in seconds (default: web.ticket_ttl_s)")
     token.add_argument("--config", default=DEFAULT_RELAY_CONFIG, help="relay YAML file")
     token.add_argument("--replace", action="store_true",
                        help="add: issue a new token for a device that has one (the old one "
@@ -146,7 +149,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _token(args: argparse.Namespace) -> int:
     from edgevoice.config.model import load_relay_config
     from edgevoice.relay.auth import TokenStore, TokenStoreError
-    store = TokenStore(load_relay_config(args.config).auth.tokens_file)
+    config = load_relay_config(args.config)
+    if args.action == "ticket":
+        from edgevoice.web.cli import issue_ticket
+        return issue_ticket(config, args.name, args.ttl_s)
+    store = TokenStore(config.auth.tokens_file)
     if args.action == "list":
         for name in store.devices():
             print(name)

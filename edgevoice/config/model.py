@@ -28,6 +28,7 @@ from edgevoice.relay.settings import LimitsSettings, ListenSettings
 from edgevoice.service.notify import WatchdogSettings
 from edgevoice.triggers.settings import TriggerSettings
 from edgevoice.upstream.echo import EchoSettings
+from edgevoice.web.gate import WebSettings
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 _DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -120,6 +121,7 @@ class RelayConfig:
     """Opus encoder for the replies sent to devices (24 kHz); lower complexity, more devices."""
     admin: RelayAdminSettings = field(default_factory=RelayAdminSettings)
     watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
+    web: WebSettings = field(default_factory=WebSettings)
 
 
 def load_device_config(path: str | Path) -> DeviceConfig:

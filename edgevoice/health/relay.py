@@ -23,6 +23,7 @@ from edgevoice.health.http import (
     HttpApi,
     Request,
     Response,
+    Routes,
     health_response,
     json_response,
 )
@@ -288,6 +289,7 @@ def relay_admin_api(
     *,
     clock: Clock | None = None,
     source_file: str = "config",
+    extra_routes: Routes | None = None,
 ) -> HttpApi:
     """The relay admin endpoint, not yet started. Raises ConfigError per the exposure rule."""
     now = (clock or MonotonicClock()).now
@@ -308,5 +310,6 @@ def relay_admin_api(
         ("GET", "/healthz"): healthz,
         ("GET", "/metrics"): metrics,
         ("GET", "/devices"): devices,
+        **(extra_routes or {}),
     }
     return HttpApi.from_settings(routes, settings, token, name="admin", source=source_file)

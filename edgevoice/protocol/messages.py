@@ -168,6 +168,8 @@ class Welcome(Message):
     downlink: AudioFormat = DOWNLINK_FORMAT
     heartbeat_interval_ms: int = 10_000
     resume: ResumeResult = ResumeResult(resumed=False)
+    #: a browser's reconnect ticket (docs/protocol.md §9); never sent to a daemon
+    ticket: str | None = None
 
 
 @dataclass(frozen=True)
@@ -272,6 +274,8 @@ def encode_message(message: Message) -> str:
     """Serialise a control message to its JSON text."""
     body: dict[str, Any] = {"type": message.TYPE}
     body.update(dataclasses.asdict(message))  # type: ignore[call-overload]
+    if isinstance(message, Welcome) and message.ticket is None:
+        del body["ticket"]  # only browsers get one; keep the daemons' welcome as it was
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
 

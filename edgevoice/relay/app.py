@@ -21,6 +21,7 @@ from edgevoice.relay.server import RelayServer
 from edgevoice.service.notify import LoopLagProbe, SystemdNotifier
 from edgevoice.upstream.base import DeviceContext, Upstream
 from edgevoice.upstream.echo import EchoUpstream
+from edgevoice.web.gate import BrowserGate, ticket_routes
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +61,13 @@ class DeviceContexts:
 
 def build_server(config: RelayConfig) -> RelayServer:
     contexts = DeviceContexts()
+    browser = BrowserGate(config.web, tls=config.listen.tls_cert_file is not None) \
+        if config.web.enabled else None
     server = RelayServer(config.listen, config.limits, TokenStore(config.auth.tokens_file),
                          build_upstream(config),
                          max_failures_per_minute=config.auth.max_failures_per_minute,
-                         context_factory=contexts, downlink_opus=config.downlink_opus)
+                         context_factory=contexts, downlink_opus=config.downlink_opus,
+                         browser=browser)
     contexts.fleet = server.fleet
     return server
 
@@ -73,8 +77,11 @@ async def run_relay(config: RelayConfig, config_file: str = "config") -> None:
     admin_token = load_token(config.admin.token_file, key="admin.token_file") \
         if config.admin.token_file else None
     server = build_server(config)
+    browser_routes = ticket_routes(server.browser.store, config.web, config.listen,
+                                   admin_token_set=admin_token is not None) \
+        if server.browser is not None else None
     admin = relay_admin_api(RelayHealth(server), config.admin, admin_token,
-                            source_file=config_file)
+                            source_file=config_file, extra_routes=browser_routes)
     await server.start()
     await admin.start()
     logger.info("admin endpoint on %s:%d", config.admin.bind, admin.port)

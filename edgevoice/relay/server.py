@@ -75,6 +75,7 @@ from edgevoice.upstream.base import (
     UpstreamSession,
     UsageReported,
 )
+from edgevoice.web.gate import Admission, BrowserGate
 
 logger = logging.getLogger(__name__)
 
@@ -516,8 +517,11 @@ class RelayServer:
                  upstream: Upstream, *, max_failures_per_minute: int = 10,
                  clock: Clock | None = None,
                  context_factory: Callable[[str, str], DeviceContext] | None = None,
-                 downlink_opus: OpusSettings | None = None) -> None:
+                 downlink_opus: OpusSettings | None = None,
+                 browser: BrowserGate | None = None) -> None:
         self.listen = listen
+        #: serves the browser page and admits browsers by ticket (None: off)
+        self.browser = browser
         self.downlink_opus = downlink_opus or DOWNLINK_OPUS
         self.limits = limits
         self.tokens = tokens
@@ -633,9 +637,16 @@ class RelayServer:
             return self._reject(http.HTTPStatus.TOO_MANY_REQUESTS,
                                 "too many bad tokens; try again in a minute",
                                 **{"Retry-After": "60"})
-        authorization = request.headers.get("Authorization", "")
-        scheme, _, token = authorization.partition(" ")
-        device_id = self.tokens.verify(token.strip()) if scheme.lower() == "bearer" else None
+        # browsers (docs/protocol.md §9): the page, or a ticket instead of a token
+        browser = self.browser.admit(ws, request) if self.browser is not None else None
+        if isinstance(browser, Response):
+            return browser
+        if isinstance(browser, Admission):
+            device_id = browser.device_id
+        else:
+            authorization = request.headers.get("Authorization", "")
+            scheme, _, token = authorization.partition(" ")
+            device_id = self.tokens.verify(token.strip()) if scheme.lower() == "bearer" else None
         if device_id is None:
             self.counters.auth_failures += 1
             self._limiter.record_failure(address, now)
@@ -688,7 +699,8 @@ class RelayServer:
         try:
             await ws.send(conn.accept(Welcome(
                 session_id=session.session_id,
-                heartbeat_interval_ms=self.limits.heartbeat_interval_ms, resume=result)))
+                heartbeat_interval_ms=self.limits.heartbeat_interval_ms, resume=result,
+                ticket=self.browser.welcome_ticket(ws) if self.browser is not None else None)))
             logger.info("%s connected from %s (session %s%s)", device_id, address,
                         session.session_id[:8], ", resumed" if result.resumed else "")
             keep = await session.serve(ws, conn, hello.resume if result.resumed else None)

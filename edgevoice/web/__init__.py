@@ -1,0 +1,1 @@
+"""The browser device: the page the relay serves, and browser tickets."""
