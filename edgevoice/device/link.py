@@ -207,7 +207,7 @@ class _Audio:
 SESSION_ENDING_CLOSES = frozenset({
     CloseCode.NORMAL, CloseCode.GOING_AWAY, CloseCode.PROTOCOL_ERROR,
     CloseCode.POLICY_VIOLATION, CloseCode.MESSAGE_TOO_BIG, CloseCode.SESSION_REPLACED,
-    CloseCode.UNSUPPORTED_VERSION})
+    CloseCode.UNSUPPORTED_VERSION, CloseCode.RECONNECT_NOW})
 
 
 class _SessionEnded(LinkError):
@@ -310,7 +310,12 @@ class DeviceLink:
                 self._mark_down()
             if self._stopping:
                 break
-            if retryable:
+            if self._close_code_received() == CloseCode.RECONNECT_NOW:
+                # a draining relay finished our reply and sent us elsewhere: no backoff,
+                # the balancer has a live relay for us now (docs/scale-out.md)
+                self.backoff.reset()
+                delay = 0.0
+            elif retryable:
                 delay = self.backoff.next_delay()
             else:  # keep trying slowly: the operator may fix it on the relay side
                 delay = self.backoff.settings.max_ms / 1000
@@ -390,12 +395,13 @@ class DeviceLink:
                 + ")"
         return "relay closed the link"
 
+    def _close_code_received(self) -> int | None:
+        """The close code the relay sent on the last connection, if it sent one."""
+        received = self._ws.protocol.close_rcvd if self._ws is not None else None
+        return received.code if received is not None else None
+
     def _close_ends_session(self) -> bool:
-        ws = self._ws
-        if ws is None:
-            return False
-        received = ws.protocol.close_rcvd
-        return received is not None and received.code in SESSION_ENDING_CLOSES
+        return self._close_code_received() in SESSION_ENDING_CLOSES
 
     def _describe(self, exc: BaseException) -> str:
         if isinstance(exc, InvalidStatus):

@@ -43,6 +43,7 @@ class CloseCode(IntEnum):
     HELLO_TIMEOUT = 4001  # no hello within the handshake timeout
     UNSUPPORTED_VERSION = 4002  # hello.protocol is not one we speak
     IDLE_TIMEOUT = 4003  # nothing received for too long (heartbeats stopped)
+    RECONNECT_NOW = 4004  # relay draining (restart, upgrade): session over, reconnect at once
 
 
 class AudioKind(IntEnum):
