@@ -42,6 +42,8 @@ class RelayHealth:
         return self.server.fleet.records()
 
     def health_problems(self, now: float) -> list[str]:
+        if self.server.draining:
+            return ["draining: finishing replies, then sending devices to other relays"]
         if not self.server.listening:
             return ["not listening for devices"]
         return []

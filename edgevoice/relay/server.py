@@ -10,6 +10,10 @@ drops (not closed on purpose by either side), the session is *held* for
 ``limits.resume_window_ms``. Its upstream stays open and its reply keeps being
 queued (bounded); a hello that names the session within the window re-attaches it,
 re-sends what the device missed and goes on pacing (``docs/protocol.md`` §7).
+
+:meth:`RelayServer.drain` (SIGTERM) stops accepting, lets each device's turn and
+reply finish, then closes it with 4004 so it reconnects at once, through the load
+balancer, to another relay (``docs/scale-out.md``).
 """
 
 from __future__ import annotations
@@ -59,8 +63,9 @@ from edgevoice.protocol.messages import (
     Welcome,
 )
 from edgevoice.protocol.replay import OutboundQueue, ReplayJournal, SentFrame
-from edgevoice.relay.auth import FailureLimiter, TokenStore
+from edgevoice.relay.auth import FailureLimiter
 from edgevoice.relay.settings import LimitsSettings, ListenSettings
+from edgevoice.relay.shared import DeviceTokens
 from edgevoice.upstream.base import (
     UPSTREAM_OUTPUT_RATE_HZ,
     AudioOutput,
@@ -122,6 +127,10 @@ class RelayCounters:
     frames_duplicate: int = 0
     #: devices disconnected because they did not read their downlink
     slow_readers: int = 0
+    #: devices sent elsewhere (4004) by a drain once their reply was done / still busy
+    #: when the drain's time ran out
+    drained_idle: int = 0
+    drained_busy: int = 0
 
 
 class MessageRate:
@@ -190,6 +199,8 @@ class DeviceSession:
         self.detached_at: float | None = None
         self._response_first = True
         self._turn_ended_at: float | None = None
+        #: a reply is owed (turn ended) or under way, until its response_end is sent
+        self.replying = False
         self._rate = MessageRate(limits.max_messages_per_s, relay.clock.now())
         self._usage = (0, 0)
         self._tasks: list[asyncio.Task[None]] = []
@@ -198,6 +209,11 @@ class DeviceSession:
     @property
     def attached(self) -> bool:
         return self.ws is not None
+
+    @property
+    def busy(self) -> bool:
+        """In a turn, or owing the device a reply: a drain waits for it."""
+        return self.turn_id is not None or self.replying
 
     def start(self) -> None:
         """Start the tasks that live as long as the session."""
@@ -375,17 +391,23 @@ class DeviceSession:
         elif isinstance(message, TurnEnd):
             if message.turn_id == self.turn_id:
                 self.turn_id = None
+                self.replying = True
                 self._turn_ended_at = self.relay.clock.now()
                 await self.upstream.end_turn()
         elif isinstance(message, Interrupt):
             self._drop_downlink()
             await self.upstream.interrupt()
+            self._reply_over()
         elif isinstance(message, Stats):
             self.relay.fleet.stats_received(self.device_id, message.values, at=time.time())
         elif isinstance(message, Error):
             logger.warning("%s reports %s: %s", self.device_id, message.code, message.message)
 
     # ---------------------------------------------------------------- downlink
+
+    def _reply_over(self) -> None:
+        self.replying = False
+        self.relay.session_quiet()
 
     def _drop_downlink(self) -> None:
         dropped = self.downlink.clear()
@@ -446,6 +468,7 @@ class DeviceSession:
                 self._queue_audio(event.pcm)
             elif isinstance(event, ResponseStarted):
                 self._response_first = True
+                self.replying = True
                 self.downlink.put_nowait(ResponseStart(self.turn_id))
             elif isinstance(event, ResponseEnded):
                 for tail in self.fifo.flush():
@@ -455,6 +478,7 @@ class DeviceSession:
                 self._drop_downlink()
                 await self._send_soon(Interrupt(self.turn_id, "barge_in"))
                 await self._send_soon(ResponseEnd(self.turn_id, "interrupted"))
+                self._reply_over()
             elif isinstance(event, TranscriptReceived):
                 logger.debug("%s %s: %s", self.device_id, event.role, event.text)
                 await self._send_soon(Transcript(event.role, event.text, event.final,
@@ -465,6 +489,7 @@ class DeviceSession:
                 logger.warning("%s: upstream failed (%s): %s", self.device_id, event.code,
                                event.message)
                 await self._send_soon(Error(event.code, event.message, event.retryable))
+                self._reply_over()
             elif isinstance(event, UsageReported):
                 # the upstream reports session totals; the fleet view adds deltas
                 before = self._usage
@@ -490,6 +515,8 @@ class DeviceSession:
                     if isinstance(item, ResponseEnd):
                         t0 = None
                     await self._transmit(ws, conn, item)
+                    if isinstance(item, ResponseEnd) and not len(self.downlink):
+                        self._reply_over()
                     break
                 now = clock.now()
                 if t0 is None or now - (t0 + sent * 0.02) > 0.2:
@@ -513,12 +540,14 @@ class DeviceSession:
 class RelayServer:
     """Accepts devices and gives each its own upstream session."""
 
-    def __init__(self, listen: ListenSettings, limits: LimitsSettings, tokens: TokenStore,
+    def __init__(self, listen: ListenSettings, limits: LimitsSettings, tokens: DeviceTokens,
                  upstream: Upstream, *, max_failures_per_minute: int = 10,
                  clock: Clock | None = None,
                  context_factory: Callable[[str, str], DeviceContext] | None = None,
                  downlink_opus: OpusSettings | None = None,
-                 browser: BrowserGate | None = None) -> None:
+                 browser: BrowserGate | None = None,
+                 fleet: FleetTracker | None = None,
+                 limiter: FailureLimiter | None = None) -> None:
         self.listen = listen
         #: serves the browser page and admits browsers by ticket (None: off)
         self.browser = browser
@@ -528,16 +557,20 @@ class RelayServer:
         self.upstream = upstream
         self.clock = clock or MonotonicClock()
         self.counters = RelayCounters()
-        self.fleet = FleetTracker()
+        #: fleet view and bad-token limiter: this process's, or shared (relay/shared.py)
+        self.fleet = fleet or FleetTracker()
         #: sessions attached to a connection, by device id
         self.sessions: dict[str, DeviceSession] = {}
         #: sessions whose connection dropped, held for a resume, by device id
         self.held: dict[str, DeviceSession] = {}
         self.started_at = time.time()
-        self._limiter = FailureLimiter(max_failures_per_minute)
+        self._limiter = limiter or FailureLimiter(max_failures_per_minute)
         self._authenticated: dict[int, str] = {}
         self._server: Server | None = None
         self._closing = False
+        #: set by drain(): /healthz fails so balancers send new devices elsewhere
+        self.draining = False
+        self._quiet = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self._context_factory = context_factory or (
             lambda device_id, session_id: DeviceContext(device_id, session_id))
@@ -604,6 +637,61 @@ class RelayServer:
                 await task
         await self.upstream.aclose()
         self._server = None
+
+    def session_quiet(self) -> None:
+        """A session finished a reply: a drain may close it now."""
+        self._quiet.set()
+
+    async def drain(self, timeout_s: float) -> tuple[int, int]:
+        """Stop accepting; close each device with 4004 once its turn and reply are done.
+
+        Devices still busy after ``timeout_s`` are closed with 4004 all the same.
+        Sessions held for a resume are dropped (their device reconnects elsewhere).
+        Returns (devices closed idle, devices closed busy). :meth:`close` follows.
+        """
+        if self._server is None:
+            return 0, 0
+        self.draining = True
+        self._server.close(close_connections=False)  # stop listening, keep connections
+        for session in list(self.held.values()):
+            await self.forget(session)
+        deadline = self.clock.now() + timeout_s
+        logger.info("draining: %d devices, %d busy; waiting up to %.1f s for their replies",
+                    len(self.sessions), sum(s.busy for s in self.sessions.values()), timeout_s)
+        closing: list[asyncio.Task[None]] = []
+        sent: set[DeviceSession] = set()
+        while True:
+            self._quiet.clear()
+            for session in list(self.sessions.values()):
+                if session not in sent and not session.busy:
+                    self.counters.drained_idle += 1
+                    sent.add(session)
+                    closing.append(self._send_elsewhere(session))
+            busy = [s for s in self.sessions.values() if s not in sent]
+            left = deadline - self.clock.now()
+            if not busy or left <= 0:
+                break
+            # a reply ending sets _quiet; look again now and then for a turn that just ended
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._quiet.wait(), min(left, 0.25))
+        if busy:
+            logger.warning("draining: %d devices still busy after %.1f s; closing them",
+                           len(busy), timeout_s)
+        for session in busy:
+            self.counters.drained_busy += 1
+            closing.append(self._send_elsewhere(session))
+        if closing:  # each connection's handler then ends its session
+            await asyncio.wait(closing, timeout=3.0)
+        return self.counters.drained_idle, self.counters.drained_busy
+
+    def _send_elsewhere(self, session: DeviceSession) -> asyncio.Task[None]:
+        """Close the session's connection with 4004; its handler then ends the session."""
+        session.end_reason = "relay draining"
+        ws = session.owner
+        if ws is None:
+            return asyncio.create_task(self.forget(session))
+        return asyncio.create_task(ws.close(CloseCode.RECONNECT_NOW,
+                                            "relay draining: reconnect now"))
 
     async def forget(self, session: DeviceSession) -> None:
         """Close a session and drop it from the relay's tables."""

@@ -1,0 +1,129 @@
+"""Graceful drain of one relay (SIGTERM), and the device honouring close 4004.
+
+A real RelayServer with the echo upstream and real DeviceLinks on 127.0.0.1; no
+balancer here (tests/cluster/test_cluster.py has HAProxy and three relays).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from cluster_support import SimulatedDevice, scaled, speech_packets, until
+
+from edgevoice.backoff import BackoffSettings
+from edgevoice.device.link import DeviceLink, RelaySettings
+from edgevoice.protocol.messages import CloseCode, TurnStart
+from edgevoice.relay.auth import TokenStore
+from edgevoice.relay.health_source import RelayHealth
+from edgevoice.relay.server import RelayServer
+from edgevoice.relay.settings import LimitsSettings, ListenSettings
+from edgevoice.upstream.echo import EchoUpstream
+
+
+@contextlib.asynccontextmanager
+async def relay(tmp_path: Path) -> AsyncIterator[RelayServer]:
+    server = RelayServer(ListenSettings(port=0), LimitsSettings(),
+                         TokenStore(tmp_path / "tokens.json"), EchoUpstream())
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+@contextlib.asynccontextmanager
+async def device(server: RelayServer, name: str, packets: list[bytes],
+                 backoff: BackoffSettings | None = None) -> AsyncIterator[SimulatedDevice]:
+    token = server.tokens.add(name)
+    sim = SimulatedDevice(name, token, f"ws://127.0.0.1:{server.port}/", packets)
+    if backoff is not None:
+        sim.link = DeviceLink(RelaySettings(url=sim.link.settings.url, backoff=backoff,
+                                            stats_interval_s=0), name, token, sim)
+    sim.start()
+    try:
+        await asyncio.wait_for(sim.up.wait(), scaled(10))
+        yield sim
+    finally:
+        await sim.stop()
+
+
+def run(coro: object, timeout: float = 60) -> None:
+    asyncio.run(asyncio.wait_for(coro, scaled(timeout)))  # type: ignore[arg-type]
+
+
+def test_drain_lets_the_reply_in_flight_finish_then_sends_the_device_elsewhere(
+        tmp_path: Path) -> None:
+    # a backoff so long that only "reconnect at once" can explain a quick retry
+    slow = BackoffSettings(initial_ms=60_000, max_ms=60_000, min_ms=60_000)
+
+    async def scenario() -> None:
+        async with relay(tmp_path) as server, \
+                device(server, "kitchen", speech_packets(40), slow) as sim:
+            turn = asyncio.create_task(sim.turn(1))
+            # the turn has ended and the reply is being paced: drain now
+            await until(lambda: server.sessions["kitchen"].replying)
+            assert RelayHealth(server).health_problems(time.monotonic()) == []
+            drain = asyncio.create_task(server.drain(scaled(10)))
+            await asyncio.sleep(0.05)
+            assert RelayHealth(server).health_problems(time.monotonic())  # /healthz 503
+            result = await turn
+            idle, busy = await drain
+            assert result.ok, result.reason
+            assert result.echo_number == 1
+            assert (idle, busy) == (1, 0)
+            # the whole reply arrived: 40 uplink frames echo as 40 downlink frames
+            assert sim.frames_received >= 40
+            await until(lambda: sim.closes)
+            assert f"{int(CloseCode.RECONNECT_NOW)}" in sim.closes[0]
+            # no backoff: the link tries again at once (and, with no balancer in front,
+            # finds nobody listening: that attempt backs off as usual)
+            assert sim.retry_delays[0] == 0.0
+            await asyncio.sleep(0.3)
+            assert sim.link.stats.reconnects >= 1
+
+    run(scenario())
+
+
+def test_a_device_that_never_ends_its_turn_is_sent_away_when_the_drain_times_out(
+        tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with relay(tmp_path) as server, device(server, "hall", speech_packets(2)) as sim:
+            sim.link.send(TurnStart(7))  # and never turn_end
+            await until(lambda: server.sessions["hall"].turn_id is not None)
+            started = time.monotonic()
+            idle, busy = await server.drain(0.5)
+            assert (idle, busy) == (0, 1)
+            assert time.monotonic() - started < scaled(5)
+            await until(lambda: sim.closes)
+            assert f"{int(CloseCode.RECONNECT_NOW)}" in sim.closes[0]
+
+    run(scenario())
+
+
+def test_idle_devices_are_sent_away_at_once_and_new_ones_are_refused(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with relay(tmp_path) as server, device(server, "a", []) as a, \
+                device(server, "b", []) as b:
+            started = time.monotonic()
+            port = server.port
+            idle, busy = await server.drain(scaled(10))
+            assert (idle, busy) == (2, 0)
+            assert time.monotonic() - started < scaled(2)
+            assert not server.sessions and not server.held
+            for sim in (a, b):
+                await until(lambda: sim.closes)  # noqa: B023 (awaited in the loop)
+                assert "4004" in sim.closes[0]
+            # stopped listening: a new connection is refused (a balancer redispatches)
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                pass
+            else:
+                writer.close()
+                raise AssertionError("a draining relay still accepts connections")
+
+    run(scenario())
