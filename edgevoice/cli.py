@@ -125,8 +125,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             from edgevoice.config.templates import RELAY_HEADER
             return _help_config(RelayConfig, RELAY_HEADER)
         relay_config = load_relay_config(args.config)
-        from edgevoice.relay.auth import check_token_store
-        check_token_store(relay_config.auth.tokens_file, args.config)
+        if relay_config.cluster.store.kind == "none":  # else the tokens are in the store
+            from edgevoice.relay.auth import check_token_store
+            check_token_store(relay_config.auth.tokens_file, args.config)
         if args.check_config:
             print(f"{args.config}: OK")
             return 0
@@ -148,12 +149,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _token(args: argparse.Namespace) -> int:
     from edgevoice.config.model import load_relay_config
-    from edgevoice.relay.auth import TokenStore, TokenStoreError
+    from edgevoice.relay.auth import TokenStoreError
+    from edgevoice.relay.shared import token_store_for
     config = load_relay_config(args.config)
     if args.action == "ticket":
         from edgevoice.web.cli import issue_ticket
         return issue_ticket(config, args.name, args.ttl_s)
-    store = TokenStore(config.auth.tokens_file)
+    store = token_store_for(config.auth.tokens_file, config.cluster.store)
     if args.action == "list":
         for name in store.devices():
             print(name)

@@ -25,6 +25,7 @@ from edgevoice.health.relay import RelayAdminSettings
 from edgevoice.nova.settings import NovaSettings
 from edgevoice.relay.auth import AuthSettings
 from edgevoice.relay.settings import LimitsSettings, ListenSettings
+from edgevoice.relay.shared import ClusterSettings
 from edgevoice.service.notify import WatchdogSettings
 from edgevoice.triggers.settings import TriggerSettings
 from edgevoice.upstream.echo import EchoSettings
@@ -122,6 +123,8 @@ class RelayConfig:
     admin: RelayAdminSettings = field(default_factory=RelayAdminSettings)
     watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    """Several relays behind a load balancer: drain on SIGTERM, shared state."""
 
 
 def load_device_config(path: str | Path) -> DeviceConfig:

@@ -18,6 +18,7 @@ from edgevoice.health.relay import FleetTracker, relay_admin_api
 from edgevoice.relay.auth import TokenStore
 from edgevoice.relay.health_source import RelayHealth
 from edgevoice.relay.server import RelayServer
+from edgevoice.relay.shared import HistoryKeepingUpstream, RedisState, default_relay_id
 from edgevoice.service.notify import LoopLagProbe, SystemdNotifier
 from edgevoice.upstream.base import DeviceContext, Upstream
 from edgevoice.upstream.echo import EchoUpstream
@@ -59,24 +60,45 @@ class DeviceContexts:
                              status=lambda: self.status_of(device_id))
 
 
-def build_server(config: RelayConfig) -> RelayServer:
+def build_server(config: RelayConfig, shared: RedisState | None = None) -> RelayServer:
+    """The relay; with ``shared``, its tokens, fleet, history and limiter are the fleet's."""
     contexts = DeviceContexts()
     browser = BrowserGate(config.web, tls=config.listen.tls_cert_file is not None) \
         if config.web.enabled else None
-    server = RelayServer(config.listen, config.limits, TokenStore(config.auth.tokens_file),
-                         build_upstream(config),
-                         max_failures_per_minute=config.auth.max_failures_per_minute,
-                         context_factory=contexts, downlink_opus=config.downlink_opus,
-                         browser=browser)
+    upstream = build_upstream(config)
+    if shared is None:
+        server = RelayServer(config.listen, config.limits, TokenStore(config.auth.tokens_file),
+                             upstream,
+                             max_failures_per_minute=config.auth.max_failures_per_minute,
+                             context_factory=contexts, downlink_opus=config.downlink_opus,
+                             browser=browser)
+    else:
+        history = HistoryKeepingUpstream(
+            upstream, shared.history, config.cluster.store.history_load_timeout_ms / 1000)
+        server = RelayServer(config.listen, config.limits, shared.tokens, history,
+                             context_factory=contexts, downlink_opus=config.downlink_opus,
+                             browser=browser, fleet=shared.fleet, limiter=shared.limiter)
     contexts.fleet = server.fleet
     return server
+
+
+def shared_state(config: RelayConfig) -> RedisState | None:
+    """The connection to the fleet's shared store, when the config names one."""
+    cluster = config.cluster
+    if cluster.store.kind != "redis":
+        return None
+    relay_id = cluster.relay_id or default_relay_id(config.listen.port)
+    return RedisState(cluster.store, relay_id, config.auth.max_failures_per_minute)
 
 
 async def run_relay(config: RelayConfig, config_file: str = "config") -> None:
     notifier = SystemdNotifier(settings=config.watchdog)
     admin_token = load_token(config.admin.token_file, key="admin.token_file") \
         if config.admin.token_file else None
-    server = build_server(config)
+    shared = shared_state(config)
+    if shared is not None:
+        await shared.start(tokens_file=config.auth.tokens_file)
+    server = build_server(config, shared)
     browser_routes = ticket_routes(server.browser.store, config.web, config.listen,
                                    admin_token_set=admin_token is not None) \
         if server.browser is not None else None
@@ -86,9 +108,14 @@ async def run_relay(config: RelayConfig, config_file: str = "config") -> None:
     await admin.start()
     logger.info("admin endpoint on %s:%d", config.admin.bind, admin.port)
     stop = asyncio.Event()
+    drain = asyncio.Event()  # SIGTERM drains (restarts, upgrades); SIGINT just stops
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+
+    def drain_and_stop() -> None:
+        drain.set()
+        stop.set()
+    loop.add_signal_handler(signal.SIGTERM, drain_and_stop)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
     probe = LoopLagProbe()
     probe.start()
     watchdog = notifier.watchdog_task(probe)
@@ -99,6 +126,12 @@ async def run_relay(config: RelayConfig, config_file: str = "config") -> None:
                             f"({server.upstream.name} upstream)")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 5.0)
+        if drain.is_set():
+            timeout_s = config.cluster.drain_timeout_ms / 1000
+            notifier.stopping(f"draining: finishing replies (at most {timeout_s:.0f} s)")
+            idle, busy = await server.drain(timeout_s)
+            logger.info("drained: %d devices sent elsewhere after their reply, %d cut "
+                        "short", idle, busy)
         logger.info("stopping: telling devices we are going away")
     finally:
         notifier.stopping("stopping: closing device connections")
@@ -111,4 +144,6 @@ async def run_relay(config: RelayConfig, config_file: str = "config") -> None:
                 loop.remove_signal_handler(sig)
         await admin.stop()
         await server.close()
+        if shared is not None:
+            await shared.aclose()
         notifier.close()

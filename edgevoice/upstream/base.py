@@ -20,6 +20,14 @@ UPSTREAM_OUTPUT_RATE_HZ = 24_000
 
 
 @dataclass(frozen=True)
+class HistoryLine:
+    """One final line of a device's conversation, kept across sessions and relays."""
+
+    role: Literal["user", "assistant"]
+    text: str
+
+
+@dataclass(frozen=True)
 class DeviceContext:
     """What an upstream may know about the device it serves."""
 
@@ -29,6 +37,10 @@ class DeviceContext:
     timezone: str = "UTC"
     #: Returns the device's latest stats snapshot (for the device-status tool).
     status: Callable[[], Mapping[str, object]] = field(default=lambda: {})
+    #: The conversation so far, oldest first, when the relay keeps it beyond a session
+    #: (several relays sharing a store: docs/scale-out.md); empty otherwise. An
+    #: upstream starts the new session from it (Nova: its history events).
+    history: tuple[HistoryLine, ...] = ()
 
 
 @dataclass(frozen=True)

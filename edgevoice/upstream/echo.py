@@ -60,6 +60,9 @@ class EchoSession:
         self._events: DropOldestQueue[object] = DropOldestQueue(1024)
         self._in_turn = False
         self._closed = False
+        #: replies given in this conversation, counting those of earlier sessions
+        #: (context.history), so a client can see whether its history survived
+        self._replies = sum(1 for line in context.history if line.role == "assistant")
 
     async def start_turn(self) -> None:
         self._turn.clear()
@@ -85,7 +88,9 @@ class EchoSession:
             gain = 10 ** (self.settings.reply_gain_db / 20)
             reply = np.clip(reply.astype(np.float32) * gain, -32768, 32767).astype(np.int16)
         data = reply.astype("<i2").tobytes()
+        self._replies += 1
         self._events.put_nowait(TranscriptReceived("user", f"({len(frames) * 20} ms of audio)"))
+        self._events.put_nowait(TranscriptReceived("assistant", f"(echo #{self._replies})"))
         self._events.put_nowait(ResponseStarted())
         step = UPSTREAM_OUTPUT_RATE_HZ * self.settings.chunk_ms // 1000 * 2
         for i in range(0, len(data), step):
