@@ -147,6 +147,9 @@ _DIP_FRAMES = 3
 #: ``min_speech_ms`` of strong frames is enough.
 _STRONG_DB = 6.0
 _STRONG = 2
+#: Frames of playback an echo canceller needs before its output alone is trusted
+#: (WebRTC AEC3 converges within about 2 s of speech; 3 s leaves margin).
+_AEC_WARMUP_FRAMES = 150
 
 
 class EchoGuard:
@@ -211,6 +214,11 @@ class EchoGuard:
             for played_at, dbfs in self._playback
         )
         return level if level > _AUDIBLE_PLAYBACK_DBFS else None
+
+    def playing_directly(self, now: float) -> bool:
+        """Whether an audible block is within ``max_delay_ms`` (not just its ringing)."""
+        direct_from = now - self._direct_s
+        return any(played_at >= direct_from for played_at, _ in self._playback)
 
     def reference_dbfs(self, now: float) -> float | None:
         """The echo level the microphone may hear now (dBFS), or None if nothing plays."""
@@ -293,6 +301,16 @@ class BargeInDetector:
         self._fired = False
         #: barge-ins detected since creation
         self.interrupts = 0
+        #: with echo cancellation: a guard over the *uncancelled* microphone (see
+        #: :meth:`on_capture_frame`); created at the first frame that brings a raw level
+        self.raw_guard: EchoGuard | None = None
+        self._cancelled_frames = 0
+
+    def on_playback_block(self, dbfs: float, now: float) -> None:
+        """The device started playing a block of level ``dbfs`` (feeds every guard)."""
+        self.guard.on_playback_block(dbfs, now)
+        if self.raw_guard is not None:
+            self.raw_guard.on_playback_block(dbfs, now)
 
     def set_state(self, state: DeviceState) -> None:
         if state is not self._state:
@@ -308,9 +326,34 @@ class BargeInDetector:
             threshold = max(threshold, reference + self.settings.margin_db)
         return threshold
 
-    def on_capture_frame(self, dbfs: float, now: float) -> list[TriggerEvent]:
+    def on_capture_frame(self, dbfs: float, now: float,
+                         raw_dbfs: float | None = None) -> list[TriggerEvent]:
+        """One captured frame's level; with echo cancellation, ``dbfs`` is the cleaned
+        frame's and ``raw_dbfs`` the microphone's before cancellation.
+
+        The canceller removes the echo of what is playing, but a room keeps ringing
+        after the playback pauses (between sentences), longer than the canceller's
+        filter reaches, and that tail passes almost untouched. So while no block is
+        playing directly, the raw level must also clear the raw guard's threshold, as
+        without cancellation; while the reply plays, the cleaned level alone decides --
+        once the canceller has converged (its first seconds of playback leave bursts of
+        residual echo that the cleaned-level guard would take for the user).
+        """
         threshold = self.threshold_dbfs(now)
         loud = dbfs >= threshold
+        if raw_dbfs is not None:
+            raw_guard = self.raw_guard
+            if raw_guard is None:
+                raw_guard = self.raw_guard = EchoGuard(self.settings)
+                raw_guard._playback.extend(self.guard._playback)
+            raw_reference = raw_guard.reference_dbfs(now)
+            raw_loud = raw_reference is None or \
+                raw_dbfs >= raw_reference + self.settings.margin_db
+            raw_guard.on_capture_frame(raw_dbfs, now, learn=not raw_loud)
+            playing = self.guard.playing_directly(now)
+            self._cancelled_frames += playing
+            if not playing or self._cancelled_frames < _AEC_WARMUP_FRAMES:
+                loud = loud and raw_loud
         # No learning while the user may be talking: it would teach the guard their voice.
         self.guard.on_capture_frame(dbfs, now, learn=not loud and not any(self._recent))
         if not self.settings.enabled or self._state is not DeviceState.SPEAKING or self._fired:
