@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check this device: audio, codec, relay, token, unit")
     doctor.add_argument("--config", default=DEFAULT_DEVICE_CONFIG, help="device YAML file")
 
-    # `bench` has its own parser (edgevoice.bench): main() hands it the rest of argv.
+    # `bench` has its own parser (edgevoice_dev.bench, the dev-only distribution in
+    # devtools/): main() hands it the rest of argv.
     sub.add_parser("bench", help="benchmarks against the peers: edgevoice bench [--quick]",
                    add_help=False)
 
@@ -84,9 +85,7 @@ def _help_config(cls: type[Any], header: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
-        # the bench reports its own progress when no logging is configured
-        from edgevoice.bench import main as bench_main
-        return bench_main(argv[1:])
+        return _bench(argv[1:])
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
@@ -101,6 +100,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 0
+
+
+BENCH_MISSING = (
+    "edgevoice bench: the benchmarks live in the dev-only package edgevoice-dev, which "
+    "is not installed here (a device install carries only the product).\n"
+    "From a checkout: ./scripts/setup --test, or: pip install -e ./devtools")
+
+
+def _bench(argv: Sequence[str]) -> int:
+    """Run ``edgevoice bench`` from the dev package, or say how to get it (exit 2)."""
+    try:
+        # the bench reports its own progress when no logging is configured
+        from edgevoice_dev.bench import main as bench_main
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("edgevoice_dev", "edgevoice_dev.bench"):
+            raise
+        print(BENCH_MISSING, file=sys.stderr)
+        return 2
+    return bench_main(argv)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

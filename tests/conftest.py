@@ -19,7 +19,7 @@ def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fake(ca_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """A local fake Bedrock endpoint, with the environment the real SDK needs to reach it
     (endpoint, CA bundle, static test credentials, no AWS config files)."""
-    from edgevoice.testing.fake_bedrock import FakeBedrock
+    from edgevoice_dev.testing.fake_bedrock import FakeBedrock
 
     with FakeBedrock(ca_dir=ca_dir) as server:
         for key, value in server.env.items():

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from edgevoice_dev.testing.soundcard import SPEAKER_RATE_HZ, VirtualSoundCard, missing_tools
+from edgevoice_dev.testing.speech import synthesize
 
 from edgevoice.audio.wavio import load_wav, write_wav
-from edgevoice.testing.soundcard import SPEAKER_RATE_HZ, VirtualSoundCard, missing_tools
-from edgevoice.testing.speech import synthesize
 
 from ._signals import dominant_hz, from_pcm, level_dbfs, to_pcm, tone
 

@@ -11,17 +11,17 @@ import math
 import struct
 from pathlib import Path
 
-from edgevoice.bench import main
-from edgevoice.bench.analysis import (
+from edgevoice_dev.bench import main
+from edgevoice_dev.bench.analysis import (
     Spread,
     downlink_delays,
     paired_delays,
     percentile,
     silence_delays,
 )
-from edgevoice.bench.report import render_markdown, render_table
-from edgevoice.bench.runner import parse_rows
-from edgevoice.bench.wire import (
+from edgevoice_dev.bench.report import render_markdown, render_table
+from edgevoice_dev.bench.runner import parse_rows
+from edgevoice_dev.bench.wire import (
     OPCODE_BINARY,
     OPCODE_PING,
     OPCODE_TEXT,

@@ -14,7 +14,7 @@ from doctor_support import TIMEOUT_FACTOR
 
 from edgevoice.doctor import TONE_DBFS, TONE_HZ
 
-soundcard = pytest.importorskip("edgevoice.testing.soundcard")
+soundcard = pytest.importorskip("edgevoice_dev.testing.soundcard")
 
 pytestmark = [
     pytest.mark.soundcard,

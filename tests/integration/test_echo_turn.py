@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import websockets
+from edgevoice_dev.testing.harness import run, running_relay
+from edgevoice_dev.testing.signals import aligned_envelope_correlation, read_wav_mono
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -19,8 +21,6 @@ from edgevoice.config.model import DeviceConfig
 from edgevoice.demo import run_demo
 from edgevoice.device.daemon import DeviceDaemon, TurnTimeline
 from edgevoice.protocol.messages import SUBPROTOCOL, CloseCode, Hello, encode_message
-from edgevoice.testing.harness import run, running_relay
-from edgevoice.testing.signals import aligned_envelope_correlation, read_wav_mono
 
 
 def test_reply_wav_contains_the_spoken_input(tmp_path: Path, speech_wav: Path) -> None:
@@ -109,7 +109,7 @@ def test_audio_before_hello_closes_with_protocol_error(tmp_path: Path) -> None:
 
 
 def test_demo_cli_json_on_a_wav_it_has_never_seen(tmp_path: Path) -> None:
-    from edgevoice.testing.speech import synthesize
+    from edgevoice_dev.testing.speech import synthesize
     stereo44k = tmp_path / "unseen.wav"
     mono = synthesize("Please turn on the kitchen lights and play some jazz.", voice="rms",
                       path=tmp_path / "mono.wav")

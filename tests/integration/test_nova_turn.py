@@ -2,7 +2,7 @@
 
 Everything between the device's WAV microphone and its WAV speaker is the real
 thing: Opus, WebSockets, the relay, the Nova Sonic SDK over HTTP/2 and TLS, and the
-event-stream framing; only Bedrock itself is a fake (edgevoice.testing.fake_bedrock).
+event-stream framing; only Bedrock itself is a fake (edgevoice_dev.testing.fake_bedrock).
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ pytest.importorskip("aws_sdk_bedrock_runtime",
 
 import contextlib
 
+from edgevoice_dev.testing.fake_bedrock import FakeBedrock, Reply, StreamPlan
+from edgevoice_dev.testing.harness import device_config, run, running_relay
+
 from edgevoice.audio.wavio import WavSink, WavSource, load_wav, write_wav
 from edgevoice.config.model import RelayConfig, UpstreamSettings
 from edgevoice.device.daemon import DeviceDaemon, TurnTimeline
 from edgevoice.nova.settings import NovaSettings
-from edgevoice.testing.fake_bedrock import FakeBedrock, Reply, StreamPlan
-from edgevoice.testing.harness import device_config, run, running_relay
 
 pytestmark = pytest.mark.nova
 

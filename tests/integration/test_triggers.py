@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from edgevoice_dev.testing.harness import device_config, run, running_relay
 
 from edgevoice.audio.wavio import WavSink, WavSource, load_wav, write_wav
 from edgevoice.config.model import DeviceConfig
@@ -24,7 +25,6 @@ from edgevoice.device.health_source import DaemonHealth
 from edgevoice.feedback.states import DeviceState
 from edgevoice.health.device import device_health_api
 from edgevoice.health.http import HealthSettings
-from edgevoice.testing.harness import device_config, run, running_relay
 from edgevoice.triggers.base import Trigger
 
 S = DeviceState
@@ -154,7 +154,8 @@ def test_toggle_button_press_during_reply_interrupts(tmp_path: Path, mock_pins: 
 
 def test_wake_word_starts_a_turn_without_sending_the_wake_word(tmp_path: Path) -> None:
     pytest.importorskip("pymicro_wakeword")
-    from edgevoice.testing.speech import synthesize
+    from edgevoice_dev.testing.speech import synthesize
+
     from edgevoice.triggers.wake import WakeSettings, WakeWordTrigger
     wake = WakeWordTrigger(WakeSettings(models=("hey_jarvis",)))
     phrase = synthesize("hey jarvis", voice="slt", path=tmp_path / "wake.wav")

@@ -8,16 +8,15 @@ import io
 import uuid
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from edgevoice.nova.eventstream import (
+from edgevoice_dev.testing.eventstream import (
     EventStreamError,
     Message,
     MessageDecoder,
     decode_message,
     encode_message,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 SIGNED_LIKE = Message(
     headers={

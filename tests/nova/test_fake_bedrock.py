@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from edgevoice.testing.fake_bedrock import FakeBedrock
-from edgevoice.testing.tls import make_test_ca
+from edgevoice_dev.testing.fake_bedrock import FakeBedrock
+from edgevoice_dev.testing.tls import make_test_ca
 
 
 def test_test_ca_is_reused_and_trusted_for_localhost_and_127(tmp_path: Path) -> None:
@@ -55,7 +54,7 @@ def test_runs_as_a_separate_process(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         [
             sys.executable,
             "-m",
-            "edgevoice.testing.fake_bedrock",
+            "edgevoice_dev.testing.fake_bedrock",
             "--port",
             "0",
             "--ca-dir",

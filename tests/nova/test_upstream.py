@@ -19,15 +19,16 @@ pytest.importorskip(
     reason="the Nova Sonic upstream needs Python >= 3.12 and the 'nova' extra",
 )
 
-from edgevoice.nova.session import SessionState
-from edgevoice.nova.upstream import NovaSession, NovaSettings, NovaUpstream
-from edgevoice.testing.fake_bedrock import (
+from edgevoice_dev.testing.fake_bedrock import (
     FakeBedrock,
     ReceivedStream,
     Reply,
     StreamPlan,
     reply_chunk_pcm,
 )
+
+from edgevoice.nova.session import SessionState
+from edgevoice.nova.upstream import NovaSession, NovaSettings, NovaUpstream
 from edgevoice.tools.builtin import current_time_tool
 from edgevoice.tools.registry import Tool, ToolRegistry
 from edgevoice.upstream.base import (

@@ -3,7 +3,7 @@
 Three processes: ``edgevoice relay`` (echo upstream), a device daemon (this file
 with ``--device``: the real DeviceDaemon, a looping speech source so there is
 always a turn or a reply in flight, a real-time sink into /dev/null), and this
-driver, which puts a :class:`~edgevoice.testing.netfault.FaultProxy` between them
+driver, which puts a :class:`~edgevoice_dev.testing.netfault.FaultProxy` between them
 and cuts every connection (after stalling them for 0.3 s, so what is in flight is
 lost; then refusing new ones for ``--down`` seconds) every ``--every`` seconds. It
 samples the daemon's RSS and open file descriptors from /proc after a warm-up and
@@ -190,7 +190,7 @@ def _read_status(status_file: Path) -> dict[str, object]:
 
 async def soak(duration_s: float, every_s: float, down_s: float, workdir: Path,
                warmup_s: float = 20.0, log: bool = True) -> SoakReport:
-    from edgevoice.testing.netfault import FaultProxy
+    from edgevoice_dev.testing.netfault import FaultProxy
 
     port = free_port()
     token_file, status_file, relay = _start_relay(workdir, port)

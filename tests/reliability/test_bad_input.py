@@ -17,6 +17,7 @@ import random
 from pathlib import Path
 
 import pytest
+from edgevoice_dev.testing.harness import device_config, run, running_relay
 from fuzz_support import Case, make_case
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -40,7 +41,6 @@ from edgevoice.protocol.messages import (
     encode_message,
 )
 from edgevoice.relay.server import DeviceSession, RelayServer
-from edgevoice.testing.harness import device_config, run, running_relay
 from edgevoice.upstream.base import AudioOutput, ResponseEnded, ResponseStarted
 
 # ------------------------------------------------------------ the cores, fuzzed

@@ -26,6 +26,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from edgevoice_dev.testing.harness import run, running_relay
+from edgevoice_dev.testing.netfault import FaultProxy, NetnsLoop, NetnsPair, have_netns
 from reliability_support import record, scaled, wait_until
 
 from edgevoice.audio.base import CAPTURE_FRAME_BYTES, SourceStats
@@ -40,8 +42,6 @@ from edgevoice.protocol.messages import Welcome
 from edgevoice.relay.app import build_server
 from edgevoice.relay.auth import TokenStore
 from edgevoice.relay.server import RelayServer
-from edgevoice.testing.harness import run, running_relay
-from edgevoice.testing.netfault import FaultProxy, NetnsLoop, NetnsPair, have_netns
 
 needs_netns = pytest.mark.skipif(not have_netns(), reason="needs root, iproute2 and nftables")
 RELAY_PORT = 8780

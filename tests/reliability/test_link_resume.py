@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
+from edgevoice_dev.testing.harness import run, running_relay
+from edgevoice_dev.testing.netfault import FaultProxy
 from reliability_support import LinkEvents, scaled, wait_until
 
 from edgevoice.audio.opus import OpusEncoder
@@ -19,8 +21,6 @@ from edgevoice.device.link import DeviceLink, RelaySettings, ResumeSettings
 from edgevoice.protocol.messages import AudioFlags, ResponseEnd, TurnEnd, TurnStart
 from edgevoice.relay.app import build_server
 from edgevoice.relay.server import RelayServer
-from edgevoice.testing.harness import run, running_relay
-from edgevoice.testing.netfault import FaultProxy
 
 FAST_BACKOFF = BackoffSettings(initial_ms=100, max_ms=400, min_ms=20)
 

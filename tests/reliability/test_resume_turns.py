@@ -2,7 +2,7 @@
 
 The shipped daemon (it keeps its turn while the link is suspended) and a real
 relay with the echo upstream, joined through a
-:class:`~edgevoice.testing.netfault.FaultProxy` that resets every connection and
+:class:`~edgevoice_dev.testing.netfault.FaultProxy` that resets every connection and
 refuses new ones for 3 s. Just before the cut the proxy stalls for a moment, so
 frames sent then die with the connection and must be re-sent.
 """
@@ -13,6 +13,8 @@ import asyncio
 from dataclasses import replace
 from pathlib import Path
 
+from edgevoice_dev.testing.harness import run, running_relay
+from edgevoice_dev.testing.netfault import FaultProxy
 from reliability_support import record, scaled, wait_until
 
 from edgevoice.audio.wavio import WavSink, WavSource
@@ -20,8 +22,6 @@ from edgevoice.backoff import BackoffSettings
 from edgevoice.config.model import DeviceConfig
 from edgevoice.device.daemon import DeviceDaemon, TurnTimeline
 from edgevoice.relay.server import RelayServer
-from edgevoice.testing.harness import run, running_relay
-from edgevoice.testing.netfault import FaultProxy
 
 OUTAGE_S = 3.0
 

@@ -20,14 +20,14 @@ import pytest
 pytest.importorskip("aws_sdk_bedrock_runtime",
                     reason="the Nova Sonic upstream needs Python >= 3.12 and the 'nova' extra")
 
+from edgevoice_dev.testing.fake_bedrock import FakeBedrock, Reply, StreamPlan
+from edgevoice_dev.testing.harness import device_config, run, running_relay
 from reliability_support import scaled
 
 from edgevoice.audio.wavio import WavSink, WavSource, load_wav, write_wav
 from edgevoice.config.model import RelayConfig, UpstreamSettings
 from edgevoice.device.daemon import DeviceDaemon, TurnTimeline
 from edgevoice.nova.settings import NovaSettings
-from edgevoice.testing.fake_bedrock import FakeBedrock, Reply, StreamPlan
-from edgevoice.testing.harness import device_config, run, running_relay
 
 pytestmark = [pytest.mark.nova, pytest.mark.slow]
 

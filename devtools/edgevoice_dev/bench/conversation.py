@@ -6,9 +6,9 @@ WAV speaker at 48 kHz, both at real time) talk through a counting proxy while th
 device speaks the speech fixture. Then:
 
 * row 1: the device's uplink bytes on the wire, against the two peers streaming
-  the same speech (:mod:`edgevoice.bench.peers`);
+  the same speech (:mod:`edgevoice_dev.bench.peers`);
 * row 2: the device process's CPU time over the conversation, against the floor
-  (libopus and soxr alone on the same frames, :mod:`edgevoice.bench.floor`);
+  (libopus and soxr alone on the same frames, :mod:`edgevoice_dev.bench.floor`);
 * row 7: its resident memory in that steady state, and the time from starting the
   process to ``READY=1`` (or, while the daemon does not send it yet, to the log
   line saying the relay answered).
@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgevoice.bench.fixtures import SpeechFixture, build_speech
-from edgevoice.bench.floor import measure_floor
-from edgevoice.bench.peers import PeerBytes, nova_json_bytes, wyoming_bytes
-from edgevoice.bench.plan import OUTPUT_RATE_HZ, REPLY_MS, Workspace
-from edgevoice.bench.proc import (
+from edgevoice.config.model import DeviceConfig
+from edgevoice_dev.bench.fixtures import SpeechFixture, build_speech
+from edgevoice_dev.bench.floor import measure_floor
+from edgevoice_dev.bench.peers import PeerBytes, nova_json_bytes, wyoming_bytes
+from edgevoice_dev.bench.plan import OUTPUT_RATE_HZ, REPLY_MS, Workspace
+from edgevoice_dev.bench.proc import (
     Child,
     busy_pct,
     cpu_busy_ticks,
@@ -39,8 +40,8 @@ from edgevoice.bench.proc import (
     memory_kib,
     python_module,
 )
-from edgevoice.bench.profiles import summarize
-from edgevoice.bench.results import (
+from edgevoice_dev.bench.profiles import summarize
+from edgevoice_dev.bench.results import (
     INFO,
     Line,
     RowResult,
@@ -48,8 +49,7 @@ from edgevoice.bench.results import (
     fmt_kb,
     verdict,
 )
-from edgevoice.bench.wire import OPCODE_BINARY, CountingProxy
-from edgevoice.config.model import DeviceConfig
+from edgevoice_dev.bench.wire import OPCODE_BINARY, CountingProxy
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ async def _conversation(ws: Workspace, fixture: SpeechFixture | None = None,
                                   f"wav:{fixture.path}", f"wav:{ws.root / 'heard.wav'}")
         argv = ["edgevoice", "device", "--config", str(config)]
         if profile_out is not None:
-            argv = ["edgevoice.bench.profiled", "--on-signal", str(profile_out), *argv]
+            argv = ["edgevoice_dev.bench.profiled", "--on-signal", str(profile_out), *argv]
         device = await ws.spawn("conversation-device", python_module(*argv),
                                    env={"NOTIFY_SOCKET": str(notify_path)})
         connected_at = await device.line("connected to", 30)

@@ -1,6 +1,6 @@
 """Row 5: barge-in, from the relay sending ``interrupt`` to the device output going silent.
 
-The relay's upstream (:class:`~edgevoice.bench.upstreams.BargeInUpstream`) starts a
+The relay's upstream (:class:`~edgevoice_dev.bench.upstreams.BargeInUpstream`) starts a
 reply, streams 250-450 ms of it at real time and then reports the user's
 interruption, which the relay turns into an ``interrupt`` message at once. The
 device (the real daemon, instrumented, silent microphone) plays through a sink
@@ -16,10 +16,10 @@ import json
 import logging
 import time
 
-from edgevoice.bench.analysis import Spread, following_delays, silence_delays
-from edgevoice.bench.plan import OUTPUT_RATE_HZ, Workspace
-from edgevoice.bench.proc import Child, python_module
-from edgevoice.bench.results import INFO, Line, RowResult, fmt_ms, verdict
+from edgevoice_dev.bench.analysis import Spread, following_delays, silence_delays
+from edgevoice_dev.bench.plan import OUTPUT_RATE_HZ, Workspace
+from edgevoice_dev.bench.proc import Child, python_module
+from edgevoice_dev.bench.results import INFO, Line, RowResult, fmt_ms, verdict
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ async def run_row(ws: Workspace) -> RowResult:
         config = ws.device_config(DEVICE, f"ws://127.0.0.1:{port}/", "unused", "unused",
                                   log_level="warning")
         device = await ws.spawn("bargein-device", python_module(
-            "edgevoice.bench.device_runner", "--config", str(config), "--source", "silence",
+            "edgevoice_dev.bench.device_runner", "--config", str(config), "--source", "silence",
             "--output-rate", str(OUTPUT_RATE_HZ), "--record", str(device_record)))
         await device.event("link_up", 30)
         await relay.event("bargein_done", 10 + 1.5 * trials)

@@ -4,7 +4,7 @@ For each N (ramping up): a relay process pinned to CPU 0 with an upstream that
 answers every uplink frame with a 20 ms reply frame (so the relay decodes Opus
 uplink and encodes Opus downlink for every session, and paces it), and a load
 generator process pinned to CPU 1 with N WebSocket clients streaming real Opus at
-real time, full duplex (:mod:`edgevoice.bench.loadgen`). Over the measurement
+real time, full duplex (:mod:`edgevoice_dev.bench.loadgen`). Over the measurement
 window, per frame:
 
 * uplink hop: client sends the frame -> the relay hands its PCM to the upstream;
@@ -26,12 +26,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from edgevoice.bench.analysis import Spread, percentile
-from edgevoice.bench.floor import relay_opus_seconds_per_frame
-from edgevoice.bench.plan import Workspace
-from edgevoice.bench.proc import Child, busy_pct, cpu_busy_ticks, cpu_seconds, python_module
-from edgevoice.bench.profiles import summarize
-from edgevoice.bench.results import INFO, Line, RowResult, fmt_ms, verdict
+from edgevoice_dev.bench.analysis import Spread, percentile
+from edgevoice_dev.bench.floor import relay_opus_seconds_per_frame
+from edgevoice_dev.bench.plan import Workspace
+from edgevoice_dev.bench.proc import Child, busy_pct, cpu_busy_ticks, cpu_seconds, python_module
+from edgevoice_dev.bench.profiles import summarize
+from edgevoice_dev.bench.results import INFO, Line, RowResult, fmt_ms, verdict
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ async def _step(ws: Workspace, n: int, profile: bool = False) -> tuple[Step, str
     try:
         port = int(relay.events[0]["port"])
         load = await ws.spawn(f"capacity-load-{n}", python_module(
-            "edgevoice.bench.loadgen", "--url", f"ws://127.0.0.1:{port}/", "--tokens",
+            "edgevoice_dev.bench.loadgen", "--url", f"ws://127.0.0.1:{port}/", "--tokens",
             str(tokens), "--clients", str(n), "--speech", str(ws.fixture.path),
             "--warmup", str(plan.capacity_warmup_s), "--measure", str(plan.capacity_measure_s),
             "--record", str(load_record), "--cpu", str(LOADGEN_CPU)))

@@ -20,7 +20,7 @@ Use it from tests::
 
 or as a process for system tests and demos::
 
-    python -m edgevoice.testing.fake_bedrock --port 8443 --ca-dir /tmp/fakeca
+    python -m edgevoice_dev.testing.fake_bedrock --port 8443 --ca-dir /tmp/fakeca
 
 It runs its own event loop in a background thread, so blocking tests and asyncio
 tests can both use it. Nothing here checks SigV4 signatures beyond their presence.
@@ -50,14 +50,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from edgevoice.nova.eventstream import (
+from edgevoice_dev.testing.eventstream import (
     EventStreamError,
     Message,
     MessageDecoder,
     decode_message,
     encode_message,
 )
-from edgevoice.testing.tls import make_test_ca
+from edgevoice_dev.testing.tls import make_test_ca
 
 logger = logging.getLogger(__name__)
 
@@ -921,7 +921,7 @@ def iter_env_lines(fake: FakeBedrock) -> Iterator[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m edgevoice.testing.fake_bedrock",
+        prog="python -m edgevoice_dev.testing.fake_bedrock",
         description="Run a fake Nova Sonic (Bedrock bidirectional streaming) endpoint.",
     )
     parser.add_argument("--host", default="127.0.0.1")

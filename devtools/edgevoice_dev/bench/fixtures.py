@@ -74,7 +74,7 @@ def _trim(samples: np.ndarray) -> np.ndarray:
 
 def _phrases(work: Path) -> tuple[list[np.ndarray], str]:
     if shutil.which("flite") is not None:
-        from edgevoice.testing.speech import synthesize
+        from edgevoice_dev.testing.speech import synthesize
 
         out = []
         for i, text in enumerate(PHRASES):

@@ -2,7 +2,7 @@
 
 Bedrock's bidirectional stream carries every Nova Sonic event inside these frames.
 The SDK has its own codec; this one exists so the fake Bedrock endpoint
-(:mod:`edgevoice.testing.fake_bedrock`) can speak the wire format without borrowing
+(:mod:`edgevoice_dev.testing.fake_bedrock`) can speak the wire format without borrowing
 the SDK's private modules, and so tests can build exact, or exactly broken, frames.
 
 A message is::

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from edgevoice.audio.base import CAPTURE_RATE_HZ, SAMPLE_WIDTH_BYTES
-from edgevoice.bench.wire import OPCODE_TEXT, CountingProxy, client_frame_bytes
+from edgevoice_dev.bench.wire import OPCODE_TEXT, CountingProxy, client_frame_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The load generator: N simulated devices against one relay, from one process.
 
-``python -m edgevoice.bench.loadgen --url ws://... --tokens FILE --clients N`` opens
+``python -m edgevoice_dev.bench.loadgen --url ws://... --tokens FILE --clients N`` opens
 N real WebSocket connections speaking ``edgevoice.v1`` (through the shared
 sans-I/O :class:`~edgevoice.protocol.connection.Connection`), starts one turn on
 each and streams real Opus frames (speech encoded once, up front, with the device's
@@ -33,7 +33,6 @@ from websockets.exceptions import ConnectionClosed
 from edgevoice.audio.base import CAPTURE_FRAME_BYTES
 from edgevoice.audio.opus import OpusEncoder, OpusSettings
 from edgevoice.audio.wavio import load_wav
-from edgevoice.bench.proc import emit, pin_to_cpu
 from edgevoice.protocol.connection import Connection, Role
 from edgevoice.protocol.messages import (
     MAX_TEXT_BYTES,
@@ -42,6 +41,7 @@ from edgevoice.protocol.messages import (
     Hello,
     TurnStart,
 )
+from edgevoice_dev.bench.proc import emit, pin_to_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ async def run(args: argparse.Namespace, tokens: dict[str, str],
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edgevoice.bench.loadgen")
+    p = argparse.ArgumentParser(prog="python -m edgevoice_dev.bench.loadgen")
     p.add_argument("--url", required=True)
     p.add_argument("--tokens", required=True, help="JSON object: device id -> token")
     p.add_argument("--clients", type=int, required=True)

@@ -1,6 +1,6 @@
 """A relay process for the benchmarks: the real RelayServer with a bench upstream.
 
-``python -m edgevoice.bench.relay_runner --tokens FILE --upstream KIND ...`` listens
+``python -m edgevoice_dev.bench.relay_runner --tokens FILE --upstream KIND ...`` listens
 on 127.0.0.1, prints JSON event lines on stdout (``listening``, ``session``, ...)
 and, on SIGTERM, closes the relay the way ``edgevoice relay`` does, writes what its
 upstream recorded to ``--record`` and prints a ``stopped`` event with the relay's
@@ -22,17 +22,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from edgevoice.bench.proc import emit, pin_to_cpu
-from edgevoice.bench.upstreams import BargeInUpstream, LoopbackUpstream, ReplyUpstream
 from edgevoice.relay.auth import TokenStore
 from edgevoice.relay.server import RelayServer
 from edgevoice.relay.settings import LimitsSettings, ListenSettings
+from edgevoice_dev.bench.proc import emit, pin_to_cpu
+from edgevoice_dev.bench.upstreams import BargeInUpstream, LoopbackUpstream, ReplyUpstream
 
 logger = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m edgevoice.bench.relay_runner")
+    p = argparse.ArgumentParser(prog="python -m edgevoice_dev.bench.relay_runner")
     p.add_argument("--tokens", required=True, help="token store (JSON) of the devices")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--upstream", choices=["reply", "loopback", "bargein"], required=True)

@@ -1,6 +1,6 @@
 """Where the CPU goes: a cProfile written by a bench process, summarised as Markdown.
 
-Two views of one profile (CPU time, see :mod:`edgevoice.bench.profiled`): the
+Two views of one profile (CPU time, see :mod:`edgevoice_dev.bench.profiled`): the
 functions that burn the most CPU themselves (``tottime``), and edgevoice's own
 functions by the CPU spent in them and below (``cumtime``), which says which of
 our code paths to look at.

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgevoice.bench.results import MISSED
+from edgevoice_dev.bench.results import MISSED
 
 COLUMNS = ("row", "metric", "edgevoice", "peer / floor", "target", "verdict")
 
@@ -126,7 +126,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         "## Reproducing",
         "",
         "```sh",
-        "./scripts/setup --test          # venv with the bench extra (wyoming), flite",
+        "./scripts/setup --test          # venv with edgevoice-dev (bench, wyoming), flite",
         ".venv/bin/edgevoice bench         # full run, about 10 minutes; rewrites this page",
         ".venv/bin/edgevoice bench --quick # under 2 minutes (CI); writes bench/*-quick.*",
         "```",

@@ -27,10 +27,12 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from edgevoice_dev import repository_root
+
 MIC_RATE_HZ = 16_000
 SPEAKER_RATE_HZ = 48_000
 REQUIRED_TOOLS = ("pulseaudio", "pactl", "pacat", "paplay", "parec")
-_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "soundcard"
+_SCRIPT = repository_root() / "scripts" / "soundcard"
 
 
 def missing_tools() -> list[str]:

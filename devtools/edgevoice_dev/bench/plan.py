@@ -14,9 +14,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgevoice.bench.fixtures import SpeechFixture, build_speech, reply_pcm
-from edgevoice.bench.proc import Child, python_module
 from edgevoice.relay.auth import TokenStore
+from edgevoice_dev.bench.fixtures import SpeechFixture, build_speech, reply_pcm
+from edgevoice_dev.bench.proc import Child, python_module
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class Workspace:
 
     async def relay(self, name: str, upstream: str, *extra: str, port: int = 0) -> Child:
         """Start a relay runner and wait until it listens."""
-        args = python_module("edgevoice.bench.relay_runner", "--tokens", str(self.tokens_path),
+        args = python_module("edgevoice_dev.bench.relay_runner", "--tokens", str(self.tokens_path),
                              "--port", str(port), "--upstream", upstream,
                              "--reply", str(self.reply_path), "--reply-ms", str(REPLY_MS),
                              *extra)

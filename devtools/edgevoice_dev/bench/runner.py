@@ -23,10 +23,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from edgevoice.bench.plan import FULL, QUICK, TINY, BenchPlan, Workspace
-from edgevoice.bench.proc import machine_info
-from edgevoice.bench.report import render_table, write_outputs
-from edgevoice.bench.results import ERROR, RowResult
+from edgevoice_dev import repository_root
+from edgevoice_dev.bench.plan import FULL, QUICK, TINY, BenchPlan, Workspace
+from edgevoice_dev.bench.proc import machine_info
+from edgevoice_dev.bench.report import render_table, write_outputs
+from edgevoice_dev.bench.results import ERROR, RowResult
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +40,6 @@ ROWS = {
     6: "Reconnect: relay restarted -> device streaming again",
     7: "Device footprint",
 }
-
-
-def repository_root() -> Path:
-    """The checkout this package runs from, else the current directory."""
-    here = Path(__file__).resolve().parents[2]
-    return here if (here / "pyproject.toml").is_file() else Path.cwd()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -113,7 +108,7 @@ async def run_bench(plan: BenchPlan, rows: Sequence[int], workdir: Path) -> list
 
 
 async def _run_rows(ws: Workspace, plan: BenchPlan, wanted: set[int]) -> list[RowResult]:
-    from edgevoice.bench import bargein, capacity, conversation, latency, reconnect
+    from edgevoice_dev.bench import bargein, capacity, conversation, latency, reconnect
 
     results: list[RowResult] = []
 
@@ -167,7 +162,7 @@ def _configure_logging() -> None:
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("bench: %(message)s"))
-    bench = logging.getLogger("edgevoice.bench")
+    bench = logging.getLogger("edgevoice_dev.bench")
     bench.addHandler(handler)
     bench.setLevel(logging.INFO)
     bench.propagate = False

@@ -14,11 +14,11 @@ from __future__ import annotations
 import logging
 import time
 
-from edgevoice.bench.analysis import Spread
-from edgevoice.bench.plan import Workspace, free_port
-from edgevoice.bench.proc import Child, python_module
-from edgevoice.bench.results import INFO, Line, RowResult, fmt_ms, verdict
 from edgevoice.device.link import RelaySettings
+from edgevoice_dev.bench.analysis import Spread
+from edgevoice_dev.bench.plan import Workspace, free_port
+from edgevoice_dev.bench.proc import Child, python_module
+from edgevoice_dev.bench.results import INFO, Line, RowResult, fmt_ms, verdict
 
 logger = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 own processes.
 
 The device is the real daemon with timestamps taken around it
-(:mod:`edgevoice.bench.device_runner`); the relay is the real relay with a
-recording upstream (:mod:`edgevoice.bench.upstreams`) that answers each turn with
+(:mod:`edgevoice_dev.bench.device_runner`); the relay is the real relay with a
+recording upstream (:mod:`edgevoice_dev.bench.upstreams`) that answers each turn with
 a reply streamed at real time. Both stamp with ``time.monotonic``, one clock for
 every process on the machine, so per-frame delays are differences of timestamps:
 
@@ -23,11 +23,11 @@ import logging
 import time
 from typing import Any
 
-from edgevoice.bench.analysis import Spread, downlink_delays, paired_delays
-from edgevoice.bench.fixtures import build_speech
-from edgevoice.bench.plan import OUTPUT_RATE_HZ, Workspace
-from edgevoice.bench.proc import Child, python_module
-from edgevoice.bench.results import Line, RowResult, fmt_ms, verdict
+from edgevoice_dev.bench.analysis import Spread, downlink_delays, paired_delays
+from edgevoice_dev.bench.fixtures import build_speech
+from edgevoice_dev.bench.plan import OUTPUT_RATE_HZ, Workspace
+from edgevoice_dev.bench.proc import Child, python_module
+from edgevoice_dev.bench.results import Line, RowResult, fmt_ms, verdict
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ async def _run(ws: Workspace, seconds: float) -> tuple[dict[str, Any], dict[str,
         config = ws.device_config(DEVICE, f"ws://127.0.0.1:{port}/", "unused", "unused",
                                   log_level="warning")
         device = await ws.spawn("latency-device", python_module(
-            "edgevoice.bench.device_runner", "--config", str(config),
+            "edgevoice_dev.bench.device_runner", "--config", str(config),
             "--source", f"wav:{fixture.path}", "--output-rate", str(OUTPUT_RATE_HZ),
             "--record", str(device_record)))
         linked = await device.event("link_up", 30)

@@ -1,6 +1,6 @@
 """Run a module under cProfile, counting CPU time rather than wall time.
 
-``python -m edgevoice.bench.profiled OUT MODULE [ARGS...]`` runs ``python -m MODULE
+``python -m edgevoice_dev.bench.profiled OUT MODULE [ARGS...]`` runs ``python -m MODULE
 ARGS...`` in this process and writes its profile to OUT when it exits (a SIGTERM
 the module handles, as ``edgevoice device`` does, ends it cleanly). Measuring with
 ``time.process_time`` keeps the time an asyncio program spends waiting in
@@ -26,7 +26,7 @@ def main() -> int:
     if on_signal:
         argv = argv[1:]
     if len(argv) < 2:
-        print("usage: python -m edgevoice.bench.profiled [--on-signal] OUT MODULE [ARGS...]",
+        print("usage: python -m edgevoice_dev.bench.profiled [--on-signal] OUT MODULE [ARGS...]",
               file=sys.stderr)
         return 2
     out, module, *args = argv

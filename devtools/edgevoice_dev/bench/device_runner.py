@@ -1,7 +1,7 @@
 """A device process for the latency and barge-in benchmarks: the daemon, instrumented.
 
-``python -m edgevoice.bench.device_runner --config device.yaml --source wav:PATH``
-runs :class:`~edgevoice.bench.instrument.InstrumentedDaemon` (the real daemon with
+``python -m edgevoice_dev.bench.device_runner --config device.yaml --source wav:PATH``
+runs :class:`~edgevoice_dev.bench.instrument.InstrumentedDaemon` (the real daemon with
 timestamps taken around it) with a WAV or silent microphone and a sink pulling
 20 ms blocks at real time, until SIGTERM; then it writes its timestamps to
 ``--record``. It prints a ``link_up`` JSON event each time the relay answers.
@@ -20,11 +20,11 @@ from pathlib import Path
 
 from edgevoice.audio.base import AudioSource
 from edgevoice.audio.wavio import WavSource
-from edgevoice.bench.instrument import DeviceLog, InstrumentedDaemon, PacedSink, SilentSource
-from edgevoice.bench.proc import emit
 from edgevoice.config.model import load_device_config
 from edgevoice.device.daemon import read_token
 from edgevoice.protocol.messages import Welcome
+from edgevoice_dev.bench.instrument import DeviceLog, InstrumentedDaemon, PacedSink, SilentSource
+from edgevoice_dev.bench.proc import emit
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ async def run(args: argparse.Namespace) -> DeviceLog:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edgevoice.bench.device_runner")
+    p = argparse.ArgumentParser(prog="python -m edgevoice_dev.bench.device_runner")
     p.add_argument("--config", required=True)
     p.add_argument("--source", default="silence", help="wav:PATH or silence")
     p.add_argument("--output-rate", type=int, default=48_000)
