@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -43,6 +41,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from edgevoice.config.base import require
 from edgevoice.errors import ConfigError
+from edgevoice.tokens import digest_matches, hash_token
 
 logger = logging.getLogger(__name__)
 
@@ -134,11 +133,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def hash_token(token: str) -> str:
-    """The lower-case hex SHA-256 of ``token``: what the servers keep and compare."""
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class Exposable(Protocol):
@@ -438,7 +432,7 @@ class HttpApi:
         credentials = credentials.strip()
         if scheme.lower() != "bearer" or not credentials:
             return _unauthorized("use the Bearer scheme")
-        if not hmac.compare_digest(hash_token(credentials), self._token_sha256):
+        if not digest_matches(credentials, self._token_sha256):
             return _unauthorized("invalid token")
         return None
 

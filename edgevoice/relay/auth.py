@@ -18,8 +18,6 @@ import collections
 import contextlib
 import datetime
 import fcntl
-import hashlib
-import hmac
 import json
 import logging
 import os
@@ -32,15 +30,12 @@ from pathlib import Path
 
 from edgevoice.config.base import require
 from edgevoice.errors import ConfigError, EdgevoiceError
+from edgevoice.tokens import digest_matches, hash_token
 
 logger = logging.getLogger(__name__)
 
 DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _SECRET = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def new_token(device_id: str) -> str:
@@ -148,7 +143,7 @@ class TokenStore:
         device_id = parts[0] if parts else ""
         expected = self._digests.get(device_id, self._dummy)
         # compare even when the device is unknown, so timing says nothing about ids
-        ok = hmac.compare_digest(hash_token(token), expected)
+        ok = digest_matches(token, expected)
         return device_id if ok and parts and device_id in self._digests else None
 
     def devices(self) -> list[str]:

@@ -39,7 +39,6 @@ import collections
 import contextlib
 import dataclasses
 import datetime
-import hmac
 import json
 import logging
 import socket
@@ -56,10 +55,10 @@ from edgevoice.relay.auth import (
     FailureLimiter,
     TokenExistsError,
     TokenStoreError,
-    hash_token,
     new_token,
     split_token,
 )
+from edgevoice.tokens import digest_matches, hash_token
 from edgevoice.upstream.base import (
     DeviceContext,
     HistoryLine,
@@ -288,7 +287,7 @@ class RedisTokens:
         device_id = parts[0] if parts else ""
         expected = self._digests.get(device_id, self._dummy)
         # compare even for an unknown device, so timing says nothing about ids
-        ok = hmac.compare_digest(hash_token(token), expected)
+        ok = digest_matches(token, expected)
         return device_id if ok and parts and device_id in self._digests else None
 
     async def refresh(self, client: Redis) -> None:

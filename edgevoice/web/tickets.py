@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import fcntl
-import hashlib
 import hmac
 import json
 import logging
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from edgevoice.errors import ConfigError, EdgevoiceError
 from edgevoice.relay.auth import DEVICE_ID, split_token
+from edgevoice.tokens import hash_token
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class TicketError(EdgevoiceError):
 
 
 def ticket_digest(ticket: str) -> str:
-    return hashlib.sha256(ticket.encode("utf-8")).hexdigest()
+    return hash_token(ticket)
 
 
 @dataclass(frozen=True)

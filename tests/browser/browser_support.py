@@ -11,7 +11,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import shutil
 import urllib.request
 import wave
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from edgevoice_dev.testing.timeouts import TIMEOUT_FACTOR
 
 from edgevoice.config.model import RelayConfig
 from edgevoice.health.relay import relay_admin_api
@@ -32,8 +32,6 @@ from edgevoice.web.gate import BrowserGate, WebSettings, ticket_routes
 from edgevoice.web.tickets import TicketStore
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-TIMEOUT_FACTOR = float(os.environ.get("EDGEVOICE_TEST_TIMEOUT_FACTOR",
-                                      os.environ.get("EDGEVOICE_TIMEOUT_FACTOR", "1")))
 ADMIN_TOKEN = "admin-test-token-0123456789abcdef"
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 

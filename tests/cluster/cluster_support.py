@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from edgevoice_dev.testing.timeouts import TIMEOUT_FACTOR
 
 from edgevoice.audio.opus import OpusEncoder
 from edgevoice.backoff import BackoffSettings
@@ -44,7 +45,6 @@ from edgevoice.relay.shared import RedisTokens
 REPO = Path(__file__).resolve().parents[2]
 HAPROXY_CFG = REPO / "deploy" / "haproxy" / "edgevoice.cfg"
 KEY_PREFIX = "edgevoice:"
-TIMEOUT_FACTOR = float(os.environ.get("EDGEVOICE_TIMEOUT_FACTOR", "1"))
 
 
 def scaled(seconds: float) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from http import HTTPStatus
 from typing import Literal
 
 import numpy as np
+from edgevoice_dev.testing.timeouts import TIMEOUT_FACTOR
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -18,8 +18,6 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from edgevoice.doctor import AudioDevice
-
-TIMEOUT_FACTOR = float(os.environ.get("EDGEVOICE_TEST_TIMEOUT_FACTOR", "1"))
 
 
 def sine(rate_hz: int, seconds: float, dbfs_peak: float, hz: float = 1000.0) -> np.ndarray:

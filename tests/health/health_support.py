@@ -7,13 +7,11 @@ client is driven from a worker thread.
 from __future__ import annotations
 
 import asyncio
-import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-#: Slow machines (CI under load) can stretch every timeout used by these tests.
-TIMEOUT_FACTOR = float(os.environ.get("EDGEVOICE_TEST_TIMEOUT_FACTOR", "1"))
+from edgevoice_dev.testing.timeouts import TIMEOUT_FACTOR
 
 
 @dataclass

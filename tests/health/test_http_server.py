@@ -21,12 +21,12 @@ from edgevoice.health.http import (
     HttpApi,
     Request,
     Response,
-    hash_token,
     is_loopback,
     json_response,
     load_token,
     validate_exposure,
 )
+from edgevoice.tokens import hash_token
 
 TOKEN = "s3cret-token-value"
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edgevoice.relay.auth import FailureLimiter, TokenStore, hash_token, new_token, split_token
+from edgevoice.relay.auth import FailureLimiter, TokenStore, new_token, split_token
+from edgevoice.tokens import hash_token
 
 
 def test_tokens_are_stored_hashed_and_verified(tmp_path: Path) -> None:

@@ -12,15 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgevoice_dev.testing.timeouts import scaled
+
 from edgevoice.protocol.connection import AudioReceived
 from edgevoice.protocol.messages import Message, Welcome
-
-#: Timeouts scale with this factor on slow machines (EDGEVOICE_TIMEOUT_FACTOR=3).
-TIMEOUT_FACTOR = float(os.environ.get("EDGEVOICE_TIMEOUT_FACTOR", "1"))
-
-
-def scaled(seconds: float) -> float:
-    return seconds * TIMEOUT_FACTOR
 
 
 def record(name: str, figures: dict[str, object]) -> None:

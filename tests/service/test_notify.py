@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from edgevoice_dev.testing.timeouts import TIMEOUT_FACTOR
 
 from edgevoice.audio.base import SourceStats
 from edgevoice.config.base import SettingError
@@ -34,8 +35,6 @@ from edgevoice.service import (
     watchdog_usec_from_env,
 )
 from edgevoice.service.notify import STATUS_MAX_BYTES
-
-TIMEOUT_FACTOR = float(os.environ.get("EDGEVOICE_TEST_TIMEOUT_FACTOR", "1"))
 
 # ----------------------------------------------------------------------------- policy
 

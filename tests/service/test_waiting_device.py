@@ -18,11 +18,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from edgevoice_dev.testing.timeouts import scaled
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def scaled(seconds: float) -> float:
-    return seconds * float(os.environ.get("EDGEVOICE_TEST_TIMEOUT_FACTOR", "1"))
 
 
 def free_port() -> int:
