@@ -16,7 +16,6 @@ edgevoice; each docstring names the Nova event it comes from.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -489,7 +488,7 @@ def _parse_body(name: str, body: Mapping[str, Any]) -> OutputEvent:
     if name == "audioOutput":
         try:
             pcm = base64.b64decode(_str(body, "content"), validate=True)
-        except binascii.Error as exc:
+        except ValueError as exc:  # binascii.Error, or non-ASCII text
             raise _Malformed("audioOutput content is not base64") from exc
         if len(pcm) % 2:
             raise _Malformed("audioOutput has an odd number of bytes")
