@@ -15,7 +15,13 @@ Facts about SDK 0.12 this module relies on:
   returns: the caller must time it out;
 * a dropped connection makes ``receive()`` return None, exactly like a clean end;
 * exceptions Nova sends inside the stream are raised by ``receive()``, and an
-  exception type the SDK does not model surfaces as a ``KeyError``.
+  exception type the SDK does not model surfaces as a ``KeyError``;
+* a failure before the request is sent (no credentials at all) leaves the SDK's
+  own request task failed and unretrieved, and the stream's ``open`` waiting
+  forever. So the credentials are resolved here first, through the same chain the
+  client signs with (environment, profile, container or instance role): a missing
+  or broken chain fails at once with ``nova_no_credentials``, and the expiry of
+  temporary credentials is known, so a stream can be replaced before it.
 
 Credentials come from the SDK's standard chain (environment, shared profile,
 container or instance role) and are never logged.
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 from typing import Any, Protocol
 
@@ -37,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 class NovaStream(Protocol):
     """One bidirectional stream, as the runner uses it."""
+
+    #: Seconds until the credentials it was signed with expire (None: not temporary).
+    credentials_expire_in_s: float | None
 
     async def send(self, event_json: bytes) -> None:
         """Send one input event (its JSON)."""
@@ -90,7 +100,7 @@ def require_sdk() -> None:
 class BedrockStream:
     """:class:`NovaStream` over the SDK's ``DuplexEventStream``."""
 
-    def __init__(self, duplex: Any) -> None:
+    def __init__(self, duplex: Any, credentials_expire_in_s: float | None = None) -> None:
         from aws_sdk_bedrock_runtime.models import (
             BidirectionalInputPayloadPart,
             InvokeModelWithBidirectionalStreamInputChunk,
@@ -98,6 +108,7 @@ class BedrockStream:
         )
 
         self._duplex = duplex
+        self.credentials_expire_in_s = credentials_expire_in_s
         self._chunk = InvokeModelWithBidirectionalStreamInputChunk
         self._part = BidirectionalInputPayloadPart
         self._output_chunk = InvokeModelWithBidirectionalStreamOutputChunk
@@ -147,15 +158,26 @@ class BedrockStreamOpener:
         require_sdk()
         self.settings = settings
         self._client: Any = None
+        self._credentials: Any = None
         self._lock = asyncio.Lock()
 
     async def _get_client(self) -> Any:
         async with self._lock:
             if self._client is None:
+                install_sdk_task_filter(asyncio.get_running_loop())
                 from aws_sdk_bedrock_runtime.client import AsyncBedrockRuntimeClient
                 from aws_sdk_bedrock_runtime.config import AsyncBedrockRuntimeConfig
+                from smithy_aws_core.identity import AWSCredentialsIdentity, IdentityChain
                 from smithy_http.aio.crt import AWSCRTHTTPClient
 
+                transport = AWSCRTHTTPClient()
+                # The chain the client would build for itself, built here so the
+                # relay can ask it first (see the module docstring).
+                self._credentials = await IdentityChain.create(
+                    AWSCredentialsIdentity,
+                    region_override=self.settings.region,
+                    http_client=transport,
+                )
                 overrides: dict[str, Any] = {}
                 if self.settings.endpoint_url:
                     overrides["endpoint_uri"] = self.settings.endpoint_url
@@ -163,7 +185,8 @@ class BedrockStreamOpener:
                     region=self.settings.region,
                     # The session core retries with its own policy and history replay.
                     max_attempts=1,
-                    transport=AWSCRTHTTPClient(),
+                    transport=transport,
+                    aws_credentials_identity_resolver=self._credentials,
                     **overrides,
                 )
                 logger.info(
@@ -181,10 +204,25 @@ class BedrockStreamOpener:
         )
 
         client = await self._get_client()
+        expire_in_s = await self.check_credentials()
         duplex = await client.invoke_model_with_bidirectional_stream(
             InvokeModelWithBidirectionalStreamOperationInput(model_id=self.settings.model_id)
         )
-        return BedrockStream(duplex)
+        return BedrockStream(duplex, expire_in_s)
+
+    async def check_credentials(self) -> float | None:
+        """Resolve the credentials; seconds until they expire (None: they do not).
+
+        Raises the chain's error (``nova_no_credentials``) when there are none.
+        """
+        if self._credentials is None:
+            await self._get_client()
+        identity = await self._credentials.get_identity(properties={})
+        expiration = getattr(identity, "expiration", None)
+        if expiration is None:
+            return None
+        remaining = expiration - datetime.datetime.now(datetime.UTC)
+        return float(remaining.total_seconds())
 
     def fault(self, exc: BaseException) -> Fault:
         return fault_from_exception(exc)
@@ -194,6 +232,45 @@ class BedrockStreamOpener:
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.close()
+
+
+#: The SDK's and the CRT's own tasks, whose failures nobody awaits.
+_SDK_MODULES = ("smithy_", "aws_sdk_", "awscrt", "smithy_http", "smithy_aws")
+
+
+def install_sdk_task_filter(loop: asyncio.AbstractEventLoop) -> None:
+    """Turn "Task exception was never retrieved" tracebacks from SDK tasks into one line.
+
+    The CRT transport keeps writing the request body after the service ended a
+    stream and fails an internal task with AWS_ERROR_HTTP_STREAM_HAS_COMPLETED,
+    which no one awaits: expected, logged at debug level. Any other unretrieved
+    failure of an SDK task is logged as one warning naming it; the session has
+    already seen (and classified) the failure through the stream. Idempotent.
+    """
+    previous = loop.get_exception_handler()
+    if getattr(previous, "_edgevoice_sdk_filter", False):
+        return
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        task = context.get("future") or context.get("task")
+        coro = getattr(task, "get_coro", lambda: None)()
+        module = getattr(getattr(coro, "cr_code", None), "co_filename", "") or ""
+        if exc is not None and any(f"/{m}" in module for m in _SDK_MODULES):
+            if "AWS_ERROR_HTTP_STREAM_HAS_COMPLETED" in str(exc):
+                logger.debug("nova: the transport wrote after the stream ended (harmless)")
+            else:
+                logger.warning(
+                    "nova: an AWS SDK task failed unobserved: %s: %s", type(exc).__name__, exc
+                )
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    handler._edgevoice_sdk_filter = True  # type: ignore[attr-defined]
+    loop.set_exception_handler(handler)
 
 
 def fault_from_exception(exc: BaseException) -> Fault:
@@ -208,7 +285,9 @@ def fault_from_exception(exc: BaseException) -> Fault:
     except ImportError:  # pragma: no cover - fault() is only reached with the SDK
         return Fault(type(exc).__name__, str(exc))
     if isinstance(exc, SmithyIdentityError):
-        return Fault(NO_CREDENTIALS, "no usable AWS credentials")
+        # The chain's message lists what it tried; it never contains a secret.
+        detail = " ".join(str(exc).split())[:300]
+        return Fault(NO_CREDENTIALS, f"no usable AWS credentials ({detail})")
     if isinstance(exc, CallError):
         metadata = getattr(exc, "response_metadata", None)
         status = getattr(metadata, "http_status_code", None)

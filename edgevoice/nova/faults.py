@@ -69,6 +69,36 @@ SDK_MISSING = "SdkMissing"
 NETWORK = "NetworkError"
 """Connecting or talking to the endpoint failed below HTTP."""
 
+#: Every ``error`` code a Nova session can send to a device (docs/protocol.md lists them).
+DEVICE_CODES: frozenset[str] = frozenset(
+    {
+        "nova_access_denied",
+        "nova_bad_credentials",
+        "nova_no_credentials",
+        "nova_unknown_model",
+        "nova_model_unavailable",
+        "nova_invalid_request",
+        "nova_region",
+        "nova_sdk_missing",
+        "nova_throttled",
+        "nova_unavailable",
+        "nova_timeout",
+        "nova_unreachable",
+        "nova_stream_lost",
+        "nova_stream_ended",
+        "nova_stalled",
+        "nova_model_timeout",
+        "nova_unstable",
+        "nova_error",
+    }
+)
+
+
+def _v1_hint(model_id: str) -> str:
+    if model_id.endswith("amazon.nova-sonic-v1:0"):
+        return " (Nova Sonic v1 is past its end of life: use amazon.nova-2-sonic-v1:0)"
+    return ""
+
 
 def _has(text: str, *needles: str) -> bool:
     lowered = text.lower()
@@ -100,7 +130,9 @@ def classify(fault: Fault, *, region: str = "", model_id: str = "") -> Diagnosis
             Recovery.FATAL,
             "nova_no_credentials",
             "The relay found no AWS credentials. Set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, an AWS_PROFILE, or run it with an instance role.",
+            "AWS_SECRET_ACCESS_KEY, an AWS_PROFILE, or run it with an instance role"
+            + (f" ({message})" if message else "")
+            + ".",
         )
     if code == SDK_MISSING:
         return Diagnosis(
@@ -125,8 +157,8 @@ def classify(fault: Fault, *, region: str = "", model_id: str = "") -> Diagnosis
                 Recovery.FATAL,
                 "nova_unknown_model",
                 "Nova Sonic does not know the model" + where + ". Use "
-                "amazon.nova-2-sonic-v1:0 or amazon.nova-sonic-v1:0 in a region that "
-                "offers it (for example us-east-1).",
+                "amazon.nova-2-sonic-v1:0 in a region that offers it (for example "
+                "us-east-1)" + _v1_hint(model_id) + ".",
             )
         return Diagnosis(
             Recovery.FATAL,
@@ -139,7 +171,7 @@ def classify(fault: Fault, *, region: str = "", model_id: str = "") -> Diagnosis
             Recovery.FATAL,
             "nova_model_unavailable",
             "Nova Sonic is not available" + where + ". Choose a region where the "
-            "model is offered and enable model access there.",
+            "model is offered and enable model access there" + _v1_hint(model_id) + ".",
         )
     if code in ("ThrottlingException", "ServiceQuotaExceededException") or status == 429:
         return Diagnosis(

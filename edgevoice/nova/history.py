@@ -76,6 +76,11 @@ class ConversationHistory:
             text = text.encode("utf-8")[-limit:].decode("utf-8", errors="ignore")
         self._messages.append(HistoryMessage(role, text))
 
+    def drop_trailing_user(self) -> None:
+        """Forget the last line if it is the user's (a question replayed as audio)."""
+        if self._messages and self._messages[-1].role == events.ROLE_USER:
+            self._messages.pop()
+
     def clear(self) -> None:
         self._messages.clear()
 

@@ -15,20 +15,29 @@ States (:class:`SessionState`; every legal move is in ``_TRANSITIONS``)::
       └──────CLOSING◄────────┴─────idle─────────-┘
     any ──close()──► STOPPED
 
-* A stream is opened lazily, when the device starts a turn. While it is open Nova
-  hears continuous real-time audio: the device's frames, and silence in between
-  (:meth:`SessionCore.tick` fills 20 ms frames of silence as real time passes).
+* A stream is opened lazily, when the device starts a turn. Nova hears what a turn
+  needs and no more (audio is billed): the device's frames, gaps between them filled
+  with silence at real time, and after the last frame the silence Nova's turn
+  detection waits for (its end-of-turn pause plus a margin), until its reply starts.
+  While nobody speaks nothing is sent, and the stream is closed soon after a reply.
 * Rotation: AWS ends a stream after 8 minutes, so after ``rotate_after_s``, at a
   pause, a new stream is opened with the conversation so far. The old one hears
   silence meanwhile; the user's audio is held and replayed into the new stream,
   which takes over once open. Nothing said during the switch is lost.
 * Idle close: after ``idle_close_s`` without speech or reply the stream is closed,
   because an open stream is billed; the next turn opens a new one with history.
-* Recovery: a failure is classified by :mod:`edgevoice.nova.faults`. A resumable
-  one (model timeout, "System instability", a lost connection) reopens at once and
-  replays the user's latest audio; throttling and outages back off; anything an
-  operator must fix becomes ``UpstreamFailed(retryable=False)``. A stream that ends
-  without ``completionEnd`` was lost, not finished.
+* Recovery: a failure is classified by :mod:`edgevoice.nova.faults`. When the user
+  is waiting for an answer (speaking, or the question is unanswered, or the reply
+  was cut), the question is replayed once into a fresh stream that carries the
+  history; the device's reply goes on (it hears the answer start over). If that
+  does not bring an answer within ``open_timeout_s`` plus the first-output deadline,
+  or fails too, the device gets ``ResponseEnded("error")`` (if a reply had started)
+  and ``UpstreamFailed``. Anything an operator must fix is told at once
+  (``retryable=False``). A stream that ends without ``completionEnd`` was lost.
+* Stalls: no event within the first-output deadline after the turn ended (Nova's
+  end-of-turn pause plus ``reply_margin_s``), no event for ``stall_timeout_s`` in
+  the middle of a reply, or none within ``tool_ack_timeout_s`` of a tool result:
+  the stream is torn down and replaced as above, never kept.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from edgevoice.nova.faults import (
     STREAM_ENDED,
     STREAM_LOST,
     STREAM_STALLED,
+    Diagnosis,
     Fault,
     Recovery,
     classify,
@@ -80,6 +90,17 @@ SILENCE_SLACK_S = 0.06
 MAX_SILENCE_CATCH_UP_S = 1.0
 #: Content blocks remembered per stream (their role and type matter at contentEnd).
 MAX_OPEN_CONTENTS = 64
+#: Silence sent after the user's last frame beyond Nova's end-of-turn pause.
+TAIL_MARGIN_S = 0.5
+#: Rotate this long before the stream's credentials expire (soft, at a pause) ...
+CREDENTIALS_MARGIN_S = 120.0
+#: ... and at the latest this long before, whatever is going on.
+CREDENTIALS_HARD_MARGIN_S = 30.0
+#: ``response_end`` reasons the device may see (docs/protocol.md).
+END_TURN = "end_turn"
+INTERRUPTED = "interrupted"
+ENDED_BY_ERROR = "error"
+RESPONSE_END_REASONS: frozenset[str] = frozenset({END_TURN, INTERRUPTED, ENDED_BY_ERROR})
 
 
 class SessionState(enum.Enum):
@@ -184,6 +205,10 @@ class _Stream:
     completion_ended: bool = False
     got_output: bool = False
     last_output_at: float = 0.0
+    #: Silence is filled, at real time, up to this audio clock reading.
+    fill_until: float = 0.0
+    #: When the credentials this stream was signed with expire (monotonic), if known.
+    expires_at: float | None = None
     input_tokens: int = 0
     output_tokens: int = 0
 
@@ -195,6 +220,8 @@ class _Response:
     started_at: float
     #: The device interrupted it locally: drop the rest of its audio.
     suppressed: bool = False
+    #: Its stream failed; a fresh stream answers the replayed question into it.
+    restarting: bool = False
 
 
 @dataclass
@@ -212,6 +239,16 @@ class SessionStats:
     malformed_events: int = 0
     unknown_events: int = 0
     silence_frames: int = 0
+    #: every 20 ms audio frame sent to Nova: the user's, replayed and silence
+    audio_frames_sent: int = 0
+    #: questions replayed into a fresh stream after a fault or stall
+    replays: int = 0
+    stalls: int = 0
+
+    @property
+    def upstream_audio_s(self) -> float:
+        """Seconds of audio sent to Nova (what input audio is billed on)."""
+        return self.audio_frames_sent * FRAME_S
 
 
 class SessionCore:
@@ -245,8 +282,19 @@ class SessionCore:
         self._draining: dict[int, _Stream] = {}
         self._stream_ids = 0
         frames = max(1, round(settings.replay_buffer_s / FRAME_S))
-        #: The user's latest speech, replayed into a stream that replaces a failed one.
+        #: The user's latest speech, kept until it is answered in full, and replayed
+        #: into a stream that replaces a failed or stalled one.
         self._turn_audio: collections.deque[bytes] = collections.deque(maxlen=frames)
+        #: the question in ``_turn_audio`` was already replayed once
+        self._replayed = False
+        #: Nova's first event since the turn ended is due by then (None: not waiting)
+        self._first_output_due: float | None = None
+        #: Nova's next event after a tool result is due by then
+        self._tool_ack_due: float | None = None
+        #: a fault left the user waiting: unless an answer comes, tell them by then
+        self._tell_by: float | None = None
+        self._last_diagnosis: Diagnosis | None = None
+        self._tail_s = settings.end_of_turn_pause_s + TAIL_MARGIN_S
         #: Speech not yet delivered to any stream (one is opening or rotating in).
         self._pending: collections.deque[bytes] = collections.deque()
         self._pending_max = max(1, round(settings.pending_audio_max_s / FRAME_S))
@@ -287,8 +335,9 @@ class SessionCore:
         if self.state in (_S.CLOSED, _S.STOPPED, _S.CLOSING):
             return None
         if self.state is _S.BACKOFF:
-            return self._retry_at
-        # While a stream is open, silence must be filled every frame.
+            times = [t for t in (self._retry_at, self._tell_by) if t is not None]
+            return min(times) if times else None
+        # While a stream opens or is open, silence or a deadline may be due any frame.
         return now + FRAME_S
 
     # --- device side ---------------------------------------------------------------
@@ -299,7 +348,9 @@ class SessionCore:
         self._turn_active = True
         self._turn_answered = False
         self._turn_audio.clear()
+        self._replayed = False
         self._awaiting_since = None
+        self._first_output_due = None
         self._last_activity = now
         if self.state in (_S.CLOSED, _S.CLOSING):
             return self._open(now)
@@ -320,6 +371,8 @@ class SessionCore:
         if self.state is _S.OPEN and self._current is not None:
             stream = self._current
             stream.audio_clock = max(stream.audio_clock, now - SILENCE_SLACK_S) + FRAME_S
+            stream.fill_until = stream.audio_clock + self._tail_s
+            self.stats.audio_frames_sent += 1
             actions.append(
                 self._send(stream, nova.audio_input(stream.prompt_name, stream.audio_content, pcm))
             )
@@ -336,6 +389,8 @@ class SessionCore:
         # device's longer hangover ends the turn: then nothing is awaited.
         if self._turn_audio and self._response is None and not self._turn_answered:
             self._awaiting_since = now
+            if self.state is _S.OPEN:
+                self._first_output_due = now + self.settings.first_output_timeout_s
         return []
 
     def interrupt(self, now: float) -> list[Action]:
@@ -344,6 +399,7 @@ class SessionCore:
         if response is None or response.suppressed:
             return []
         response.suppressed = True
+        self._turn_audio.clear()
         self._log("reply interrupted by the device")
         return [Emit(ResponseInterrupted())]
 
@@ -358,22 +414,35 @@ class SessionCore:
         self._current = self._next = None
         self._pending.clear()
         self._turn_audio.clear()
+        self._tell_by = None
         self._transition(_S.STOPPED)
         return actions
 
     # --- stream side ---------------------------------------------------------------
 
-    def stream_opened(self, stream_id: int, now: float) -> list[Action]:
-        """The stream's HTTP response arrived: it is ready."""
+    def stream_opened(
+        self, stream_id: int, now: float, *, credentials_expire_in_s: float | None = None
+    ) -> list[Action]:
+        """The stream's HTTP response arrived: it is ready.
+
+        ``credentials_expire_in_s``: how long the credentials it was signed with stay
+        valid (temporary credentials); the stream is replaced before then.
+        """
+        expires_at = None if credentials_expire_in_s is None else now + credentials_expire_in_s
         if self._current is not None and stream_id == self._current.id and self.state is _S.OPENING:
             stream = self._current
             stream.opened_at = stream.audio_clock = stream.last_output_at = now
+            stream.expires_at = expires_at
             self._transition(_S.OPEN)
             self._log("stream %d open", stream_id)
+            if self._awaiting_since is not None and self._response is None:
+                # The turn ended while the stream was opening: Nova hears it all now.
+                self._first_output_due = now + self.settings.first_output_timeout_s
             return self._flush_pending(stream, now)
         if self._next is not None and stream_id == self._next.id and self.state is _S.ROTATING:
             old, new = self._current, self._next
             new.opened_at = new.audio_clock = new.last_output_at = now
+            new.expires_at = expires_at
             self._current, self._next = new, None
             self._rotate_retry_at = None
             self.stats.rotations += 1
@@ -382,12 +451,12 @@ class SessionCore:
             actions: list[Action] = []
             if old is not None:
                 actions.append(self._close_stream(old))
-            actions += self._end_response("rotated")
+            actions += self._end_response(END_TURN)
             return actions + self._flush_pending(new, now)
         return []
 
     def stream_failed(self, stream_id: int, fault: Fault, now: float) -> list[Action]:
-        """The stream broke (an AWS exception, a network error, a timeout)."""
+        """The stream broke (an AWS exception, a network error, a timeout, a stall)."""
         if stream_id in self._draining:
             self._retire(stream_id)
             return self._settle_closing()
@@ -405,25 +474,48 @@ class SessionCore:
             diagnosis.recovery.value,
             self._suffix(),
         )
+        self._last_diagnosis = diagnosis
+        # Did Nova hear the question? Then it may be replayed once; else it is just sent.
+        delivered = self._current.opened_at is not None
         actions: list[Action] = [AbortStream(stream_id)]
         self._retire(stream_id, current=True)
-        actions += self._end_response(diagnosis.code)
         self._tools_running.clear()
+        self._first_output_due = self._tool_ack_due = None
         if self.state is _S.ROTATING and self._next is not None:
             # The old stream died first: the one rotating in becomes the current one.
             self._current, self._next = self._next, None
             self._transition(_S.OPENING)
             return actions
         if diagnosis.recovery is Recovery.FATAL:
-            return actions + self._give_up(diagnosis.code, diagnosis.message, retryable=False)
+            return actions + self._tell(diagnosis, retryable=False, now=now)
         self._failures += 1
         if self._failures > self.settings.max_attempts:
-            return actions + self._give_up(diagnosis.code, diagnosis.message, retryable=True)
-        busy = self._turn_active or self._awaiting_since is not None or bool(self._pending)
-        if not busy:
+            return actions + self._tell(diagnosis, retryable=True, now=now)
+        question = (
+            self._awaiting_since is not None or self._response is not None or bool(self._turn_audio)
+        )
+        if not (self._turn_active or question or self._pending):
             # Nobody is waiting on Nova: reopen lazily, on the next turn.
             self._transition(_S.CLOSED)
             return actions
+        if question and not self._turn_active and delivered:
+            if self._replayed:
+                # The question was replayed once already: stop and say so.
+                return actions + self._tell(diagnosis, retryable=True, now=now)
+            self._replayed = True
+            self.stats.replays += 1
+            self._drop_unanswered_question_from_history()
+            if self._tell_by is None:
+                self._tell_by = (
+                    now + self.settings.open_timeout_s + self.settings.first_output_timeout_s
+                )
+            if self._awaiting_since is not None:
+                self._awaiting_since = now  # the replay is a fresh wait
+        elif self._tell_by is None:
+            # The user is still speaking: their words are held for the next stream.
+            self._tell_by = now + self.settings.open_timeout_s
+        if self._response is not None:
+            self._response.restarting = True
         self._pending.extendleft(reversed(self._turn_audio))
         self._trim_pending()
         self.stats.resumes += 1
@@ -462,17 +554,20 @@ class SessionCore:
         if stream is not self._current:
             return []  # a stream on its way out: only its usage still counts
         stream.last_output_at = now
+        self._first_output_due = self._tool_ack_due = None
         if not stream.got_output:
             stream.got_output = True
             # The stream works: earlier failures no longer count against it.
             self._failures = 0
             self._backoff.reset()
+            self._tell_by = None
         match event:
             case nova.CompletionStarted():
                 stream.completion_open = True
                 return []
             case nova.CompletionEnded():
-                return self._end_response((event.stop_reason or "end_turn").lower())
+                interrupted = event.stop_reason == nova.STOP_INTERRUPTED
+                return self._interrupted() if interrupted else self._end_response(END_TURN)
             case nova.ContentStarted():
                 return self._content_started(stream, event, now)
             case nova.TextReceived():
@@ -515,12 +610,18 @@ class SessionCore:
         if stream is None or stream.id != stream_id or self.state not in (_S.OPEN, _S.ROTATING):
             return actions
         self._last_activity = now
+        if not self._tools_running:
+            self._tool_ack_due = now + self.settings.tool_ack_timeout_s
         block = nova.tool_result_block(stream.prompt_name, self._new_id(), tool_use_id, result_json)
         return [*actions, SendEvents(stream.id, tuple(block))]
 
     def tick(self, now: float) -> list[Action]:
         """Real time passed: fill silence, retry, rotate, close when idle, spot stalls."""
         state = self.state
+        if self._tell_by is not None and now >= self._tell_by and self._last_diagnosis is not None:
+            # A fault left the user waiting and no answer came in time: say so.
+            # Retrying goes on in the background (the stream may still open).
+            return self._tell(self._last_diagnosis, retryable=True, now=now, keep_trying=True)
         if state is _S.BACKOFF:
             if self._retry_at is not None and now >= self._retry_at:
                 self._retry_at = None
@@ -530,20 +631,17 @@ class SessionCore:
             return []
         stream = self._current
         actions = self._fill_silence(stream, now)
+        stall = self._stall(stream, now)
+        if stall is not None:
+            self.stats.stalls += 1
+            return actions + self.stream_failed(stream.id, Fault(STREAM_STALLED, stall), now)
         if (
             self._awaiting_since is not None
             and now - self._awaiting_since > self.settings.response_wait_s
         ):
-            # The model chose not to answer (a cough, a door): stop waiting.
+            # Nova heard the turn and chose not to answer (a cough, a door): stop waiting.
             self._awaiting_since = None
             self._turn_audio.clear()
-        if (
-            self._response is not None
-            and now - stream.last_output_at > self.settings.stall_timeout_s
-        ):
-            return actions + self.stream_failed(
-                stream.id, Fault(STREAM_STALLED, "no event from Nova during a reply"), now
-            )
         if state is not _S.OPEN or stream.opened_at is None:
             return actions
         if self.paused() and now - self._last_activity >= self.settings.idle_close_s:
@@ -556,11 +654,18 @@ class SessionCore:
         age = now - stream.opened_at
         if self._rotate_retry_at is not None and now < self._rotate_retry_at:
             return actions
-        soft = age >= self.settings.rotate_after_s and self.paused()
+        expires = stream.expires_at
+        soft = (
+            age >= self.settings.rotate_after_s
+            or (expires is not None and now >= expires - CREDENTIALS_MARGIN_S)
+        ) and self.paused()
         # Past the hard age only a reply or a tool holds the switch back: the
         # user's words are buffered and replayed, the model's would be cut off.
         hard = (
-            age >= self.settings.rotate_hard_s
+            (
+                age >= self.settings.rotate_hard_s
+                or (expires is not None and now >= expires - CREDENTIALS_HARD_MARGIN_S)
+            )
             and self._response is None
             and not self._tools_running
         )
@@ -572,6 +677,24 @@ class SessionCore:
                 self._trim_pending()
             return actions + self._open(now, rotate=True)
         return actions
+
+    def _stall(self, stream: _Stream, now: float) -> str | None:
+        """Why ``stream`` counts as stalled now, or None."""
+        due = self._first_output_due
+        if due is not None and now >= due:
+            return (
+                f"no answer within {self.settings.first_output_timeout_s:g} s "
+                "after the user's turn ended"
+            )
+        if self._tool_ack_due is not None and now >= self._tool_ack_due:
+            return f"tool result not acknowledged within {self.settings.tool_ack_timeout_s:g} s"
+        if (
+            self._response is not None
+            and not self._tools_running
+            and now - stream.last_output_at > self.settings.stall_timeout_s
+        ):
+            return f"no event for {self.settings.stall_timeout_s:g} s in the middle of a reply"
+        return None
 
     # --- internals -------------------------------------------------------------------
 
@@ -614,6 +737,8 @@ class SessionCore:
         frames = list(self._pending)
         self._pending.clear()
         stream.audio_clock = max(stream.audio_clock, now - SILENCE_SLACK_S) + FRAME_S * len(frames)
+        stream.fill_until = stream.audio_clock + self._tail_s
+        self.stats.audio_frames_sent += len(frames)
         events = tuple(
             nova.audio_input(stream.prompt_name, stream.audio_content, pcm) for pcm in frames
         )
@@ -705,18 +830,41 @@ class SessionCore:
             actions += self._flush_pending(self._current, now)
         return actions
 
-    def _give_up(self, code: str, message: str, *, retryable: bool) -> list[Action]:
+    def _tell(
+        self, diagnosis: Diagnosis, *, retryable: bool, now: float, keep_trying: bool = False
+    ) -> list[Action]:
+        """The user will not get their answer: end the reply, tell the device.
+
+        With ``keep_trying`` a stream that is still being (re)opened goes on in the
+        background; otherwise the session waits for the next turn.
+        """
+        actions: list[Action] = self._end_response(ENDED_BY_ERROR)
         self._turn_active = False
         self._pending.clear()
         self._turn_audio.clear()
         self._awaiting_since = None
-        self._retry_at = None
-        self._failures = 0
-        self._backoff.reset()
-        if self.state is not _S.CLOSED:
-            self._transition(_S.CLOSED)
-        logger.error("nova session%s failed: %s: %s", self._suffix(), code, message)
-        return [Emit(UpstreamFailed(code=code, message=message, retryable=retryable))]
+        self._first_output_due = self._tool_ack_due = None
+        self._tell_by = None
+        if not keep_trying:
+            self._retry_at = None
+            self._failures = 0
+            self._backoff.reset()
+            if self.state is not _S.CLOSED:
+                self._transition(_S.CLOSED)
+        level = logging.WARNING if retryable else logging.ERROR
+        logger.log(
+            level,
+            "nova session%s failed: %s: %s",
+            self._suffix(),
+            diagnosis.code,
+            diagnosis.message,
+        )
+        failed = UpstreamFailed(code=diagnosis.code, message=diagnosis.message, retryable=retryable)
+        return [*actions, Emit(failed)]
+
+    def _drop_unanswered_question_from_history(self) -> None:
+        """The question's audio is replayed: its transcript must not be in the history too."""
+        self.history.drop_trailing_user()
 
     def _fill_silence(self, stream: _Stream, now: float) -> list[Action]:
         if stream.opened_at is None:
@@ -724,12 +872,14 @@ class SessionCore:
         if stream.audio_clock < now - MAX_SILENCE_CATCH_UP_S:
             stream.audio_clock = now - SILENCE_SLACK_S
         events: list[nova.Event] = []
-        while stream.audio_clock <= now - SILENCE_SLACK_S:
+        limit = min(now - SILENCE_SLACK_S, stream.fill_until - FRAME_S / 2)
+        while stream.audio_clock <= limit:
             events.append(nova.audio_input(stream.prompt_name, stream.audio_content, SILENCE_FRAME))
             stream.audio_clock += FRAME_S
         if not events:
             return []
         self.stats.silence_frames += len(events)
+        self.stats.audio_frames_sent += len(events)
         return [SendEvents(stream.id, tuple(events))]
 
     def _report_usage(self) -> list[Action]:
@@ -744,25 +894,35 @@ class SessionCore:
         return [Emit(UsageReported(input_tokens=total_in, output_tokens=total_out))]
 
     def _start_response(self, now: float) -> list[Action]:
+        stream = self._current
+        if stream is not None:
+            stream.fill_until = 0.0  # Nova took its turn: no more silence needed
         if self._response is not None:
-            return []
+            self._response.restarting = False
+            return []  # a replayed question's answer goes on in the same reply
         self._response = _Response(started_at=now)
         self._awaiting_since = None
-        self._turn_audio.clear()
         self._last_activity = now
         self._log("reply started")
         self._turn_answered = True
         return [Emit(ResponseStarted())]
 
     def _end_response(self, reason: str) -> list[Action]:
+        assert reason in RESPONSE_END_REASONS, reason
         response, self._response = self._response, None
-        if response is None or response.suppressed:
+        if response is None:
+            return []
+        if reason == END_TURN:
+            self._turn_audio.clear()  # answered in full: nothing left to replay
+            self._replayed = False
+        if response.suppressed:
             return []
         self._log("reply ended: %s", reason)
         return [Emit(ResponseEnded(reason=reason))]
 
     def _interrupted(self) -> list[Action]:
         # Nova signals a barge-in twice (a text marker and a stop reason): one event.
+        self._turn_audio.clear()  # the user moved on: nothing to replay
         response, self._response = self._response, None
         if response is None or response.suppressed:
             return []
@@ -816,5 +976,5 @@ class SessionCore:
         if event.stop_reason != nova.STOP_END_TURN or content is None:
             return []
         if content.role == nova.ROLE_ASSISTANT and content.type == nova.TYPE_AUDIO:
-            return self._end_response("end_turn")
+            return self._end_response(END_TURN)
         return []

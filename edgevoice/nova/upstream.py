@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -156,7 +157,13 @@ class _StreamRunner:
                 stream = await opener.open()
                 self._writer = asyncio.get_running_loop().create_task(self._write(stream))
                 await stream.wait_open()
-            session.apply(session.core.stream_opened(self.stream_id, session.now()))
+            session.apply(
+                session.core.stream_opened(
+                    self.stream_id,
+                    session.now(),
+                    credentials_expire_in_s=getattr(stream, "credentials_expire_in_s", None),
+                )
+            )
             while True:
                 payload = await stream.receive()
                 if payload is None:
@@ -200,10 +207,16 @@ class NovaSession:
     def __init__(self, upstream: NovaUpstream, context: DeviceContext) -> None:
         self.upstream = upstream
         self.context = context
-        self.settings = upstream.settings
+        # The device's own prompt, voice and tools, if relay.yaml gives it any.
+        self.settings = upstream.settings.for_device(context.device_id)
+        self.tool_names = upstream.settings.tools_for(context.device_id)
+        specs = upstream.tools.specs()
+        if self.tool_names is not None:
+            offered = set(self.tool_names)
+            specs = [spec for spec in specs if _tool_name(spec) in offered]
         self.core = SessionCore(
-            upstream.settings,
-            tool_specs=tuple(upstream.tools.specs()),
+            self.settings,
+            tool_specs=tuple(specs),
             debug_name=context.device_id,
         )
         self._events: DropOldestQueue[UpstreamEvent | None] = DropOldestQueue(EVENT_QUEUE_SIZE)
@@ -342,9 +355,13 @@ class NovaSession:
 
     async def _run_tool(self, action: RunTool) -> None:
         started = time.monotonic()
-        ok, result = await self.upstream.tools.run(
-            action.name, action.arguments, self.context, self.settings.tool_timeout_s
-        )
+        if self.tool_names is not None and action.name not in self.tool_names:
+            # Not offered to this device: the model gets an error result, not the tool.
+            ok, result = False, json.dumps({"error": f"unknown tool {action.name!r}"})
+        else:
+            ok, result = await self.upstream.tools.run(
+                action.name, action.arguments, self.context, self.settings.tool_timeout_s
+            )
         duration_ms = (time.monotonic() - started) * 1000
         self.apply(
             self.core.tool_finished(
@@ -357,6 +374,11 @@ class NovaSession:
                 self.now(),
             )
         )
+
+
+def _tool_name(spec: dict[str, object]) -> str:
+    inner = spec.get("toolSpec")
+    return str(inner.get("name", "")) if isinstance(inner, dict) else ""
 
 
 class NovaUpstream:
@@ -382,17 +404,38 @@ class NovaUpstream:
         self.clock: Clock = clock or MonotonicClock()
         self.opener: StreamOpener = opener or BedrockStreamOpener(self.settings)
         self._sessions: set[NovaSession] = set()
+        for warning in self.settings.warnings():
+            logger.warning("nova: %s", warning)
+        unknown = {
+            name
+            for own in self.settings.devices.values()
+            for name in own.tools or ()
+            if name not in self.tools.names()
+        }
+        if unknown:
+            logger.warning(
+                "nova: devices name tools the relay does not have: %s", ", ".join(sorted(unknown))
+            )
 
     async def open_session(self, context: DeviceContext) -> NovaSession:
         session = NovaSession(self, context)
         self._sessions.add(session)
         logger.info(
-            "nova session for device %s (model %s, %d tools)",
+            "nova session for device %s (model %s, voice %s, %d tools)",
             context.device_id,
             self.settings.model_id,
-            len(self.tools),
+            session.settings.voice_id,
+            len(session.core.tool_specs),
         )
         return session
+
+    def upstream_audio_s(self) -> dict[str, float]:
+        """Seconds of audio sent to Nova per connected device (for /metrics)."""
+        totals: dict[str, float] = {}
+        for session in self._sessions:
+            device = session.context.device_id
+            totals[device] = totals.get(device, 0.0) + session.stats.upstream_audio_s
+        return totals
 
     def forget(self, session: NovaSession) -> None:
         self._sessions.discard(session)

@@ -66,3 +66,44 @@ def test_fatal_messages_say_what_to_do() -> None:
     assert "eu-west-1" in denied.message
     model = classify(Fault("ValidationException", "model identifier is invalid"), model_id="x")
     assert "amazon.nova-2-sonic-v1:0" in model.message
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault(code, message, status)
+        for code in (
+            "AccessDeniedException",
+            "UnrecognizedClientException",
+            "NoCredentials",
+            "SdkMissing",
+            "ModelTimeoutException",
+            "ValidationException",
+            "ResourceNotFoundException",
+            "ThrottlingException",
+            "ServiceQuotaExceededException",
+            "StreamLost",
+            "ModelStreamErrorException",
+            "StreamEnded",
+            "StreamStalled",
+            "InternalServerException",
+            "ServiceUnavailableException",
+            "ModelNotReadyException",
+            "OpenTimeout",
+            "NetworkError",
+            "AWS_IO_DNS_QUERY_FAILED",
+            "SomethingNew",
+        )
+        for message in (
+            "",
+            "System instability",
+            "The provided model identifier is invalid.",
+            "The security token included in the request is expired",
+        )
+        for status in (None, 400, 403, 404, 408, 429, 500, 503)
+    ],
+)
+def test_every_code_a_fault_can_become_is_in_the_device_vocabulary(fault: Fault) -> None:
+    from edgevoice.nova.faults import DEVICE_CODES
+
+    assert classify(fault).code in DEVICE_CODES

@@ -473,14 +473,166 @@ def test_system_instability_is_resumed_but_unknown_validation_is_fatal() -> None
     assert isinstance(failed, UpstreamFailed) and failed.code == "nova_unknown_model"
 
 
-def test_a_stream_that_ends_without_completion_end_was_lost() -> None:
+def ask(core: SessionCore, now: float, frames: int = 10, tag: int = 0) -> list[bytes]:
+    """The user says ``frames`` distinct frames from ``now`` on and ends the turn."""
+    said = [SPEECH[:-2] + bytes([tag, i]) for i in range(frames)]
+    core.start_turn(now)
+    for i, frame in enumerate(said):
+        core.audio_in(frame, now + 0.02 * i)
+    core.end_turn(now + 0.02 * frames)
+    return said
+
+
+def test_a_reply_cut_by_a_lost_stream_is_replayed_once_into_a_fresh_stream() -> None:
     core = make()
     sid = open_stream(core, 0.0)
+    core.audio_in(SPEECH, 0.0)
+    core.end_turn(0.1)
+    said = ask(core, 0.5, tag=9)
     started = feed(core, sid, 1.0, *reply("x", end=False))
     assert ResponseStarted() in emitted(started)
-    out = core.stream_ended(sid, 1.2)
-    assert ResponseEnded("nova_stream_lost") in emitted(out)
-    assert core.stats.failures == 1
+    out = core.stream_ended(sid, 1.2)  # no completionEnd: the connection was lost
+    assert AbortStream(sid) in out and emitted(out) == []  # the device's reply goes on
+    (reopened,) = of(out, OpenStream)
+    # the history carries the conversation, but not the question that is replayed
+    texts = [
+        e["event"]["textInput"]["content"] for e in reopened.events if "textInput" in e["event"]
+    ]
+    assert "question x" not in texts
+    flushed = core.stream_opened(reopened.stream_id, 1.3)
+    assert sent_audio(flushed, reopened.stream_id) == said
+    answer = emitted(feed(core, reopened.stream_id, 1.8, *reply("y")))
+    assert ResponseStarted() not in answer  # the same reply, started over
+    assert ResponseEnded("end_turn") in answer
+    assert core.stats.replays == 1 and core.stats.failures == 1
+
+
+def test_a_replayed_question_that_fails_again_ends_the_reply_with_an_error() -> None:
+    core = make()
+    sid = open_stream(core, 0.0)
+    ask(core, 0.0)
+    feed(core, sid, 1.0, *reply("x", end=False))
+    (reopened,) = of(core.stream_ended(sid, 1.2), OpenStream)
+    core.stream_opened(reopened.stream_id, 1.3)
+    out = core.stream_failed(reopened.stream_id, Fault("ModelStreamErrorException", "boom"), 1.5)
+    events = emitted(out)
+    assert events[0] == ResponseEnded("error")
+    assert isinstance(events[1], UpstreamFailed)
+    assert (events[1].code, events[1].retryable) == ("nova_stream_lost", True)
+    assert of(out, OpenStream) == [] and core.state is SessionState.CLOSED
+    assert len(of(core.start_turn(3.0), OpenStream)) == 1  # the next turn tries again
+
+
+def test_a_stalled_reply_is_torn_down_and_replaced() -> None:
+    core = make(stall_timeout_s=5.0)
+    sid = open_stream(core, 0.0)
+    ask(core, 0.0)
+    feed(core, sid, 1.0, *reply("x", end=False))
+    assert of(core.tick(5.9), AbortStream) == []
+    out = core.tick(6.1)
+    assert AbortStream(sid) in out and len(of(out, OpenStream)) == 1
+    assert emitted(out) == []
+    assert core.stats.stalls == 1
+
+
+def test_a_stream_that_never_answers_is_replaced_then_the_device_is_told() -> None:
+    core = make(reply_margin_s=1.0, endpointing_sensitivity="HIGH")  # due 2.5 s after the turn
+    sid = open_stream(core, 0.0)
+    ask(core, 0.0)  # ends at 0.2
+    assert of(core.tick(2.6), AbortStream) == []
+    out = core.tick(2.75)
+    assert AbortStream(sid) in out and emitted(out) == []
+    (second,) = of(out, OpenStream)
+    core.stream_opened(second.stream_id, 2.8)
+    assert of(core.tick(5.2), AbortStream) == []
+    out = core.tick(5.35)  # the replacement is silent too
+    (failed,) = emitted(out)
+    assert isinstance(failed, UpstreamFailed) and failed.code == "nova_stalled"
+    assert AbortStream(second.stream_id) in out
+
+
+def test_a_stream_that_hears_the_user_but_chooses_not_to_answer_is_kept() -> None:
+    core = make(reply_margin_s=1.0)
+    sid = open_stream(core, 0.0)
+    ask(core, 0.0)
+    heard = reply("x")[:4]  # the user's transcript, then nothing
+    feed(core, sid, 1.0, *heard)
+    quiet = [a for t in range(30, 80) for a in core.tick(t / 10)]
+    assert of(quiet, AbortStream) == [] and emitted(quiet) == []
+
+
+def test_an_unacknowledged_tool_result_is_a_stall() -> None:
+    core = make(tool_ack_timeout_s=2.0)
+    sid = open_stream(core, 0.0)
+    ask(core, 0.0)
+    use = nova.ToolUseRequested("t1", "tu1", "current_time", "{}")
+    (run,) = of(feed(core, sid, 0.5, nova.ContentStarted("t1", "TOOL", "TOOL", None), use), RunTool)
+    sent = core.tool_finished(sid, "tu1", "current_time", True, '{"time": "noon"}', 3.0, 0.6)
+    (result,) = [e for e in sent_events(sent, sid) if "toolResult" in e["event"]]
+    assert isinstance(result["event"]["toolResult"]["content"], str)  # a JSON string
+    assert of(core.tick(2.5), AbortStream) == []
+    out = core.tick(2.7)
+    assert AbortStream(sid) in out and len(of(out, OpenStream)) == 1
+    del run
+
+
+def test_open_failures_reach_the_device_within_open_timeout_of_the_first() -> None:
+    core = make(open_timeout_s=2.0, max_attempts=10)
+    (opened,) = of(core.start_turn(0.0), OpenStream)
+    core.audio_in(SPEECH, 0.0)
+    core.end_turn(0.1)
+    now, sid, told = 0.3, opened.stream_id, []
+    first_failure = now
+    while not told and now < 10:
+        out = core.stream_failed(sid, Fault("ThrottlingException", "slow", 429), now)
+        told += emitted(out)
+        while not told:
+            deadline = core.next_deadline(now)
+            assert deadline is not None
+            now = deadline
+            out = core.tick(now)
+            told += emitted(out)
+            if of(out, OpenStream):
+                sid = of(out, OpenStream)[0].stream_id
+                now += 0.05
+                break
+    assert isinstance(told[0], UpstreamFailed) and told[0].code == "nova_throttled"
+    assert now - first_failure <= 2.0 + 1e-6
+    assert core.state is SessionState.BACKOFF or core.state is SessionState.OPENING
+
+
+def test_silence_is_sent_only_until_nova_takes_its_turn() -> None:
+    core = make(endpointing_sensitivity="MEDIUM")  # Nova waits 1.75 s of silence
+    sid = open_stream(core, 0.0)
+    ask(core, 0.0, frames=50)  # one second of speech
+    quiet = [a for i in range(1, 400) for a in core.tick(1.0 + 0.02 * i)]
+    silence = len(sent_audio(quiet, sid))
+    assert 1.75 / 0.02 <= silence <= (1.75 + 0.6) / 0.02
+    # once Nova answers, no more silence at all
+    core2 = make()
+    sid2 = open_stream(core2, 0.0)
+    ask(core2, 0.0, frames=50)
+    feed(core2, sid2, 1.5, *reply("x"))
+    after = [a for i in range(1, 200) for a in core2.tick(1.5 + 0.02 * i)]
+    assert sent_audio(after, sid2) == []
+    assert core2.stats.upstream_audio_s < 1.5 + 0.1
+
+
+def test_a_stream_is_replaced_before_its_temporary_credentials_expire() -> None:
+    core = make(rotate_after_s=300.0, rotate_hard_s=400.0, idle_close_s=1000.0)
+    (opened,) = of(core.start_turn(0.0), OpenStream)
+    core.stream_opened(opened.stream_id, 0.0, credentials_expire_in_s=200.0)
+    core.end_turn(0.0)
+    assert of(core.tick(50.0), OpenStream) == []
+    (rotated,) = of(core.tick(81.0), OpenStream)  # 120 s before they expire, at a pause
+    assert core.state is SessionState.ROTATING
+    del rotated
+
+
+def test_every_response_end_reason_is_in_the_protocol_vocabulary() -> None:
+    from edgevoice.nova.session import RESPONSE_END_REASONS
+
+    assert {"end_turn", "interrupted", "error"} == RESPONSE_END_REASONS
 
 
 def test_a_cleanly_ended_idle_stream_is_reopened_lazily() -> None:
@@ -492,16 +644,6 @@ def test_a_cleanly_ended_idle_stream_is_reopened_lazily() -> None:
     assert emitted(out) == [] and of(out, OpenStream) == []
     assert core.state is SessionState.CLOSED
     assert len(of(core.start_turn(7.0), OpenStream)) == 1
-
-
-def test_a_stalled_reply_is_aborted_and_resumed() -> None:
-    core = make(stall_timeout_s=5.0)
-    sid = open_stream(core, 0.0)
-    feed(core, sid, 1.0, *reply("x", end=False))
-    assert of(core.tick(5.9), AbortStream) == []
-    out = core.tick(6.1)
-    assert AbortStream(sid) in out
-    assert ResponseEnded("nova_stalled") in emitted(out)
 
 
 def test_usage_is_totalled_across_streams() -> None:

@@ -367,7 +367,7 @@ def test_throttling_is_retried_until_it_clears(fake: FakeBedrock, run_with: Any)
         await device.say()
         await device.wait_for(lambda: bool(device.of(ResponseEnded)), within_s=12)
 
-    run_with(scenario)
+    run_with(scenario, nova_settings=settings(open_timeout_s=8.0))
     assert len(fake.received) == 3
     assert fake.received[2].utterances == 1
 
@@ -383,24 +383,34 @@ def test_a_refused_stream_times_out_and_is_retried(fake: FakeBedrock, run_with: 
     assert len(fake.received) == 2
 
 
-@pytest.mark.parametrize(
-    ("after", "code"), [("drop", "nova_stream_lost"), ("stall", "nova_stalled")]
-)
-def test_a_reply_cut_off_mid_way_ends_and_the_next_turn_works(
-    fake: FakeBedrock, run_with: Any, after: str, code: str
+@pytest.mark.parametrize("after", ["drop", "stall", "end", "exception"])
+def test_a_reply_cut_off_mid_way_is_answered_again_from_a_fresh_stream(
+    fake: FakeBedrock, run_with: Any, after: str
 ) -> None:
-    fake.script.push(StreamPlan(replies=[Reply(audio_chunks=5, after=after, after_chunks=2)]))  # type: ignore[arg-type]
+    cut = Reply(
+        audio_chunks=5,
+        after=after,
+        after_chunks=2,  # type: ignore[arg-type]
+        exception_type="ModelStreamErrorException",
+        exception_message="stream error",
+    )
+    fake.script.push(StreamPlan(replies=[cut]))
 
-    async def scenario(device: Device) -> list[ResponseEnded]:
-        await device.say()
+    async def scenario(device: Device) -> list[UpstreamEvent]:
+        said = await device.say()
         await device.wait_for(lambda: bool(device.of(ResponseEnded)), within_s=8)
         await device.say()
         await device.wait_for(lambda: len(device.of(ResponseEnded)) == 2, within_s=8)
-        return device.of(ResponseEnded)
+        assert contains_in_order(audio_of(fake.received[1]), said)  # the question, replayed
+        return device.events
 
-    ended = run_with(scenario, nova_settings=settings(stall_timeout_s=0.6))
-    assert [e.reason for e in ended] == [code, "end_turn"]
+    events = run_with(scenario, nova_settings=settings(stall_timeout_s=0.6))
+    assert [e.reason for e in events if isinstance(e, ResponseEnded)] == ["end_turn", "end_turn"]
+    assert len([e for e in events if isinstance(e, ResponseStarted)]) == 2
+    assert not [e for e in events if isinstance(e, UpstreamFailed)]
     assert len(fake.received) == 2
+    # the replacement's history has the conversation so far, not the replayed question
+    assert ("USER", "hello fake nova") not in fake.received[1].text_inputs()
 
 
 def test_idle_close_then_reopen_with_history(fake: FakeBedrock, run_with: Any) -> None:
