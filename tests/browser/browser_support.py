@@ -229,3 +229,15 @@ async def wait_for_js(page: Any, expression: str, timeout_s: float) -> Any:
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError(f"page never had {expression}")
         await asyncio.sleep(0.05)
+
+
+def squeeze_underruns(samples: np.ndarray, rate: int, min_ms: int = 20) -> np.ndarray:
+    """Remove runs of exact digital silence (what the player outputs while its
+    buffer is empty, e.g. during a reconnect); decoded speech is never exactly 0."""
+    zero = samples == 0.0
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], zero.astype(np.int8), [0]])))
+    keep = np.ones(len(samples), dtype=bool)
+    for start, end in zip(edges[::2], edges[1::2], strict=True):
+        if end - start >= rate * min_ms // 1000:
+            keep[start:end] = False
+    return samples[keep]

@@ -9,9 +9,16 @@ output graph played.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import http.server
 import os
+import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from browser_support import (
     DOCS,
@@ -20,11 +27,14 @@ from browser_support import (
     chromium,
     connect,
     decode_tap,
+    ms,
     needs_chromium,
     open_page,
     read_wav,
     speech_fixture,
+    squeeze_underruns,
     wait_for_js,
+    wait_until,
 )
 
 from edgevoice.demo import bundled_speech
@@ -47,6 +57,11 @@ def test_a_hands_free_turn_plays_back_the_speech(tmp_path: Path) -> None:
                 page, "edgevoice.stats.replies >= 1 && !edgevoice.reply.active"
                 " && !edgevoice.playing", 40)
             tap = await page.evaluate("edgevoice.stopTap()")
+            # the screenshot in docs/ is this page, taken here by this test
+            shot = tmp_path / "browser-page.png"
+            await page.screenshot(path=str(shot))
+            if os.environ.get("EDGEVOICE_UPDATE_DOCS"):
+                (DOCS / "browser-page.png").write_bytes(shot.read_bytes())
             await page.uncheck("#handsfree")
             played, rate = decode_tap(tap)
             ref, ref_rate = read_wav(bundled_speech())
@@ -66,10 +81,168 @@ def test_a_hands_free_turn_plays_back_the_speech(tmp_path: Path) -> None:
             assert rtt is not None and rtt.startswith("RTT ") and "ms" in rtt
             transcripts = await page.text_content("#transcripts")
             assert transcripts is not None and "ms of audio" in transcripts
-            shot = tmp_path / "browser-page.png"
-            await page.screenshot(path=str(shot))
-            if os.environ.get("EDGEVOICE_UPDATE_DOCS"):
-                (DOCS / "browser-page.png").write_bytes(shot.read_bytes())
             assert not errors, errors
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_used_and_expired_tickets_and_a_foreign_origin_are_refused(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        speech = speech_fixture(tmp_path)
+        async with browser_relay(tmp_path) as relay, chromium(tmp_path, speech) as browser, \
+                other_origin(tmp_path) as foreign:
+            ticket = await relay.mint("laptop")
+            first = await open_page(browser, f"{relay.url}#ticket={ticket}")
+            await connect(first)
+            # the same ticket again, from another tab: burnt
+            again = await open_page(browser, f"{relay.url}#ticket={ticket}")
+            await again.click("#connect")
+            await again.wait_for_selector("#state[data-state=closed]", timeout=ms(15_000))
+            assert "refused the ticket" in (await again.text_content("#status") or "")
+            # an expired one
+            stale = await relay.mint("tablet", ttl_s=30)
+            relay.wall.offset = 31
+            late = await open_page(browser, f"{relay.url}#ticket={stale}")
+            await late.click("#connect")
+            await late.wait_for_selector("#state[data-state=closed]", timeout=ms(15_000))
+            relay.wall.offset = 0
+            assert relay.gate.tickets_refused == 2
+            assert relay.server.counters.auth_failures == 2
+            # a page of another origin holding a good ticket: refused, ticket not burnt
+            good = await relay.mint("phone")
+            page = await browser.new_page()
+            await page.goto(foreign)
+            outcome = await page.evaluate(TRY_WEBSOCKET, {
+                "url": f"ws://127.0.0.1:{relay.server.port}/", "ticket": good})
+            assert outcome == "closed 1006"
+            assert relay.gate.origins_refused == 1
+            assert any(t.device_id == "phone" for t in relay.store.tickets())
+            own = await open_page(browser, f"{relay.url}#ticket={good}")
+            await connect(own)
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_a_browser_without_webcodecs_opus_is_told_so(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        speech = speech_fixture(tmp_path)
+        async with browser_relay(tmp_path) as relay, chromium(tmp_path, speech) as browser:
+            page = await browser.new_page()
+            await page.add_init_script("delete window.AudioEncoder; delete window.AudioDecoder;")
+            await page.goto(relay.url)
+            await page.wait_for_selector("body[data-ready=unsupported]", timeout=ms(10_000))
+            message = await page.text_content("#support")
+            assert message is not None and "WebCodecs" in message
+            assert await page.is_visible("#support")
+            assert await page.is_disabled("#connect")
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_interrupt_flushes_playback_within_one_block(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        speech = bundled_speech()  # looped without pauses: the reply is speech throughout
+        async with browser_relay(tmp_path) as relay, chromium(tmp_path, speech) as browser:
+            page = await open_page(browser, f"{relay.url}#ticket={await relay.mint('laptop')}")
+            await connect(page)
+            await push_to_talk(page, seconds=3.0)
+            await wait_for_js(page, "edgevoice.playing", 30)
+            await page.evaluate("edgevoice.startTap()")
+            await asyncio.sleep(0.6)
+            await page.click("#interrupt")
+            flush = await wait_for_js(
+                page, "edgevoice.flushes.length && edgevoice.flushes.at(-1).flushedFrame"
+                " !== undefined && edgevoice.flushes.at(-1)", 10)
+            await asyncio.sleep(0.5)
+            tap = await page.evaluate("edgevoice.stopTap()")
+            played, rate = decode_tap(tap)
+            cut = int(flush["flushedFrame"]) - int(tap["startFrame"])
+            print(f"flush: {flush['latencyMs']:.1f} ms after the interrupt, "
+                  f"{flush['droppedMs']:.0f} ms of reply dropped")
+            assert flush["reason"] == "button"
+            assert flush["latencyMs"] <= 20.0  # one 20 ms block, on the audio clock
+            assert flush["droppedMs"] > 0  # there was reply left to play
+            assert float(np.max(np.abs(played[:cut]))) > 0.001  # it was playing ...
+            assert float(np.max(np.abs(played[cut:]))) == 0.0  # ... and then nothing
+            assert rate > 0
+            await wait_until(lambda: relay.server.counters.frames_dropped > 0, 5)
+            assert not await page.evaluate("edgevoice.playing")
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_the_page_resumes_after_a_short_drop_and_is_rate_limited(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        speech = speech_fixture(tmp_path)
+        async with browser_relay(tmp_path) as relay, chromium(tmp_path, speech) as browser:
+            page = await open_page(browser, f"{relay.url}#ticket={await relay.mint('laptop')}")
+            await connect(page)
+            await page.evaluate("edgevoice.startTap()")
+            await page.check("#handsfree")
+            await wait_for_js(page, "edgevoice.playing", 30)
+            await page.uncheck("#handsfree")  # one turn is enough
+            await asyncio.sleep(0.3)
+            await page.evaluate("edgevoice.link.dropForTest()")  # mid-reply
+            await wait_for_js(page, "edgevoice.link.stats.resumes === 1"
+                              " && edgevoice.link.state === 'open'", 15)
+            assert relay.server.counters.sessions_resumed == 1
+            await wait_for_js(page, "!edgevoice.reply.active && !edgevoice.playing", 30)
+            played, rate = decode_tap(await page.evaluate("edgevoice.stopTap()"))
+            stats = await page.evaluate("edgevoice.link.stats")
+            # nothing lost: every reply frame the relay sent arrived (re-sent ones once)
+            assert stats["missing"] == 0
+            assert stats["framesReceived"] == relay.server.counters.frames_out
+            # and the reply went on where it stopped: without the pause the drop made,
+            # what was played is the speech
+            ref, ref_rate = read_wav(bundled_speech())
+            correlation = best_envelope_correlation(
+                ref, ref_rate, squeeze_underruns(played, rate), rate)
+            print(f"after a resume: envelope correlation {correlation:.3f}, "
+                  f"{relay.server.counters.frames_replayed} frames re-sent")
+            assert correlation >= 0.8
+            _, devices = await asyncio.to_thread(relay.admin, "GET", "/devices")
+            (laptop,) = [d for d in devices if d["device_id"] == "laptop"]
+            assert laptop["connected"] and laptop["connections"] == 2
+
+            # a flood of messages (beyond the burst and the resume's catch-up allowance):
+            # closed like any device (1008), and the page stops
+            await page.evaluate(
+                "for (let i = 0; i < 3000; i++) edgevoice.link.ws.send("
+                "JSON.stringify({type: 'ping', id: i, sent_ms: 0}))")
+            await page.wait_for_selector("#state[data-state=closed]", timeout=ms(10_000))
+            assert relay.server.counters.rate_limited == 1
+            assert "1008" in (await page.text_content("#status") or "")
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+async def push_to_talk(page: Any, seconds: float) -> None:
+    """Hold the talk button down for ``seconds``, as a person with a mouse would."""
+    await page.hover("#talk")
+    await page.mouse.down()
+    await asyncio.sleep(seconds)
+    await page.mouse.up()
+
+
+TRY_WEBSOCKET = """async ({url, ticket}) => await new Promise((resolve) => {
+  const ws = new WebSocket(url, ["edgevoice.v1", "edgevoice.ticket." + ticket]);
+  ws.onopen = () => { resolve("open"); ws.close(); };
+  ws.onclose = (event) => resolve("closed " + event.code);
+})"""
+
+
+@contextlib.asynccontextmanager
+async def other_origin(tmp_path: Path) -> AsyncIterator[str]:
+    """An empty page served from another origin (another port on 127.0.0.1)."""
+    root = tmp_path / "other-origin"
+    root.mkdir()
+    (root / "index.html").write_text("<!doctype html><title>elsewhere</title>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/index.html"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -17,6 +17,7 @@ class PlayerProcessor extends AudioWorkletProcessor {
     this.playing = false;
     this.ended = false;
     this.underruns = 0;
+    this.starved = false;
     this.dropped = 0;
     this.port.onmessage = (event) => this.onMessage(event.data);
   }
@@ -34,12 +35,14 @@ class PlayerProcessor extends AudioWorkletProcessor {
       }
     } else if (msg.type === "end") {
       this.ended = true;
+      this.starved = false;
     } else if (msg.type === "flush") {
       const dropped = this.buffered;
       this.chunks = [];
       this.offset = 0;
       this.buffered = 0;
       this.ended = false;
+      this.starved = false;
       this.setPlaying(false);
       // currentFrame: the first frame of the next block, which is silent
       this.port.postMessage({ type: "flushed", id: msg.id, frame: currentFrame, dropped });
@@ -57,6 +60,9 @@ class PlayerProcessor extends AudioWorkletProcessor {
   process(inputs, outputs) {
     const out = outputs[0][0];
     if (!this.playing && this.buffered > 0 && (this.buffered >= this.prefill || this.ended)) {
+      // ran dry before the reply ended, and more came: that was an underrun
+      if (this.starved) this.underruns += 1;
+      this.starved = false;
       this.setPlaying(true);
     }
     let i = 0;
@@ -71,7 +77,7 @@ class PlayerProcessor extends AudioWorkletProcessor {
         if (this.offset >= chunk.length) { this.chunks.shift(); this.offset = 0; }
       }
       if (this.buffered === 0) {
-        if (!this.ended) this.underruns += 1;
+        this.starved = !this.ended;
         this.setPlaying(false);
       }
     }
