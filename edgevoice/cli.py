@@ -16,7 +16,7 @@ from typing import Any
 from edgevoice import __version__
 from edgevoice.config.loader import EXIT_CONFIG
 from edgevoice.errors import ConfigError
-from edgevoice.logs import setup_logging
+from edgevoice.logs import setup_logging, stream_is_journal
 
 DEFAULT_DEVICE_CONFIG = "/etc/edgevoice/device.yaml"
 DEFAULT_RELAY_CONFIG = "/etc/edgevoice/relay.yaml"
@@ -70,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config_error(exc: ConfigError) -> int:
-    print(str(exc), file=sys.stderr)
+    # under systemd, at error priority: `journalctl -p err` must show why it stopped
+    prefix = "<3>" if stream_is_journal(os.environ, 2) else ""
+    print(f"{prefix}{exc}", file=sys.stderr)
     return EXIT_CONFIG
 
 

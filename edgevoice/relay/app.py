@@ -122,7 +122,8 @@ async def run_relay(config: RelayConfig, config_file: str = "config") -> None:
     notifier.ready(f"listening on {config.listen.host}:{server.port}")
     try:
         while not stop.is_set():
-            notifier.status(f"{len(server.sessions)} devices connected "
+            count = len(server.sessions)
+            notifier.status(f"{count} device{'' if count == 1 else 's'} connected "
                             f"({server.upstream.name} upstream)")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 5.0)

@@ -331,6 +331,59 @@ def test_bad_arguments_are_refused_before_anything_happens(
     assert manifest(staging.root) == before
 
 
+def test_a_staging_root_that_is_no_root_filesystem_is_explained(tmp_path: Path) -> None:
+    empty = tmp_path / "image"
+    empty.mkdir()
+    result = subprocess.run([str(INSTALL), "--root", str(empty), "--no-venv",
+                             "--source", str(make_source(tmp_path / "src"))],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "etc/passwd and" in result.stderr and "useradd --root" in result.stderr
+    assert "debootstrap" in result.stderr  # says what a staging root is
+    assert not any(empty.iterdir())
+    assert "DIR/etc/passwd" in subprocess.run([str(INSTALL), "--help"], capture_output=True,
+                                              text=True, check=True).stdout
+
+
+def fake_pythons(bindir: Path, **scripts: str) -> Path:
+    """A PATH directory with `pythonX.Y` stand-ins (e.g. a pyenv shim that fails)."""
+    bindir.mkdir()
+    for name, body in scripts.items():
+        path = bindir / name.replace("_", ".")
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(0o755)
+    return bindir
+
+
+def test_a_python_that_does_not_run_is_skipped_and_none_is_explained(
+        staging: Staging, tmp_path: Path) -> None:
+    shim = 'echo "pyenv: python3.13: command not found" >&2; exit 127'
+    bindir = fake_pythons(tmp_path / "bin", python3_13=shim, python3_12=shim, python3=shim,
+                          python3_11='echo 3.9; exit 0')
+    before = manifest(staging.root)
+    # every usual command, but no Python other than the stand-ins
+    usual = tmp_path / "usual"
+    usual.mkdir()
+    for d in ("/usr/bin", "/bin", "/usr/sbin", "/sbin"):
+        for tool in Path(d).iterdir() if Path(d).is_dir() else ():
+            if not tool.name.startswith("python") and not (usual / tool.name).exists():
+                (usual / tool.name).symlink_to(tool)
+    env = {**os.environ, "PATH": f"{bindir}:{usual}"}
+    result = subprocess.run([str(INSTALL), "--root", str(staging.root), "--source",
+                             str(staging.source), "--relay", "--extras", "nova"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode != 0
+    assert "no usable Python >= 3.12" in result.stderr, result.stderr
+    assert "python3.13 (does not run)" in result.stderr or "does not run" in result.stderr
+    assert "--python" in result.stderr and "aws-sdk-bedrock-runtime" in result.stderr
+    assert manifest(staging.root) == before  # refused before changing anything
+    asked = subprocess.run([str(INSTALL), "--root", str(staging.root), "--source",
+                            str(staging.source), "--python", str(bindir / "python3.13")],
+                           capture_output=True, text=True, timeout=60, env=env)
+    assert asked.returncode != 0 and "does not run" in asked.stderr
+    assert manifest(staging.root) == before
+
+
 def test_relay_url_goes_into_a_new_config_and_the_result_loads(staging: Staging) -> None:
     from edgevoice.config.model import load_device_config
 
