@@ -62,6 +62,7 @@ from edgevoice.protocol.messages import (
     Pong,
     ResumeRequest,
     Welcome,
+    parse_handover_reason,
 )
 from edgevoice.protocol.replay import OutboundQueue, ReplayJournal, SentFrame
 
@@ -239,6 +240,8 @@ class DeviceLink:
         #: when a suspended session can no longer be resumed (None: not suspended)
         self._resume_until: float | None = None
         self._dropped_at: float | None = None
+        #: after a 4004 handover: until when send/send_audio queue for the next session
+        self._handover_until: float | None = None
         self._stopping = False
         self._ping_id = 0
         host = urllib.parse.urlparse(settings.url).hostname or ""
@@ -252,7 +255,10 @@ class DeviceLink:
 
     @property
     def suspended(self) -> bool:
-        """Not connected, but a dropped session can still be resumed."""
+        """Not connected, but a dropped session can still be resumed (or, after a 4004
+        handover, what is said is queued for the next session)."""
+        if self._handover_until is not None and not self.connected:
+            return self.clock.now() < self._handover_until
         return (not self.connected and self.session_id is not None
                 and self._resume_until is not None and self.clock.now() < self._resume_until)
 
@@ -314,6 +320,8 @@ class DeviceLink:
                 # a draining relay finished our reply and sent us elsewhere: no backoff,
                 # the balancer has a live relay for us now (docs/scale-out.md)
                 self.backoff.reset()
+                if self._hand_over(reason):
+                    continue
                 delay = 0.0
             elif retryable:
                 delay = self.backoff.next_delay()
@@ -340,6 +348,37 @@ class DeviceLink:
                 await self.clock.sleep(delay)
             self.stats.reconnects += 1
         self.state = LinkState.STOPPED
+
+    def _hand_over(self, reason: str) -> bool:
+        """After 4004 from an idle relay: carry what it did not receive (a turn begun
+        as it closed) into the next session, and keep queueing until then."""
+        ws = self._ws
+        received = ws.protocol.close_rcvd if ws is not None else None
+        counts = parse_handover_reason(received.reason) if received is not None else None
+        if counts is None:
+            return False
+        try:
+            missed = self._journal.after(*counts).items
+        except RemoteProtocolError:
+            return False
+        carried: list[Message | _Audio] = [
+            _Audio(entry.frame.payload, entry.frame.timestamp_ms,
+                   entry.frame.flags & ~AudioFlags.REPLAY)
+            if isinstance(entry, SentFrame) else entry.message for entry in missed]
+        while len(self._outbox):
+            carried.append(self._outbox.get_nowait())
+        self._end_session(reason)
+        for item in carried:
+            self._outbox.put_nowait(item)
+        window_s = max(self.settings.resume.window_ms, 1000) / 1000
+        self._handover_until = self.clock.now() + window_s
+        self.state = LinkState.WAITING
+        self.next_retry_at = self.clock.now()
+        logger.info("relay draining: reconnecting at once, carrying %d items it had not "
+                    "received", len(carried))
+        self.listener.link_suspended(reason, 0.0, window_s)
+        self.stats.reconnects += 1
+        return True
 
     def _hold_session(self, now: float) -> bool:
         """Whether the session survives this drop (starting its window if it is new)."""
@@ -379,6 +418,7 @@ class DeviceLink:
         self.session_id = None
         self._session_conn = None
         self._resume_until = None
+        self._handover_until = None
         self._dropped_at = None
 
     async def stop(self) -> None:
@@ -508,6 +548,7 @@ class DeviceLink:
                 self._end_session("a new session began")
             self.session_id = message.session_id
             self._session_conn = conn
+            self._handover_until = None
             self._resume_until = None
             self._dropped_at = None
             self._conn = conn

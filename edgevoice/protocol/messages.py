@@ -46,6 +46,24 @@ class CloseCode(IntEnum):
     RECONNECT_NOW = 4004  # relay draining (restart, upgrade): session over, reconnect at once
 
 
+def handover_reason(last_received_seq: int | None, messages_received: int) -> str:
+    """The reason of a 4004 close sent to an idle device: what the relay received, so
+    the device re-sends, on its next session, anything the relay did not see."""
+    seq = -1 if last_received_seq is None else last_received_seq
+    return f"relay draining: reconnect now; got {seq} {messages_received}"
+
+
+def parse_handover_reason(reason: str) -> tuple[int | None, int] | None:
+    """(last uplink seq, reliable messages) from a 4004 reason; None if it has none."""
+    _, sep, counts = reason.rpartition("; got ")
+    parts = counts.split()
+    if not sep or len(parts) != 2 or not (parts[0] == "-1" or parts[0].isdigit()) \
+            or not parts[1].isdigit():
+        return None
+    seq, messages = int(parts[0]), int(parts[1])
+    return (None if seq < 0 else seq), messages
+
+
 class AudioKind(IntEnum):
     """Direction of an audio frame."""
 

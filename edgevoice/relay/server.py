@@ -61,6 +61,7 @@ from edgevoice.protocol.messages import (
     TurnEnd,
     TurnStart,
     Welcome,
+    handover_reason,
 )
 from edgevoice.protocol.replay import OutboundQueue, ReplayJournal, SentFrame
 from edgevoice.relay.auth import FailureLimiter
@@ -666,7 +667,7 @@ class RelayServer:
                 if session not in sent and not session.busy:
                     self.counters.drained_idle += 1
                     sent.add(session)
-                    closing.append(self._send_elsewhere(session))
+                    closing.append(self._send_elsewhere(session, idle=True))
             busy = [s for s in self.sessions.values() if s not in sent]
             left = deadline - self.clock.now()
             if not busy or left <= 0:
@@ -679,19 +680,24 @@ class RelayServer:
                            len(busy), timeout_s)
         for session in busy:
             self.counters.drained_busy += 1
-            closing.append(self._send_elsewhere(session))
+            closing.append(self._send_elsewhere(session, idle=False))
         if closing:  # each connection's handler then ends its session
             await asyncio.wait(closing, timeout=3.0)
         return self.counters.drained_idle, self.counters.drained_busy
 
-    def _send_elsewhere(self, session: DeviceSession) -> asyncio.Task[None]:
-        """Close the session's connection with 4004; its handler then ends the session."""
+    def _send_elsewhere(self, session: DeviceSession, *, idle: bool) -> asyncio.Task[None]:
+        """Close the session's connection with 4004; its handler then ends the session.
+
+        An idle device is told what was received of it: a turn it began meanwhile is
+        not lost but re-sent on its next session (docs/protocol.md §5).
+        """
         session.end_reason = "relay draining"
-        ws = session.owner
+        ws, conn = session.owner, session.conn
         if ws is None:
             return asyncio.create_task(self.forget(session))
-        return asyncio.create_task(ws.close(CloseCode.RECONNECT_NOW,
-                                            "relay draining: reconnect now"))
+        reason = handover_reason(conn.last_received_seq, conn.messages_received) \
+            if idle and conn is not None else "relay draining: reconnect now"
+        return asyncio.create_task(ws.close(CloseCode.RECONNECT_NOW, reason))
 
     async def forget(self, session: DeviceSession) -> None:
         """Close a session and drop it from the relay's tables."""

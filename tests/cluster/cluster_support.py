@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import math
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -218,7 +219,8 @@ def render_haproxy(port: int, relays: list[Relay]) -> str:
     """deploy/haproxy/edgevoice.cfg with this cluster's addresses, run unprivileged.
 
     Only what ties it to an installed machine changes: syslog, chroot, the stats
-    socket, user and daemon mode; the frontend's address; the server lines.
+    socket, user and daemon mode, maxconn beyond the descriptor limit; the
+    frontend's address; the server lines.
     """
     dropped = ("log ", "chroot ", "stats socket", "user ", "group ", "daemon")
     out: list[str] = []
@@ -228,6 +230,10 @@ def render_haproxy(port: int, relays: list[Relay]) -> str:
             continue
         if stripped.startswith("bind "):
             line = f"    bind 127.0.0.1:{port}"
+        elif stripped.startswith("maxconn ") and not line.startswith("    default-server"):
+            # two descriptors a connection: stay within this machine's hard limit
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            line = f"    maxconn {min(int(stripped.split()[1]), max(256, hard // 2 - 100))}"
         out.append(line)
     out.extend(f"    server {r.name} 127.0.0.1:{r.port} check port {r.admin_port}"
                for r in relays)
@@ -466,3 +472,64 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))
     return ordered[index]
+
+
+class CuttableProxy:
+    """A TCP proxy on 127.0.0.1 whose connections can all be cut at once (a Wi-Fi drop:
+    no close frame, nothing more from either side). New connections go to
+    ``target_port`` (changeable); ``hold_uplink()`` stops forwarding what devices send
+    (the bytes wait, and die with their connection) while replies still flow."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._uplink_open = asyncio.Event()
+        self._uplink_open.set()
+
+    def hold_uplink(self, held: bool = True) -> None:
+        if held:
+            self._uplink_open.clear()
+        else:
+            self._uplink_open.set()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+    async def __aenter__(self) -> CuttableProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        self.cut()
+        await self._server.wait_closed()
+
+    def cut(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                       gate: asyncio.Event | None) -> None:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while data := await src.read(65536):
+                    if gate is not None:
+                        await gate.wait()
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+        await asyncio.gather(pump(reader, up_writer, self._uplink_open),
+                             pump(up_reader, writer, None))

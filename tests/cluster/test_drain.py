@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from cluster_support import SimulatedDevice, scaled, speech_packets, until
+from cluster_support import CuttableProxy, SimulatedDevice, scaled, speech_packets, until
 
 from edgevoice.backoff import BackoffSettings
 from edgevoice.device.link import DeviceLink, RelaySettings
@@ -25,9 +25,9 @@ from edgevoice.upstream.echo import EchoUpstream
 
 
 @contextlib.asynccontextmanager
-async def relay(tmp_path: Path) -> AsyncIterator[RelayServer]:
+async def relay(tmp_path: Path, tokens: Path | None = None) -> AsyncIterator[RelayServer]:
     server = RelayServer(ListenSettings(port=0), LimitsSettings(),
-                         TokenStore(tmp_path / "tokens.json"), EchoUpstream())
+                         TokenStore(tokens or tmp_path / "tokens.json"), EchoUpstream())
     await server.start()
     try:
         yield server
@@ -127,3 +127,44 @@ def test_idle_devices_are_sent_away_at_once_and_new_ones_are_refused(tmp_path: P
                 raise AssertionError("a draining relay still accepts connections")
 
     run(scenario())
+
+
+def test_a_turn_begun_as_the_relay_closes_is_carried_to_the_next_relay(tmp_path: Path) -> None:
+    # The race a drain cannot avoid: the device starts a turn while the relay, having
+    # seen nothing of it, closes with 4004. The device re-sends what the relay did not
+    # receive on its next session, here with a second relay, and the turn is answered.
+    async def scenario() -> None:
+        tokens = tmp_path / "tokens.json"  # two relays of one fleet: the same tokens
+        async with relay(tmp_path, tokens) as first, relay(tmp_path, tokens) as second:
+            token = first.tokens.add("kitchen")
+            async with CuttableProxy(first.port) as proxy:
+                sim = SimulatedDevice("kitchen", token, proxy.url, speech_packets(30))
+                sim.start()
+                try:
+                    await asyncio.wait_for(sim.up.wait(), scaled(10))
+                    first_session = sim.session_id
+                    proxy.hold_uplink()  # what the device says now never reaches `first`
+                    proxy.target_port = second.port
+                    turn = asyncio.create_task(sim.turn(1))
+                    await asyncio.sleep(0.1)  # turn_start and some audio are on their way
+                    assert await first.drain(scaled(10)) == (1, 0)  # it saw no turn
+                    proxy.hold_uplink(False)
+                    result = await turn
+                    assert result.ok, result.reason
+                    assert sim.session_id != first_session
+                    assert second.counters.frames_in >= 30  # the whole turn, re-sent
+                    assert sim.link.stats.dropped_session_lost == 0
+                finally:
+                    await sim.stop()
+
+    run(scenario())
+
+
+def test_the_handover_reason_says_what_the_relay_received_and_fits_a_close_frame() -> None:
+    from edgevoice.protocol.messages import handover_reason, parse_handover_reason
+    for seq, messages in ((None, 0), (0, 1), (2**32 - 1, 10**6)):
+        reason = handover_reason(seq, messages)
+        assert len(reason.encode()) <= 123  # a close frame's reason limit
+        assert parse_handover_reason(reason) == (seq, messages)
+    for other in ("relay draining: reconnect now", "", "; got 1", "; got x 2", "; got 1 -2"):
+        assert parse_handover_reason(other) is None
