@@ -36,6 +36,7 @@ from browser_support import (
     wait_for_js,
     wait_until,
 )
+from edgevoice_dev.testing.timeouts import scaled
 
 from edgevoice.demo import bundled_speech
 
@@ -83,7 +84,7 @@ def test_a_hands_free_turn_plays_back_the_speech(tmp_path: Path) -> None:
             assert transcripts is not None and "ms of audio" in transcripts
             assert not errors, errors
 
-    asyncio.run(asyncio.wait_for(scenario(), 120))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(120)))
 
 
 def test_used_and_expired_tickets_and_a_foreign_origin_are_refused(tmp_path: Path) -> None:
@@ -120,7 +121,7 @@ def test_used_and_expired_tickets_and_a_foreign_origin_are_refused(tmp_path: Pat
             own = await open_page(browser, f"{relay.url}#ticket={good}")
             await connect(own)
 
-    asyncio.run(asyncio.wait_for(scenario(), 120))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(120)))
 
 
 def test_a_browser_without_webcodecs_opus_is_told_so(tmp_path: Path) -> None:
@@ -136,7 +137,7 @@ def test_a_browser_without_webcodecs_opus_is_told_so(tmp_path: Path) -> None:
             assert await page.is_visible("#support")
             assert await page.is_disabled("#connect")
 
-    asyncio.run(asyncio.wait_for(scenario(), 60))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(60)))
 
 
 def test_interrupt_flushes_playback_within_one_block(tmp_path: Path) -> None:
@@ -168,7 +169,7 @@ def test_interrupt_flushes_playback_within_one_block(tmp_path: Path) -> None:
             await wait_until(lambda: relay.server.counters.frames_dropped > 0, 5)
             assert not await page.evaluate("edgevoice.playing")
 
-    asyncio.run(asyncio.wait_for(scenario(), 120))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(120)))
 
 
 def test_the_page_resumes_after_a_short_drop_and_is_rate_limited(tmp_path: Path) -> None:
@@ -213,7 +214,7 @@ def test_the_page_resumes_after_a_short_drop_and_is_rate_limited(tmp_path: Path)
             assert relay.server.counters.rate_limited == 1
             assert "1008" in (await page.text_content("#status") or "")
 
-    asyncio.run(asyncio.wait_for(scenario(), 120))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(120)))
 
 
 async def push_to_talk(page: Any, seconds: float) -> None:
@@ -246,3 +247,71 @@ async def other_origin(tmp_path: Path) -> AsyncIterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_page_s_protocol_and_signal_modules_agree_with_the_spec(tmp_path: Path) -> None:
+    """The page's own modules, run in Chromium, against the Python implementation."""
+    from edgevoice.protocol.messages import AudioFlags, AudioFrame, AudioKind
+
+    async def scenario() -> dict[str, Any]:
+        async with browser_relay(tmp_path) as relay, \
+                chromium(tmp_path, speech_fixture(tmp_path)) as browser:
+            page = await open_page(browser, relay.url)
+            downlink = AudioFrame(AudioKind.DOWNLINK, 0xFFFFFFFE, 123456, b"\x01\x02\x03",
+                                  AudioFlags.START | AudioFlags.REPLAY).encode()
+            return dict(await page.evaluate(MODULE_CHECKS, list(downlink)))
+
+    result = asyncio.run(asyncio.wait_for(scenario(), scaled(60)))
+    uplink = AudioFrame.decode(bytes(result["uplink"]))
+    assert uplink == AudioFrame(AudioKind.UPLINK, 7, 140, b"\xfc\xff\xfe", AudioFlags.END)
+    assert result["downlink"] == {"kind": 2, "flags": 5, "seq": 0xFFFFFFFE,
+                                  "timestampMs": 123456, "payload": [1, 2, 3]}
+    assert result["refused"] == ["audio version 2", "unknown audio flags 8",
+                                 "a relay may not send audio kind 1", "unexpected type hello",
+                                 "transcript.text: string"]
+    # onset after 3 loud frames with 300 ms of pre-roll; release after an 800 ms hangover
+    assert result["detector"] == {"started": 3, "preroll": 15, "ended": 40}
+    assert result["resampled"]["length"] in range(1599, 1602)
+    assert abs(result["resampled"]["rms"] - 0.5 / 2**0.5) < 0.01
+
+
+MODULE_CHECKS = """async (downlink) => {
+  const p = await import("/protocol.js");
+  const { EnergyDetector } = await import("/detector.js");
+  const { Resampler } = await import("/resampler.js");
+  const out = {};
+  out.uplink = Array.from(p.encodeAudio(p.Kind.UPLINK, p.Flags.END, 7, 140,
+                                        new Uint8Array([0xfc, 0xff, 0xfe])));
+  const d = p.decodeAudio(new Uint8Array(downlink).buffer);
+  out.downlink = { kind: d.kind, flags: d.flags, seq: d.seq, timestampMs: d.timestampMs,
+                   payload: Array.from(d.payload) };
+  const bad = (bytes) => { try { p.decodeAudio(new Uint8Array(bytes).buffer); return "accepted"; }
+                           catch (e) { return e.message; } };
+  const badText = (text) => { try { p.decodeMessage(text); return "accepted"; }
+                              catch (e) { return e.message; } };
+  out.refused = [
+    bad([2, 2, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 9]),
+    bad([1, 2, 8, 0, 0, 0, 0, 1, 0, 0, 0, 0, 9]),
+    bad([1, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 9]),
+    badText('{"type": "hello", "device": "x"}'),
+    badText('{"type": "transcript", "role": "user"}'),
+  ];
+  const det = new EnergyDetector();
+  const frame = (amp) => ({ samples: Float32Array.from({ length: 320 },
+    (_, i) => amp * Math.sin(i / 3)) });
+  for (let i = 0; i < 50; i++) det.feed(frame(0.0005));
+  const r = { started: null, preroll: null, ended: null };
+  for (let i = 1; i <= 200; i++) {
+    const got = det.feed(frame(i <= 100 ? 0.3 : 0.0005));
+    if (got.event === "started") { r.started = i; r.preroll = got.frames.length; }
+    if (got.event === "ended") { r.ended = i - 100; break; }
+  }
+  out.detector = r;
+  const rs = new Resampler(48000, 16000);
+  const sine = Float32Array.from({ length: 4800 },
+    (_, i) => 0.5 * Math.sin(2 * Math.PI * 440 * i / 48000));
+  const y = rs.process(sine);
+  let sum = 0; for (let i = 100; i < y.length - 100; i++) sum += y[i] * y[i];
+  out.resampled = { length: y.length, rms: Math.sqrt(sum / (y.length - 200)) };
+  return out;
+}"""

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from browser_support import ADMIN_TOKEN, BrowserRelay, browser_relay
+from edgevoice_dev.testing.timeouts import scaled
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
@@ -27,7 +28,7 @@ from edgevoice.web.gate import WebSettings, origin_allowed, page_url
 
 
 def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 60))
+    return asyncio.run(asyncio.wait_for(coro, scaled(60)))
 
 
 def ws_url(relay: BrowserRelay) -> str:

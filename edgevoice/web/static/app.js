@@ -10,6 +10,7 @@ const SOFTWARE = "edgevoice-web/1";
 const FRAME_SAMPLES = 320;           // 20 ms at 16 kHz
 const MAX_TURN_FRAMES = 1500;        // 30 s
 const MAX_CONCEALED_FRAMES = 5;
+const AWAIT_REPLY_MS = 15000;       // hands-free listens again if no answer comes
 const ENCODER_CONFIG = {
   codec: "opus", sampleRate: 16000, numberOfChannels: 1, bitrate: 24000,
   opus: { frameDuration: 20000, application: "voip" },
@@ -53,6 +54,8 @@ class Device {
     this.held = null;                // last encoded packet, sent when the next one comes
     this.reply = { active: false, turnId: null, ignoreUpTo: -1 };
     this.playing = false;
+    this.awaitingReply = false;
+    this.awaitTimer = null;
     this.handsFree = false;
     this.detector = new EnergyDetector();
     this.flushes = [];
@@ -102,8 +105,10 @@ class Device {
   onFrame(samples) {
     const frame = { samples, timestampMs: this.frameIndex * 20 };
     this.frameIndex += 1;
+    // hands-free does not listen to the reply (no echo cancellation), nor while the
+    // answer to the last turn is still on its way
     const listening = this.handsFree && !this.reply.active && !this.playing &&
-      (!this.turn || this.turn.trigger === "vad");
+      !this.awaitingReply && (!this.turn || this.turn.trigger === "vad");
     if (listening) {
       const result = this.detector.feed(frame);
       this.showLevel(result.level);
@@ -162,7 +167,17 @@ class Device {
     }
     this.link.sendControl({ type: "turn_end", turn_id: turn.id, reason });
     if (this.turn === turn) this.turn = null;
+    this.expectReply(reason !== "answered");
     this.render();
+  }
+
+  expectReply(expect) {
+    clearTimeout(this.awaitTimer);
+    this.awaitingReply = expect;
+    if (expect) {
+      this.awaitTimer = setTimeout(() => { this.awaitingReply = false; this.render(); },
+        AWAIT_REPLY_MS);
+    }
   }
 
   interrupt(reason) {
@@ -232,6 +247,7 @@ class Device {
     switch (message.type) {
       case "transcript": this.addTranscript(message); break;
       case "response_start":
+        this.expectReply(false);
         this.reply = { active: true, turnId: message.turn_id ?? null,
           ignoreUpTo: this.reply.ignoreUpTo,
           ignoring: false };
@@ -239,11 +255,12 @@ class Device {
         if (this.turn && !this.turn.closing) this.endTurn("answered");
         break;
       case "response_end":
+        this.expectReply(false);
         this.reply.active = false;
         this.player.port.postMessage({ type: "end" });
         break;
       case "interrupt": this.flushPlayback("relay"); break;
-      case "error": this.status(`relay error ${message.code}: ${message.message}`); break;
+      case "error": this.expectReply(false); this.status(`relay error ${message.code}: ${message.message}`); break;
       default: break;
     }
     this.render();
@@ -293,7 +310,7 @@ class Device {
     let doing = "ready";
     if (this.turn) doing = `listening (turn ${this.turn.id}, ${this.turn.trigger})`;
     else if (this.playing) doing = "speaking";
-    else if (this.reply.active) doing = "waiting for the reply";
+    else if (this.reply.active || this.awaitingReply) doing = "waiting for the reply";
     else if (this.handsFree) doing = "hands-free: waiting for speech";
     const s = this.link ? this.link.stats : null;
     $("stats").textContent = s ? `${doing} · sent ${s.framesSent} frames · received ` +
