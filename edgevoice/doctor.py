@@ -60,6 +60,13 @@ TOKEN_FIX = (
     "run `edgevoice token add NAME` on the relay and put the token in "
     "/etc/edgevoice/device.token (chmod 600)"
 )
+#: A token the relay refuses was usually replaced there (`token add NAME --replace`)
+#: or removed: running plain `token add` again would only be refused.
+REJECTED_TOKEN_FIX = (
+    "on the relay, `edgevoice token list` shows the devices it knows; issue this device a "
+    "new token with `edgevoice token add NAME --replace` and put it in "
+    "/etc/edgevoice/device.token (the service restarts by itself)"
+)
 STOP_SERVICE_FIX = (
     "stop the service first (sudo systemctl stop edgevoice): a sound card serves one program"
 )
@@ -518,7 +525,8 @@ async def check_relay(config: DeviceConfig | None, config_path: str, env: Doctor
     except InvalidStatus as exc:
         status = exc.response.status_code
         if status in (401, 403):
-            return CheckResult.fail(f"token rejected by {relay.url} (HTTP {status})", TOKEN_FIX)
+            return CheckResult.fail(f"token rejected by {relay.url} (HTTP {status})",
+                                    REJECTED_TOKEN_FIX)
         if status == 429:
             return CheckResult.fail(
                 f"{relay.url} is refusing this address after bad tokens (HTTP 429)",

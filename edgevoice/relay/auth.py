@@ -134,7 +134,8 @@ class TokenStore:
         except (OSError, ValueError) as exc:
             raise ConfigError(str(self.path), "devices", f"unreadable token file: {exc}") from None
         self._digests, self._stamp = digests, stamp
-        logger.info("loaded %d device tokens from %s", len(digests), self.path)
+        logger.info("loaded %d device token%s from %s", len(digests),
+                    "" if len(digests) == 1 else "s", self.path)
 
     def verify(self, token: str) -> str | None:
         """The device id the token belongs to, or None. Constant time in the secret."""

@@ -275,7 +275,9 @@ def test_relay_rejecting_the_token_says_how_to_get_one(tmp_path: Path) -> None:
         )
     assert result.status is Status.FAIL
     assert "token rejected" in result.detail and "HTTP 401" in result.detail
-    assert result.fix.startswith("run `edgevoice token add NAME` on the relay")
+    # plain `token add` would be refused for a device that has a token: say --replace
+    assert "edgevoice token add NAME --replace" in result.fix
+    assert "/etc/edgevoice/device.token" in result.fix
     assert "/etc/edgevoice/device.token" in result.fix
     assert TOKEN not in result.detail + result.fix
 
