@@ -241,3 +241,52 @@ def squeeze_underruns(samples: np.ndarray, rate: int, min_ms: int = 20) -> np.nd
         if end - start >= rate * min_ms // 1000:
             keep[start:end] = False
     return samples[keep]
+
+
+class FlakyProxy:
+    """A TCP proxy on 127.0.0.1 in front of the relay that a test can cut: every
+    connection through it is reset, and for ``down_s`` new ones are dropped at once
+    (what a Wi-Fi roam looks like to both ends)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._down_until = 0.0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        self.cut(0)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def cut(self, down_s: float) -> None:
+        self._down_until = asyncio.get_running_loop().time() + down_s
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if asyncio.get_running_loop().time() < self._down_until:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, ConnectionError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers.difference_update((writer, up_writer))

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from browser_support import (
     DOCS,
+    FlakyProxy,
     best_envelope_correlation,
     browser_relay,
     chromium,
@@ -176,14 +177,18 @@ def test_the_page_resumes_after_a_short_drop_and_is_rate_limited(tmp_path: Path)
     async def scenario() -> None:
         speech = speech_fixture(tmp_path)
         async with browser_relay(tmp_path) as relay, chromium(tmp_path, speech) as browser:
-            page = await open_page(browser, f"{relay.url}#ticket={await relay.mint('laptop')}")
+            proxy = FlakyProxy(relay.server.port)
+            await proxy.start()
+            ticket = await relay.mint("laptop")
+            page = await open_page(browser, f"http://127.0.0.1:{proxy.port}/#ticket={ticket}")
             await connect(page)
             await page.evaluate("edgevoice.startTap()")
             await page.check("#handsfree")
             await wait_for_js(page, "edgevoice.playing", 30)
             await page.uncheck("#handsfree")  # one turn is enough
             await asyncio.sleep(0.3)
-            await page.evaluate("edgevoice.link.dropForTest()")  # mid-reply
+            proxy.cut(down_s=1.5)  # mid-reply: both ends see a reset, then no route
+            await wait_for_js(page, "edgevoice.link.state !== 'open'", 10)
             await wait_for_js(page, "edgevoice.link.stats.resumes === 1"
                               " && edgevoice.link.state === 'open'", 15)
             assert relay.server.counters.sessions_resumed == 1
@@ -191,6 +196,7 @@ def test_the_page_resumes_after_a_short_drop_and_is_rate_limited(tmp_path: Path)
             played, rate = decode_tap(await page.evaluate("edgevoice.stopTap()"))
             stats = await page.evaluate("edgevoice.link.stats")
             # nothing lost: every reply frame the relay sent arrived (re-sent ones once)
+            assert stats["reconnects"] >= 2  # at least one try met the outage
             assert stats["missing"] == 0
             assert stats["framesReceived"] == relay.server.counters.frames_out
             # and the reply went on where it stopped: without the pause the drop made,
@@ -213,6 +219,7 @@ def test_the_page_resumes_after_a_short_drop_and_is_rate_limited(tmp_path: Path)
             await page.wait_for_selector("#state[data-state=closed]", timeout=ms(10_000))
             assert relay.server.counters.rate_limited == 1
             assert "1008" in (await page.text_content("#status") or "")
+            await proxy.close()
 
     asyncio.run(asyncio.wait_for(scenario(), scaled(120)))
 

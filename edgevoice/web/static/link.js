@@ -31,7 +31,8 @@ const JOURNAL_FRAMES = 500;      // 10 s of audio
 const JOURNAL_MESSAGES = 256;
 const QUEUE_FRAMES = 500;
 const RESUME_WINDOW_MS = 10000;
-const RETRY_MAX_MS = 1000;
+const RETRY_MAX_MS = 1000;       // retry at least this often within the resume window
+const MAX_RETRIES = 15;           // failed reconnects in a row before giving up
 
 export class Link extends EventTarget {
   constructor({ url, device, ticket, software }) {
@@ -53,6 +54,9 @@ export class Link extends EventTarget {
     this.droppedAt = null;
     this.timer = null;
     this.pingTimer = null;
+    this.everOpen = false;          // a first connection that fails is a refusal: stop
+    this.failedAttempts = 0;
+    this.lastTicket = null;
     this.pingId = 0;
   }
 
@@ -86,6 +90,7 @@ export class Link extends EventTarget {
     this.transition(LinkState.CONNECTING);
     const ticket = this.ticket;
     this.ticket = null;
+    this.lastTicket = ticket;
     const ws = new WebSocket(this.url, [SUBPROTOCOL, TICKET_PREFIX + ticket]);
     ws.binaryType = "arraybuffer";
     this.ws = ws;
@@ -155,6 +160,8 @@ export class Link extends EventTarget {
     }
     this.session = { id: welcome.session_id };
     this.droppedAt = null;
+    this.everOpen = true;
+    this.failedAttempts = 0;
     this.transition(LinkState.OPEN);
     if (result.resumed) {
       this.stats.resumes += 1;
@@ -194,6 +201,12 @@ export class Link extends EventTarget {
     } else if (welcomed && this.session) {
       this.droppedAt = performance.now(); // a drop: try to resume within the window
     }
+    if (!welcomed && this.everOpen && this.failedAttempts < MAX_RETRIES) {
+      // a reconnect that did not get through (relay unreachable for a moment): the
+      // reconnect ticket was probably never presented, so try it again for a while
+      this.failedAttempts += 1;
+      this.ticket = this.lastTicket;
+    }
     if (!this.ticket) {
       const why = welcomed ? "the link dropped and no reconnect ticket is left"
         : "the relay refused the ticket (used, expired, or wrong origin)";
@@ -215,11 +228,6 @@ export class Link extends EventTarget {
       this.transition(LinkState.CLOSED, "closed by the user");
     }
     if (ws) ws.close(1000, "page closed");
-  }
-
-  /** Drop the connection without a close handshake's reason (tests: a short drop). */
-  dropForTest() {
-    if (this.ws) this.ws.close(4999, "dropped on purpose");
   }
 
   // ----------------------------------------------------------------- heartbeat
