@@ -16,8 +16,8 @@ Three pieces, from pure to I/O:
 
 Before ``ready()`` the keep-alive is ``EXTEND_TIMEOUT_USEC=`` instead of
 ``WATCHDOG=1``: systemd arms the watchdog only once a ``Type=notify`` service is
-ready, and the device is ready only once the relay has answered, which may take
-hours when the relay is down. Extending the start timeout while healthy lets a
+ready, and the device is ready only once its audio is open, which may take hours
+when its sound card is missing. Extending the start timeout while healthy lets a
 start-up that is merely waiting last forever, while a start-up that hangs is still
 killed once ``TimeoutStartSec=`` runs out.
 """
