@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 import struct
+import subprocess
 from pathlib import Path
 
+import pytest
 from edgevoice_dev.bench import main
 from edgevoice_dev.bench.analysis import (
     Spread,
@@ -107,6 +109,27 @@ def test_silence_is_the_first_empty_block_pulled_after_the_interrupt() -> None:
     delays, missed = silence_delays([0.05, 0.09], pulls)
     assert [round(d, 3) for d in delays] == [0.01]
     assert missed == 1
+
+
+def test_only_publish_writes_the_tracked_results_and_page(tmp_path: Path) -> None:
+    from edgevoice_dev.bench.runner import output_paths
+    # a plain full run (on some laptop) must not rewrite what the docs show
+    assert output_paths(tmp_path, "full") == (tmp_path / "bench" / "results-full.json",
+                                              tmp_path / "bench" / "benchmarks-full.md")
+    assert output_paths(tmp_path, "full", publish=True) == (
+        tmp_path / "bench" / "results.json", tmp_path / "docs" / "benchmarks.md")
+    assert output_paths(tmp_path, "quick")[1] == tmp_path / "bench" / "benchmarks-quick.md"
+    assert output_paths(tmp_path, "full", md_path=tmp_path / "x.md")[1] == tmp_path / "x.md"
+    ignored = subprocess.run(["git", "check-ignore", "bench/results-full.json",
+                              "bench/benchmarks-full.md"], cwd=Path(__file__).parents[2],
+                             capture_output=True, text=True)
+    assert ignored.stdout.split() == ["bench/results-full.json", "bench/benchmarks-full.md"]
+
+
+def test_publish_is_refused_for_a_quick_run() -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--publish"])
+    assert exc.value.code == 2
 
 
 def test_rows_are_parsed_like_a_page_range() -> None:

@@ -4,8 +4,9 @@
 real processes on 127.0.0.1 and WAV audio at real time: uplink bandwidth against
 Wyoming and Nova-style JSON (row 1), device CPU against libopus + soxr alone (2),
 per-hop latency (3), relay capacity on one core (4), barge-in (5), reconnect (6)
-and the device's footprint (7). It prints a table and writes ``bench/results.json``
-and ``docs/benchmarks.md``; ``--quick`` is the short run CI uses.
+and the device's footprint (7). It prints a table and writes ``bench/results-full.json``
+and ``bench/benchmarks-full.md`` (``--publish``: the tracked ``bench/results.json`` and
+``docs/benchmarks.md``); ``--quick`` is the short run CI uses.
 
 Module map: :mod:`~edgevoice_dev.bench.runner` (command line, order of the rows),
 one module per row or pair of rows (:mod:`~edgevoice_dev.bench.conversation` for 1, 2

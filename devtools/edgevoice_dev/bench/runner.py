@@ -52,10 +52,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="short run (under 2 minutes), for CI: same rows, fewer samples")
     p.add_argument("--rows", default="1-7",
                    help="rows to run, e.g. 1,3 or 2-4 (rows 1, 2 and 7 share one run)")
-    p.add_argument("--json", type=Path, help="results file (default: bench/results.json, "
-                   "or bench/results-quick.json with --quick)")
-    p.add_argument("--markdown", type=Path, help="report page (default: docs/benchmarks.md, "
-                   "or bench/benchmarks-quick.md with --quick)")
+    p.add_argument("--json", type=Path, help="results file (default: bench/results-full.json, "
+                   "or bench/results-quick.json with --quick; untracked)")
+    p.add_argument("--markdown", type=Path, help="report page (default: "
+                   "bench/benchmarks-full.md, or bench/benchmarks-quick.md with --quick)")
+    p.add_argument("--publish", action="store_true",
+                   help="a full run only: write the tracked bench/results.json and "
+                        "docs/benchmarks.md (what the documentation shows) instead")
     p.add_argument("--no-write", action="store_true", help="only print the table")
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                    help="profile the device / relay when their CPU targets are missed "
@@ -64,6 +67,23 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep the scratch directory (logs, configs, raw timestamps)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's
     return p
+
+
+def output_paths(root: Path, mode: str, *, publish: bool = False,
+                 json_path: Path | None = None, md_path: Path | None = None
+                 ) -> tuple[Path, Path]:
+    """Where a run writes its results and report.
+
+    Only ``publish`` touches the tracked files the documentation shows
+    (bench/results.json, docs/benchmarks.md): a run on a loaded laptop must not
+    silently rewrite the published figures. Otherwise ``bench/*-MODE.*``, ignored by git.
+    """
+    if publish:
+        default_json, default_md = root / "bench" / "results.json", root / "docs" / "benchmarks.md"
+    else:
+        default_json = root / "bench" / f"results-{mode}.json"
+        default_md = root / "bench" / f"benchmarks-{mode}.md"
+    return json_path or default_json, md_path or default_md
 
 
 def parse_rows(spec: str) -> list[int]:
@@ -186,10 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = BenchPlan(**{**asdict(plan), "profile": args.profile})
     _configure_logging()
     root = repository_root()
-    suffix = "" if plan.mode == "full" else f"-{plan.mode}"
-    json_path = args.json or root / "bench" / f"results{suffix}.json"
-    md_path = args.markdown or (root / "docs" / "benchmarks.md" if plan.mode == "full"
-                                else root / "bench" / f"benchmarks{suffix}.md")
+    if args.publish and plan.mode != "full":
+        parser.error("--publish: only a full run is published (drop --quick)")
+    json_path, md_path = output_paths(root, plan.mode, publish=args.publish,
+                                      json_path=args.json, md_path=args.markdown)
     command = " ".join(["edgevoice bench", *args_list])
     started, started_wall = time.monotonic(), datetime.datetime.now(datetime.UTC)
     load_before = _load()
