@@ -219,6 +219,10 @@ class NovaSession:
             tool_specs=tuple(specs),
             debug_name=context.device_id,
         )
+        # The conversation so far, when relays keep it beyond a session (a relay died,
+        # or the device moved to another: docs/scale-out.md); sent with the first stream.
+        for line in context.history:
+            self.core.history.add("USER" if line.role == "user" else "ASSISTANT", line.text)
         self._events: DropOldestQueue[UpstreamEvent | None] = DropOldestQueue(EVENT_QUEUE_SIZE)
         self._streams: dict[int, _StreamRunner] = {}
         self._tools: set[asyncio.Task[None]] = set()

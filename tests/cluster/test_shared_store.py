@@ -214,3 +214,28 @@ def test_a_store_that_goes_away_degrades_but_does_not_stop_the_relay(tmp_path: P
         run(scenario())
     finally:
         server.stop()
+
+
+@pytest.mark.nova
+def test_a_nova_session_starts_from_the_stored_history() -> None:
+    # the seam: DeviceContext.history becomes the history events of Nova's first stream
+    pytest.importorskip("aws_sdk_bedrock_runtime")
+    import json
+
+    from edgevoice.nova.settings import NovaSettings
+    from edgevoice.nova.upstream import NovaUpstream
+
+    async def scenario() -> None:
+        upstream = NovaUpstream(NovaSettings())
+        context = DeviceContext("kitchen", "s", history=(
+            HistoryLine("user", "what is the capital of France"),
+            HistoryLine("assistant", "Paris")))
+        session = await upstream.open_session(context)
+        try:
+            replayed = json.dumps(session.core.history.events("prompt", lambda: "c"))
+            assert "capital of France" in replayed and "Paris" in replayed
+        finally:
+            await session.close()
+            await upstream.aclose()
+
+    run(scenario())
