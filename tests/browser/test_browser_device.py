@@ -76,6 +76,8 @@ def test_a_hands_free_turn_plays_back_the_speech(tmp_path: Path) -> None:
             assert status == 200
             (laptop,) = [d for d in devices if d["device_id"] == "laptop"]
             assert laptop["connected"] and laptop["connections"] == 1
+            assert laptop["last_stats"]["version"].startswith("edgevoice-web/")
+            assert laptop["last_stats"]["timezone"]  # the device-status tool reads it
             status, metrics = await asyncio.to_thread(relay.admin, "GET", "/metrics")
             assert "edgevoice_relay_devices_connected 1.0" in metrics
             assert relay.server.counters.frames_in > 50 and relay.server.counters.frames_out > 50

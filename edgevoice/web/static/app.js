@@ -10,7 +10,8 @@ const SOFTWARE = "edgevoice-web/1";
 const FRAME_SAMPLES = 320;           // 20 ms at 16 kHz
 const MAX_TURN_FRAMES = 1500;        // 30 s
 const MAX_CONCEALED_FRAMES = 5;
-const AWAIT_REPLY_MS = 15000;       // hands-free listens again if no answer comes
+const AWAIT_REPLY_MS = 15000;
+const STATS_INTERVAL_MS = 30000;     // as the daemon: the relay's fleet view       // hands-free listens again if no answer comes
 const ENCODER_CONFIG = {
   codec: "opus", sampleRate: 16000, numberOfChannels: 1, bitrate: 24000,
   opus: { frameDuration: 20000, application: "voip" },
@@ -339,13 +340,38 @@ class Device {
       $("rtt").textContent = `RTT ${e.detail.rttMs.toFixed(1)} ms`;
     });
     this.link.addEventListener("session", (e) => {
+      this.sendStats();  // the relay's fleet view (and the device's time zone) at once
       this.status(e.detail.resumed ? `Resumed session ${e.detail.id.slice(0, 8)}.`
         : `Connected as ${parsed.device} (session ${e.detail.id.slice(0, 8)}).`);
       if (!e.detail.resumed && this.turn) { this.turn = null; this.held = null; }
     });
     $("connect").disabled = true;
     $("ticket").value = "";
+    this.startedAt = performance.now();
+    clearInterval(this.statsTimer);
+    this.statsTimer = setInterval(() => this.sendStats(), STATS_INTERVAL_MS);
     this.link.connect();
+  }
+
+  /** The compact stats a daemon sends too (same keys where they apply). */
+  sendStats() {
+    if (!this.link || this.link.state !== LinkState.OPEN) return;
+    const link = this.link;
+    this.link.sendControl({ type: "stats", values: {
+      version: SOFTWARE,
+      browser: navigator.userAgent.slice(0, 120),
+      timezone: Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC",
+      uptime_s: Math.round((performance.now() - this.startedAt) / 100) / 10,
+      state: this.turn ? "listening" : this.playing ? "speaking" : "idle",
+      rtt_ms: link.rttMs === null ? null : Math.round(link.rttMs * 10) / 10,
+      reconnects: link.stats.reconnects,
+      resumes: link.stats.resumes,
+      frames_sent: link.stats.framesSent,
+      frames_received: link.stats.framesReceived,
+      underruns: this.stats.underruns,
+      turns: this.stats.turns,
+      hands_free: this.handsFree,
+    } });
   }
 
   onLinkState({ state, reason }) {
@@ -355,6 +381,7 @@ class Device {
     if (state === LinkState.CLOSED) {
       this.status(`Disconnected: ${reason}`);
       $("connect").disabled = false;
+      clearInterval(this.statsTimer);
       this.turn = null;
     } else if (state === LinkState.RECONNECTING) {
       this.status(`Reconnecting: ${reason}`);
@@ -415,6 +442,15 @@ async function main() {
   talk.addEventListener("pointerdown", press);
   talk.addEventListener("pointerup", release);
   talk.addEventListener("pointerleave", release);
+  // the space bar is a talk button too (outside the ticket field)
+  const typing = (event) => event.target instanceof HTMLInputElement && event.target.type !== "checkbox";
+  document.addEventListener("keydown", (event) => {
+    if (event.code !== "Space" || event.repeat || typing(event) || talk.disabled) return;
+    press(event);
+  });
+  document.addEventListener("keyup", (event) => {
+    if (event.code === "Space" && !typing(event)) release();
+  });
   $("interrupt").addEventListener("click", () => device.interrupt("button"));
   $("handsfree").addEventListener("change", (event) => {
     device.handsFree = event.target.checked;
