@@ -55,7 +55,14 @@ class DropOldestQueue(Generic[T]):
         return self._items.popleft()
 
     async def get(self) -> T:
-        """Wait for and pop the oldest item."""
+        """Wait for and pop the oldest item.
+
+        Always a real suspension point: when items are already waiting it still lets
+        the event loop run once before returning, so a consumer draining a long queue
+        (a whole reply handed over at once) cannot hold the loop for the whole of it.
+        """
+        if self._items:
+            await asyncio.sleep(0)
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
             try:

@@ -8,7 +8,13 @@ either, by libopus' packet loss concealment (:meth:`OpusDecoder.conceal`).
 
 ``opuslib_next`` loads libopus when it is imported, so it is imported lazily: a
 machine without libopus can still import edgevoice and gets a clear
-:class:`CodecUnavailableError` when it first needs the codec.
+:class:`CodecUnavailableError` when it first needs the codec (making an encoder or
+decoder checks that it is there).
+
+The codec state itself (about 30 KB an encoder, 18 KB a decoder) is allocated on the
+first packet, not when the object is made, and :meth:`OpusEncoder.release` /
+:meth:`OpusDecoder.release` give it back: a relay holding thousands of connected
+devices that never talk keeps no codec state for them.
 """
 
 from __future__ import annotations
@@ -108,27 +114,34 @@ class OpusEncoder:
         _check_format(sample_rate_hz, frame_ms)
         # Validates the ranges with the same messages a config file would get.
         self.settings = OpusSettings(bitrate_bps, complexity, fec, expected_loss_pct, dtx)
-        lib = _opuslib()
+        self._lib = _opuslib()
         self.sample_rate_hz = sample_rate_hz
         self.frame_ms = frame_ms
         self.frame_samples = sample_rate_hz * frame_ms // 1000
         self.frame_bytes = self.frame_samples * SAMPLE_WIDTH_BYTES
-        self._enc: Any = lib.Encoder(sample_rate_hz, 1, lib.APPLICATION_VOIP)
-        self._enc.bitrate = bitrate_bps
-        self._enc.complexity = complexity
-        self._enc.inband_fec = int(fec)
-        self._enc.packet_loss_perc = expected_loss_pct
-        self._enc.dtx = int(dtx)
-        logger.debug(
-            "opus encoder: %d Hz, %d ms, %d bps, complexity %d, fec %s, loss %d%%, dtx %s",
-            sample_rate_hz,
-            frame_ms,
-            bitrate_bps,
-            complexity,
-            fec,
-            expected_loss_pct,
-            dtx,
-        )
+        self._enc: Any = None  # made on first use (see the module docstring)
+
+    def _state(self) -> Any:
+        enc = self._enc
+        if enc is None:
+            lib, s = self._lib, self.settings
+            enc = self._enc = lib.Encoder(self.sample_rate_hz, 1, lib.APPLICATION_VOIP)
+            enc.bitrate = s.bitrate_bps
+            enc.complexity = s.complexity
+            enc.inband_fec = int(s.fec)
+            enc.packet_loss_perc = s.expected_loss_pct
+            enc.dtx = int(s.dtx)
+            logger.debug(
+                "opus encoder: %d Hz, %d ms, %d bps, complexity %d, fec %s, loss %d%%, dtx %s",
+                self.sample_rate_hz,
+                self.frame_ms,
+                s.bitrate_bps,
+                s.complexity,
+                s.fec,
+                s.expected_loss_pct,
+                s.dtx,
+            )
+        return enc
 
     @classmethod
     def from_settings(
@@ -150,23 +163,34 @@ class OpusEncoder:
     @property
     def fec_enabled(self) -> bool:
         """What libopus reports, read back (not what was asked)."""
-        return bool(self._enc.inband_fec)
+        return bool(self._state().inband_fec)
 
     @property
     def lookahead_samples(self) -> int:
         """Encoder delay: decoded audio lags the input by this many samples."""
-        return int(self._enc.lookahead)
+        return int(self._state().lookahead)
 
     def encode(self, pcm: bytes) -> bytes:
         """One packet for exactly one frame (``frame_bytes`` of s16le PCM)."""
         if len(pcm) != self.frame_bytes:
             raise ValueError(f"Opus encoder needs {self.frame_bytes}-byte frames, got {len(pcm)}")
-        packet: bytes = self._enc.encode(pcm, self.frame_samples)
+        enc = self._enc if self._enc is not None else self._state()
+        packet: bytes = enc.encode(pcm, self.frame_samples)
         return packet
+
+    @property
+    def allocated(self) -> bool:
+        """Whether libopus state is held now."""
+        return self._enc is not None
 
     def reset(self) -> None:
         """Start a new stream (as after a reconnect): forget the prediction state."""
-        self._enc.reset_state()
+        if self._enc is not None:
+            self._enc.reset_state()
+
+    def release(self) -> None:
+        """Free the codec state (an idle session); the next packet starts a new stream."""
+        self._enc = None
 
 
 class OpusDecoder:
@@ -174,7 +198,7 @@ class OpusDecoder:
 
     def __init__(self, sample_rate_hz: int = CAPTURE_RATE_HZ, frame_ms: int = FRAME_MS) -> None:
         _check_format(sample_rate_hz, frame_ms)
-        lib = _opuslib()
+        self._lib = lib = _opuslib()
         self._error_type: type[Exception] = lib.OpusError
         self.sample_rate_hz = sample_rate_hz
         self.frame_samples = sample_rate_hz * frame_ms // 1000
@@ -182,7 +206,17 @@ class OpusDecoder:
         # A lost packet is rebuilt at the duration of the last good one (the codec
         # needs the exact duration of the gap).
         self._last_samples = self.frame_samples
-        self._dec: Any = lib.Decoder(sample_rate_hz, 1)
+        self._dec: Any = None  # made on first use (see the module docstring)
+
+    @property
+    def allocated(self) -> bool:
+        """Whether libopus state is held now."""
+        return self._dec is not None
+
+    def release(self) -> None:
+        """Free the codec state (an idle session); the next packet starts a new stream."""
+        self._dec = None
+        self._last_samples = self.frame_samples
 
     def decode(self, packet: bytes) -> bytes:
         """PCM for one received packet."""
@@ -220,12 +254,16 @@ class OpusDecoder:
 
     def reset(self) -> None:
         """Start a new stream: forget the state used for concealment."""
-        self._dec.reset_state()
+        if self._dec is not None:
+            self._dec.reset_state()
         self._last_samples = self.frame_samples
 
     def _run(self, packet: bytes, max_samples: int, *, fec: bool) -> bytes:
+        dec = self._dec
+        if dec is None:
+            dec = self._dec = self._lib.Decoder(self.sample_rate_hz, 1)
         try:
-            pcm: bytes = self._dec.decode(packet, max_samples, decode_fec=fec)
+            pcm: bytes = dec.decode(packet, max_samples, decode_fec=fec)
         except self._error_type as exc:
             raise OpusDecodeError(
                 f"cannot decode Opus packet of {len(packet)} bytes: {exc}"

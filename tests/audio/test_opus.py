@@ -187,3 +187,35 @@ def test_decode_after_gap_recovers_one_conceals_a_few_and_caps_the_rest() -> Non
     assert len(decoder.decode_after_gap(packets[6], 3, 5)) == 4  # three concealed
     assert len(decoder.decode_after_gap(packets[20], 13, 5)) == 6  # capped at five
     assert all(len(p) == 640 for p in decoder.decode_after_gap(packets[22], 1, 5))
+
+
+def test_codec_state_is_made_on_the_first_packet_and_given_back_by_release() -> None:
+    enc, dec = OpusEncoder(), OpusDecoder()
+    assert not enc.allocated and not dec.allocated  # an idle session holds no libopus state
+    enc.reset()
+    dec.reset()  # resetting what does not exist yet makes nothing
+    assert not enc.allocated and not dec.allocated
+    signal = frames(tone(440.0, -20.0, RATE))
+    for pcm in signal[:10]:
+        dec.decode(enc.encode(pcm))
+    assert enc.allocated and dec.allocated
+    enc.release()
+    dec.release()
+    assert not enc.allocated and not dec.allocated
+    # the next packet starts a fresh stream and still decodes to the same tone
+    out = from_pcm(b"".join(dec.decode(enc.encode(pcm)) for pcm in signal))
+    assert enc.allocated and dec.allocated
+    assert abs(dominant_hz(out[RATE // 4 :], RATE) - 440.0) < 3
+    assert abs(level_dbfs(out[RATE // 4 :]) - (-20.0)) < 1.0
+
+
+def test_released_state_is_really_freed() -> None:
+    import gc
+    import weakref
+
+    enc = OpusEncoder()
+    enc.encode(frames(tone(440.0, -20.0, RATE // 50))[0])
+    state = weakref.ref(enc._enc)
+    enc.release()
+    gc.collect()
+    assert state() is None  # opuslib frees the libopus state when its object goes
