@@ -5,10 +5,21 @@
 does the least possible on the audio thread: copy the block and hand it to the event
 loop through a bounded :class:`~edgevoice.queues.DropOldestQueue`. Down-mixing,
 resampling and re-framing happen on the event loop, in :meth:`SoundDeviceSource.read`.
+The device is asked for ``block_ms`` blocks (60 ms by default: three frames per
+callback): each block costs a PortAudio wake-up, a sound-server round trip and an
+event-loop wake-up, which dominate the CPU of a device listening to silence (measured
+with ``edgevoice bench``: the PortAudio and sound-server threads alone cost 1.9 % of a
+core here at 20 ms blocks, 0.6 % at 60 ms). The price is up to ``block_ms - 20`` ms more
+before a frame reaches the detector.
 
 :class:`SoundDeviceSink` plays a :class:`~edgevoice.audio.playback.PlaybackBuffer`:
 its callback pulls one block (the buffer never blocks) and duplicates it to every
-channel the device insists on.
+channel the device insists on. An output stream playing silence costs as much as one
+playing speech (1.2 % of a core here for the PortAudio and sound-server threads), so
+after ``park_after_ms`` of nothing to play the stream is closed ("parked"); the next
+push into the buffer opens it again, which takes about 2 ms (measured on PulseAudio
+through ALSA), well inside the jitter buffer's prefill. (Stopping and restarting one
+stream instead upset PortAudio's ALSA poll loop on PulseAudio; a new stream does not.)
 
 Devices are chosen by name (a case-insensitive part of it, as :func:`list_devices`
 shows them) or ``"default"``, never by index: indexes change when a USB device is
@@ -28,6 +39,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +51,14 @@ import numpy as np
 from edgevoice.audio.base import (
     CAPTURE_FRAME_SAMPLES,
     CAPTURE_RATE_HZ,
+    FRAME_MS,
     PLAYBACK_INPUT_RATE_HZ,
     AudioSink,
     AudioSource,
     SourceStats,
     frame_samples,
 )
-from edgevoice.audio.playback import PlaybackBuffer
+from edgevoice.audio.playback import PlaybackBuffer, PlaybackState
 from edgevoice.audio.resample import FrameFifo, Int16Array, StreamResampler
 from edgevoice.audio.wavio import WavSink, WavSource
 from edgevoice.clock import Clock
@@ -56,6 +69,12 @@ logger = logging.getLogger(__name__)
 
 #: A block the capture callback hands over to say the stream has finished.
 _STREAM_FINISHED = b""
+#: Capture block length asked of the device by default (three 20 ms frames).
+DEFAULT_CAPTURE_BLOCK_MS = 60
+#: Silence an output stream plays before it is parked, by default.
+DEFAULT_PARK_AFTER_MS = 5000
+#: Silence a reopened output stream plays before the buffer's audio (see ``_wake``).
+DEFAULT_WAKE_LEAD_IN_MS = 160
 
 
 class PortAudioUnavailableError(EdgevoiceError):
@@ -197,13 +216,19 @@ class SoundDeviceSource:
         device: str = "default",
         *,
         queue_frames: int = 25,
+        block_ms: int = DEFAULT_CAPTURE_BLOCK_MS,
         stall_timeout_s: float = 1.0,
         start_timeout_s: float = 5.0,
     ) -> None:
+        if block_ms < FRAME_MS or block_ms % FRAME_MS:
+            raise ValueError(f"block_ms must be a multiple of {FRAME_MS} ms, got {block_ms}")
         self.device = device
         self.name = f"sounddevice:{device}"
         self.stats = SourceStats()
+        self.block_ms = block_ms
         self.queue_frames = queue_frames
+        # ``queue_frames`` counts 20 ms frames; the queue holds whole blocks.
+        self.queue_blocks = max(2, -(-queue_frames * FRAME_MS // block_ms))
         self.stall_timeout_s = stall_timeout_s
         # Some back ends take well over a second to deliver the first block (PulseAudio
         # through ALSA: ~1.8 s for a process's first stream), so the first wait is longer.
@@ -211,7 +236,7 @@ class SoundDeviceSource:
         self._started = False
         self.plan: StreamPlan | None = None
         self._stream: _Stream | None = None
-        self._queue: DropOldestQueue[bytes] = DropOldestQueue(queue_frames)
+        self._queue: DropOldestQueue[bytes] = DropOldestQueue(self.queue_blocks)
         self._resampler: StreamResampler | None = None
         self._fifo = FrameFifo(CAPTURE_FRAME_SAMPLES)
 
@@ -219,7 +244,7 @@ class SoundDeviceSource:
         if self._stream is not None:
             raise AudioDeviceError(f"audio source {self.name} is already open")
         loop = asyncio.get_running_loop()
-        queue: DropOldestQueue[bytes] = DropOldestQueue(self.queue_frames)
+        queue: DropOldestQueue[bytes] = DropOldestQueue(self.queue_blocks)
         stats = self.stats
 
         def on_block(indata: Any, frames: int, time_info: Any, status: Any) -> None:
@@ -236,7 +261,9 @@ class SoundDeviceSource:
 
         plan, stream = await asyncio.to_thread(self._start_stream, on_block, on_finished)
         self.plan, self._stream, self._queue = plan, stream, queue
-        self._resampler = StreamResampler(plan.rate_hz, CAPTURE_RATE_HZ)
+        # None: the device delivers 16 kHz mono already, frames are cut from its blocks.
+        self._resampler = (None if plan.rate_hz == CAPTURE_RATE_HZ
+                           else StreamResampler(plan.rate_hz, CAPTURE_RATE_HZ))
         self._fifo.clear()
         self._started = False
         self.stats.opens += 1
@@ -254,12 +281,13 @@ class SoundDeviceSource:
         sd = _sounddevice()
         plan = plan_stream(sd, self.device, "input", CAPTURE_RATE_HZ)
         try:
-            stream = sd.InputStream(
+            # Raw: the callback gets a plain buffer, not a numpy array made per block.
+            stream = sd.RawInputStream(
                 device=plan.index,
                 samplerate=plan.rate_hz,
                 channels=plan.channels,
                 dtype="int16",
-                blocksize=frame_samples(plan.rate_hz),
+                blocksize=frame_samples(plan.rate_hz, self.block_ms),
                 callback=on_block,
                 finished_callback=on_finished,
             )
@@ -269,6 +297,8 @@ class SoundDeviceSource:
         return plan, stream
 
     async def read(self) -> bytes:
+        # Most calls return a frame cut from a block already delivered, without
+        # suspending: one event-loop wake-up per device block, not per frame.
         while True:
             frame = self._fifo.pop()
             if frame is not None:
@@ -281,6 +311,12 @@ class SoundDeviceSource:
         stream, plan = self._stream, self.plan
         if stream is None or plan is None:
             raise AudioDeviceError(f"audio source {self.name} is not open")
+        if len(self._queue):  # a block is waiting already: no timer needed
+            block = self._queue.get_nowait()
+            self.stats.frames_dropped = self._queue.dropped * self.block_ms // FRAME_MS
+            if block == _STREAM_FINISHED:
+                raise AudioDeviceError(f"input device {plan.name!r} stopped (unplugged?)")
+            return block
         timeout = self.stall_timeout_s if self._started else self.start_timeout_s
         try:
             block = await asyncio.wait_for(self._queue.get(), timeout)
@@ -290,17 +326,21 @@ class SoundDeviceSource:
                 f"(stream {'active' if _active(stream) else 'stopped'}): unplugged or stalled?"
             ) from None
         self._started = True
-        self.stats.frames_dropped = self._queue.dropped
+        self.stats.frames_dropped = self._queue.dropped * self.block_ms // FRAME_MS
         if block == _STREAM_FINISHED:
             raise AudioDeviceError(f"input device {plan.name!r} stopped (unplugged?)")
         return block
 
-    def _convert(self, block: bytes) -> Int16Array:
-        assert self.plan is not None and self._resampler is not None
+    def _convert(self, block: bytes) -> bytes | Int16Array:
+        assert self.plan is not None
+        if self.plan.channels == 1 and self._resampler is None:
+            return block  # already 16 kHz mono: the FIFO cuts it into frames
         samples = np.frombuffer(block, dtype=np.int16)
         if self.plan.channels > 1:
             wide = samples.reshape(-1, self.plan.channels).astype(np.int32)
             samples = (wide.sum(axis=1) // self.plan.channels).astype(np.int16)
+        if self._resampler is None:
+            return samples
         return self._resampler.process(samples)
 
     async def close(self) -> None:
@@ -318,9 +358,13 @@ class SoundDeviceSink:
 
     ``rate_hz`` None means the device's default rate, resolved when the sink is
     made (the daemon needs ``sample_rate_hz`` to build the buffer before ``open``).
+    ``park_after_ms``: close the stream after this much time with nothing to play, and
+    open it again on the next push (None: keep it running).
     """
 
-    def __init__(self, device: str = "default", rate_hz: int | None = None) -> None:
+    def __init__(self, device: str = "default", rate_hz: int | None = None, *,
+                 park_after_ms: int | None = DEFAULT_PARK_AFTER_MS,
+                 wake_lead_in_ms: int = DEFAULT_WAKE_LEAD_IN_MS) -> None:
         self.device = device
         self.name = f"sounddevice:{device}"
         self.plan = self._plan(rate_hz)
@@ -329,7 +373,19 @@ class SoundDeviceSink:
         self.underflows = 0
         #: monotonic time of the last output callback (0 = never): the audio thread lives
         self.last_callback_at = 0.0
+        #: times the stream was parked for lack of anything to play, and woken again
+        self.parks = 0
+        self.wakes = 0
+        self.park_after_s = None if park_after_ms is None else park_after_ms / 1000.0
+        self.wake_lead_in_ms = wake_lead_in_ms
+        self._buffer: PlaybackBuffer | None = None
         self._stream: _Stream | None = None
+        self._open = False  # between open() and close(), parked or not
+        # monotonic time the callback last had something to play
+        self._last_audio_at = 0.0
+        # Held while a stream is opened or closed: a push waits for a park in progress.
+        self._stream_lock = threading.Lock()
+        self._park_task: asyncio.Task[None] | None = None
 
     def _plan(self, rate_hz: int | None) -> StreamPlan:
         return plan_stream(_sounddevice(), self.device, "output", rate_hz)
@@ -340,37 +396,111 @@ class SoundDeviceSink:
                 f"{self.name} plays {self.sample_rate_hz} Hz but the buffer holds "
                 f"{buffer.rate_hz} Hz audio"
             )
-        if self._stream is not None:
+        if self._open:
             raise AudioDeviceError(f"audio sink {self.name} is already open")
-        channels = self.plan.channels
-
-        def on_block(outdata: Any, frames: int, time_info: Any, status: Any) -> None:
-            # PortAudio's thread: the buffer's pull never waits.
-            if status.output_underflow:
-                self.underflows += 1
-            self.last_callback_at = time.monotonic()
-            buffer.pull_into(outdata[:, 0])
-            if channels > 1:
-                outdata[:, 1:] = outdata[:, :1]
-
-        self._stream = await asyncio.to_thread(self._start_stream, on_block)
+        self._buffer = buffer
+        stream = await asyncio.to_thread(self._start_stream, self._callback(buffer))
+        with self._stream_lock:
+            self._stream, self._open = stream, True
+        self._last_audio_at = time.monotonic()
+        buffer.on_data = self._wake
+        if self.park_after_s is not None:
+            self._park_task = asyncio.create_task(self._park_when_idle(self.park_after_s),
+                                                  name="sink-park")
         logger.info(
             "audio sink %s open: %r at %d Hz, %d channel(s)",
             self.name,
             self.plan.name,
             self.plan.rate_hz,
-            channels,
+            self.plan.channels,
         )
 
-    def _start_stream(self, on_block: Any) -> _Stream:
+    def _callback(self, buffer: PlaybackBuffer, lead_in_ms: int = 0) -> Any:
+        channels = self.plan.channels
+        idle = PlaybackState.IDLE
+        lead_in = -(-lead_in_ms // FRAME_MS)
+
+        def on_block(outdata: Any, frames: int, time_info: Any, status: Any) -> None:
+            # PortAudio's thread: the buffer's pull never waits.
+            nonlocal lead_in
+            if status.output_underflow:
+                self.underflows += 1
+            now = self.last_callback_at = time.monotonic()
+            if lead_in:  # a stream just reopened: let the sound server settle first
+                lead_in -= 1
+                outdata.fill(0)
+                self._last_audio_at = now
+                return
+            if buffer.pull_into(outdata[:, 0]) or buffer.state is not idle:
+                self._last_audio_at = now
+            if channels > 1:
+                outdata[:, 1:] = outdata[:, :1]
+
+        return on_block
+
+    async def _park_when_idle(self, after_s: float) -> None:
+        """Close the stream once nothing was played for ``after_s`` (checked from the
+        loop, twice per ``after_s``: a parked sink costs no wake-ups at all)."""
+        while True:
+            await asyncio.sleep(after_s / 2)
+            buffer = self._buffer
+            if (self._stream is None or buffer is None or buffer.state is not PlaybackState.IDLE
+                    or time.monotonic() - self._last_audio_at < after_s):
+                continue
+            await asyncio.to_thread(self._park)
+
+    def _park(self) -> None:
+        with self._stream_lock:
+            stream, buffer = self._stream, self._buffer
+            if stream is None or buffer is None or buffer.state is not PlaybackState.IDLE:
+                return  # closed, or a push came in meanwhile
+            self._stream = None
+            self.parks += 1
+            _stop_and_close(stream)
+        logger.debug("audio sink %s parked: nothing to play", self.name)
+
+    def prepare(self) -> None:
+        """Sound is coming soon (a turn began): reopen a parked stream now, so that it
+        has settled by the time the reply arrives. From the event loop's thread."""
+        self._wake()
+
+    def _wake(self) -> None:
+        """Reopen a parked stream (from the pushing thread: the buffer got audio).
+
+        Opening takes about 2 ms here, but PulseAudio drops the first ~140 ms a new
+        stream plays (measured through ALSA's pulse plugin), so a reopened stream plays
+        ``wake_lead_in_ms`` of silence before it pulls from the buffer: a sound that
+        woke the stream is late by that much rather than clipped. :meth:`prepare`
+        ahead of a reply avoids both."""
+        if self._stream is not None or not self._open:
+            return  # the common case: playing already
+        with self._stream_lock:
+            if self._stream is not None or not self._open or self._buffer is None:
+                return
+            on_block = self._callback(self._buffer, self.wake_lead_in_ms)
+            try:  # the device as found at open (resolving it costs a device scan) ...
+                self._stream = self._start_stream(on_block, resolve=False)
+            except AudioDeviceError:
+                try:  # ... unless it moved meanwhile
+                    self._stream = self._start_stream(on_block)
+                except AudioDeviceError as exc:  # vanished: say so, play nothing
+                    logger.warning("audio sink %s could not reopen: %s", self.name, exc)
+                    return
+            self._last_audio_at = time.monotonic()
+            self.wakes += 1
+        logger.debug("audio sink %s woken", self.name)
+
+    def _start_stream(self, on_block: Any, *, resolve: bool = True) -> _Stream:
         sd = _sounddevice()
-        # Resolve again: the index from construction time may be stale by now.
-        plan = plan_stream(sd, self.device, "output", self.sample_rate_hz)
-        if plan.rate_hz != self.sample_rate_hz:
-            raise AudioDeviceError(
-                f"output device {plan.name!r} no longer accepts {self.sample_rate_hz} Hz"
-            )
-        self.plan = plan
+        plan = self.plan
+        if resolve or plan.index is None:
+            # Resolve again: the index from construction time may be stale by now.
+            plan = plan_stream(sd, self.device, "output", self.sample_rate_hz)
+            if plan.rate_hz != self.sample_rate_hz:
+                raise AudioDeviceError(
+                    f"output device {plan.name!r} no longer accepts {self.sample_rate_hz} Hz"
+                )
+            self.plan = plan
         try:
             stream = sd.OutputStream(
                 device=plan.index,
@@ -387,16 +517,31 @@ class SoundDeviceSink:
         return stream_
 
     @property
+    def parked(self) -> bool:
+        """Whether the stream is closed for lack of anything to play."""
+        return self._open and self._stream is None
+
+    @property
     def active(self) -> bool:
-        """Whether the output stream is running."""
-        return self._stream is not None and _active(self._stream)
+        """Whether the output stream is running (or parked, ready to run)."""
+        if not self._open:
+            return False
+        stream = self._stream
+        return stream is None or _active(stream)
 
     async def close(self) -> None:
-        stream, self._stream = self._stream, None
-        if stream is None:
-            return
-        await asyncio.to_thread(_stop_and_close, stream)
-        logger.info("audio sink %s closed", self.name)
+        task, self._park_task = self._park_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with self._stream_lock:  # a push racing with close must not reopen it
+            stream, self._stream = self._stream, None
+            was_open, self._open = self._open, False
+        if stream is not None:
+            await asyncio.to_thread(_stop_and_close, stream)
+        if was_open:
+            logger.info("audio sink %s closed", self.name)
 
 
 def _active(stream: _Stream) -> bool:
@@ -414,7 +559,8 @@ def _stop_and_close(stream: _Stream) -> None:
         stream.close()
 
 
-def open_source(spec: str, *, queue_frames: int = 25, clock: Clock | None = None) -> AudioSource:
+def open_source(spec: str, *, queue_frames: int = 25, clock: Clock | None = None,
+                block_ms: int = DEFAULT_CAPTURE_BLOCK_MS) -> AudioSource:
     """Make (not open) the source a config string names: ``wav:PATH`` (real time),
     ``wav+fast:PATH`` (as fast as read), or a sound device name / ``default``."""
     kind, _, rest = spec.partition(":")
@@ -422,10 +568,11 @@ def open_source(spec: str, *, queue_frames: int = 25, clock: Clock | None = None
         return WavSource(Path(rest), realtime=True, clock=clock)
     if kind == "wav+fast" and rest:
         return WavSource(Path(rest), realtime=False, clock=clock)
-    return SoundDeviceSource(spec, queue_frames=queue_frames)
+    return SoundDeviceSource(spec, queue_frames=queue_frames, block_ms=block_ms)
 
 
-def open_sink(spec: str, rate_hz: int | None = None, *, clock: Clock | None = None) -> AudioSink:
+def open_sink(spec: str, rate_hz: int | None = None, *, clock: Clock | None = None,
+              park_after_ms: int | None = DEFAULT_PARK_AFTER_MS) -> AudioSink:
     """Make (not open) the sink a config string names: ``wav:PATH`` (writes what a
     speaker would play, at real time), ``wav+fast:PATH`` (writes only the replies, as
     fast as they come), or a sound device name / ``default``. A device sink resolves
@@ -438,4 +585,4 @@ def open_sink(spec: str, rate_hz: int | None = None, *, clock: Clock | None = No
             realtime=kind == "wav",
             clock=clock,
         )
-    return SoundDeviceSink(spec, rate_hz)
+    return SoundDeviceSink(spec, rate_hz, park_after_ms=park_after_ms)

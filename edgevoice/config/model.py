@@ -48,6 +48,14 @@ class AudioSettings:
     """Output sample rate; empty: the device's own default rate."""
     capture_queue_frames: int = 25
     """Captured 20 ms frames waiting for the event loop (25 = 500 ms); the oldest are dropped."""
+    capture_block_ms: int = 60
+    """Microphone audio the sound card hands over at once, in milliseconds (a multiple of
+    20). Each block wakes PortAudio, the sound server and the daemon: 60 ms costs a third
+    of what 20 ms does while listening, for up to 40 ms later detection."""
+    speaker_park_after_ms: int = 5000
+    """Close the speaker's stream after this long with nothing to play (an open stream costs
+    as much CPU playing silence as speech); it reopens when a turn begins or a sound
+    comes. 0 keeps it running."""
     playback_prefill_ms: int = 60
     """Reply audio buffered before playback starts, in milliseconds (jitter buffer)."""
     playback_max_ms: int = 30_000
@@ -61,6 +69,10 @@ class AudioSettings:
         require(self.output_rate_hz is None or 8000 <= self.output_rate_hz <= 192_000,
                 "output_rate_hz", "must be between 8000 and 192000")
         require(self.capture_queue_frames >= 2, "capture_queue_frames", "must be >= 2")
+        require(20 <= self.capture_block_ms <= 200 and self.capture_block_ms % 20 == 0,
+                "capture_block_ms", "must be a multiple of 20 between 20 and 200")
+        require(self.speaker_park_after_ms == 0 or self.speaker_park_after_ms >= 100,
+                "speaker_park_after_ms", "must be 0 (never) or >= 100")
         require(0 <= self.playback_prefill_ms <= 1000, "playback_prefill_ms", "must be 0..1000")
         require(self.playback_max_ms >= 1000, "playback_max_ms", "must be >= 1000")
         require(self.reopen_max_ms >= 100, "reopen_max_ms", "must be >= 100")

@@ -70,6 +70,39 @@ async def play(wav: Path, rate_hz: int | None) -> None:
     )
 
 
+async def park(wav: Path) -> None:
+    """Play ``wav``, let the sink park, play it again: both must be heard."""
+    loop = asyncio.get_running_loop()
+    ended = asyncio.Event()
+
+    def on_event(event: PlaybackEvent) -> None:  # called on PortAudio's thread
+        if isinstance(event, PlaybackEnded):
+            loop.call_soon_threadsafe(ended.set)
+
+    sink = SoundDeviceSink("default", park_after_ms=200)
+    buffer = PlaybackBuffer(sink.sample_rate_hz, prefill_ms=60, on_event=on_event)
+    await sink.open(buffer)
+    await asyncio.sleep(0.5)  # the recorder is surely running by now
+    pcm = load_wav(wav, sink.sample_rate_hz)
+    states = []
+    for _ in range(2):
+        ended.clear()
+        buffer.push(pcm)
+        buffer.end_of_response()
+        await asyncio.wait_for(ended.wait(), 30)
+        states.append(sink.parked)  # just played: not parked
+        await asyncio.sleep(0.8)  # well past park_after_ms
+        states.append(sink.parked)
+    callbacks_before = sink.last_callback_at
+    await asyncio.sleep(0.3)
+    idle_callbacks = sink.last_callback_at != callbacks_before
+    await sink.close()
+    report(parks=sink.parks, wakes=sink.wakes, states=states, active=sink.active,
+           underruns=buffer.stats.underruns, played_samples=buffer.stats.played_samples,
+           beep_samples=len(pcm) // 2,
+           callbacks_while_parked=idle_callbacks)
+
+
 async def unplug() -> None:
     src = SoundDeviceSource("default", stall_timeout_s=1.0)
     await src.open()
@@ -93,6 +126,8 @@ def main(argv: list[str]) -> None:
         asyncio.run(capture(float(argv[1]), Path(argv[2])))
     elif command == "play":
         asyncio.run(play(Path(argv[1]), int(argv[2]) if len(argv) > 2 else None))
+    elif command == "park":
+        asyncio.run(park(Path(argv[1])))
     elif command == "unplug":
         asyncio.run(unplug())
     else:

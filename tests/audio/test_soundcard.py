@@ -93,9 +93,10 @@ def test_speech_played_into_the_mic_is_captured_through_sounddevice(
     reference = from_pcm(load_wav(speech))
     captured = align(reference, from_pcm((tmp_path / "captured.raw").read_bytes()))
     assert np.corrcoef(reference, captured)[0, 1] >= 0.99
-    # In practice it is bit-exact except for pulse's first few ms of the stream.
-    exact = np.mean(reference == captured)
-    assert exact >= 0.99, f"only {exact:.4f} of the samples are bit-exact"
+    # Bit-exact except for the first few tens of ms of paplay's stream, which PulseAudio
+    # delivers as zeros (more of them the longer the capture blocks: ~40 ms at 60 ms).
+    exact = np.mean(reference[1600:] == captured[1600:])
+    assert exact >= 0.999, f"only {exact:.4f} of the samples after 100 ms are bit-exact"
 
 
 @pytest.mark.parametrize("rate_hz", [None, 48_000])
@@ -116,6 +117,22 @@ def test_a_tone_played_through_the_sink_reaches_the_speaker(
     steady = heard[start + 4800 : start + 4800 + 24_000]  # 0.5 s inside the tone
     assert abs(dominant_hz(steady, SPEAKER_RATE_HZ) - 1000.0) < 3
     assert abs(level_dbfs(steady) - (-10.0)) < 1.0
+
+
+def test_an_idle_sink_parks_its_stream_and_wakes_for_the_next_sound(
+    card: VirtualSoundCard, tmp_path: Path
+) -> None:
+    wav = tmp_path / "beep.wav"
+    write_wav(wav, to_pcm(tone(1000.0, -10.0, 14_400, rate_hz=48_000)), 48_000)  # 0.3 s
+    result = finish(probe(card, "park", str(wav)))
+    # parked before the first beep, woken for it, parked, woken for the second, parked
+    assert result["parks"] == 3 and result["wakes"] == 2, result
+    assert result["states"] == [False, True, False, True]
+    assert not result["callbacks_while_parked"]  # a parked sink costs no callbacks at all
+    # Every sample of both beeps was handed to the device, none late. (What the speaker
+    # made of it is not checked here: parec loses varying stretches of the null sink's
+    # output, more so around streams that come and go.)
+    assert result["played_samples"] == 2 * result["beep_samples"] and result["underruns"] == 0
 
 
 def test_a_vanished_device_surfaces_as_audio_device_error(tmp_path: Path) -> None:

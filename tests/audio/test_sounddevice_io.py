@@ -45,8 +45,8 @@ class ScriptedStream:
 class ScriptedSource(SoundDeviceSource):
     """A SoundDeviceSource whose 'device' is fed by the test instead of PortAudio."""
 
-    def __init__(self, rate_hz: int, channels: int, **kwargs: Any) -> None:
-        super().__init__("scripted", **kwargs)
+    def __init__(self, rate_hz: int, channels: int, block_ms: int = 20, **kwargs: Any) -> None:
+        super().__init__("scripted", block_ms=block_ms, **kwargs)
         self.device_plan = StreamPlan("scripted mic", rate_hz, channels)
         self.stream = ScriptedStream()
         self.on_block: Any = None
@@ -58,9 +58,9 @@ class ScriptedSource(SoundDeviceSource):
         return self.device_plan, self.stream
 
     def deliver(self, samples: np.ndarray, overflow: bool = False) -> None:
-        """What PortAudio's thread does: one callback per 20 ms block."""
+        """What PortAudio's thread does: one callback per ``block_ms`` block."""
         status = SimpleNamespace(input_overflow=overflow)
-        block = self.device_plan.rate_hz // 50
+        block = self.device_plan.rate_hz * self.block_ms // 1000
         for i in range(0, len(samples) - block + 1, block):
             self.on_block(samples[i : i + block], block, None, status)
 
@@ -119,6 +119,50 @@ def test_a_slow_reader_loses_the_oldest_blocks_and_counts_them() -> None:
 
     src = asyncio.run(main())
     assert src.stats.frames_dropped == 3
+
+
+def test_60_ms_blocks_are_cut_into_frames_without_waking_the_loop_per_frame() -> None:
+    samples = device_samples(16_000, 1, 0.36)  # six 60 ms blocks
+
+    async def main() -> tuple[bytes, int]:
+        src = ScriptedSource(16_000, 1, block_ms=60, queue_frames=50)
+        await src.open()
+        src.deliver(samples)
+        await asyncio.sleep(0)  # the six handed-over blocks land in the queue
+        loop = asyncio.get_running_loop()
+        turns = 0
+
+        def count() -> None:  # a callback that runs once per event-loop iteration
+            nonlocal turns
+            turns += 1
+            handle[0] = loop.call_soon(count)
+
+        handle = [loop.call_soon(count)]
+        frames = [await src.read() for _ in range(18)]
+        handle[0].cancel()
+        return b"".join(frames), turns
+
+    pcm, turns = asyncio.run(main())
+    assert pcm == samples[:, 0].tobytes()  # bit-exact, in order
+    assert turns <= 6  # at most one loop iteration per block, none per frame
+
+
+def test_dropped_blocks_are_counted_as_the_frames_they_held() -> None:
+    async def main() -> ScriptedSource:
+        src = ScriptedSource(16_000, 1, block_ms=60, queue_frames=6)  # room for 2 blocks
+        await src.open()
+        src.deliver(device_samples(16_000, 1, 0.24))  # four blocks
+        await asyncio.sleep(0)
+        await src.read()
+        return src
+
+    src = asyncio.run(main())
+    assert src.stats.frames_dropped == 6  # two blocks of three frames
+
+
+def test_block_length_must_be_whole_frames() -> None:
+    with pytest.raises(ValueError, match="multiple of 20"):
+        SoundDeviceSource("default", block_ms=50)
 
 
 def test_overflow_flags_are_counted() -> None:
