@@ -34,6 +34,7 @@ from websockets.http11 import Request as WsRequest
 from websockets.http11 import Response as WsResponse
 
 from edgevoice.config.base import require
+from edgevoice.errors import EdgevoiceError
 from edgevoice.health.http import Handler, Request, Response, json_response
 from edgevoice.relay.auth import DEVICE_ID
 from edgevoice.relay.settings import ListenSettings
@@ -222,7 +223,13 @@ class BrowserGate:
                              "text/plain; charset=utf-8")
         if len(tickets) != 1:
             return self._refused(address, "more than one ticket offered")
-        result = self.store.redeem(tickets[0])
+        try:
+            result = self.store.redeem(tickets[0])
+        except (OSError, EdgevoiceError) as exc:
+            logger.error("cannot check a browser ticket: %s", exc)
+            return _response(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                             b"the relay cannot check tickets right now\n",
+                             "text/plain; charset=utf-8", **{"Retry-After": "30"})
         if isinstance(result, Refusal):
             return self._refused(address, result.value)
         assert isinstance(result, Redeemed)
@@ -253,7 +260,7 @@ class BrowserGate:
             return None
         try:
             issued = self.store.issue(device_id, None)
-        except TicketError as exc:
+        except (OSError, EdgevoiceError) as exc:
             logger.warning("%s: no reconnect ticket: %s", device_id, exc)
             return None
         task = asyncio.create_task(self._release_when_closed(ws, issued.digest),
@@ -296,6 +303,9 @@ def ticket_routes(store: TicketStore, web: WebSettings, listen: ListenSettings, 
             issued = store.issue(device, float(ttl))
         except TicketError as exc:
             return json_response(400, {"error": str(exc)})
+        except (OSError, EdgevoiceError) as exc:
+            logger.error("cannot issue a browser ticket: %s", exc)
+            return json_response(503, {"error": f"the ticket store failed: {exc}"})
         assert issued.expires_at is not None
         expires = datetime.datetime.fromtimestamp(issued.expires_at, datetime.UTC)
         logger.info("issued a browser ticket for %s (admin endpoint)", device)

@@ -277,3 +277,23 @@ def test_cli_issues_a_ticket_the_relay_accepts(tmp_path: Path) -> None:
             async with await open_with_ticket(relay, ticket) as ws:
                 await hello(ws, "laptop")
     run(scenario())
+
+
+def test_an_unreadable_ticket_store_refuses_browsers_and_nothing_else(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with browser_relay(tmp_path) as relay:
+            ticket = await relay.mint("laptop")
+            relay.store.path.write_text("{ torn write")
+            with pytest.raises(InvalidStatus) as refused:
+                await open_with_ticket(relay, ticket)
+            assert refused.value.response.status_code == 503
+            assert relay.server.counters.auth_failures == 0  # not the browser's fault
+            status, answer = await asyncio.to_thread(
+                relay.admin, "POST", "/tickets", {"device": "laptop"})
+            assert status == 503 and "tickets.json" in answer["error"]
+            token = relay.server.tokens.add("kitchen")  # daemons are not affected
+            async with connect(ws_url(relay), subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+                               additional_headers={"Authorization": f"Bearer {token}"},
+                               proxy=None) as ws:
+                await hello(ws, "kitchen")
+    run(scenario())
