@@ -210,8 +210,7 @@ async def run_device(config: DeviceConfig, config_file: str, *,
     probe.start()
     audio_alive = AudioLiveness(clock)
     watchdog = notifier.watchdog_task(probe, audio_alive)
-    await api.start()
-    logger.info("health endpoint on %s:%d", config.health.bind, api.port)
+    await api.start()  # it logs where it listens
     try:
         daemon = await wait_for_daemon(
             config, config_file, notifier, waiting, stopped, clock,

@@ -106,7 +106,7 @@ async def run_relay(config: RelayConfig, config_file: str = "config") -> None:
                             source_file=config_file, extra_routes=browser_routes)
     await server.start()
     await admin.start()
-    logger.info("admin endpoint on %s:%d", config.admin.bind, admin.port)
+    logger.debug("admin endpoint on %s:%d", config.admin.bind, admin.port)
     stop = asyncio.Event()
     drain = asyncio.Event()  # SIGTERM drains (restarts, upgrades); SIGINT just stops
     loop = asyncio.get_running_loop()

@@ -338,8 +338,8 @@ class SystemdNotifier:
         if text is not None:
             lines.append(text)
         self._send("\n".join(lines))
-        if self.enabled:
-            logger.info("reported ready to systemd")
+        if self.enabled:  # the service logs its own "ready" line
+            logger.debug("reported ready to systemd")
 
     def status(self, text: str) -> None:
         """Set the one-line status ``systemctl status`` shows; repeats are not resent."""

@@ -99,3 +99,7 @@ def test_the_by_hand_section_works_verbatim_and_leaves_nothing(tmp_path: Path) -
         assert w.getnframes() > w.getframerate(), "less than a second of reply"
     assert git_status(clone) == before, "the README left files in the checkout"
     assert "Traceback" not in result.stderr, result.stderr
+    # each fact once: where the endpoints listen, that the device is ready
+    log = result.stderr.splitlines()
+    for fact in ("127.0.0.1:8765", "127.0.0.1:8766", "ready"):
+        assert sum(fact in line for line in log) == 1, (fact, result.stderr)
