@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from edgevoice import __version__
@@ -93,13 +95,17 @@ class WaitingForSoundCard:
 
 
 class CurrentHealth:
-    """Forwards to the waiting source, then to the daemon once it exists."""
+    """Forwards to the waiting source, then to the daemon once it exists; adds what
+    the sound libraries printed on stderr (counted by :mod:`edgevoice.logs`)."""
 
-    def __init__(self, source: DeviceHealthSource) -> None:
+    def __init__(self, source: DeviceHealthSource,
+                 native_counts: Callable[[], dict[str, int]] = dict) -> None:
         self.source = source
+        self.native_counts = native_counts
 
     def snapshot(self) -> DeviceSnapshot:
-        return self.source.snapshot()
+        return dataclasses.replace(self.source.snapshot(),
+                                   audio_library_messages=self.native_counts())
 
     def health_problems(self, now: float) -> list[str]:
         return self.source.health_problems(now)
@@ -188,7 +194,7 @@ async def run_device(config: DeviceConfig, config_file: str, *,
                     else None)
     device_id = device_identity(config, read_token(config, config_file), config_file)
     waiting = WaitingForSoundCard(device_id, clock)
-    current = CurrentHealth(waiting)
+    current = CurrentHealth(waiting, native.counts if native is not None else dict)
     api = device_health_api(current, config.health, health_token, source_file=config_file)
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()

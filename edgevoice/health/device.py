@@ -117,6 +117,9 @@ class DeviceSnapshot:
     #: the most recent turns, oldest first (only the last :data:`RECENT_TURNS` are shown)
     turns: tuple[TurnRecord, ...] = ()
     system: SystemStats = field(default_factory=SystemStats)
+    #: lines ALSA / PortAudio printed on stderr, by kind ("alsa_underrun", ...): captured
+    #: by edgevoice.logs rather than printed raw into the journal
+    audio_library_messages: dict[str, int] = field(default_factory=dict)
 
 
 class DeviceHealthSource(Protocol):

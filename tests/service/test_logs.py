@@ -134,3 +134,17 @@ def test_native_capture_keeps_python_stderr_working() -> None:
     native = NativeStderr()
     assert native.record("ALSA lib x: underrun occurred") == "alsa_underrun"
     assert native.counts() == {"alsa_underrun": 1}
+
+
+def test_counted_sound_library_lines_are_in_the_device_stats() -> None:
+    from edgevoice.clock import MonotonicClock
+    from edgevoice.device.app import CurrentHealth, WaitingForSoundCard
+    from edgevoice.health.device import stats_document
+
+    native = NativeStderr()
+    health = CurrentHealth(WaitingForSoundCard("kitchen", MonotonicClock()), native.counts)
+    native.record("ALSA lib pcm.c:8570:(snd_pcm_recover) underrun occurred")
+    native.record("ALSA lib pcm.c:8570:(snd_pcm_recover) underrun occurred")
+    document = stats_document(health.snapshot(), health.health_problems(0.0))
+    assert document["audio_library_messages"] == {"alsa_underrun": 2}
+    assert document["problems"] == ["waiting for sound card"]
