@@ -68,5 +68,8 @@ class AudioSink(Protocol):
     async def open(self, buffer: PlaybackBuffer) -> None:
         """Open the device or file and start pulling from ``buffer``."""
 
+    def prepare(self) -> None:
+        """Sound is coming soon (a turn began): get ready to play without delay."""
+
     async def close(self) -> None:
         """Stop pulling and release the device. Idempotent."""

@@ -12,7 +12,11 @@ device's pace. The buffer owns the playback policy:
 * **overflow**: beyond ``max_ms`` the oldest audio is dropped and counted;
 * **flush** (barge-in): everything buffered is discarded at once; the very next pull
   returns silence;
-* **end of response**: what is left is drained, then :class:`PlaybackEnded` is sent.
+* **end of response**: what is left is drained, then :class:`PlaybackEnded` is sent;
+* **cues** (earcons): :meth:`PlaybackBuffer.play_cue` mixes a short sound on top of
+  whatever plays instead of queueing it, and a response that starts playing cuts it
+  (after a 5 ms fade): a cue never delays a reply. (Queued in front of the reply, the
+  225 ms "done" earcon used to hold every answer back by that much.)
 
 ``pull`` never waits: it takes a lock held only for a copy, so a slow producer can
 never stall the audio thread. Samples live in one preallocated ring; a pull allocates
@@ -46,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 #: ``last_block_dbfs`` of a silent block.
 SILENCE_DBFS = -100.0
+#: How quickly a cue cut by a starting response fades out.
+CUE_FADE_MS = 5
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,11 @@ class PlaybackBuffer:
         self._work = np.zeros(0, dtype=np.float64)
         self._last_block_dbfs = SILENCE_DBFS
         self._overflowing = False
+        # The cue being mixed in (an earcon) and how far it has played.
+        self._cue: Int16Array | None = None
+        self._cue_pos = 0
+        self._cue_fade = max(1, rate_hz * CUE_FADE_MS // 1000)
+        self._mix = np.zeros(0, dtype=np.int32)
 
     # -- producer side ---------------------------------------------------------------
 
@@ -199,6 +210,27 @@ class PlaybackBuffer:
                 self._end_marks.append(self._written)
         self._notify_data()
 
+    def play_cue(self, pcm: bytes | bytearray | memoryview) -> None:
+        """Mix a short sound (an earcon) into the output from the next pull on, on top of
+        whatever plays; it replaces a cue still playing. Not part of any response: no
+        events, not flushed by :meth:`flush`, cut when a response starts playing."""
+        if len(pcm) % SAMPLE_WIDTH_BYTES:
+            raise ValueError(f"s16le PCM must have an even length, got {len(pcm)} bytes")
+        cue = np.frombuffer(pcm, dtype=np.int16).copy()
+        with self._lock:
+            self._cue, self._cue_pos = (cue if len(cue) else None), 0
+        self._notify_data()
+
+    @property
+    def cue_playing(self) -> bool:
+        """Whether a cue is still being mixed in."""
+        return self._cue is not None
+
+    @property
+    def busy(self) -> bool:
+        """Whether anything is to be played: a response (even prefilling) or a cue."""
+        return self._state is not P.IDLE or self._cue is not None
+
     def flush(self) -> int:
         """Discard everything now (barge-in). Returns the samples discarded."""
         event: PlaybackEnded | None = None
@@ -239,6 +271,8 @@ class PlaybackBuffer:
                             break
                         self.stats.responses_started += 1
                         events.append(PlaybackStarted(at=self._clock()))
+                        if self._cue is not None:  # the answer does not wait for a cue
+                            self._cut_cue(filled)
                     self._goto(P.PLAYING)
                 # PLAYING: copy up to the end of this response.
                 end = self._end_marks[0] if self._end_marks else None
@@ -268,8 +302,11 @@ class PlaybackBuffer:
             self.stats.played_samples += filled
             if n:
                 out[filled:] = 0
+                cued = self._mix_cue(out) if self._cue is not None else 0
                 # an all-silent block (most pulls while idle) needs no measuring
-                self._last_block_dbfs = self._measure(out) if filled else SILENCE_DBFS
+                self._last_block_dbfs = (self._measure(out) if filled or cued
+                                         else SILENCE_DBFS)
+                filled = max(filled, cued)
         for event in events:
             self._emit(event)
         return filled
@@ -321,6 +358,33 @@ class PlaybackBuffer:
             return buffered
 
     # -- internals --------------------------------------------------------------------
+
+    def _cut_cue(self, at: int) -> None:
+        """A response starts at sample ``at`` of this pull: fade the cue out there
+        (the fade is what is left of it; ``_mix_cue`` plays it)."""
+        cue = self._cue
+        assert cue is not None
+        start = self._cue_pos + at  # where the cue will be when the response starts
+        fade = cue[start : start + self._cue_fade].astype(np.float64)
+        fade *= np.linspace(1.0, 0.0, len(fade), endpoint=False)
+        self._cue = np.concatenate([cue[self._cue_pos : start], fade.astype(np.int16)])
+        self._cue_pos = 0
+
+    def _mix_cue(self, out: Int16Array) -> int:
+        """Add the cue's next samples to ``out`` (saturating); how many were mixed."""
+        cue = self._cue
+        assert cue is not None
+        take = min(len(out), len(cue) - self._cue_pos)
+        if len(self._mix) < take:
+            self._mix = np.zeros(take, dtype=np.int32)
+        mix = self._mix[:take]
+        np.add(out[:take], cue[self._cue_pos : self._cue_pos + take], out=mix, dtype=np.int32)
+        np.clip(mix, -32768, 32767, out=mix)
+        out[:take] = mix
+        self._cue_pos += take
+        if self._cue_pos >= len(cue):
+            self._cue, self._cue_pos = None, 0
+        return take
 
     def _goto(self, new: PlaybackState) -> None:
         if new not in TRANSITIONS[self._state]:

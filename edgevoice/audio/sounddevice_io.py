@@ -58,7 +58,7 @@ from edgevoice.audio.base import (
     SourceStats,
     frame_samples,
 )
-from edgevoice.audio.playback import PlaybackBuffer, PlaybackState
+from edgevoice.audio.playback import PlaybackBuffer
 from edgevoice.audio.resample import FrameFifo, Int16Array, StreamResampler
 from edgevoice.audio.wavio import WavSink, WavSource
 from edgevoice.clock import Clock
@@ -417,7 +417,6 @@ class SoundDeviceSink:
 
     def _callback(self, buffer: PlaybackBuffer, lead_in_ms: int = 0) -> Any:
         channels = self.plan.channels
-        idle = PlaybackState.IDLE
         lead_in = -(-lead_in_ms // FRAME_MS)
 
         def on_block(outdata: Any, frames: int, time_info: Any, status: Any) -> None:
@@ -431,7 +430,7 @@ class SoundDeviceSink:
                 outdata.fill(0)
                 self._last_audio_at = now
                 return
-            if buffer.pull_into(outdata[:, 0]) or buffer.state is not idle:
+            if buffer.pull_into(outdata[:, 0]) or buffer.busy:
                 self._last_audio_at = now
             if channels > 1:
                 outdata[:, 1:] = outdata[:, :1]
@@ -444,7 +443,7 @@ class SoundDeviceSink:
         while True:
             await asyncio.sleep(after_s / 2)
             buffer = self._buffer
-            if (self._stream is None or buffer is None or buffer.state is not PlaybackState.IDLE
+            if (self._stream is None or buffer is None or buffer.busy
                     or time.monotonic() - self._last_audio_at < after_s):
                 continue
             await asyncio.to_thread(self._park)
@@ -452,7 +451,7 @@ class SoundDeviceSink:
     def _park(self) -> None:
         with self._stream_lock:
             stream, buffer = self._stream, self._buffer
-            if stream is None or buffer is None or buffer.state is not PlaybackState.IDLE:
+            if stream is None or buffer is None or buffer.busy:
                 return  # closed, or a push came in meanwhile
             self._stream = None
             self.parks += 1

@@ -285,6 +285,9 @@ class WavSink:
         #: samples written to the file so far
         self.samples_written = 0
 
+    def prepare(self) -> None:
+        """Nothing to get ready: a file is always open."""
+
     async def open(self, buffer: PlaybackBuffer) -> None:
         if buffer.rate_hz != self.sample_rate_hz:
             raise ValueError(

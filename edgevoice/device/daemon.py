@@ -227,7 +227,7 @@ class DeviceDaemon(LinkListener):
         self.display = display
         self.earcons = (Earcons(sink.sample_rate_hz, config.feedback.earcon_volume)
                         if config.feedback.earcons_enabled else None)
-        #: what the playback buffer is playing, in order: "earcon" or "reply"
+        #: the responses the playback buffer holds, in order (earcons are mixed-in cues)
         self._playing: collections.deque[str] = collections.deque()
         self._frame_index = 0
         self._wake_frame_index: int | None = None
@@ -437,9 +437,9 @@ class DeviceDaemon(LinkListener):
             return  # never talk over the assistant
         if kind == "error":
             self._error_until = self.clock.now() + ERROR_STATE_S
-        self._playing.append("earcon")
-        self.playback.push(self.earcons.pcm(EARCONS[kind]))
-        self.playback.end_of_response()
+        # Mixed in, not queued: a reply that arrives meanwhile cuts it instead of
+        # waiting behind it (the "done" cue used to delay every answer by 225 ms).
+        self.playback.play_cue(self.earcons.pcm(EARCONS[kind]))
 
     # ------------------------------------------------------------- commands
 
@@ -478,6 +478,7 @@ class DeviceDaemon(LinkListener):
             self.current.speech_start = now
         self.counters.turns += 1
         self._uplink_index = 0
+        self.sink.prepare()  # a parked speaker reopens now, long before the reply
         self.link.send(TurnStart(command.turn_id, command.trigger))
         for pcm in command.preroll:
             self._send_frame(pcm, now)

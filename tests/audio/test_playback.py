@@ -325,3 +325,56 @@ def test_a_zero_length_pull_ends_a_drained_response() -> None:
     assert buf.pull(0) == b""
     assert rec.kinds() == ["started", "ended"]
     assert buf.stats.underruns == 0
+
+
+# -- cues (earcons) ------------------------------------------------------------------------
+
+
+def const(value: int, n: int) -> bytes:
+    return np.full(n, value, dtype="<i2").tobytes()
+
+
+def test_a_cue_plays_by_itself_with_no_response_events() -> None:
+    buf, rec = make()
+    buf.play_cue(const(1000, 30 * MS))
+    assert buf.busy and buf.cue_playing
+    out = np.frombuffer(buf.pull(20 * MS), dtype=np.int16)
+    assert (out == 1000).all()
+    out = np.frombuffer(buf.pull(20 * MS), dtype=np.int16)
+    assert (out[: 10 * MS] == 1000).all() and (out[10 * MS :] == 0).all()
+    assert not buf.busy and buf.state is PlaybackState.IDLE
+    assert rec.events == [] and buf.stats.played_samples == 0  # not a response
+
+
+def test_a_reply_never_waits_behind_a_cue() -> None:
+    """The 'done' earcon used to be queued in front of the reply and delay it."""
+    buf, rec = make(prefill_ms=20)
+    buf.play_cue(const(1000, 225 * MS))  # the end-of-listening earcon
+    buf.pull(20 * MS)  # 20 ms of it played
+    buf.push(const(5000, 100 * MS))  # the reply arrives
+    out = np.frombuffer(buf.pull(20 * MS), dtype=np.int16).astype(np.int32)
+    assert rec.kinds() == ["started"]  # the reply started in this very pull
+    fade = 5 * MS
+    # the reply from its first sample, the cue fading out over 5 ms on top of it
+    assert 5000 < out[0] <= 6000 and (np.diff(out[:fade]) <= 0).all()
+    assert (out[fade:] == 5000).all()
+    assert not buf.cue_playing
+
+
+def test_a_cue_mixes_over_a_playing_reply_and_saturates() -> None:
+    buf, _ = make(prefill_ms=0)
+    buf.push(const(30_000, 100 * MS))
+    buf.pull(20 * MS)  # the reply is playing
+    buf.play_cue(const(10_000, 10 * MS))
+    out = np.frombuffer(buf.pull(20 * MS), dtype=np.int16)
+    assert (out[: 10 * MS] == 32767).all()  # clipped, not wrapped around
+    assert (out[10 * MS :] == 30_000).all()
+
+
+def test_a_flush_keeps_the_cue_and_a_new_cue_replaces_the_old() -> None:
+    buf, _ = make()
+    buf.play_cue(const(1000, 100 * MS))
+    buf.flush()  # barge-in flushes replies, not the cue the button press just made
+    buf.play_cue(const(2000, 10 * MS))
+    out = np.frombuffer(buf.pull(20 * MS), dtype=np.int16)
+    assert (out[: 10 * MS] == 2000).all() and (out[10 * MS :] == 0).all()

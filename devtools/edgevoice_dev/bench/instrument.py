@@ -119,6 +119,9 @@ class PacedSink:
         self._log = log
         self._task: asyncio.Task[None] | None = None
 
+    def prepare(self) -> None:
+        """Always pulling: nothing to get ready."""
+
     async def open(self, buffer: PlaybackBuffer) -> None:
         self._task = asyncio.create_task(self._pace(buffer), name=self.name)
 
