@@ -275,13 +275,12 @@ async def run_row(ws: Workspace) -> RowResult:
             f"holds about {projected:.0f} sessions. libopus alone (a 16 kHz decode and a "
             f"24 kHz encode, {opus_s * 1e6:.0f} us per 20 ms) is {opus_share:.0f} % of that "
             f"and by itself caps a core at {opus_ceiling:.0f} sessions: 300 per core is out "
-            "of reach while the relay transcodes both ways at these settings. What is ours "
-            "to fix (edgevoice/relay/server.py): the downlink encoder's complexity (5, FEC "
-            "on) can drop to 0-2 for the relay, which encodes for every device (-40 to "
-            "-60 % of the encode); the rest is asyncio and websockets per frame (one "
-            "wait_for and one sleep per frame per session in the pacer, a task switch per "
-            "message): batch the pacer on one relay-wide 20 ms tick. Beyond that, one relay "
-            "process per core behind one port (SO_REUSEPORT).")
+            "of reach while the relay transcodes both ways at these settings. The reply "
+            "encoder's effort is a setting (downlink_opus.complexity in relay.yaml; 0-2 "
+            "buys more sessions for some quality); the rest is asyncio and websockets per "
+            "frame (the pacer's wait and sleep per frame per session, a task switch per "
+            "message). Beyond one core: one relay per core behind a load balancer "
+            "(edgevoice-relay@.service and deploy/, docs/scale-out.md).")
     if ws.plan.profile and not ok:
         n = min(best.clients if best else steps[0].clients, 100)
         logger.info("profiling the relay with %d sessions (figures of this pass not used)", n)

@@ -129,10 +129,9 @@ async def run_row(ws: Workspace) -> RowResult:
             "together); the others wait one more 20 ms frame in the resampler. soxr at HQ "
             f"quality (the device's 24 -> 48 kHz resampler) releases its output in bursts, "
             f"{hq} samples per successive 20 ms chunk, so every other frame's audio comes "
-            f"out only with the next one. At LQ it releases {lq}: a steady stream. Fix "
-            "(edgevoice/device/daemon.py, where the downlink StreamResampler is made): "
-            "resample the reply with quality 'LQ' (ample for 24 kHz speech), or open the "
-            "speaker at 24 kHz when it supports it (no resampling at all).")
+            f"out only with the next one. At LQ it releases {lq}: a steady stream. The "
+            "device already resamples the reply at LQ; what remains is opening the speaker "
+            "at 24 kHz when it supports it (no resampling at all).")
     if up.p99_ms > TARGET_P99_MS:
         row.findings.append(
             "Uplink p99 above target: see the device profile under row 2 (Opus encoding "
