@@ -3,7 +3,9 @@
 They are synthesised here, from a few notes each, rather than shipped as audio files:
 no licensing question, any output rate without resampling, and the volume is exact.
 Every note starts and ends with a short raised-cosine fade, because a tone that starts
-or stops at a non-zero sample is heard as a click.
+or stops at a non-zero sample is heard as a click. Any of them can be replaced by a
+WAV file (``feedback.earcon_files``): it is converted to the output rate and scaled
+so its peak is the earcon volume, like the synthesised ones.
 
 =============  ======================================  =============================
 earcon         sound                                   when
@@ -12,6 +14,8 @@ LISTEN_START   two rising notes (E5 then A5)           a turn opened (wake, butt
 LISTEN_END     the same two notes, falling             the user's turn ended
 ERROR          a low buzz (200 Hz, odd harmonics)      a turn failed
 OFFLINE        three low beeps (E4)                    a turn was asked while offline
+FOLLOW_UP      one high note (D6)                      the follow-up window opened
+THINKING       two soft short notes (C5), repeated     waiting for the reply (optional)
 =============  ======================================  =============================
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +46,8 @@ class Earcon(enum.Enum):
     LISTEN_END = "listen_end"
     ERROR = "error"
     OFFLINE = "offline"
+    FOLLOW_UP = "follow_up"
+    THINKING = "thinking"
 
 
 @dataclass(frozen=True)
@@ -69,16 +76,22 @@ _SCORES: dict[Earcon, tuple[_Note, ...]] = {
         _Note(329.6, 110, _SOFT, gap_ms=90),
         _Note(329.6, 110, _SOFT),
     ),
+    Earcon.FOLLOW_UP: (_Note(1174.7, 150, gap_ms=30),),
+    # quiet enough to sit under a wait, short enough to repeat every ~1.5 s
+    Earcon.THINKING: (_Note(523.3, 70, _SOFT, gap_ms=110), _Note(523.3, 70, _SOFT)),
 }
 
 
 class Earcons:
     """Renders each :class:`Earcon` as s16le mono PCM at ``rate_hz``, once, then caches it.
 
-    ``volume`` is the peak amplitude as a fraction of full scale (0..1).
+    ``volume`` is the peak amplitude as a fraction of full scale (0..1). ``files`` maps
+    earcon names (``"listen_start"``...) to WAV files that replace the synthesised
+    sound; they are read here, so a broken file fails at start-up.
     """
 
-    def __init__(self, rate_hz: int, volume: float = 0.5) -> None:
+    def __init__(self, rate_hz: int, volume: float = 0.5,
+                 files: Mapping[str, str] | None = None) -> None:
         if not 8000 <= rate_hz <= 192_000:
             raise ValueError(f"rate_hz must be in [8000, 192000], got {rate_hz}")
         if not 0.0 <= volume <= 1.0:
@@ -86,6 +99,18 @@ class Earcons:
         self.rate_hz = rate_hz
         self.volume = volume
         self._cache: dict[Earcon, bytes] = {}
+        for name, path in (files or {}).items():
+            self._cache[Earcon(name)] = self._load(path)
+            logger.info("earcon %s from %s", name, path)
+
+    def _load(self, path: str) -> bytes:
+        from edgevoice.audio.wavio import load_wav  # soxr only when a file is used
+
+        signal = np.frombuffer(load_wav(path, self.rate_hz), dtype="<i2").astype(np.float64)
+        peak = float(np.max(np.abs(signal))) if len(signal) else 0.0
+        if peak > 0.0:
+            signal *= self.volume * 32767.0 / peak
+        return np.round(signal).astype("<i2").tobytes()
 
     def pcm(self, earcon: Earcon) -> bytes:
         """The earcon as 16-bit signed little-endian mono PCM."""
