@@ -20,7 +20,7 @@ Pieces, all usable without a sound card:
 * :func:`load_echo_canceller` -- the optional extra: ``auto`` uses it when installed
   and falls back to the echo guard (logged once) when not.
 
-Candidates compared (docs/wake-words.md has the table, with CPU measured here):
+Candidates compared (hardware/README.md has the table, with CPU measured here):
 pywebrtc-audio was the one binding with current wheels for x86_64 and aarch64
 (Apache-2.0, maintained); none has armv7 wheels, so a 32-bit Pi OS uses the echo
 guard or the sound server's ``module-echo-cancel`` (hardware/README.md).

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from edgevoice.audio.aec import AecSettings
 from edgevoice.audio.opus import OpusSettings
 from edgevoice.audio.silence import SilenceSettings
 from edgevoice.config.base import require
@@ -97,6 +98,7 @@ class DeviceConfig:
     turn: TurnSettings = field(default_factory=TurnSettings)
     triggers: TriggerSettings = field(default_factory=TriggerSettings)
     feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
+    aec: AecSettings = field(default_factory=AecSettings)
     health: HealthSettings = field(default_factory=HealthSettings)
     watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
 

@@ -142,7 +142,7 @@ def test_the_bench_runs_every_row_with_both_peers_and_the_floor(tmp_path: Path) 
     status = main(["--tiny", "--json", str(json_path), "--markdown", str(md_path)])
     results = json.loads(json_path.read_text())
     rows = {row["row"]: row for row in results["rows"]}
-    assert sorted(rows) == [1, 2, 3, 4, 5, 6, 7]
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6, 7, 8]
     assert {row["row"]: row["error"] for row in rows.values()} == dict.fromkeys(rows, "")
     assert status == 0
     for row in rows.values():
@@ -158,6 +158,7 @@ def test_the_bench_runs_every_row_with_both_peers_and_the_floor(tmp_path: Path) 
     assert rows[5]["data"]["to_silent"]["n"] > 0
     assert rows[6]["data"]["restarts"] > 0
     assert rows[7]["data"]["rss_mb"] > 0
+    assert rows[8]["data"]["aec_cpu_s"] > 0 and rows[8]["data"]["echo_reduction_db"] > 10
     assert results["machine"]["cpu_model"] and results["command"].startswith("edgevoice bench")
     page = md_path.read_text()
     assert results["command"] in page and results["machine"]["cpu_model"] in page

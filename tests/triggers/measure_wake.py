@@ -1,3 +1,4 @@
+# ruff: noqa: E501 - the Markdown table rows it writes read best unbroken
 """Measure the built-in wake-word models on generated voices; write docs/wake-words.md.
 
 Not part of the product and not a test: run it by hand when a model or the
@@ -38,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from edgevoice.triggers.wake import DEFAULT_LEAD_MS, MEASURED_CUTOFFS, MEASURED_LEAD_MS
+
 RATE = 16_000
 FRAME = 320
 VOICES = ("slt", "rms", "awb", "kal16", "kal")
@@ -45,6 +48,8 @@ SPEEDS = (0.85, 1.0, 1.2)
 PITCHES_CENTS = (-300, 0, 300)
 CONDITIONS = ("clean", "noise10db", "reverb")
 CUTOFFS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99)
+#: the cutoffs the models ship with (their .json)
+OWN_CUTOFFS = {"okay_nabu": 0.85, "hey_jarvis": 0.97, "alexa": 0.9, "hey_mycroft": 0.95}
 RISE = 0.5
 
 PHRASES = {
@@ -229,8 +234,8 @@ def false_wakes(trace: list[tuple[int, float, float]], cutoff: float,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--negative-seconds", type=float, default=3600.0)
-    parser.add_argument("--max-false-per-hour", type=float, default=1.0)
-    parser.add_argument("--lead-ms", type=int, default=100)
+    parser.add_argument("--max-false-per-hour", type=float, default=0.0)
+    parser.add_argument("--margin-steps", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "edgevoice-wake")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -263,7 +268,11 @@ def main(argv: list[str] | None = None) -> int:
                     rates[(phrasing, kind)] = hit / len(sel)
             per_cutoff[cutoff] = (fph, rates)
         ok = [c for c in CUTOFFS if per_cutoff[c][0] <= args.max_false_per_hour]
-        chosen = min(ok) if ok else max(CUTOFFS)
+        # One step above the lowest that met it: at that edge the count is 0 or 1 from
+        # run to run (TFLite's float rounding), and unseen voices deserve a margin.
+        # None meets it: keep the model's own cutoff and publish what it costs.
+        chosen = (CUTOFFS[min(CUTOFFS.index(min(ok)) + args.margin_steps, len(CUTOFFS) - 1)]
+                  if ok else OWN_CUTOFFS[model])
         # phrase-end estimate error at the chosen cutoff (one-breath clips)
         errors = []
         for clip, trace in peaks:
@@ -278,11 +287,15 @@ def main(argv: list[str] | None = None) -> int:
                 if raw > RISE and not above:
                     rise_frame = frame
                 above = raw > RISE
-            estimate_s = (rise_frame - round(args.lead_ms / 20)) * 0.02 - 1.0
+            lead_ms = MEASURED_LEAD_MS.get(model, DEFAULT_LEAD_MS)
+            estimate_s = (rise_frame - round(lead_ms / 20)) * 0.02 - 1.0
             detect_s = (trace[det][0] + 1) * 0.02 - 1.0
             errors.append((estimate_s - clip.phrase_end_s, detect_s - clip.phrase_end_s))
         results[model] = (per_cutoff, chosen, errors, len(clips))
         print(f"{model}: chosen cutoff {chosen}", file=sys.stderr)
+        if MEASURED_CUTOFFS.get(model) != chosen:
+            print(f"  edgevoice.triggers.wake.MEASURED_CUTOFFS[{model!r}] is "
+                  f"{MEASURED_CUTOFFS.get(model)}: update it", file=sys.stderr)
 
     cpu = time.process_time() - started
     text = render(results, hours, args, cpu)
@@ -301,11 +314,14 @@ def render(results: dict[str, Any], hours: float, args: argparse.Namespace, cpu:
              f"{'/'.join(str(s) for s in SPEEDS)} x pitch {'/'.join(f'{c:+d}' for c in PITCHES_CENTS)}"
              " cents), each in 3 conditions (clean, white noise at 10 dB SNR, a reverberant"
              " room with a 350 ms tail) and 2 phrasings: `pause` (the phrase, 0.5 s, the"
-             " question) and `one_breath` (\"okay nabu what's the time\").",
+             " question) and `one_breath` (the phrase and the question in one breath, e.g. \"hey jarvis what's the time\").",
              f"* Negatives: {hours * 60:.0f} minutes of other generated speech by the same voices,"
              f" one sentence in eight starting with a near-rhyme ({', '.join(repr(r) for r in NEAR_RHYMES[:6])}, ...).",
              f"* False wakes are counted with the trigger's 2 s refractory period; the chosen cutoff"
-             f" is the lowest with at most {args.max_false_per_hour:g} false wake per hour.",
+             f" is {args.margin_steps} step(s) above the lowest with at most"
+             f" {args.max_false_per_hour:g} false wakes in the hour (at that edge the count"
+             " changes by one from run to run; a model that cannot get there keeps its own"
+             " cutoff, and its false wakes are shown).",
              f"* CPU for the whole measurement: {cpu:.0f} s.", ""]
     lines += ["## Summary at the chosen cutoffs", "",
               "| model | cutoff | false wakes / h | pause clean | pause noise | pause reverb "
@@ -325,18 +341,21 @@ def render(results: dict[str, Any], hours: float, args: argparse.Namespace, cpu:
             lines.append(f"| {cutoff}{mark} | {fph:.1f} | {pause * 100:.0f} % | {breath * 100:.0f} % |")
         lines.append("")
     lines += ["## Where the question starts (one breath)", "",
-              f"The uplink starts `phrase_end_lead_ms` ({args.lead_ms} ms) before the model's raw output"
-              " rose above 0.5. Error of that estimate against the phrase's true end (flite's"
-              " segment times), and how late the detection itself comes:", "",
-              "| model | clips detected | estimate - true end: median | 10th pct | 90th pct | detection delay: median | 90th pct |",
-              "|---|---|---|---|---|---|---|"]
+              "The uplink starts a per-model lead (`MEASURED_LEAD_MS`, or"
+              " `phrase_end_lead_ms`) before the model's raw output rose above 0.5. Error of"
+              " that estimate against the phrase's true end (flite's segment times; negative:"
+              " a little of the phrase is sent, positive: the question's first sound is cut),"
+              " and how late the detection itself comes (where the uplink used to start):", "",
+              "| model | lead | clips detected | estimate - true end: median | 10th pct | 90th pct | detection delay: median | 90th pct |",
+              "|---|---|---|---|---|---|---|---|"]
     for model, (_per, _chosen, errors, _n) in results.items():
+        lead = f"{MEASURED_LEAD_MS.get(model, DEFAULT_LEAD_MS)} ms"
         if not errors:
-            lines.append(f"| {model} | 0 | | | | | |")
+            lines.append(f"| {model} | {lead} | 0 | | | | | |")
             continue
         est = np.array([e for e, _ in errors]) * 1000
         det = np.array([d for _, d in errors]) * 1000
-        lines.append(f"| {model} | {len(errors)} | {np.median(est):+.0f} ms | {np.percentile(est, 10):+.0f} ms"
+        lines.append(f"| {model} | {lead} | {len(errors)} | {np.median(est):+.0f} ms | {np.percentile(est, 10):+.0f} ms"
                      f" | {np.percentile(est, 90):+.0f} ms | {np.median(det):+.0f} ms | {np.percentile(det, 90):+.0f} ms |")
     lines.append("")
     return "\n".join(lines)

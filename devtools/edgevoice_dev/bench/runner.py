@@ -39,6 +39,7 @@ ROWS = {
     5: "Barge-in: relay interrupt -> device output silent",
     6: "Reconnect: relay restarted -> device streaming again",
     7: "Device footprint",
+    8: "Echo cancellation CPU (aec extra), per second of audio",
 }
 
 
@@ -50,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
                     "barge-in, reconnect, footprint.")
     p.add_argument("--quick", action="store_true",
                    help="short run (under 2 minutes), for CI: same rows, fewer samples")
-    p.add_argument("--rows", default="1-7",
+    p.add_argument("--rows", default="1-8",
                    help="rows to run, e.g. 1,3 or 2-4 (rows 1, 2 and 7 share one run)")
     p.add_argument("--json", type=Path, help="results file (default: bench/results-full.json, "
                    "or bench/results-quick.json with --quick; untracked)")
@@ -97,7 +98,7 @@ def parse_rows(spec: str) -> list[int]:
         rows.update(range(first, last + 1))
     bad = sorted(rows - set(ROWS))
     if bad:
-        raise ValueError(f"no such row: {', '.join(map(str, bad))} (rows are 1-7)")
+        raise ValueError(f"no such row: {', '.join(map(str, bad))} (rows are 1-{max(ROWS)})")
     return sorted(rows)
 
 
@@ -128,7 +129,7 @@ async def run_bench(plan: BenchPlan, rows: Sequence[int], workdir: Path) -> list
 
 
 async def _run_rows(ws: Workspace, plan: BenchPlan, wanted: set[int]) -> list[RowResult]:
-    from edgevoice_dev.bench import bargein, capacity, conversation, latency, reconnect
+    from edgevoice_dev.bench import aec, bargein, capacity, conversation, latency, reconnect
 
     results: list[RowResult] = []
 
@@ -148,7 +149,8 @@ async def _run_rows(ws: Workspace, plan: BenchPlan, wanted: set[int]) -> list[Ro
                 logger.exception("profiling the device failed")
     # capacity last: it is the longest, and it loads both cores
     runners: dict[int, Callable[[Workspace], Awaitable[RowResult]]] = {
-        3: latency.run_row, 5: bargein.run_row, 6: reconnect.run_row, 4: capacity.run_row}
+        3: latency.run_row, 5: bargein.run_row, 6: reconnect.run_row, 8: aec.run_row,
+        4: capacity.run_row}
     for number, run in runners.items():
         if number in wanted:
             results += await _guard([number], functools.partial(single, run))
