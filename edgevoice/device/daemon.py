@@ -89,12 +89,14 @@ class StateDisplay(Protocol):
 def read_token(config: DeviceConfig, config_file: str) -> str:
     """The device token, from the configured file, systemd's credential or /etc."""
     candidates: list[tuple[str, str]] = []
+    credential = ""
     if config.relay.token_file:
         candidates.append((config.relay.token_file, "relay.token_file"))
     else:
         credentials = os.environ.get("CREDENTIALS_DIRECTORY")
         if credentials:
-            candidates.append((str(Path(credentials) / "device-token"), "relay.token_file"))
+            credential = str(Path(credentials) / "device-token")
+            candidates.append((credential, "relay.token_file"))
         candidates.append((DEFAULT_TOKEN_FILE, "relay.token_file"))
     for path, key in candidates:
         try:
@@ -104,7 +106,12 @@ def read_token(config: DeviceConfig, config_file: str) -> str:
         except OSError as exc:
             raise ConfigError(config_file, key, f"cannot read {path}: {exc.strerror}") from None
         if not token:
-            raise ConfigError(config_file, key, f"{path} is empty: put the device token in it "
+            # systemd's credential is a read-only copy of /etc/edgevoice/device.token:
+            # name the file the operator can write, not the copy
+            where = path if path != credential else f"{DEFAULT_TOKEN_FILE} (handed to the " \
+                f"service as {path})"
+            raise ConfigError(config_file, key, f"{where} is empty: put the device token in "
+                              f"{path if path != credential else DEFAULT_TOKEN_FILE} "
                               "(`edgevoice token add NAME` on the relay prints one)")
         return token
     raise ConfigError(config_file, "relay.token_file",

@@ -39,3 +39,21 @@ def test_help_config_into_a_closed_pipe_is_quiet() -> None:
     os.close(write_fd)
     assert proc.stderr == "", proc.stderr
     assert proc.returncode == 0
+
+
+def test_an_empty_credential_points_at_the_file_the_operator_writes(tmp_path: Path) -> None:
+    """Under systemd the token arrives as a read-only credential copy: the message
+    must name /etc/edgevoice/device.token, where the operator writes it."""
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "device-token").write_text("\n")
+    cfg = tmp_path / "device.yaml"
+    cfg.write_text("audio: {input: 'wav:x.wav', output: 'wav:y.wav'}\n")
+    env = {**os.environ, "CREDENTIALS_DIRECTORY": str(creds)}
+    result = subprocess.run([sys.executable, "-m", "edgevoice", "device", "--config", str(cfg),
+                             "--check-config"], capture_output=True, text=True, env=env,
+                            cwd=REPO, timeout=60)
+    assert result.returncode == 78
+    message = result.stderr.strip()
+    assert message.startswith(f"{cfg}: relay.token_file: /etc/edgevoice/device.token"), message
+    assert "put the device token in /etc/edgevoice/device.token" in message
