@@ -207,3 +207,23 @@ class ReferenceFifo:
         with self._lock:
             self._chunks.clear()
             self._buffered = 0
+
+
+class PlaybackReference:
+    """Feeds a :class:`ReferenceFifo` from the speaker's blocks (any output rate).
+
+    Set an instance as ``PlaybackBuffer.on_pulled``: it runs in the sound card's
+    thread, converts each block to 16 kHz (soxr, low-delay quality: a steady output
+    matters more here than the last dB of stop-band) and writes it.
+    """
+
+    def __init__(self, fifo: ReferenceFifo, output_rate_hz: int) -> None:
+        from edgevoice.audio.resample import StreamResampler  # soxr: only with AEC on
+
+        self.fifo = fifo
+        self._resampler = (StreamResampler(output_rate_hz, RATE_HZ, quality="LQ")
+                           if output_rate_hz != RATE_HZ else None)
+
+    def __call__(self, block: np.ndarray[Any, np.dtype[np.int16]]) -> None:
+        samples = block if self._resampler is None else self._resampler.process(block)
+        self.fifo.write(samples)

@@ -139,6 +139,13 @@ class PlaybackBuffer:
         #: end_of_response: lets a consumer that is not a real-time device wait for
         #: data instead of polling.
         self.on_data: Callable[[], None] | None = None
+        #: Called (from the pulling thread, usually the sound card's) with every block
+        #: as it goes to the speaker, silence included: the echo canceller's reference.
+        #: It must be quick and must not keep the array.
+        self.on_pulled: Callable[[Int16Array], None] | None = None
+        #: Output volume, a gain in 0..1 applied as each block is pulled, so a change
+        #: (config, or the local API) is heard at once, buffered audio included.
+        self.gain = 1.0
         self.stats = PlaybackStats()
         self._clock = clock
         self._lock = threading.Lock()
@@ -303,10 +310,14 @@ class PlaybackBuffer:
             if n:
                 out[filled:] = 0
                 cued = self._mix_cue(out) if self._cue is not None else 0
+                if self.gain != 1.0 and (filled or cued):
+                    np.multiply(out, self.gain, out=out, casting="unsafe")
                 # an all-silent block (most pulls while idle) needs no measuring
                 self._last_block_dbfs = (self._measure(out) if filled or cued
                                          else SILENCE_DBFS)
                 filled = max(filled, cued)
+        if self.on_pulled is not None:
+            self.on_pulled(out)
         for event in events:
             self._emit(event)
         return filled

@@ -138,3 +138,26 @@ def test_without_the_extra_auto_falls_back_and_on_refuses(
     assert load_echo_canceller(AecSettings(mode="off")) is None
     with pytest.raises(EchoCancellerUnavailableError, match=r"edgevoice\[aec\]"):
         load_echo_canceller(AecSettings(mode="on"))
+
+
+def test_the_speakers_blocks_reach_the_reference_at_16_khz_in_the_capture_clock() -> None:
+    """What the sound card pulls (48 kHz, gain applied) is what the canceller gets."""
+    from edgevoice.audio.aec import PlaybackReference
+    from edgevoice.audio.playback import PlaybackBuffer
+
+    fifo = ReferenceFifo()
+    playback = PlaybackBuffer(48_000, prefill_ms=0)
+    playback.on_pulled = PlaybackReference(fifo, 48_000)
+    playback.gain = 0.5
+    t = np.arange(48_000) / 48_000
+    tone = np.round(np.sin(2 * np.pi * 440 * t) * 16000).astype("<i2")
+    playback.push(tone.tobytes())
+    playback.end_of_response()
+    frames = []
+    for _ in range(50):  # one second: a 20 ms pull at 48 kHz, then a captured frame
+        playback.pull(960)
+        frames.append(np.frombuffer(fifo.read(), "<i2"))
+    heard = np.concatenate(frames[5:45]).astype(np.float64)  # past the resampler's delay
+    assert np.sqrt(np.mean(heard**2)) == pytest.approx(16000 * 0.5 / np.sqrt(2), rel=0.05)
+    spectrum = np.abs(np.fft.rfft(heard))
+    assert np.fft.rfftfreq(len(heard), 1 / 16000)[np.argmax(spectrum)] == pytest.approx(440, abs=5)
