@@ -165,6 +165,10 @@ class FleetTracker:
                 nova_output_tokens=record.nova_output_tokens + output_tokens,
             )
 
+    def record(self, device_id: str) -> DeviceRecord | None:
+        """One device's record (None: never seen here); no sorting, no copying."""
+        return self._records.get(device_id)
+
     def records(self) -> list[DeviceRecord]:
         """All devices, sorted by id."""
         return [self._records[k] for k in sorted(self._records)]

@@ -49,10 +49,9 @@ class DeviceContexts:
         self.fleet: FleetTracker | None = None
 
     def status_of(self, device_id: str) -> Mapping[str, object]:
-        for record in self.fleet.records() if self.fleet else ():
-            if record.device_id == device_id:
-                return dict(record.last_stats or {})
-        return {}
+        # One lookup: this runs at every session open (records() sorts the whole fleet).
+        record = self.fleet.record(device_id) if self.fleet else None
+        return dict(record.last_stats or {}) if record is not None else {}
 
     def __call__(self, device_id: str, session_id: str) -> DeviceContext:
         timezone = str(self.status_of(device_id).get("timezone") or "UTC")

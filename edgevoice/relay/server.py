@@ -132,6 +132,9 @@ class RelayCounters:
     #: when the drain's time ran out
     drained_idle: int = 0
     drained_busy: int = 0
+    #: turns refused because the relay was at capacity, and their audio dropped
+    turns_refused: int = 0
+    frames_refused: int = 0
 
 
 class MessageRate:
@@ -160,6 +163,9 @@ class MessageRate:
 
 
 #: What waits in the downlink queue: control messages and (Opus packet, flags).
+#: One 20 ms frame of reply PCM (24 kHz s16le) and its flags. It is Opus-encoded only
+#: when the pacer sends it: a whole reply handed over at once must not be encoded in one
+#: go on the event loop (measured: 27-59 ms stalls at 30 sessions, issue 15).
 DownlinkAudio = tuple[bytes, AudioFlags]
 
 
@@ -194,6 +200,8 @@ class DeviceSession:
         self._held_messages: collections.deque[Message] = collections.deque()
         self._attached = asyncio.Event()
         self.turn_id: int | None = None
+        #: a turn refused at capacity (its audio is dropped until its turn_end)
+        self._refused_turn: int | None = None
         self.closed = False
         #: set when the relay closed the connection for a reason that ends the session
         self.end_reason: str | None = None
@@ -371,6 +379,9 @@ class DeviceSession:
             return
         counters.frames_in += 1
         if self.turn_id is None:
+            if self._refused_turn is not None:
+                counters.frames_refused += 1
+                return
             raise RemoteProtocolError("uplink audio outside a turn")
         try:
             pieces = self.decoder.decode_after_gap(received.frame.payload, received.missing,
@@ -387,11 +398,24 @@ class DeviceSession:
             now_ms = int(self.relay.clock.now() * 1000)
             await self._send_bytes(ws, conn.send(Pong(message.id, message.sent_ms, now_ms)))
         elif isinstance(message, TurnStart):
+            if not self.relay.admit_turn(self):
+                # At capacity: refuse this turn rather than slow every admitted one
+                # down; its audio is dropped until its turn_end.
+                self._refused_turn = message.turn_id
+                self.relay.counters.turns_refused += 1
+                await self._send_soon(Error(
+                    "relay_busy", "the relay is at capacity: try again in a few seconds",
+                    True))
+                return
+            self._refused_turn = None
             self.turn_id = message.turn_id
             await self.upstream.start_turn()
         elif isinstance(message, TurnEnd):
-            if message.turn_id == self.turn_id:
+            if message.turn_id == self._refused_turn:
+                self._refused_turn = None
+            elif message.turn_id == self.turn_id:
                 self.turn_id = None
+                self.decoder.release()  # the uplink is quiet until the next turn
                 self.replying = True
                 self._turn_ended_at = self.relay.clock.now()
                 await self.upstream.end_turn()
@@ -408,6 +432,11 @@ class DeviceSession:
 
     def _reply_over(self) -> None:
         self.replying = False
+        # Idle until the next turn: give the reply encoder's libopus state back (a relay
+        # holding thousands of quiet devices keeps none). The next reply starts afresh,
+        # as the device's decoder does at each response_start.
+        if not len(self.downlink):
+            self.encoder.release()
         self.relay.session_quiet()
 
     def _drop_downlink(self) -> None:
@@ -420,7 +449,7 @@ class DeviceSession:
         while (frame := self.fifo.pop()) is not None:
             flags = AudioFlags.START if self._response_first else AudioFlags.NONE
             self._response_first = False
-            if not self.downlink.put_nowait((self.encoder.encode(frame), flags)):
+            if not self.downlink.put_nowait((frame, flags)):
                 self.relay.counters.frames_dropped += 1
 
     async def _send_soon(self, message: Message) -> None:
@@ -473,7 +502,7 @@ class DeviceSession:
                 self.downlink.put_nowait(ResponseStart(self.turn_id))
             elif isinstance(event, ResponseEnded):
                 for tail in self.fifo.flush():
-                    self.downlink.put_nowait((self.encoder.encode(tail), AudioFlags.END))
+                    self.downlink.put_nowait((tail, AudioFlags.END))
                 self.downlink.put_nowait(ResponseEnd(self.turn_id, event.reason))
             elif isinstance(event, ResponseInterrupted):
                 self._drop_downlink()
@@ -528,8 +557,8 @@ class DeviceSession:
                 ws, conn = self.ws, self.conn
                 if ws is None or conn is None or not self._attached.is_set():
                     continue  # detached while waiting: keep the frame for the next one
-                payload, flags = item
-                frame, data = conn.send_audio(payload, int(sent * 20), flags)
+                pcm, flags = item
+                frame, data = conn.send_audio(self.encoder.encode(pcm), int(sent * 20), flags)
                 # journal first: if the link dies during the send, a resume re-sends it
                 self.journal.record_frame(frame, now)
                 sent += 1
@@ -642,6 +671,21 @@ class RelayServer:
     def session_quiet(self) -> None:
         """A session finished a reply: a drain may close it now."""
         self._quiet.set()
+
+    def admit_turn(self, session: DeviceSession) -> bool:
+        """Whether ``session`` may start a turn now: fewer than ``max_active_turns``
+        other sessions are in a turn or a reply. Beyond capacity every reply would
+        stutter; refusing the newcomer (retryable) keeps the admitted ones whole."""
+        limit = self.limits.max_active_turns
+        if not limit:
+            return True
+        active = 0
+        for other in self.sessions.values():
+            if other is not session and other.busy:
+                active += 1
+                if active >= limit:
+                    return False
+        return True
 
     async def drain(self, timeout_s: float) -> tuple[int, int]:
         """Stop accepting; close each device with 4004 once its turn and reply are done.

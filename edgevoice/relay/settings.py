@@ -52,6 +52,10 @@ class LimitsSettings:
     resume_buffer_ms: int = 10_000
     """Reply audio kept after it was sent, to re-send what a resuming device missed,
     in milliseconds."""
+    max_active_turns: int = 150
+    """Devices in a turn or being answered at once; a turn beyond it is refused with a
+    retryable ``relay_busy`` error instead of making every reply stutter (measure yours
+    with `edgevoice bench`: conversational capacity). 0: no limit."""
 
     def __post_init__(self) -> None:
         require(self.handshake_timeout_ms >= 100, "handshake_timeout_ms", "must be >= 100")
@@ -66,3 +70,4 @@ class LimitsSettings:
         require(0 <= self.resume_window_ms <= 300_000, "resume_window_ms", "must be 0..300000")
         require(1_000 <= self.resume_buffer_ms <= 120_000, "resume_buffer_ms",
                 "must be 1000..120000")
+        require(self.max_active_turns >= 0, "max_active_turns", "must be >= 0 (0: no limit)")

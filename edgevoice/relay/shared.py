@@ -445,6 +445,12 @@ class SharedFleet(FleetTracker):
     def wanted(self) -> bool:
         return time.monotonic() < self._wanted_until
 
+    def record(self, device_id: str) -> DeviceRecord | None:
+        local = super().record(device_id)
+        if local is not None and (local.connected or device_id not in self._shared):
+            return local
+        return self._shared.get(device_id, local)
+
     def records(self) -> list[DeviceRecord]:
         self._wanted_until = time.monotonic() + 60.0
         merged = dict(self._shared)
