@@ -149,6 +149,7 @@ class Relay:
     admin_port: int = field(default_factory=free_port)
     drain_timeout_ms: int = 15_000
     resume_window_ms: int = 10_000
+    max_devices: int = 1000
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -167,7 +168,8 @@ class Relay:
             "listen": {"host": "127.0.0.1", "port": self.port},
             "admin": {"bind": "127.0.0.1", "port": self.admin_port},
             "auth": {"tokens_file": str(self.workdir / f"{self.name}-tokens.json")},
-            "limits": {"resume_window_ms": self.resume_window_ms},
+            "limits": {"resume_window_ms": self.resume_window_ms,
+                       "max_devices": self.max_devices},
             "upstream": {"kind": "echo"},
             "cluster": {"relay_id": self.name, "drain_timeout_ms": self.drain_timeout_ms,
                         "store": {"kind": "redis", "url": self.redis_url,
@@ -302,10 +304,12 @@ class Cluster:
 
 @contextlib.contextmanager
 def running_cluster(workdir: Path, relays: int = 3, *, drain_timeout_ms: int = 15_000,
-                    resume_window_ms: int = 10_000) -> Iterator[Cluster]:
+                    resume_window_ms: int = 10_000,
+                    max_devices: int = 1000) -> Iterator[Cluster]:
     redis = RedisServer(workdir / "redis")
     members = [Relay(f"relay{i + 1}", workdir, redis.url, drain_timeout_ms=drain_timeout_ms,
-                     resume_window_ms=resume_window_ms) for i in range(relays)]
+                     resume_window_ms=resume_window_ms, max_devices=max_devices)
+               for i in range(relays)]
     haproxy = HAProxy(workdir, members)
     try:
         redis.start()

@@ -1,0 +1,222 @@
+"""Scale-out figures for docs/scale-out.md and docs/benchmarks.md (not a test).
+
+    .venv/bin/python tests/cluster/bench_scaleout.py idle [--devices 2000]
+    .venv/bin/python tests/cluster/bench_scaleout.py talk [--devices 16]
+
+``idle``: HAProxy, two relays and Redis; N idle devices (hello, then the protocol's
+heartbeat every 10 s and WebSocket keepalives) connect through HAProxy; over a
+30 s window, each relay's RSS growth and CPU per idle device.
+
+``talk``: N devices taking echo turns back to back through HAProxy, first with one
+relay, then with two: CPU seconds each relay process spends per second of device
+talk (uplink decode + downlink encode + pacing), and HAProxy's and Redis's share.
+One JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cluster_support import (
+    KEY_PREFIX,
+    Cluster,
+    SimulatedDevice,
+    running_cluster,
+    speech_packets,
+)
+from websockets.asyncio.client import ClientConnection, connect
+
+from edgevoice.protocol.connection import Connection, Role
+from edgevoice.protocol.messages import MAX_TEXT_BYTES, SUBPROTOCOL, Hello, Ping
+from edgevoice.relay.auth import new_token
+from edgevoice.tokens import hash_token
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def raise_fd_limit() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def bulk_tokens(cluster: Cluster, count: int, prefix: str) -> dict[str, str]:
+    import redis
+    tokens = {f"{prefix}{i:05d}": new_token(f"{prefix}{i:05d}") for i in range(count)}
+    with redis.Redis.from_url(cluster.redis.url, decode_responses=True) as client:
+        pipe = client.pipeline(transaction=False)
+        for name, token in tokens.items():
+            pipe.hset(f"{KEY_PREFIX}tokens", name, json.dumps({"sha256": hash_token(token)}))
+        pipe.incr(f"{KEY_PREFIX}tokens:version")
+        pipe.execute()
+    return tokens
+
+
+async def idle_device(url: str, name: str, token: str, stop: asyncio.Event) -> bool:
+    conn = Connection(Role.DEVICE)
+    try:
+        ws: ClientConnection = await connect(
+            url, additional_headers={"Authorization": f"Bearer {token}"},
+            subprotocols=[SUBPROTOCOL], compression=None, max_size=MAX_TEXT_BYTES,  # type: ignore[list-item]
+            open_timeout=30, ping_interval=20, ping_timeout=20)
+    except Exception:
+        return False
+    async with ws:
+        await ws.send(conn.start(Hello(device=name, software="bench")))
+        conn.receive_text(await ws.recv())  # welcome
+        ping = 0
+        while not stop.is_set():
+            ping += 1
+            await ws.send(conn.send(Ping(ping, int(time.monotonic() * 1000))))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 10)
+            while True:  # read what came (pongs) without blocking
+                try:
+                    await asyncio.wait_for(ws.recv(), 0.001)
+                except TimeoutError:
+                    break
+    return True
+
+
+def processes(cluster: Cluster) -> dict[str, int]:
+    pids = {r.name: r.proc.pid for r in cluster.relays if r.proc is not None and r.alive}
+    assert cluster.haproxy.proc is not None and cluster.redis.proc is not None
+    pids["haproxy"] = cluster.haproxy.proc.pid
+    pids["redis"] = cluster.redis.proc.pid
+    return pids
+
+
+async def measure_idle(cluster: Cluster, devices: int, window_s: float) -> dict[str, Any]:
+    tokens = await asyncio.to_thread(bulk_tokens, cluster, devices, "idle")
+    await asyncio.sleep(1.0)
+    pids = processes(cluster)
+    rss_before = {k: rss_kib(p) for k, p in pids.items()}
+    stop = asyncio.Event()
+    tasks = []
+    for k, (name, token) in enumerate(tokens.items()):
+        tasks.append(asyncio.create_task(idle_device(cluster.haproxy.url, name, token, stop)))
+        if k % 50 == 49:
+            await asyncio.sleep(0.1)  # a ramp, not a storm
+    await asyncio.sleep(10)  # every device said hello and settled
+    cpu0 = {k: cpu_s(p) for k, p in pids.items()}
+    t0 = time.monotonic()
+    await asyncio.sleep(window_s)
+    elapsed = time.monotonic() - t0
+    cpu1 = {k: cpu_s(p) for k, p in pids.items()}
+    rss_after = {k: rss_kib(p) for k, p in pids.items()}
+    connected = sum(1 for t in tasks if not t.done())
+    on = {r.name: sum(1 for n in tokens if cluster.relay_of(n) == r.name)
+          for r in cluster.relays}
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    out: dict[str, Any] = {"devices": devices, "connected": connected, "window_s": window_s}
+    for name in pids:
+        n = on.get(name, connected)
+        busy_pct = (cpu1[name] - cpu0[name]) / elapsed * 100
+        out[name] = {
+            "devices": n,
+            "rss_mib": round(rss_after[name] / 1024, 1),
+            "rss_growth_kib_per_device": round((rss_after[name] - rss_before[name]) / max(n, 1),
+                                               1),
+            "cpu_pct": round(busy_pct, 2),
+            "cpu_pct_per_1000_devices": round(busy_pct / max(n, 1) * 1000, 3),
+        }
+    return out
+
+
+async def talk(devices: list[SimulatedDevice], seconds: float) -> int:
+    stop = asyncio.Event()
+    turns = 0
+
+    async def loop(device: SimulatedDevice) -> None:
+        nonlocal turns
+        k = 0
+        while not stop.is_set():
+            k += 1
+            if (await device.turn(k)).ok:
+                turns += 1
+    tasks = [asyncio.create_task(loop(d)) for d in devices]
+    await asyncio.sleep(seconds)
+    stop.set()
+    await asyncio.gather(*tasks)
+    return turns
+
+
+async def measure_talk(cluster: Cluster, count: int, window_s: float) -> dict[str, Any]:
+    tokens = await asyncio.to_thread(bulk_tokens, cluster, count, f"talk{len(cluster.relays)}")
+    await asyncio.sleep(1.0)
+    packets = speech_packets(50)  # 1 s of speech, echoed: 2 s of audio per turn
+    devices = [SimulatedDevice(n, t, cluster.haproxy.url, packets) for n, t in tokens.items()]
+    for d in devices:
+        d.start()
+    await asyncio.gather(*(d.up.wait() for d in devices))
+    await talk(devices, 3)  # warm up
+    pids = processes(cluster)
+    cpu0 = {k: cpu_s(p) for k, p in pids.items()}
+    t0 = time.monotonic()
+    turns = await talk(devices, window_s)
+    elapsed = time.monotonic() - t0
+    cpu1 = {k: cpu_s(p) for k, p in pids.items()}
+    for d in devices:
+        await d.stop()
+    audio_s = turns * 2.0  # 1 s up + 1 s down per turn
+    out: dict[str, Any] = {"relays": len(cluster.relays), "devices": count,
+                           "turns": turns, "elapsed_s": round(elapsed, 1)}
+    relay_cpu = sum(cpu1[r.name] - cpu0[r.name] for r in cluster.relays)
+    out["relay_cpu_ms_per_audio_s"] = round(relay_cpu / audio_s * 1000, 2)
+    out["relay_cpu_pct_each"] = {r.name: round((cpu1[r.name] - cpu0[r.name]) / elapsed * 100, 1)
+                                 for r in cluster.relays}
+    for name in ("haproxy", "redis"):
+        out[f"{name}_cpu_ms_per_audio_s"] = round((cpu1[name] - cpu0[name]) / audio_s * 1000,
+                                                  3)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("what", choices=["idle", "talk"])
+    parser.add_argument("--devices", type=int)
+    parser.add_argument("--window", type=float, default=30.0)
+    args = parser.parse_args(argv)
+    raise_fd_limit()
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="edgevoice-scaleout-") as tmp:
+        if args.what == "idle":
+            with running_cluster(Path(tmp), 2, max_devices=5000) as cluster:
+                results = asyncio.run(measure_idle(cluster, args.devices or 2000,
+                                                   args.window))
+        else:
+            for relays in (1, 2):
+                with running_cluster(Path(tmp) / str(relays), relays) as cluster:
+                    results[f"relays_{relays}"] = asyncio.run(
+                        measure_talk(cluster, args.devices or 16, args.window))
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
