@@ -30,6 +30,7 @@ from edgevoice_dev.bench.wire import (
     WebSocketTally,
     client_frame_bytes,
 )
+from edgevoice_dev.testing.cluster import missing_tools
 
 
 def _frame(opcode: int, payload: bytes, masked: bool) -> bytes:
@@ -142,7 +143,7 @@ def test_the_bench_runs_every_row_with_both_peers_and_the_floor(tmp_path: Path) 
     status = main(["--tiny", "--json", str(json_path), "--markdown", str(md_path)])
     results = json.loads(json_path.read_text())
     rows = {row["row"]: row for row in results["rows"]}
-    assert sorted(rows) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     assert {row["row"]: row["error"] for row in rows.values()} == dict.fromkeys(rows, "")
     assert status == 0
     for row in rows.values():
@@ -159,6 +160,9 @@ def test_the_bench_runs_every_row_with_both_peers_and_the_floor(tmp_path: Path) 
     assert rows[6]["data"]["restarts"] > 0
     assert rows[7]["data"]["rss_mb"] > 0
     assert rows[8]["data"]["aec_cpu_s"] > 0 and rows[8]["data"]["echo_reduction_db"] > 10
+    if not missing_tools():  # rows 9 and 10 need haproxy and redis-server
+        assert rows[9]["data"]["relays_2"]["turns"] > 0 and rows[9]["data"]["ratio"] > 0
+        assert rows[10]["data"]["connected"] == rows[10]["data"]["devices"] > 0
     assert results["machine"]["cpu_model"] and results["command"].startswith("edgevoice bench")
     page = md_path.read_text()
     assert results["command"] in page and results["machine"]["cpu_model"] in page

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from cluster_support import (
+from edgevoice_dev.testing.cluster import (
     Cluster,
     CuttableProxy,
     SimulatedDevice,

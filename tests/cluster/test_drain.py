@@ -12,7 +12,13 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from cluster_support import CuttableProxy, SimulatedDevice, scaled, speech_packets, until
+from edgevoice_dev.testing.cluster import (
+    CuttableProxy,
+    SimulatedDevice,
+    scaled,
+    speech_packets,
+    until,
+)
 
 from edgevoice.backoff import BackoffSettings
 from edgevoice.device.link import DeviceLink, RelaySettings

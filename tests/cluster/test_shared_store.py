@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from cluster_support import KEY_PREFIX, RedisServer, missing_tools, until
+from edgevoice_dev.testing.cluster import KEY_PREFIX, RedisServer, missing_tools, until
 
 from edgevoice.relay.auth import FailureLimiter, TokenExistsError
 from edgevoice.relay.shared import (

@@ -47,6 +47,12 @@ class BenchPlan:
     profile: bool
     """Profile the device and the relay (cProfile) when a CPU target is missed."""
     stop_at_first_failure: bool = True
+    scaleout_devices: int = 40
+    """Devices taking turns through HAProxy, with one relay then two (row 9)."""
+    scaleout_measure_s: float = 30
+    idle_devices: int = 2000
+    """Idle devices connected through HAProxy to two relays (row 10)."""
+    idle_measure_s: float = 30
 
 
 FULL = BenchPlan("full", speech_s=60, latency_speech_s=40,
@@ -55,11 +61,14 @@ FULL = BenchPlan("full", speech_s=60, latency_speech_s=40,
                  reconnects=20, profile=True)
 QUICK = BenchPlan("quick", speech_s=15, latency_speech_s=12, capacity_steps=(10, 30),
                   capacity_warmup_s=2, capacity_measure_s=4, bargein_trials=10,
-                  reconnects=5, profile=False, stop_at_first_failure=False)
+                  reconnects=5, profile=False, stop_at_first_failure=False,
+                  scaleout_devices=8, scaleout_measure_s=8, idle_devices=100,
+                  idle_measure_s=8)
 #: For the test suite: every row runs, briefly.
 TINY = BenchPlan("tiny", speech_s=8, latency_speech_s=7, capacity_steps=(4,),
                  capacity_warmup_s=1, capacity_measure_s=2, bargein_trials=3,
-                 reconnects=2, profile=False, stop_at_first_failure=False)
+                 reconnects=2, profile=False, stop_at_first_failure=False,
+                 scaleout_devices=3, scaleout_measure_s=3, idle_devices=10, idle_measure_s=2)
 
 
 def free_port() -> int:

@@ -40,6 +40,8 @@ ROWS = {
     6: "Reconnect: relay restarted -> device streaming again",
     7: "Device footprint",
     8: "Echo cancellation CPU (aec extra), per second of audio",
+    9: "Scale-out: two relay processes vs one, behind HAProxy",
+    10: "Idle devices spread over two relays",
 }
 
 
@@ -51,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                     "barge-in, reconnect, footprint.")
     p.add_argument("--quick", action="store_true",
                    help="short run (under 2 minutes), for CI: same rows, fewer samples")
-    p.add_argument("--rows", default="1-8",
+    p.add_argument("--rows", default="1-10",
                    help="rows to run, e.g. 1,3 or 2-4 (rows 1, 2 and 7 share one run)")
     p.add_argument("--json", type=Path, help="results file (default: bench/results-full.json, "
                    "or bench/results-quick.json with --quick; untracked)")
@@ -129,7 +131,15 @@ async def run_bench(plan: BenchPlan, rows: Sequence[int], workdir: Path) -> list
 
 
 async def _run_rows(ws: Workspace, plan: BenchPlan, wanted: set[int]) -> list[RowResult]:
-    from edgevoice_dev.bench import aec, bargein, capacity, conversation, latency, reconnect
+    from edgevoice_dev.bench import (
+        aec,
+        bargein,
+        capacity,
+        conversation,
+        latency,
+        reconnect,
+        scaleout,
+    )
 
     results: list[RowResult] = []
 
@@ -150,7 +160,7 @@ async def _run_rows(ws: Workspace, plan: BenchPlan, wanted: set[int]) -> list[Ro
     # capacity last: it is the longest, and it loads both cores
     runners: dict[int, Callable[[Workspace], Awaitable[RowResult]]] = {
         3: latency.run_row, 5: bargein.run_row, 6: reconnect.run_row, 8: aec.run_row,
-        4: capacity.run_row}
+        10: scaleout.run_idle_row, 9: scaleout.run_scale_row, 4: capacity.run_row}
     for number, run in runners.items():
         if number in wanted:
             results += await _guard([number], functools.partial(single, run))

@@ -1,4 +1,4 @@
-"""./scripts/cluster-demo: a fleet taking turns while one relay dies and another drains.
+"""A fleet taking turns while one relay dies and another drains (./scripts/cluster-demo).
 
 HAProxy (deploy/haproxy/edgevoice.cfg), three echo relays and Redis on 127.0.0.1;
 N simulated devices (the real DeviceLink) take turns through HAProxy. Part-way,
@@ -22,9 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from cluster_support import (
+from edgevoice_dev.testing.cluster import (
     Cluster,
     SimulatedDevice,
     TurnResult,
@@ -190,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
                         format="%(name)s: %(message)s")
-    from cluster_support import missing_tools
+    from edgevoice_dev.testing.cluster import missing_tools
     if missing_tools():
         say(f"missing {' and '.join(missing_tools())}: run ./scripts/setup --test (as root) "
             "or apt-get install haproxy redis-server")

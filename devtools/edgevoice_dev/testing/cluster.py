@@ -1,4 +1,4 @@
-"""A real cluster on 127.0.0.1 for the tests and ./scripts/cluster-demo.
+"""A real cluster on 127.0.0.1 for tests/cluster, ./scripts/cluster-demo and the bench.
 
 Redis (redis-server), N relay processes (`python -m edgevoice relay`, echo
 upstream, shared store) and HAProxy running deploy/haproxy/edgevoice.cfg with only
@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from edgevoice_dev.testing.timeouts import TIMEOUT_FACTOR
 
 from edgevoice.audio.opus import OpusEncoder
 from edgevoice.backoff import BackoffSettings
@@ -42,9 +41,10 @@ from edgevoice.protocol.messages import (
     Welcome,
 )
 from edgevoice.relay.shared import RedisTokens
+from edgevoice_dev import repository_root
+from edgevoice_dev.testing.timeouts import TIMEOUT_FACTOR
 
-REPO = Path(__file__).resolve().parents[2]
-HAPROXY_CFG = REPO / "deploy" / "haproxy" / "edgevoice.cfg"
+HAPROXY_CFG = repository_root() / "deploy" / "haproxy" / "edgevoice.cfg"
 KEY_PREFIX = "edgevoice:"
 
 
