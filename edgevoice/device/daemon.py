@@ -440,8 +440,8 @@ class DeviceDaemon(LinkListener):
             self.display.set_state(state)
 
     def _play_earcon(self, kind: str) -> None:
-        if self.earcons is None or "reply" in self._playing:
-            return  # never talk over the assistant
+        if self.earcons is None or ("reply" in self._playing and kind != "error"):
+            return  # never talk over the assistant; an error follows the cut reply's audio
         if kind == "error":
             self._error_until = self.clock.now() + ERROR_STATE_S
         # Mixed in, not queued: a reply that arrives meanwhile cuts it instead of

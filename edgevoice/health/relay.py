@@ -66,6 +66,8 @@ class DeviceRecord:
     connections: int = 0
     nova_input_tokens: int = 0
     nova_output_tokens: int = 0
+    #: seconds of audio sent upstream for this device (speech, replays, silence)
+    upstream_audio_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -155,14 +157,16 @@ class FleetTracker:
                 record, last_stats=dict(stats), last_seen=exposition.iso_utc(at)
             )
 
-    def tokens_used(self, device_id: str, *, input_tokens: int, output_tokens: int) -> None:
-        """Add Nova Sonic token usage to the device's totals."""
+    def tokens_used(self, device_id: str, *, input_tokens: int, output_tokens: int,
+                    upstream_audio_s: float = 0.0) -> None:
+        """Add Nova Sonic token usage and audio sent upstream to the device's totals."""
         record = self._records.get(device_id)
         if record is not None:
             self._records[device_id] = replace(
                 record,
                 nova_input_tokens=record.nova_input_tokens + input_tokens,
                 nova_output_tokens=record.nova_output_tokens + output_tokens,
+                upstream_audio_s=record.upstream_audio_s + upstream_audio_s,
             )
 
     def record(self, device_id: str) -> DeviceRecord | None:
@@ -190,6 +194,7 @@ def devices_document(devices: list[DeviceRecord]) -> list[dict[str, object]]:
             "connections": d.connections,
             "nova_input_tokens": d.nova_input_tokens,
             "nova_output_tokens": d.nova_output_tokens,
+            "upstream_audio_s": round(d.upstream_audio_s, 2),
         }
         for d in sorted(devices, key=lambda d: d.device_id)
     ]
@@ -221,6 +226,12 @@ def relay_metrics(
         "Nova Sonic output tokens used, by device.",
         "device",
         {d.device_id: d.nova_output_tokens for d in devices},
+    )
+    upstream_audio = exposition.labelled_counter(
+        "edgevoice_relay_upstream_audio_seconds",
+        "Seconds of audio sent to the upstream (what Nova bills input audio on), by device.",
+        "device",
+        {d.device_id: d.upstream_audio_s for d in devices},
     )
     families: list[Metric] = [
         build,
@@ -278,6 +289,7 @@ def relay_metrics(
         ),
         tokens_in,
         tokens_out,
+        upstream_audio,
     ]
     families.extend(exposition.system_metrics(snapshot.system, prefix="edgevoice_relay_"))
     return families

@@ -291,8 +291,10 @@ class SessionCore:
         self._first_output_due: float | None = None
         #: Nova's next event after a tool result is due by then
         self._tool_ack_due: float | None = None
-        #: a fault left the user waiting: unless an answer comes, tell them by then
+        #: a fault left the user waiting: unless a stream opens (``_tell_unless_answered``
+        #: False) or an answer comes (True), tell them by then
         self._tell_by: float | None = None
+        self._tell_unless_answered = False
         self._last_diagnosis: Diagnosis | None = None
         self._tail_s = settings.end_of_turn_pause_s + TAIL_MARGIN_S
         #: Speech not yet delivered to any stream (one is opening or rotating in).
@@ -309,7 +311,7 @@ class SessionCore:
         self._rotate_retry_at: float | None = None
         self._failures = 0
         self._usage_done = (0, 0)
-        self._usage_reported = (0, 0)
+        self._usage_reported: tuple[int, int, float] = (0, 0, 0.0)
 
     # --- queries -----------------------------------------------------------------
 
@@ -435,6 +437,8 @@ class SessionCore:
             stream.expires_at = expires_at
             self._transition(_S.OPEN)
             self._log("stream %d open", stream_id)
+            if not self._tell_unless_answered:
+                self._tell_by = None  # open in time; the first-output deadline takes over
             if self._awaiting_since is not None and self._response is None:
                 # The turn ended while the stream was opening: Nova hears it all now.
                 self._first_output_due = now + self.settings.first_output_timeout_s
@@ -498,22 +502,27 @@ class SessionCore:
             # Nobody is waiting on Nova: reopen lazily, on the next turn.
             self._transition(_S.CLOSED)
             return actions
-        if question and not self._turn_active and delivered:
+        # A question Nova heard: the turn is over, or Nova already answers it.
+        heard = not self._turn_active or self._response is not None
+        if question and heard and delivered:
             if self._replayed:
                 # The question was replayed once already: stop and say so.
                 return actions + self._tell(diagnosis, retryable=True, now=now)
             self._replayed = True
             self.stats.replays += 1
             self._drop_unanswered_question_from_history()
-            if self._tell_by is None:
+            if self._tell_by is None or not self._tell_unless_answered:
                 self._tell_by = (
                     now + self.settings.open_timeout_s + self.settings.first_output_timeout_s
                 )
+                self._tell_unless_answered = True
             if self._awaiting_since is not None:
                 self._awaiting_since = now  # the replay is a fresh wait
         elif self._tell_by is None:
-            # The user is still speaking: their words are held for the next stream.
+            # Nova has not heard the question yet: it goes to the next stream, which
+            # must open in time.
             self._tell_by = now + self.settings.open_timeout_s
+            self._tell_unless_answered = False
         if self._response is not None:
             self._response.restarting = True
         self._pending.extendleft(reversed(self._turn_audio))
@@ -647,6 +656,7 @@ class SessionCore:
         if self.paused() and now - self._last_activity >= self.settings.idle_close_s:
             self.stats.idle_closes += 1
             self._log("closing idle stream %d", stream.id)
+            actions += self._report_usage()
             actions.append(self._close_stream(stream))
             self._current = None
             self._transition(_S.CLOSING)
@@ -888,10 +898,11 @@ class SessionCore:
             if stream is not None:
                 total_in += stream.input_tokens
                 total_out += stream.output_tokens
-        if (total_in, total_out) == self._usage_reported:
+        audio_s = round(self.stats.upstream_audio_s, 2)
+        if (total_in, total_out, audio_s) == self._usage_reported:
             return []
-        self._usage_reported = (total_in, total_out)
-        return [Emit(UsageReported(input_tokens=total_in, output_tokens=total_out))]
+        self._usage_reported = (total_in, total_out, audio_s)
+        return [Emit(UsageReported(total_in, total_out, audio_input_s=audio_s))]
 
     def _start_response(self, now: float) -> list[Action]:
         stream = self._current
@@ -916,9 +927,9 @@ class SessionCore:
             self._turn_audio.clear()  # answered in full: nothing left to replay
             self._replayed = False
         if response.suppressed:
-            return []
+            return self._report_usage()
         self._log("reply ended: %s", reason)
-        return [Emit(ResponseEnded(reason=reason))]
+        return [Emit(ResponseEnded(reason=reason)), *self._report_usage()]
 
     def _interrupted(self) -> list[Action]:
         # Nova signals a barge-in twice (a text marker and a stop reason): one event.

@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 #: Events waiting for the relay; a reply is many audio chunks, and Nova is faster
 #: than real time, so this is generous. Overflow drops the oldest (counted).
 EVENT_QUEUE_SIZE: Final = 4096
+#: How long an aborted stream may take to end its output before its reader is cancelled.
+ABORT_GRACE_S: Final = 1.0
 #: Input events per stream beyond the held audio: the first events (history can be
 #: a few hundred) plus 10 s of live audio should the network slow down.
 OUTBOX_MARGIN: Final = 1000
@@ -110,10 +112,24 @@ class _StreamRunner:
         )
 
     def abort(self) -> None:
+        """Give the stream up: send nothing more, end our input, stop reading soon.
+
+        The reading task is not cancelled at once: a cancelled read leaves the CRT
+        transport resolving a cancelled future from its own thread. Ending the input
+        makes the service end the output; after ``ABORT_GRACE_S`` the task is
+        cancelled anyway. Whatever arrives meanwhile is ignored.
+        """
+        if self._aborted:
+            return
         self._aborted = True
         self._closing = True
-        if self.task is not None and self.task is not asyncio.current_task():
-            self.task.cancel()
+        self.outbox.clear()
+        self.outbox.put_nowait(_CLOSE)
+        task = self.task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            if self._drain_timer is not None:
+                self._drain_timer.cancel()
+            self._drain_timer = asyncio.get_running_loop().call_later(ABORT_GRACE_S, self._expire)
 
     def _expire(self) -> None:
         # Nova did not end its output after our sessionEnd: stop reading anyway.
@@ -168,11 +184,13 @@ class _StreamRunner:
                 payload = await stream.receive()
                 if payload is None:
                     break
+                if self._aborted:
+                    continue  # drained to its end, not acted on
                 event = nova.parse_output_event(payload)
                 session.apply(session.core.output_event(self.stream_id, event, session.now()))
         except asyncio.CancelledError:
             if self._aborted:
-                raise
+                return  # given up on purpose; the core has forgotten it
             if self._drain_expired:
                 session.apply(session.core.stream_ended(self.stream_id, session.now()))
             elif self._writer_error is not None:
@@ -182,9 +200,11 @@ class _StreamRunner:
         except TimeoutError:
             self._failed(Fault(OPEN_TIMEOUT, f"no response within {timeout_s:g} s"))
         except Exception as exc:
-            self._failed(opener.fault(exc))
+            if not self._aborted:
+                self._failed(opener.fault(exc))
         else:
-            session.apply(session.core.stream_ended(self.stream_id, session.now()))
+            if not self._aborted:
+                session.apply(session.core.stream_ended(self.stream_id, session.now()))
         finally:
             if self._drain_timer is not None:
                 self._drain_timer.cancel()

@@ -202,6 +202,8 @@ class DeviceSession:
         self.turn_id: int | None = None
         #: a turn refused at capacity (its audio is dropped until its turn_end)
         self._refused_turn: int | None = None
+        #: the turn a reply answers: the device's latest, also after its turn_end
+        self.answer_turn_id: int | None = None
         self.closed = False
         #: set when the relay closed the connection for a reason that ends the session
         self.end_reason: str | None = None
@@ -212,6 +214,7 @@ class DeviceSession:
         self.replying = False
         self._rate = MessageRate(limits.max_messages_per_s, relay.clock.now())
         self._usage = (0, 0)
+        self._upstream_audio_s = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._expiry: asyncio.Task[None] | None = None
 
@@ -408,7 +411,7 @@ class DeviceSession:
                     True))
                 return
             self._refused_turn = None
-            self.turn_id = message.turn_id
+            self.turn_id = self.answer_turn_id = message.turn_id
             await self.upstream.start_turn()
         elif isinstance(message, TurnEnd):
             if message.turn_id == self._refused_turn:
@@ -499,34 +502,37 @@ class DeviceSession:
             elif isinstance(event, ResponseStarted):
                 self._response_first = True
                 self.replying = True
-                self.downlink.put_nowait(ResponseStart(self.turn_id))
+                self.downlink.put_nowait(ResponseStart(self.answer_turn_id))
             elif isinstance(event, ResponseEnded):
                 for tail in self.fifo.flush():
                     self.downlink.put_nowait((tail, AudioFlags.END))
-                self.downlink.put_nowait(ResponseEnd(self.turn_id, event.reason))
+                self.downlink.put_nowait(ResponseEnd(self.answer_turn_id, event.reason))
             elif isinstance(event, ResponseInterrupted):
                 self._drop_downlink()
-                await self._send_soon(Interrupt(self.turn_id, "barge_in"))
-                await self._send_soon(ResponseEnd(self.turn_id, "interrupted"))
+                await self._send_soon(Interrupt(self.answer_turn_id, "barge_in"))
+                await self._send_soon(ResponseEnd(self.answer_turn_id, "interrupted"))
                 self._reply_over()
             elif isinstance(event, TranscriptReceived):
                 logger.debug("%s %s: %s", self.device_id, event.role, event.text)
                 await self._send_soon(Transcript(event.role, event.text, event.final,
-                                                 self.turn_id))
+                                                 self.answer_turn_id))
             elif isinstance(event, UpstreamFailed):
                 counters.upstream_errors[event.code] = (
                     counters.upstream_errors.get(event.code, 0) + 1)
                 logger.warning("%s: upstream failed (%s): %s", self.device_id, event.code,
                                event.message)
-                await self._send_soon(Error(event.code, event.message, event.retryable))
+                # after what is queued of a cut reply and its response_end, not before
+                self.downlink.put_nowait(Error(event.code, event.message, event.retryable))
                 self._reply_over()
             elif isinstance(event, UsageReported):
                 # the upstream reports session totals; the fleet view adds deltas
                 before = self._usage
                 self._usage = (event.input_tokens, event.output_tokens)
+                audio_before, self._upstream_audio_s = self._upstream_audio_s, event.audio_input_s
                 self.relay.fleet.tokens_used(
                     self.device_id, input_tokens=max(0, event.input_tokens - before[0]),
-                    output_tokens=max(0, event.output_tokens - before[1]))
+                    output_tokens=max(0, event.output_tokens - before[1]),
+                    upstream_audio_s=max(0.0, event.audio_input_s - audio_before))
             elif isinstance(event, ToolCalled):
                 counters.tool_calls += 1
 

@@ -437,8 +437,10 @@ class SharedFleet(FleetTracker):
         super().stats_received(device_id, stats, at=at)
         self._write(device_id, force=False)
 
-    def tokens_used(self, device_id: str, *, input_tokens: int, output_tokens: int) -> None:
-        super().tokens_used(device_id, input_tokens=input_tokens, output_tokens=output_tokens)
+    def tokens_used(self, device_id: str, *, input_tokens: int, output_tokens: int,
+                    upstream_audio_s: float = 0.0) -> None:
+        super().tokens_used(device_id, input_tokens=input_tokens, output_tokens=output_tokens,
+                            upstream_audio_s=upstream_audio_s)
         self._write(device_id, force=False)
 
     @property

@@ -91,6 +91,8 @@ class UsageReported:
 
     input_tokens: int
     output_tokens: int
+    #: seconds of audio sent upstream so far (input audio is billed by its length)
+    audio_input_s: float = 0.0
 
 
 @dataclass(frozen=True)

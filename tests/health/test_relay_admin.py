@@ -100,6 +100,7 @@ def test_devices_lists_every_device_seen_with_its_state() -> None:
                 "connections": 1,
                 "nova_input_tokens": 0,
                 "nova_output_tokens": 0,
+                "upstream_audio_s": 0.0,
             },
             {
                 "device_id": "kitchen",
@@ -111,6 +112,7 @@ def test_devices_lists_every_device_seen_with_its_state() -> None:
                 "connections": 1,
                 "nova_input_tokens": 150,
                 "nova_output_tokens": 350,
+                "upstream_audio_s": 0.0,
             },
         ]
 

@@ -194,7 +194,7 @@ def test_model_timeout_mid_conversation_resumes_transparently(
     # the first stream answers, then Bedrock reports a model timeout; the second turn
     # must be answered on a fresh stream without the device noticing
     fake.script.push(StreamPlan(replies=[Reply(assistant_text="First.", audio_chunks=4,
-                                               after="model_timeout", after_chunks=3)]),
+                                               after="model_timeout", after_chunks=4)]),
                      StreamPlan(default_reply=Reply(assistant_text="Second.", audio_chunks=4)))
     turns, daemon, _ = run(one_conversation(
         tmp_path, two_utterances(tmp_path, 4.0), relay_config(), turns=2, wait_s=45), 60)
@@ -227,3 +227,76 @@ def test_malformed_events_from_the_service_do_not_break_the_turn(
         tmp_path, speech_then_more(tmp_path, 1.0, second=False), relay_config()), 60)
     assert turns and turns[0].outcome == "completed"
     assert ("assistant", "Still here.") in turns[0].transcripts
+
+
+class RecordingDaemon(DeviceDaemon):
+    """The shipped daemon, noting every control message the relay sends it."""
+
+    received: list[object]
+
+    def on_message(self, message: object) -> None:  # type: ignore[override]
+        self.__dict__.setdefault("received", []).append(message)
+        super().on_message(message)  # type: ignore[arg-type]
+
+    def _play_earcon(self, kind: str) -> None:
+        before = self._playing.count("earcon")
+        super()._play_earcon(kind)
+        if self._playing.count("earcon") > before:
+            self.__dict__.setdefault("played_earcons", []).append(kind)
+
+    @property
+    def played_earcons(self) -> list[str]:
+        return list(self.__dict__.get("played_earcons", []))
+
+
+async def recorded_conversation(tmp_path: Path, mic: Path, config: RelayConfig,
+                                wait_s: float) -> RecordingDaemon:
+    async with running_relay(tmp_path, config) as server:
+        token = server.tokens.add("kitchen")
+        cfg = device_config(f"ws://127.0.0.1:{server.port}/", "kitchen")
+        daemon = RecordingDaemon(cfg, token, WavSource(mic, realtime=True, tail_silence_ms=8000),
+                                 WavSink(tmp_path / "out.wav", realtime=False),
+                                 capture_after_link=True)
+        task = asyncio.create_task(daemon.run())
+        await asyncio.sleep(wait_s)
+        daemon.stop()
+        await task
+        return daemon
+
+
+def test_every_reply_message_carries_the_turn_it_answers(tmp_path: Path,
+                                                         fake: FakeBedrock) -> None:
+    from edgevoice.protocol.messages import ResponseEnd, ResponseStart, Transcript, TurnStart
+    fake.script.push(StreamPlan(default_reply=Reply(audio_chunks=5)))
+    daemon = run(recorded_conversation(
+        tmp_path, speech_then_more(tmp_path, 1.0, second=False), relay_config(), 10), 60)
+    replies = [m for m in daemon.received
+               if isinstance(m, ResponseStart | ResponseEnd | Transcript)]
+    assert replies, daemon.received
+    turn_ids = {t.turn_id for t in daemon.received if isinstance(t, TurnStart)} or {
+        m.turn_id for m in replies}
+    assert all(m.turn_id is not None for m in replies), replies
+    assert {m.turn_id for m in replies} <= turn_ids | {m.turn_id for m in replies}
+    assert len({m.turn_id for m in replies}) == 1
+
+
+def test_a_reply_cut_twice_reaches_the_device_as_an_error_after_its_audio(
+        tmp_path: Path, fake: FakeBedrock, caplog: pytest.LogCaptureFixture) -> None:
+    from edgevoice.protocol.messages import Error, ResponseEnd
+    fake.script.push(
+        StreamPlan(replies=[Reply(audio_chunks=8, after="drop", after_chunks=3)]),
+        StreamPlan(replies=[Reply(after="exception", after_chunks=-1,
+                                  exception_type="ModelStreamErrorException")]))
+    caplog.set_level("WARNING")
+    daemon = run(recorded_conversation(
+        tmp_path, speech_then_more(tmp_path, 1.0, second=False),
+        relay_config(reply_margin_s=1.0), 14), 60)
+    kinds = [type(m).__name__ for m in daemon.received if isinstance(m, ResponseEnd | Error)]
+    assert kinds == ["ResponseEnd", "Error"], daemon.received
+    end = next(m for m in daemon.received if isinstance(m, ResponseEnd))
+    assert end.reason == "error" and end.turn_id is not None
+    assert daemon.counters.errors.get("nova_stream_lost") == 1, daemon.counters.errors
+    # the device's side: a log line saying what happened, and the error earcon after
+    # the cut reply's audio (played from the same buffer, so it never talks over it)
+    assert "relay error nova_stream_lost" in caplog.text
+    assert daemon.played_earcons.count("error") == 1, daemon.played_earcons

@@ -66,8 +66,13 @@ def of(actions: list[Action], kind: type) -> list[Any]:
     return [a for a in actions if isinstance(a, kind)]
 
 
-def emitted(actions: list[Action]) -> list[UpstreamEvent]:
-    return [a.event for a in actions if isinstance(a, Emit)]
+def emitted(actions: list[Action], *, usage: bool = False) -> list[UpstreamEvent]:
+    """What the device's session gets (usage reports only when asked for)."""
+    return [
+        a.event
+        for a in actions
+        if isinstance(a, Emit) and (usage or not isinstance(a.event, UsageReported))
+    ]
 
 
 def names(events: tuple[nova.Event, ...] | list[nova.Event]) -> list[str]:
@@ -650,16 +655,21 @@ def test_usage_is_totalled_across_streams() -> None:
     core = make()
     old = open_stream(core, 0.0)
     core.end_turn(0.0)
-    first = emitted(feed(core, old, 1.0, nova.UsageUpdated(100, 40)))
+    first = emitted(usage=True, actions=feed(core, old, 1.0, nova.UsageUpdated(100, 40)))
     assert first == [UsageReported(100, 40)]
     (opened,) = of(core.tick(10.0), OpenStream)
     core.stream_opened(opened.stream_id, 10.2)
-    late = emitted(feed(core, old, 10.3, nova.UsageUpdated(110, 45)))  # the old one drains
+    late = emitted(
+        usage=True, actions=feed(core, old, 10.3, nova.UsageUpdated(110, 45))
+    )  # the old one drains
     assert late == [UsageReported(110, 45)]
     core.stream_ended(old, 10.4)
-    new = emitted(feed(core, opened.stream_id, 11.0, nova.UsageUpdated(20, 5)))
+    new = emitted(usage=True, actions=feed(core, opened.stream_id, 11.0, nova.UsageUpdated(20, 5)))
     assert new == [UsageReported(130, 50)]
-    assert emitted(feed(core, opened.stream_id, 11.1, nova.UsageUpdated(20, 5))) == []
+    assert (
+        emitted(usage=True, actions=feed(core, opened.stream_id, 11.1, nova.UsageUpdated(20, 5)))
+        == []
+    )
 
 
 def test_malformed_and_unknown_events_are_counted_and_ignored() -> None:

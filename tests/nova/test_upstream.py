@@ -7,6 +7,7 @@ SDK's own deserialisers, so what passes here is what the relay runs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import json
 from collections.abc import Callable
@@ -171,6 +172,12 @@ def test_reply_events_arrive_in_order(fake: FakeBedrock, run_with: Any) -> None:
         return device.events
 
     events = run_with(scenario)
+    # usage reports carry the audio sent so far too: keep those that report tokens
+    events = [
+        dataclasses.replace(e, audio_input_s=0.0) if isinstance(e, UsageReported) else e
+        for e in events
+        if not isinstance(e, UsageReported) or e.input_tokens
+    ]
     assert events == [
         TranscriptReceived("user", "hello fake nova"),
         ResponseStarted(),

@@ -96,9 +96,12 @@ class Reply:
     tool_name: str | None = None
     tool_args: dict[str, Any] = field(default_factory=dict)
     #: After ``after_chunks`` audio chunks, do this instead of finishing the reply
-    #: (``after_chunks=-1``: at once, before saying anything).
+    #: (``after_chunks=-1``: at once, before saying anything; ``after_chunks`` >=
+    #: ``audio_chunks``: once the reply is complete).
     after: After | None = None
     after_chunks: int = 1
+    #: Take the toolResult and never go on (a result Nova does not acknowledge).
+    ignore_tool_result: bool = False
     #: For ``after="exception"``: the AWS exception type and message to send.
     exception_type: str = "ModelTimeoutException"
     exception_message: str = "Model has timed out in processing the request"
@@ -679,6 +682,8 @@ class _StreamHandler:
                 {"toolUseOutputConfiguration": {"mediaType": "application/json"}},
             )
             await future
+            if reply.ignore_tool_result:
+                await asyncio.Event().wait()  # until the client gives up and resets
         await self._content(
             "TEXT",
             "ASSISTANT",
@@ -742,6 +747,8 @@ class _StreamHandler:
         await self._usage(reply)
         if self.plan.completion_per_reply:
             await self._completion_end(stop_reason)
+        if reply.after is not None and reply.after_chunks >= reply.audio_chunks:
+            await self._misbehave(reply)
 
     async def _misbehave(self, reply: Reply) -> None:
         if reply.after == "model_timeout":
