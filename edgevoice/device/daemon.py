@@ -236,6 +236,8 @@ class DeviceDaemon(LinkListener):
                         if config.feedback.earcons_enabled else None)
         #: the responses the playback buffer holds, in order (earcons are mixed-in cues)
         self._playing: collections.deque[str] = collections.deque()
+        #: an earcon due once the reply now playing has been heard
+        self._earcon_after_reply: str | None = None
         self._frame_index = 0
         self._wake_frame_index: int | None = None
         self._error_until = 0.0
@@ -440,10 +442,16 @@ class DeviceDaemon(LinkListener):
             self.display.set_state(state)
 
     def _play_earcon(self, kind: str) -> None:
-        if self.earcons is None or ("reply" in self._playing and kind != "error"):
-            return  # never talk over the assistant; an error follows the cut reply's audio
         if kind == "error":
             self._error_until = self.clock.now() + ERROR_STATE_S
+        if self.earcons is None:
+            return
+        if "reply" in self._playing:
+            # never talk over the assistant; an error (a reply cut by a fault) is
+            # played once what did arrive of the reply has been heard
+            if kind == "error":
+                self._earcon_after_reply = kind
+            return
         # Mixed in, not queued: a reply that arrives meanwhile cuts it instead of
         # waiting behind it (the "done" cue used to delay every answer by 225 ms).
         self.playback.play_cue(self.earcons.pcm(EARCONS[kind]))
@@ -465,6 +473,7 @@ class DeviceDaemon(LinkListener):
             elif isinstance(command, StopPlayback):
                 self.playback.flush()
                 self._playing.clear()
+                self._earcon_after_reply = None
                 self.resampler.reset()
                 self._discard_downlink = True
                 self.counters.interrupts += 1
@@ -543,6 +552,9 @@ class DeviceDaemon(LinkListener):
         what = self._playing[0] if self._playing else "reply"
         if isinstance(event, PlaybackEnded) and self._playing:
             self._playing.popleft()
+            if what == "reply" and self._earcon_after_reply is not None:
+                kind, self._earcon_after_reply = self._earcon_after_reply, None
+                self._play_earcon(kind)
         if what != "reply":
             return  # an earcon: not part of any turn
         turn = self.current

@@ -239,10 +239,9 @@ class RecordingDaemon(DeviceDaemon):
         super().on_message(message)  # type: ignore[arg-type]
 
     def _play_earcon(self, kind: str) -> None:
-        before = self._playing.count("earcon")
-        super()._play_earcon(kind)
-        if self._playing.count("earcon") > before:
+        if self.earcons is not None and "reply" not in self._playing:  # it is heard now
             self.__dict__.setdefault("played_earcons", []).append(kind)
+        super()._play_earcon(kind)
 
     @property
     def played_earcons(self) -> list[str]:
