@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import subprocess
 import sys
 import time
@@ -231,3 +232,22 @@ def test_a_token_added_on_one_relay_is_accepted_by_all(cluster: Cluster) -> None
     removed = token_cli("remove", "porch", cluster.relays[1].config_file)
     assert removed.returncode == 0, removed.stderr
     assert asyncio.run(everywhere()) == [False, False, False]
+
+
+def test_the_cluster_demo_prints_its_summary(tmp_path: Path) -> None:
+    # ./scripts/cluster-demo's own run, smaller: a kill and a drain, one JSON object
+    script = Path(__file__).resolve().parents[2] / "scripts" / "cluster-demo"
+    result = subprocess.run([str(script), "--devices", "8", "--kill-after", "4",
+                             "--drain-after", "8", "--run", "14", "--workdir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=scaled(180), check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    for key in ("devices", "turns_ok", "turns_failed", "relays_killed", "relays_drained",
+                "reconnect_p99_ms", "history_kept"):
+        assert key in summary, key
+    assert summary["devices"] == 8
+    assert (summary["relays_killed"], summary["relays_drained"]) == (1, 1)
+    assert summary["turns_ok"] > 8
+    # only turns in flight on the killed relay may fail
+    assert summary["turns_failed"] == summary["turns_failed_in_flight_on_killed_relay"]
+    assert summary["history_kept"] == summary["devices_moved"] > 0
