@@ -23,7 +23,7 @@ from edgevoice.config.model import DeviceConfig, RelayConfig
 from edgevoice.device.daemon import DeviceDaemon, TurnTimeline
 from edgevoice.relay.app import build_server
 from edgevoice.relay.auth import AuthSettings
-from edgevoice.relay.settings import ListenSettings
+from edgevoice.relay.settings import LimitsSettings, ListenSettings
 
 DEMO_DEVICE = "demo"
 
@@ -64,8 +64,13 @@ async def run_demo(input_wav: Path, output_wav: Path, *, fast: bool = False,
                    timeout_s: float = 60.0,
                    device_config: DeviceConfig | None = None) -> DemoResult:
     with tempfile.TemporaryDirectory(prefix="edgevoice-demo-") as tmp:
+        # --fast sends the input as fast as it can be read: lift the relay's
+        # real-time limits on uplink audio, which would rightly refuse that
+        limits = LimitsSettings(max_audio_ms_per_s=3_600_000, max_messages_per_s=100_000) \
+            if fast else LimitsSettings()
         relay_config = RelayConfig(listen=ListenSettings(host="127.0.0.1", port=0),
-                                   auth=AuthSettings(tokens_file=str(Path(tmp) / "tokens.json")))
+                                   auth=AuthSettings(tokens_file=str(Path(tmp) / "tokens.json")),
+                                   limits=limits)
         server = build_server(relay_config)
         token = server.tokens.add(DEMO_DEVICE)
         await server.start()

@@ -65,6 +65,8 @@ from edgevoice.protocol.messages import (
     parse_handover_reason,
 )
 from edgevoice.protocol.replay import OutboundQueue, ReplayJournal, SentFrame
+from edgevoice.protocol.session import SESSION_ENDING_CLOSES as _SESSION_ENDING_CLOSES
+from edgevoice.protocol.session import Closer, close_ends_session
 
 logger = logging.getLogger(__name__)
 
@@ -204,11 +206,9 @@ class _Audio:
     flags: AudioFlags
 
 
-#: Close codes from the relay after which there is no session to resume.
-SESSION_ENDING_CLOSES = frozenset({
-    CloseCode.NORMAL, CloseCode.GOING_AWAY, CloseCode.PROTOCOL_ERROR,
-    CloseCode.POLICY_VIOLATION, CloseCode.MESSAGE_TOO_BIG, CloseCode.SESSION_REPLACED,
-    CloseCode.UNSUPPORTED_VERSION, CloseCode.RECONNECT_NOW})
+#: Close codes from the relay after which there is no session to resume (the
+#: session core's rule, shared with the relay: docs/protocol.md §7.2).
+SESSION_ENDING_CLOSES = _SESSION_ENDING_CLOSES[Closer.RELAY]
 
 
 class _SessionEnded(LinkError):
@@ -441,7 +441,7 @@ class DeviceLink:
         return received.code if received is not None else None
 
     def _close_ends_session(self) -> bool:
-        return self._close_code_received() in SESSION_ENDING_CLOSES
+        return close_ends_session(self._close_code_received(), Closer.RELAY)
 
     def _describe(self, exc: BaseException) -> str:
         if isinstance(exc, InvalidStatus):

@@ -96,6 +96,14 @@ class RelaySnapshot:
     upstream_errors: Mapping[str, int] = field(default_factory=dict)
     #: device connections refused for a bad or missing token
     auth_failures: int = 0
+    #: connections refused or closed by a limit, by kind (bad_token, auth_throttled,
+    #: bad_handshake, pending_evicted, ping_flood, slow_reader, rate_limited, ...)
+    refusals: Mapping[str, int] = field(default_factory=dict)
+    #: devices disconnected because they did not read what was sent to them
+    slow_readers: int = 0
+    #: TCP connections open now, and those of them still before their hello
+    connections_open: int = 0
+    connections_pending: int = 0
     system: SystemStats = field(default_factory=SystemStats)
 
 
@@ -287,6 +295,22 @@ def relay_metrics(
             "Device connections refused for a bad or missing token.",
             snapshot.auth_failures,
         ),
+        exposition.labelled_counter(
+            "edgevoice_relay_refusals",
+            "Connections refused or closed by a limit, by kind.",
+            "kind",
+            snapshot.refusals,
+        ),
+        counter(
+            "edgevoice_relay_slow_readers",
+            "Devices disconnected because they did not read what was sent to them.",
+            snapshot.slow_readers,
+        ),
+        *gauge("edgevoice_relay_connections_open", "TCP connections open now.",
+               snapshot.connections_open),
+        *gauge("edgevoice_relay_connections_pending",
+               "Connections that have not finished their handshake and hello.",
+               snapshot.connections_pending),
         tokens_in,
         tokens_out,
         upstream_audio,

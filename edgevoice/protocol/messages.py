@@ -36,7 +36,7 @@ class CloseCode(IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001  # relay or device shutting down; come back later
     PROTOCOL_ERROR = 1002  # the peer broke this protocol
-    POLICY_VIOLATION = 1008  # rate limit exceeded
+    POLICY_VIOLATION = 1008  # a limit was exceeded, or the hello names another device
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     SESSION_REPLACED = 4000  # the same device connected again
@@ -44,6 +44,7 @@ class CloseCode(IntEnum):
     UNSUPPORTED_VERSION = 4002  # hello.protocol is not one we speak
     IDLE_TIMEOUT = 4003  # nothing received for too long (heartbeats stopped)
     RECONNECT_NOW = 4004  # relay draining (restart, upgrade): session over, reconnect at once
+    SLOW_READER = 4005  # the peer did not read what was sent to it; resumable
 
 
 def handover_reason(last_received_seq: int | None, messages_received: int) -> str:

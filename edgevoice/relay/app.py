@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 from collections.abc import Mapping
 
@@ -69,6 +70,7 @@ def build_server(config: RelayConfig, shared: RedisState | None = None) -> Relay
         server = RelayServer(config.listen, config.limits, TokenStore(config.auth.tokens_file),
                              upstream,
                              max_failures_per_minute=config.auth.max_failures_per_minute,
+                             max_failures_per_s=config.auth.max_failures_per_s,
                              context_factory=contexts, downlink_opus=config.downlink_opus,
                              browser=browser)
     else:
@@ -90,6 +92,25 @@ def shared_state(config: RelayConfig) -> RedisState | None:
     return RedisState(cluster.store, relay_id, config.auth.max_failures_per_minute)
 
 
+def ensure_fd_limit(needed: int) -> int:
+    """Raise the soft open-files limit towards ``needed`` (up to the hard limit).
+
+    The units set ``LimitNOFILE`` for the default limits; this covers a relay run by
+    hand or configured for more devices. Returns the soft limit now in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft < needed:
+        logger.warning("open-files limit is %d, but limits.max_devices and "
+                       "limits.max_pending_connections need about %d: raise LimitNOFILE "
+                       "in the unit or lower those limits", soft, needed)
+    return soft
+
+
 async def run_relay(config: RelayConfig, config_file: str = "config") -> None:
     notifier = SystemdNotifier(settings=config.watchdog)
     admin_token = load_token(config.admin.token_file, key="admin.token_file") \
@@ -103,6 +124,10 @@ async def run_relay(config: RelayConfig, config_file: str = "config") -> None:
         if server.browser is not None else None
     admin = relay_admin_api(RelayHealth(server), config.admin, admin_token,
                             source_file=config_file, extra_routes=browser_routes)
+    ensure_fd_limit(server.required_fds())
+    # an accept() that fails for want of file descriptors is logged by asyncio with a
+    # traceback per attempt: keep one line a minute
+    logging.getLogger("asyncio").addFilter(server.log_filter)
     await server.start()
     await admin.start()
     logger.debug("admin endpoint on %s:%d", config.admin.bind, admin.port)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from edgevoice.config.base import require
 from edgevoice.errors import ConfigError, EdgevoiceError
+from edgevoice.protocol.limits import TokenBucket
 from edgevoice.tokens import digest_matches, hash_token
 
 logger = logging.getLogger(__name__)
@@ -101,11 +102,16 @@ class AuthSettings:
     tokens_file: str = "/var/lib/edgevoice-relay/tokens.json"
     """JSON file of token digests, written by `edgevoice token add`."""
     max_failures_per_minute: int = 10
-    """Bad tokens from one address before it gets HTTP 429 for a minute."""
+    """Bad tokens from one address before its further bad tokens get HTTP 429 for the
+    rest of the minute. A valid token is never refused for this."""
+    max_failures_per_s: int = 50
+    """Bad tokens per second from all addresses together (bursts of as many) before
+    further bad tokens get HTTP 429: rotating addresses does not escape it."""
 
     def __post_init__(self) -> None:
         require(bool(self.tokens_file), "tokens_file", "must name a file")
         require(self.max_failures_per_minute >= 1, "max_failures_per_minute", "must be >= 1")
+        require(self.max_failures_per_s >= 1, "max_failures_per_s", "must be >= 1")
 
 
 class TokenStore:
@@ -254,3 +260,27 @@ class FailureLimiter:
         times.append(now)
         while len(self._failures) > self.max_addresses:  # bounded: forget the stalest
             self._failures.popitem(last=False)
+
+
+class GuessThrottle:
+    """Slows token guessing per address and relay-wide; pure (takes ``now``).
+
+    It is asked only about tokens that failed verification: a valid token is checked
+    first and never refused for what other clients at its address (a NAT, a site)
+    did. That costs no safety: a secret is 32 random bytes, so guessing one is
+    hopeless at any rate, and the throttle is there to keep refusals cheap and
+    their log short, not to stop a search that cannot succeed.
+    """
+
+    def __init__(self, max_per_minute: int, max_total_per_s: int, now: float, *,
+                 per_address: FailureLimiter | None = None) -> None:
+        #: this process's, or the fleet's (relay/shared.py), counts per address
+        self.per_address = per_address or FailureLimiter(max_per_minute)
+        self.total = TokenBucket(max_total_per_s, max_total_per_s, now)
+
+    def failed(self, address: str, now: float) -> bool:
+        """Record one bad token from ``address``; True when it is to get 429, not 401."""
+        over_address = self.per_address.blocked(address, now)
+        self.per_address.record_failure(address, now)
+        over_total = not self.total.take(1.0, now)
+        return over_address or over_total

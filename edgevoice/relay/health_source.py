@@ -23,7 +23,7 @@ class RelayHealth:
         return RelaySnapshot(
             version=__version__,
             uptime_s=round(time.time() - s.started_at, 1),
-            sessions_active=len(s.sessions),
+            sessions_active=len(s.table),
             sessions_total=c.sessions_total,
             sessions_held=c.sessions_held,
             sessions_resumed=c.sessions_resumed,
@@ -35,6 +35,10 @@ class RelayHealth:
             upstream_latency_sum_s=c.upstream_latency_sum_s,
             upstream_errors=dict(c.upstream_errors),
             auth_failures=c.auth_failures,
+            refusals=dict(c.refusals),
+            slow_readers=c.slow_readers,
+            connections_open=s.connections_open,
+            connections_pending=s.connections_pending,
             system=self.sampler.sample(),
         )
 

@@ -28,10 +28,12 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 
 from edgevoice import __version__
@@ -41,7 +43,9 @@ from edgevoice.clock import Clock, MonotonicClock
 from edgevoice.errors import ProtocolError, RemoteProtocolError
 from edgevoice.health.relay import FleetTracker
 from edgevoice.protocol.connection import RELIABLE, Connection, Role
+from edgevoice.protocol.limits import TokenBucket, opus_packet_duration_ms
 from edgevoice.protocol.messages import (
+    AUDIO_HEADER_BYTES,
     MAX_TEXT_BYTES,
     SUBPROTOCOL,
     AudioFlags,
@@ -64,7 +68,15 @@ from edgevoice.protocol.messages import (
     handover_reason,
 )
 from edgevoice.protocol.replay import OutboundQueue, ReplayJournal, SentFrame
-from edgevoice.relay.auth import FailureLimiter
+from edgevoice.protocol.session import (
+    Closer,
+    SessionLifecycle,
+    SessionState,
+    SessionTable,
+    close_ends_session,
+)
+from edgevoice.relay.auth import FailureLimiter, GuessThrottle
+from edgevoice.relay.refusals import QuietFilter, RefusalLog
 from edgevoice.relay.settings import LimitsSettings, ListenSettings
 from edgevoice.relay.shared import DeviceTokens
 from edgevoice.upstream.base import (
@@ -96,8 +108,10 @@ MAX_CONCEALED_FRAMES = 5
 #: Reliable messages held for a detached device beyond the paced queue (transcripts,
 #: errors); the oldest go first.
 MAX_HELD_MESSAGES = 256
-#: Close codes with which a device ends its session on purpose: nothing to hold.
-DEVICE_GOODBYES = frozenset({CloseCode.NORMAL, CloseCode.GOING_AWAY})
+#: Longest uplink Opus packet, in milliseconds of audio (the uplink is 20 ms frames).
+MAX_UPLINK_PACKET_MS = 20.0
+#: Pings one connection may send in a burst (see LimitsSettings.max_pings_per_s).
+PING_BURST = 10
 
 
 @dataclass
@@ -135,31 +149,18 @@ class RelayCounters:
     #: turns refused because the relay was at capacity, and their audio dropped
     turns_refused: int = 0
     frames_refused: int = 0
+    #: connections refused or closed by a limit, by kind (RefusalLog keeps them)
+    refusals: dict[str, int] = field(default_factory=dict)
 
 
-class MessageRate:
-    """A token bucket: ``rate`` messages a second, bursts of ``rate``; pure (takes ``now``).
-
-    A resumed device may catch up at once on what it queued while the link was
-    down: :meth:`grant` adds a one-off allowance for that.
-    """
+class MessageRate(TokenBucket):
+    """``rate`` messages a second, bursts of ``rate``; pure (takes ``now``)."""
 
     def __init__(self, rate: int, now: float) -> None:
-        self.rate = rate
-        self._tokens = float(rate)
-        self._at = now
+        super().__init__(rate, rate, now)
 
     def allow(self, now: float) -> bool:
-        if self._tokens < self.rate:
-            self._tokens = min(float(self.rate), self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
-
-    def grant(self, messages: int) -> None:
-        self._tokens += messages
+        return self.take(1.0, now)
 
 
 #: What waits in the downlink queue: control messages and (Opus packet, flags).
@@ -179,11 +180,14 @@ class DeviceSession:
     """
 
     def __init__(self, relay: RelayServer, device_id: str, session_id: str,
-                 upstream: UpstreamSession) -> None:
+                 upstream: UpstreamSession | None = None) -> None:
         self.relay = relay
         self.device_id = device_id
         self.session_id = session_id
-        self.upstream = upstream
+        #: None until :meth:`start` (the hello's session is in the table before its
+        #: upstream is open, so no other hello can slip in meanwhile)
+        self._upstream = upstream
+        self.lifecycle = SessionLifecycle(f"{device_id}/{session_id[:8]}")
         #: the connection this session belongs to (from its hello on), and the one
         #: attached to it (from the end of its replay on; None while detached)
         self.owner: ServerConnection | None = None
@@ -204,40 +208,70 @@ class DeviceSession:
         self._refused_turn: int | None = None
         #: the turn a reply answers: the device's latest, also after its turn_end
         self.answer_turn_id: int | None = None
-        self.closed = False
         #: set when the relay closed the connection for a reason that ends the session
         self.end_reason: str | None = None
         self.detached_at: float | None = None
         self._response_first = True
         self._turn_ended_at: float | None = None
+        now = relay.clock.now()
         #: a reply is owed (turn ended) or under way, until its response_end is sent
         self.replying = False
-        self._rate = MessageRate(limits.max_messages_per_s, relay.clock.now())
+        self._rate = MessageRate(limits.max_messages_per_s, now)
+        #: milliseconds of uplink audio: refills at max_audio_ms_per_s, bursts of 2 s
+        self._audio_ms = TokenBucket(limits.max_audio_ms_per_s,
+                                     2 * limits.max_audio_ms_per_s, now)
+        self._pings = TokenBucket(limits.max_pings_per_s,
+                                  max(PING_BURST, limits.max_pings_per_s), now)
         self._usage = (0, 0)
         self._upstream_audio_s = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._expiry: asyncio.Task[None] | None = None
+        self._finished = False
 
     @property
     def attached(self) -> bool:
         return self.ws is not None
 
     @property
+    def closed(self) -> bool:
+        return self.lifecycle.closed
+
+    @property
     def busy(self) -> bool:
         """In a turn, or owing the device a reply: a drain waits for it."""
         return self.turn_id is not None or self.replying
 
-    def start(self) -> None:
-        """Start the tasks that live as long as the session."""
+    @property
+    def public_id(self) -> str:
+        """What the fleet view (/devices, logs) shows of the session id: enough to tell
+        sessions apart, not enough to resume one (that needs the whole id)."""
+        return self.session_id[:8]
+
+    @property
+    def upstream(self) -> UpstreamSession:
+        if self._upstream is None:
+            raise RuntimeError(f"session {self.session_id[:8]} has no upstream yet")
+        return self._upstream
+
+    def start(self, upstream: UpstreamSession | None = None) -> None:
+        """Start the tasks that live as long as the session (its upstream is open)."""
+        if upstream is not None:
+            self._upstream = upstream
         self._tasks = [
             asyncio.create_task(self._pump_upstream(), name=f"upstream:{self.device_id}"),
             asyncio.create_task(self._pace_downlink(), name=f"downlink:{self.device_id}")]
 
     async def close(self) -> None:
-        """End the session: stop its tasks, close the upstream. Idempotent."""
-        if self.closed:
+        """End the session: stop its tasks, close the upstream. Idempotent.
+
+        Its table entry is removed first (:meth:`RelayServer.forget`), which moves
+        the lifecycle to CLOSED; this only releases what the session holds.
+        """
+        if self._finished:
             return
-        self.closed = True
+        self._finished = True
+        if not self.lifecycle.closed:
+            self.lifecycle.to(SessionState.CLOSED)
         self._attached.clear()
         current = asyncio.current_task()
         tasks = [t for t in (*self._tasks, self._expiry) if t is not None and t is not current]
@@ -246,7 +280,8 @@ class DeviceSession:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await self.upstream.close()
+        if self._upstream is not None:
+            await self._upstream.close()
 
     # ------------------------------------------------------------ attachment
 
@@ -256,7 +291,7 @@ class DeviceSession:
         self._attached.clear()
         if ws is not None:
             self.detached_at = self.relay.clock.now()
-            self.relay.fleet.disconnected(self.device_id, session_id=self.session_id,
+            self.relay.fleet.disconnected(self.device_id, session_id=self.public_id,
                                           at=time.time())
         return ws
 
@@ -307,8 +342,14 @@ class DeviceSession:
                 else:
                     await ws.send(conn.resend(entry.message))
                     self.relay.counters.messages_replayed += 1
-            # the device may now catch up on what it queued while away, at once
-            self._rate.grant(2 * self.relay.limits.resume_window_ms // 20 + 100)
+            # The device may now catch up at once on what it queued while away: as
+            # much as it can have queued in the time it was away (at most the window),
+            # so resuming again and again earns nothing (§7.4).
+            away_s = min(self.relay.limits.resume_window_ms / 1000,
+                         max(0.0, self.relay.clock.now() - (self.detached_at
+                                                            or self.relay.clock.now())))
+            self._rate.grant(away_s * 60)
+            self._audio_ms.grant(away_s * 1000)
             logger.info("%s resumed session %s: re-sent %d frames and %d messages%s",
                         self.device_id, self.session_id[:8], replay.frames,
                         len(replay.items) - replay.frames,
@@ -316,11 +357,11 @@ class DeviceSession:
         while self._held_messages and self.owner is ws:
             message = self._held_messages.popleft()
             await self._transmit(ws, conn, message)
-        if self.owner is not ws or self.closed:
-            return False  # a newer connection resumed the session meanwhile
+        if self.owner is not ws or not self.relay.table.attached(self):
+            return False  # a newer connection resumed the session, or it ended
         self.ws = ws
         self.detached_at = None
-        self.relay.fleet.connected(self.device_id, session_id=self.session_id, address=address,
+        self.relay.fleet.connected(self.device_id, session_id=self.public_id, address=address,
                                    at=time.time())
         self._attached.set()
         with contextlib.suppress(ConnectionClosed):
@@ -328,14 +369,20 @@ class DeviceSession:
         if self.end_reason is not None:
             return False
         received = ws.protocol.close_rcvd
-        return received is None or received.code not in DEVICE_GOODBYES
+        return not close_ends_session(received.code if received else None, Closer.DEVICE)
 
     # ------------------------------------------------------------------ uplink
+
+    def _end(self, reason: str) -> None:
+        """The relay ends this session: out of the table at once, so that no resume
+        can reach it while its connection is still closing."""
+        self.end_reason = reason
+        self.relay.table.remove(self)
 
     async def _close_for(self, ws: ServerConnection, code: int, reason: str,
                          *, ends_session: bool) -> None:
         if ends_session:
-            self.end_reason = reason
+            self._end(reason)
         await ws.close(code, reason[:120])
 
     async def _receive(self, ws: ServerConnection, conn: Connection) -> None:
@@ -353,22 +400,37 @@ class DeviceSession:
                 return
             if self.owner is not ws:
                 return  # a resume moved the session to a newer connection
-            if not self._rate.allow(clock.now()):
+            now = clock.now()
+            over = None
+            if not self._rate.allow(now):
+                over = f"over {limits.max_messages_per_s} messages/s"
+            elif isinstance(data, bytes) and not self._audio_ms.take(
+                    _packet_ms(data), now):
+                over = f"over {limits.max_audio_ms_per_s} ms of audio/s"
+            if over is not None:
                 self.relay.counters.rate_limited += 1
-                logger.warning("%s: over %d messages/s, closing", self.device_id,
-                               limits.max_messages_per_s)
+                self.relay.refusals.refused("rate_limited", f"{self.device_id}: {over}")
                 await self._close_for(ws, CloseCode.POLICY_VIOLATION, "rate limit exceeded",
                                       ends_session=True)
                 return
             try:
                 if isinstance(data, str):
-                    await self._on_message(ws, conn, conn.receive_text(data))
+                    message = conn.receive_text(data)
+                    if isinstance(message, Ping) and not self._pings.take(1.0, now):
+                        self.relay.counters.rate_limited += 1
+                        self.relay.refusals.refused(
+                            "rate_limited", f"{self.device_id}: over "
+                            f"{limits.max_pings_per_s} pings/s")
+                        await self._close_for(ws, CloseCode.POLICY_VIOLATION,
+                                              "ping rate exceeded", ends_session=True)
+                        return
+                    await self._on_message(ws, conn, message)
                 else:
                     await self._on_audio(conn, data)
             except ProtocolError as exc:
                 self.relay.counters.protocol_errors += 1
                 logger.info("%s: protocol error, closing: %s", self.device_id, exc)
-                self.end_reason = str(exc)
+                self._end(str(exc))
                 await self._transmit(ws, conn, Error(code="protocol_error",
                                                      message=str(exc)[:200]))
                 await self._close_for(ws, exc.close_code, str(exc), ends_session=True)
@@ -386,6 +448,10 @@ class DeviceSession:
                 counters.frames_refused += 1
                 return
             raise RemoteProtocolError("uplink audio outside a turn")
+        duration_ms = opus_packet_duration_ms(received.frame.payload)
+        if duration_ms > MAX_UPLINK_PACKET_MS:
+            raise RemoteProtocolError(f"Opus packet of {duration_ms:g} ms; uplink packets "
+                                      f"carry at most {MAX_UPLINK_PACKET_MS:g} ms")
         try:
             pieces = self.decoder.decode_after_gap(received.frame.payload, received.missing,
                                                    MAX_CONCEALED_FRAMES)
@@ -480,11 +546,12 @@ class DeviceSession:
             await asyncio.wait_for(ws.send(data), timeout)
         except TimeoutError:
             self.relay.counters.slow_readers += 1
-            logger.warning("%s: not reading for %.1f s, disconnecting", self.device_id, timeout)
+            self.relay.refusals.refused(
+                "slow_reader", f"{self.device_id}: not reading for {timeout:.1f} s")
             # A dead route looks the same as a slow reader: hold the session, in
-            # case the device comes back and resumes.
+            # case the device comes back and resumes (4004 is a drop, §7.2).
             with contextlib.suppress(Exception):
-                await self._close_for(ws, CloseCode.POLICY_VIOLATION, "device is not reading",
+                await self._close_for(ws, CloseCode.SLOW_READER, "device is not reading",
                                       ends_session=False)
         except ConnectionClosed:
             pass  # journaled: a resume re-sends it
@@ -535,6 +602,7 @@ class DeviceSession:
                     upstream_audio_s=max(0.0, event.audio_input_s - audio_before))
             elif isinstance(event, ToolCalled):
                 counters.tool_calls += 1
+            await asyncio.sleep(0)  # one session's burst of events must not starve others
 
     async def _pace_downlink(self) -> None:
         clock = self.relay.clock
@@ -573,11 +641,68 @@ class DeviceSession:
                 break
 
 
+class GuardedConnection(ServerConnection):
+    """A device connection that enforces the relay's limits below the protocol.
+
+    Before the handshake it is *pending* (capped by the relay; the oldest is dropped
+    first). Throughout, WebSocket ping frames are metered, and a peer that lets the
+    send buffer grow past ``max_write_buffer_bytes`` (it writes, e.g. pings, but does
+    not read the answers) is dropped. The device id the token named is kept here,
+    on the connection, so nothing outlives a failed upgrade.
+    """
+
+    relay: ClassVar[RelayServer]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.device_id: str | None = None
+        self._ping_budget = TokenBucket(self.relay.limits.max_pings_per_s,
+                                        max(PING_BURST, self.relay.limits.max_pings_per_s),
+                                        self.relay.clock.now())
+        self._dropped = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.relay._connection_opened(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay._connection_closed(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._dropped:
+            return
+        limit = self.relay.limits.max_write_buffer_bytes
+        if self.transport.get_write_buffer_size() > limit:
+            self.relay.counters.slow_readers += 1
+            self.drop("slow_reader", f"send buffer over {limit} bytes: the peer is not reading")
+
+    def process_event(self, event: Any) -> None:
+        if (isinstance(event, Frame) and event.opcode is Opcode.PING
+                and not self._ping_budget.take(1.0, self.relay.clock.now())):
+            self.relay.counters.rate_limited += 1
+            self.drop("ping_flood", f"over {self.relay.limits.max_pings_per_s} pings/s")
+            return
+        super().process_event(event)
+
+    def drop(self, kind: str, detail: str) -> None:
+        """Close the TCP connection at once, without a closing handshake (the peer
+        is not reading, so there is no point in writing it a close frame)."""
+        if self._dropped:
+            return
+        self._dropped = True
+        address = self.remote_address[0] if self.remote_address else "?"
+        self.relay.refusals.refused(kind, f"{self.device_id or address}: {detail}")
+        self.transport.abort()
+
+
 class RelayServer:
     """Accepts devices and gives each its own upstream session."""
 
     def __init__(self, listen: ListenSettings, limits: LimitsSettings, tokens: DeviceTokens,
                  upstream: Upstream, *, max_failures_per_minute: int = 10,
+                 max_failures_per_s: int = 50,
                  clock: Clock | None = None,
                  context_factory: Callable[[str, str], DeviceContext] | None = None,
                  downlink_opus: OpusSettings | None = None,
@@ -593,15 +718,18 @@ class RelayServer:
         self.upstream = upstream
         self.clock = clock or MonotonicClock()
         self.counters = RelayCounters()
+        self.refusals = RefusalLog(self.clock.now)
+        self.counters.refusals = self.refusals.counts
         #: fleet view and bad-token limiter: this process's, or shared (relay/shared.py)
         self.fleet = fleet or FleetTracker()
-        #: sessions attached to a connection, by device id
-        self.sessions: dict[str, DeviceSession] = {}
-        #: sessions whose connection dropped, held for a resume, by device id
-        self.held: dict[str, DeviceSession] = {}
+        #: every live session, one per device id (attached, attaching or held)
+        self.table: SessionTable[DeviceSession] = SessionTable(limits.max_devices)
         self.started_at = time.time()
-        self._limiter = limiter or FailureLimiter(max_failures_per_minute)
-        self._authenticated: dict[int, str] = {}
+        self._throttle = GuessThrottle(max_failures_per_minute, max_failures_per_s,
+                                       self.clock.now(), per_address=limiter)
+        #: connections open now; those not past their hello yet, oldest first
+        self._connections: dict[int, GuardedConnection] = {}
+        self._pending: dict[int, GuardedConnection] = {}
         self._server: Server | None = None
         self._closing = False
         #: set by drain(): /healthz fails so balancers send new devices elsewhere
@@ -610,6 +738,27 @@ class RelayServer:
         self._background: set[asyncio.Task[None]] = set()
         self._context_factory = context_factory or (
             lambda device_id, session_id: DeviceContext(device_id, session_id))
+        self.websockets_log = logging.getLogger(f"{__name__}.websockets")
+        self.log_filter = QuietFilter(self.clock.now)
+        self.websockets_log.addFilter(self.log_filter)
+
+    @property
+    def sessions(self) -> dict[str, DeviceSession]:
+        """Sessions a connection carries (or is about to), by device id."""
+        return self.table.in_state(SessionState.ATTACHING, SessionState.ATTACHED)
+
+    @property
+    def held(self) -> dict[str, DeviceSession]:
+        """Sessions whose connection dropped, held for a resume, by device id."""
+        return self.table.in_state(SessionState.HELD)
+
+    @property
+    def connections_open(self) -> int:
+        return len(self._connections)
+
+    @property
+    def connections_pending(self) -> int:
+        return len(self._pending)
 
     @property
     def listening(self) -> bool:
@@ -620,6 +769,11 @@ class RelayServer:
         assert self._server is not None
         sockets = self._server.sockets
         return int(sockets[0].getsockname()[1])
+
+    def required_fds(self) -> int:
+        """File descriptors the configured limits can use: per device its connection
+        and an upstream socket, the pending connections, and some to spare."""
+        return 2 * self.limits.max_devices + self.limits.max_pending_connections + 64
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         if self.listen.tls_cert_file is None:
@@ -632,6 +786,7 @@ class RelayServer:
     async def start(self) -> None:
         limits = self.limits
         self._closing = False
+        connection_class = type("RelayConnection", (GuardedConnection,), {"relay": self})
         self._server = await serve(
             self._handle,
             self.listen.host,
@@ -645,8 +800,11 @@ class RelayServer:
             ping_timeout=limits.ping_timeout_ms / 1000,
             close_timeout=2,
             max_size=MAX_TEXT_BYTES,
-            max_queue=64,
+            # memory per connection: at most 16 whole messages of 16 KiB queued
+            max_queue=16,
             server_header=f"edgevoice-relay/{__version__}",
+            create_connection=connection_class,
+            logger=self.websockets_log,
         )
         logger.info("relay listening on %s:%d (upstream: %s)", self.listen.host, self.port,
                     self.upstream.name)
@@ -655,23 +813,39 @@ class RelayServer:
         """Stop accepting; tell every device we are going away; close every session.
 
         Sessions do not survive a relay restart: devices come back (1001 says so)
-        and start new ones.
+        and start new ones. Bounded by ``shutdown_timeout_ms`` whatever the clients
+        or the upstream do: then what is left is dropped.
         """
-        if self._server is None:
+        server = self._server
+        if server is None:
             return
         self._closing = True
-        self._server.close(close_connections=False)
-        for session in list(self.sessions.values()):
-            if session.ws is not None:
-                with contextlib.suppress(Exception):
-                    await session.ws.close(CloseCode.GOING_AWAY, "relay shutting down")
-        await self._server.wait_closed()
-        for session in [*self.sessions.values(), *self.held.values()]:
-            await self.forget(session)
-        for task in list(self._background):
-            with contextlib.suppress(Exception):
-                await task
-        await self.upstream.aclose()
+        timeout_s = self.limits.shutdown_timeout_ms / 1000
+        server.close(close_connections=True, code=CloseCode.GOING_AWAY,
+                     reason="relay shutting down")
+        try:
+            async with asyncio.timeout(timeout_s):
+                await server.wait_closed()
+                for session in list(self.table):
+                    await self.forget(session)
+                for task in list(self._background):
+                    with contextlib.suppress(Exception):
+                        await task
+        except TimeoutError:
+            logger.warning("shutdown: gave up waiting after %.1f s; dropping %d connections "
+                           "and %d sessions", timeout_s, len(self._connections), len(self.table))
+            for connection in list(self._connections.values()):
+                connection.transport.abort()
+            leftovers: list[asyncio.Task[Any]] = [*self._background]
+            for session in list(self.table):
+                self.table.remove(session)
+                leftovers.append(asyncio.create_task(session.close()))
+            for task in leftovers:
+                task.cancel()
+            await asyncio.wait([*leftovers, asyncio.ensure_future(server.wait_closed())],
+                               timeout=1.0)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.upstream.aclose(), timeout_s)
         self._server = None
 
     def session_quiet(self) -> None:
@@ -741,8 +915,8 @@ class RelayServer:
         An idle device is told what was received of it: a turn it began meanwhile is
         not lost but re-sent on its next session (docs/protocol.md §5).
         """
-        session.end_reason = "relay draining"
         ws, conn = session.owner, session.conn
+        session._end("relay draining")
         if ws is None:
             return asyncio.create_task(self.forget(session))
         reason = handover_reason(conn.last_received_seq, conn.messages_received) \
@@ -750,22 +924,41 @@ class RelayServer:
         return asyncio.create_task(ws.close(CloseCode.RECONNECT_NOW, reason))
 
     async def forget(self, session: DeviceSession) -> None:
-        """Close a session and drop it from the relay's tables."""
-        if self.sessions.get(session.device_id) is session:
-            del self.sessions[session.device_id]
-        if self.held.get(session.device_id) is session:
-            del self.held[session.device_id]
-        session.owner = None
+        """End a session: free its device's slot, close its connection and upstream."""
+        self.table.remove(session)
+        owner, session.owner = session.owner, None
         ws = session.detach()
-        if ws is not None:
-            self._close_in_background(ws, CloseCode.SESSION_REPLACED, "session replaced")
+        for connection in {id(c): c for c in (ws, owner) if c is not None}.values():
+            self._close_in_background(connection, CloseCode.SESSION_REPLACED, "session replaced")
         await session.close()
+
+    def _forget_in_background(self, session: DeviceSession) -> None:
+        task = asyncio.create_task(self.forget(session), name=f"forget:{session.device_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _close_in_background(self, ws: ServerConnection, code: int, reason: str) -> None:
         """Close a connection without waiting for its (maybe unreachable) peer."""
         task = asyncio.create_task(ws.close(code, reason))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    # --------------------------------------------------------- connections
+
+    def _connection_opened(self, connection: GuardedConnection) -> None:
+        """A TCP connection arrived: pending until its hello; the oldest pending one
+        goes when there are too many (a slow-loris holds the oldest)."""
+        self._connections[id(connection)] = connection
+        self._pending[id(connection)] = connection
+        while len(self._pending) > self.limits.max_pending_connections:
+            _, oldest = next(iter(self._pending.items()))
+            del self._pending[id(oldest)]
+            oldest.drop("pending_evicted", f"over {self.limits.max_pending_connections} "
+                        "connections without a hello; dropped the oldest")
+
+    def _connection_closed(self, connection: GuardedConnection) -> None:
+        self._connections.pop(id(connection), None)
+        self._pending.pop(id(connection), None)
 
     # ----------------------------------------------------------- handshake
 
@@ -777,10 +970,16 @@ class RelayServer:
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         address = str(ws.remote_address[0]) if ws.remote_address else "?"
         now = self.clock.now()
-        if self._limiter.blocked(address, now):
-            return self._reject(http.HTTPStatus.TOO_MANY_REQUESTS,
-                                "too many bad tokens; try again in a minute",
-                                **{"Retry-After": "60"})
+        if self._closing:
+            return self._reject(http.HTTPStatus.SERVICE_UNAVAILABLE, "relay shutting down",
+                                **{"Retry-After": "10"})
+        authorizations = request.headers.get_all("Authorization")
+        if len(authorizations) > 1:
+            self.counters.auth_failures += 1
+            self.refusals.refused("bad_handshake",
+                                  f"{address}: {len(authorizations)} Authorization headers")
+            return self._reject(http.HTTPStatus.BAD_REQUEST,
+                                "send exactly one Authorization header")
         # browsers (docs/protocol.md §9): the page, or a ticket instead of a token
         browser = self.browser.admit(ws, request) if self.browser is not None else None
         if isinstance(browser, Response):
@@ -788,29 +987,37 @@ class RelayServer:
         if isinstance(browser, Admission):
             device_id = browser.device_id
         else:
-            authorization = request.headers.get("Authorization", "")
-            scheme, _, token = authorization.partition(" ")
-            device_id = self.tokens.verify(token.strip()) if scheme.lower() == "bearer" else None
+            scheme, _, token = (authorizations[0] if authorizations else "").partition(" ")
+            # A valid token is checked first and never refused for what others at its
+            # address did (GuessThrottle says why that is safe).
+            device_id = self.tokens.verify(token.strip()) if scheme.lower() == "bearer" \
+                else None
         if device_id is None:
             self.counters.auth_failures += 1
-            self._limiter.record_failure(address, now)
-            logger.info("refused a device from %s: missing or unknown token", address)
+            if self._throttle.failed(address, now):
+                self.refusals.refused("auth_throttled", f"{address}: too many bad tokens")
+                return self._reject(http.HTTPStatus.TOO_MANY_REQUESTS,
+                                    "too many bad tokens; try again in a minute",
+                                    **{"Retry-After": "60"})
+            self.refusals.refused("bad_token", f"{address}: missing or unknown token")
             return self._reject(http.HTTPStatus.UNAUTHORIZED, "unknown or missing device token",
                                 **{"WWW-Authenticate": 'Bearer realm="edgevoice"'})
         offered = [p.strip() for h in request.headers.get_all("Sec-WebSocket-Protocol")
                    for p in h.split(",")]
         if SUBPROTOCOL not in offered:
+            self.refusals.refused("bad_handshake", f"{address}: no {SUBPROTOCOL} subprotocol")
             return self._reject(http.HTTPStatus.BAD_REQUEST,
                                 f"offer the WebSocket subprotocol {SUBPROTOCOL}")
-        known = device_id in self.sessions or device_id in self.held
-        if len(self.sessions) + len(self.held) >= self.limits.max_devices and not known:
+        if not self.table.has_room_for(device_id):
+            self.refusals.refused("relay_full", f"{device_id}: {len(self.table)} sessions")
             return self._reject(http.HTTPStatus.SERVICE_UNAVAILABLE, "relay is full",
                                 **{"Retry-After": "30"})
-        self._authenticated[id(ws)] = device_id
+        if isinstance(ws, GuardedConnection):
+            ws.device_id = device_id
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
-        device_id = self._authenticated.pop(id(ws), None)
+        device_id = ws.device_id if isinstance(ws, GuardedConnection) else None
         if device_id is None:  # cannot happen: process_request ran first
             await ws.close(CloseCode.POLICY_VIOLATION, "not authenticated")
             return
@@ -818,11 +1025,15 @@ class RelayServer:
         try:
             first = await asyncio.wait_for(ws.recv(), self.limits.handshake_timeout_ms / 1000)
         except TimeoutError:
+            self.refusals.refused("hello_timeout", f"{device_id}: no hello")
             await ws.close(CloseCode.HELLO_TIMEOUT, "no hello")
             return
         except ConnectionClosed:
             return
         try:
+            if self._closing:
+                await ws.close(CloseCode.GOING_AWAY, "relay shutting down")
+                return
             if isinstance(first, bytes):
                 conn.receive_binary(first)  # raises: audio before hello
             hello = conn.receive_text(first)
@@ -832,11 +1043,14 @@ class RelayServer:
                 error = RemoteProtocolError(f"hello names {hello.device!r}, token is {device_id!r}")
                 error.close_code = CloseCode.POLICY_VIOLATION
                 raise error
-            session, result = await self._session_for(device_id, hello, conn, ws)
+            session, result = self._apply_hello(device_id, hello, conn, ws)
         except ProtocolError as exc:
             self.counters.protocol_errors += 1
-            logger.info("%s: bad handshake: %s", device_id, exc)
+            self.refusals.refused("bad_hello", f"{device_id}: {exc}")
             await ws.close(exc.close_code, str(exc)[:120])
+            return
+        self._pending.pop(id(ws), None)
+        if not result.resumed and not await self._open_upstream(session, ws):
             return
         address = str(ws.remote_address[0]) if ws.remote_address else None
         keep = False
@@ -855,51 +1069,81 @@ class RelayServer:
                 await self._connection_ended(session, keep)
             logger.info("%s disconnected (code %s)", device_id, ws.close_code)
 
-    async def _session_for(self, device_id: str, hello: Hello, conn: Connection,
-                           ws: ServerConnection) -> tuple[DeviceSession, ResumeResult]:
-        """The session this hello continues, or a new one (ending any older one)."""
-        current = self.sessions.get(device_id) or self.held.get(device_id)
+    def _apply_hello(self, device_id: str, hello: Hello, conn: Connection,
+                     ws: ServerConnection) -> tuple[DeviceSession, ResumeResult]:
+        """The session this hello continues, or a new one that replaces any older one.
+
+        Synchronous on purpose: the table is read and written with no await between,
+        so back-to-back hellos of one device leave exactly one session.
+        """
+        current = self.table.get(device_id)
         request = hello.resume
-        if (request is not None and current is not None and not current.closed
-                and current.session_id == request.session_id and current.conn is not None
-                and self.limits.resume_window_ms > 0):
+        resumable = (request is not None and current is not None and not current.closed
+                     and current.session_id == request.session_id and current.conn is not None
+                     and self.limits.resume_window_ms > 0)
+        if resumable:
+            assert current is not None and request is not None
+            # a claim of more than was sent is a protocol error (raises)
             current.journal.after(request.last_downlink_seq, request.downlink_messages)
-            older = current.detach()
-            if older is not None:  # the old connection has not noticed it is dead yet
-                logger.info("%s resumed while its old connection was still open; closing it",
-                            device_id)
-                self._close_in_background(older, CloseCode.SESSION_REPLACED,
-                                          "session resumed elsewhere")
-            current.owner = ws
-            self.held.pop(device_id, None)
-            self.sessions[device_id] = current
-            self.counters.sessions_resumed += 1
-            return current, current.continue_on(conn)
-        if current is not None:
+        outcome = self.table.hello(
+            device_id, request.session_id if request else None,
+            lambda: DeviceSession(self, device_id, uuid.uuid4().hex), may_resume=resumable)
+        session = outcome.session
+        if outcome.replaced is not None:
             logger.info("%s started a new session; closing its previous one", device_id)
-            await self.forget(current)
-        session_id = uuid.uuid4().hex
-        upstream = await self.upstream.open_session(self._context_factory(device_id, session_id))
-        session = DeviceSession(self, device_id, session_id, upstream)
+            self._forget_in_background(outcome.replaced)
+        if not outcome.resumed:
+            session.owner = ws
+            self.counters.sessions_total += 1
+            return session, ResumeResult(resumed=False)
+        older = session.detach()
+        if older is None and session.owner is not None and session.owner is not ws:
+            older = session.owner  # resumed again while re-sending to the previous one
+        if older is not None:  # the old connection has not noticed it is dead yet
+            logger.info("%s resumed while its old connection was still open; closing it",
+                        device_id)
+            self._close_in_background(older, CloseCode.SESSION_REPLACED,
+                                      "session resumed elsewhere")
         session.owner = ws
-        session.start()
-        self.sessions[device_id] = session
-        self.counters.sessions_total += 1
-        return session, ResumeResult(resumed=False)
+        self.counters.sessions_resumed += 1
+        return session, session.continue_on(conn)
+
+    async def _open_upstream(self, session: DeviceSession, ws: ServerConnection) -> bool:
+        """Open a new session's upstream; False if it failed or the session was
+        replaced by a newer hello meanwhile (then nothing of it is kept)."""
+        try:
+            upstream = await self.upstream.open_session(
+                self._context_factory(session.device_id, session.session_id))
+        except Exception as exc:
+            self.refusals.refused("upstream_open_failed", f"{session.device_id}: {exc}")
+            await self.forget(session)
+            with contextlib.suppress(Exception):
+                await ws.close(CloseCode.INTERNAL_ERROR, "upstream unavailable")
+            return False
+        if session.closed:  # a newer hello replaced it while the upstream opened
+            await upstream.close()
+            return False
+        session.start(upstream)
+        return True
 
     async def _connection_ended(self, session: DeviceSession, keep: bool) -> None:
         """The session's connection is gone: hold the session for a resume, or close it."""
         session.detach()
         session.owner = None
-        device_id = session.device_id
-        if self.sessions.get(device_id) is session:
-            del self.sessions[device_id]
         window_s = self.limits.resume_window_ms / 1000
-        if keep and window_s > 0 and not self._closing and not session.closed:
-            self.held[device_id] = session
+        if self.table.dropped(session, hold=keep and window_s > 0 and not self._closing):
             self.counters.sessions_held += 1
             session.hold(window_s)
-            logger.info("%s: link dropped; holding session %s for %.0f s", device_id,
+            logger.info("%s: link dropped; holding session %s for %.0f s", session.device_id,
                         session.session_id[:8], window_s)
         else:
             await session.close()
+
+
+def _packet_ms(data: bytes) -> float:
+    """Audio time of a binary frame's Opus packet, for the audio budget (0 if unreadable:
+    the protocol core refuses such a frame right after)."""
+    try:
+        return opus_packet_duration_ms(data[AUDIO_HEADER_BYTES:])
+    except ProtocolError:
+        return 0.0

@@ -45,7 +45,22 @@ class LimitsSettings:
     send_timeout_ms: int = 5_000
     """A device that does not read for this long is disconnected."""
     max_devices: int = 1000
-    """Simultaneous device connections."""
+    """Simultaneous device sessions (attached or held for a resume)."""
+    max_pending_connections: int = 256
+    """TCP connections that have not yet finished their handshake (HTTP upgrade and
+    hello); beyond it the oldest of them is dropped, so a slow-loris cannot keep a
+    fresh device from connecting."""
+    max_pings_per_s: int = 2
+    """Pings (WebSocket ping frames and ``ping`` messages together) per second from
+    one connection, bursts of ten; beyond → closed 1008."""
+    max_audio_ms_per_s: int = 1_500
+    """Uplink audio, in milliseconds of audio (read from each Opus packet) per second,
+    bursts of two seconds' worth; beyond → closed 1008. Real time is 1000."""
+    max_write_buffer_bytes: int = 262_144
+    """Bytes waiting in one connection's send buffer (the peer is not reading) before
+    it is closed; counted as a slow reader."""
+    shutdown_timeout_ms: int = 5_000
+    """On SIGTERM, give connections and upstreams this long to close, then drop them."""
     resume_window_ms: int = 10_000
     """A dropped device's session (its upstream, its queued reply) is kept this long,
     in milliseconds, for the device to resume it (docs/protocol.md §7). 0: never."""
@@ -67,6 +82,13 @@ class LimitsSettings:
         require(self.downlink_queue_ms >= 1000, "downlink_queue_ms", "must be >= 1000")
         require(self.send_timeout_ms >= 100, "send_timeout_ms", "must be >= 100")
         require(self.max_devices >= 1, "max_devices", "must be >= 1")
+        require(self.max_pending_connections >= 1, "max_pending_connections", "must be >= 1")
+        require(self.max_pings_per_s >= 1, "max_pings_per_s", "must be >= 1")
+        require(self.max_audio_ms_per_s >= 1_000, "max_audio_ms_per_s",
+                "must be >= 1000 (real time)")
+        require(self.max_write_buffer_bytes >= 65_536, "max_write_buffer_bytes",
+                "must be >= 65536")
+        require(self.shutdown_timeout_ms >= 100, "shutdown_timeout_ms", "must be >= 100")
         require(0 <= self.resume_window_ms <= 300_000, "resume_window_ms", "must be 0..300000")
         require(1_000 <= self.resume_buffer_ms <= 120_000, "resume_buffer_ms",
                 "must be 1000..120000")

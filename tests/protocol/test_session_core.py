@@ -1,0 +1,188 @@
+"""The session core, driven synchronously: close-code rules, lifecycle table, table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from edgevoice.errors import IllegalTransitionError, RemoteProtocolError
+from edgevoice.protocol.limits import TokenBucket, opus_packet_duration_ms
+from edgevoice.protocol.messages import CloseCode
+from edgevoice.protocol.session import (
+    LINK_TRANSITIONS,
+    SESSION_TRANSITIONS,
+    Closer,
+    LinkState,
+    SessionLifecycle,
+    SessionState,
+    SessionTable,
+    check_link_transition,
+    close_ends_session,
+)
+
+
+@dataclass
+class FakeSession:
+    device_id: str
+    session_id: str
+    lifecycle: SessionLifecycle = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lifecycle = SessionLifecycle(self.session_id)
+
+
+def maker(device: str, sid: str) -> Callable[[], FakeSession]:
+    return lambda: FakeSession(device, sid)
+
+
+# ----------------------------------------------------------------- close codes
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1002, 1008, 1009, 4000, 4002, 4004])
+def test_relay_closes_that_end_the_session(code: int) -> None:
+    assert close_ends_session(code, Closer.RELAY)
+
+
+@pytest.mark.parametrize("code", [None, 1006, 1011, 4001, 4003, 4005])
+def test_relay_closes_that_are_drops(code: int | None) -> None:
+    assert not close_ends_session(code, Closer.RELAY)
+
+
+def test_policy_violation_ends_the_session_on_both_ends_and_a_slow_reader_does_not() -> None:
+    # The disagreement of issue 10: 1008 from the relay ends the session (§7.2); a
+    # relay that wants the session kept (a slow reader) closes with 4004 instead.
+    assert close_ends_session(CloseCode.POLICY_VIOLATION, Closer.RELAY)
+    assert not close_ends_session(CloseCode.SLOW_READER, Closer.RELAY)
+
+
+@pytest.mark.parametrize("code,ends", [(1000, True), (1001, True), (1002, False),
+                                       (1006, False), (None, False)])
+def test_device_closes(code: int | None, ends: bool) -> None:
+    assert close_ends_session(code, Closer.DEVICE) is ends
+
+
+# -------------------------------------------------------------- the lifecycle
+
+
+def test_every_transition_outside_the_table_is_illegal() -> None:
+    for old in SessionState:
+        for new in SessionState:
+            life = SessionLifecycle("s")
+            life.state = old
+            if (old, new) in SESSION_TRANSITIONS:
+                life.to(new)
+                assert life.state is new
+            else:
+                with pytest.raises(IllegalTransitionError):
+                    life.to(new)
+
+
+def test_a_closed_session_never_comes_back() -> None:
+    assert not any(old is SessionState.CLOSED for old, _ in SESSION_TRANSITIONS)
+
+
+def test_link_table() -> None:
+    check_link_transition(LinkState.CONNECTED, LinkState.WAITING)
+    with pytest.raises(IllegalTransitionError):
+        check_link_transition(LinkState.STOPPED, LinkState.CONNECTING)
+    assert all(old is not LinkState.STOPPED for old, _ in LINK_TRANSITIONS
+               if _ is not LinkState.STOPPED)
+
+
+# ------------------------------------------------------------------- the table
+
+
+def test_back_to_back_hellos_leave_one_session_per_device() -> None:
+    table: SessionTable[FakeSession] = SessionTable(max_sessions=10)
+    ended = []
+    for i in range(200):
+        outcome = table.hello("d", None, maker("d", f"s{i}"), may_resume=False)
+        if outcome.replaced is not None:
+            ended.append(outcome.replaced)
+    assert len(table) == 1 and table.get("d").session_id == "s199"  # type: ignore[union-attr]
+    assert len(ended) == 199 and all(s.lifecycle.closed for s in ended)
+
+
+def test_resume_continues_the_named_session_only() -> None:
+    table: SessionTable[FakeSession] = SessionTable(max_sessions=10)
+    first = table.hello("d", None, maker("d", "s1"), may_resume=False).session
+    assert table.attached(first)
+    assert table.dropped(first, hold=True) and first.lifecycle.state is SessionState.HELD
+    again = table.hello("d", "s1", maker("d", "s2"), may_resume=True)
+    assert again.resumed and again.session is first and again.replaced is None
+    assert first.lifecycle.state is SessionState.ATTACHING
+    other = table.hello("d", "nope", maker("d", "s3"), may_resume=True)
+    assert not other.resumed and other.replaced is first and first.lifecycle.closed
+    assert len(table) == 1
+
+
+def test_resume_while_attached_and_during_a_replay() -> None:
+    table: SessionTable[FakeSession] = SessionTable(max_sessions=10)
+    s = table.hello("d", None, maker("d", "s1"), may_resume=False).session
+    table.attached(s)
+    outcome = table.hello("d", "s1", maker("d", "x"), may_resume=True)
+    assert outcome.resumed and outcome.was_attached
+    # a third connection resumes before the second finished its replay
+    assert table.hello("d", "s1", maker("d", "y"), may_resume=True).resumed
+    assert table.attached(s) and s.lifecycle.state is SessionState.ATTACHED
+
+
+def test_a_replaced_session_cannot_attach_or_be_held() -> None:
+    table: SessionTable[FakeSession] = SessionTable(max_sessions=10)
+    old = table.hello("d", None, maker("d", "s1"), may_resume=False).session
+    table.hello("d", None, maker("d", "s2"), may_resume=False)
+    assert not table.attached(old)
+    assert not table.dropped(old, hold=True)
+    assert table.get("d").session_id == "s2"  # type: ignore[union-attr]
+
+
+def test_room_is_counted_over_every_live_session() -> None:
+    table: SessionTable[FakeSession] = SessionTable(max_sessions=2)
+    a = table.hello("a", None, maker("a", "1"), may_resume=False).session
+    table.hello("b", None, maker("b", "2"), may_resume=False)
+    table.attached(a)
+    table.dropped(a, hold=True)  # held sessions count too
+    assert not table.has_room_for("c") and table.has_room_for("a")
+    table.remove(a)
+    assert table.has_room_for("c")
+
+
+# ----------------------------------------------------------- audio-time limits
+
+
+@pytest.mark.parametrize("toc,extra,ms", [
+    (0x09 << 3 | 0, b"", 20.0),      # SILK WB 20 ms, one frame
+    (0x0A << 3 | 0, b"", 40.0),      # SILK WB 40 ms
+    (0x0B << 3 | 0, b"", 60.0),      # SILK WB 60 ms
+    (0x0D << 3 | 0, b"", 20.0),      # hybrid 20 ms
+    (0x1F << 3 | 0, b"", 20.0),      # CELT FB 20 ms
+    (0x1C << 3 | 0, b"", 2.5),       # CELT FB 2.5 ms
+    (0x0B << 3 | 1, b"", 120.0),     # two 60 ms frames
+    (0x1F << 3 | 3, bytes([6]), 120.0),  # code 3: six 20 ms frames
+])
+def test_opus_packet_duration_from_the_toc(toc: int, extra: bytes, ms: float) -> None:
+    assert opus_packet_duration_ms(bytes([toc]) + extra + b"\x00" * 10) == ms
+
+
+def test_real_encoder_packets_are_20_ms() -> None:
+    from edgevoice.audio.opus import OpusEncoder
+    encoder = OpusEncoder(16_000)
+    packet = encoder.encode(b"\x00\x01" * 320)
+    assert opus_packet_duration_ms(packet) == 20.0
+
+
+@pytest.mark.parametrize("packet", [b"", bytes([0x1F << 3 | 3])])
+def test_unreadable_packets_are_protocol_errors(packet: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        opus_packet_duration_ms(packet)
+
+
+def test_token_bucket_refills_at_its_rate_and_grants_once() -> None:
+    bucket = TokenBucket(rate=1.0, burst=2.0, now=0.0)
+    assert bucket.take(2.0, 0.0) and not bucket.take(1.0, 0.5)
+    assert bucket.take(1.0, 1.0)
+    bucket.grant(5.0)
+    assert bucket.take(5.0, 1.0) and not bucket.take(1.0, 1.0)
+    assert bucket.take(2.0, 100.0) and not bucket.take(1.0, 100.0)  # capped at burst
