@@ -367,6 +367,8 @@ class DeviceLink:
             if isinstance(entry, SentFrame) else entry.message for entry in missed]
         while len(self._outbox):
             carried.append(self._outbox.get_nowait())
+        if not carried:  # the usual case: nothing under way, a plain reconnect
+            return False
         self._end_session(reason)
         for item in carried:
             self._outbox.put_nowait(item)

@@ -358,10 +358,11 @@ def test_relay_stopped_gracefully_sends_going_away_and_devices_come_back(
     kinds, reconnect, code = run(scenario(), timeout=scaled(60))
     assert code == 0  # a clean exit
     states = [k for k in kinds if k in ("up", "down", "suspended")]
-    # going away: no attempt to resume, just down (again while the relay restarts), up
+    # drained (4004, docs/scale-out.md): no attempt to resume, just down (again while
+    # the relay restarts), up
     assert states[:2] == ["up", "down"] and "suspended" not in states
     assert states[-1] == "up" and states.count("up") == 2
-    assert any("1001" in k for k in kinds), kinds
+    assert any("4004" in k for k in kinds), kinds
     record("relay_sigterm_restart", {"reconnect_s": round(reconnect, 3)})
 
 
