@@ -1,8 +1,9 @@
 """Row 6: reconnect, from a restarted relay listening again to the device streaming again.
 
 ``edgevoice device`` (the real command) stays up while the relay process is
-stopped with SIGTERM (it tells devices it is going away, close code 1001) and
-started again on the same port, over and over. Measured per restart: the new
+stopped with SIGTERM (it drains: a reply in flight finishes, then close code 4004
+sends the device to reconnect at once, docs/scale-out.md) and started again on the
+same port, over and over. Measured per restart: the new
 relay listening -> the device's session open again (the relay has answered the
 device's hello; from then on its frames are accepted). The device backs off
 between attempts while the relay is down (capped exponential, full jitter), so
@@ -69,7 +70,7 @@ async def run_row(ws: Workspace) -> RowResult:
                 "backoff": {"initial_ms": backoff.initial_ms, "max_ms": backoff.max_ms,
                             "min_ms": backoff.min_ms, "multiplier": backoff.multiplier}}
     row.notes.append(
-        "Each restart: SIGTERM to the relay process (devices get 1001 going away), a new "
+        "Each restart: SIGTERM to the relay process (it drains; devices get 4004), a new "
         "relay process on the same port; the device process is never touched. The device "
         "retries with capped exponential backoff and full jitter "
         f"(initial {backoff.initial_ms} ms, x{backoff.multiplier:g}, cap {backoff.max_ms} ms), "
@@ -80,7 +81,7 @@ async def run_row(ws: Workspace) -> RowResult:
             f"{fmt_ms(boot.p50_ms)} to start, so by the time it listens the device has backed "
             "off a few times and waits out a delay of up to "
             f"{backoff.initial_ms * backoff.multiplier ** 3 / 1000:.1f} s. Fix "
-            "(edgevoice/device/link.py): after a clean 1001 'going away' from a relay that "
+            "(edgevoice/device/link.py): after a clean 4004 or 1001 from a relay that "
             "was up, retry on a short fixed schedule (e.g. every 250 ms with a little jitter "
             "for the first 10 s) before falling back to the exponential backoff; a fleet "
             "still spreads out because each device's first drop time differs.")
