@@ -105,6 +105,14 @@ def test_downlink_delays_follow_the_first_sample_through_a_bursty_resampler() ->
     assert len(delays) == 2 and missing == 2  # the reply was cut after two frames
 
 
+def test_the_answer_is_timed_from_a_turns_last_frame_to_the_first_reply_block() -> None:
+    from edgevoice_dev.bench.latency import reply_after_hangover
+
+    uplink = [[1.00, 1.02, 1.04], [5.00, 5.02], []]
+    pulls = [(1.02, 0), (1.06, 0), (1.08, 960), (1.10, 960), (5.10, 960)]
+    assert [round(d, 3) for d in reply_after_hangover(uplink, pulls)] == [0.04, 0.08]
+
+
 def test_silence_is_the_first_empty_block_pulled_after_the_interrupt() -> None:
     pulls = [(0.00, 960), (0.02, 960), (0.04, 960), (0.06, 0), (0.08, 960), (0.10, 960)]
     delays, missed = silence_delays([0.05, 0.09], pulls)
@@ -143,7 +151,7 @@ def test_the_bench_runs_every_row_with_both_peers_and_the_floor(tmp_path: Path) 
     status = main(["--tiny", "--json", str(json_path), "--markdown", str(md_path)])
     results = json.loads(json_path.read_text())
     rows = {row["row"]: row for row in results["rows"]}
-    assert sorted(rows) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert sorted(rows) == list(range(1, 14))
     assert {row["row"]: row["error"] for row in rows.values()} == dict.fromkeys(rows, "")
     assert status == 0
     for row in rows.values():
@@ -163,6 +171,13 @@ def test_the_bench_runs_every_row_with_both_peers_and_the_floor(tmp_path: Path) 
     if not missing_tools():  # rows 9 and 10 need haproxy and redis-server
         assert rows[9]["data"]["relays_2"]["turns"] > 0 and rows[9]["data"]["ratio"] > 0
         assert rows[10]["data"]["connected"] == rows[10]["data"]["devices"] > 0
+    assert rows[3]["data"]["answer_after_hangover"]["n"] > 0
+    for number in (11, 12):  # idle device, with and without the wake word, on both paths
+        for path in ("wav", "card"):
+            run = rows[number]["data"][path]
+            assert run["cpu_pct"] > 0 and run["rss_mb"] > 20 and run["threads"]
+    assert rows[4]["data"]["steps"][0]["loop_stall"]["n"] > 0
+    assert rows[13]["data"]["devices"] == 10 and rows[13]["data"]["relay_rss_kib_connected"] > 0
     assert results["machine"]["cpu_model"] and results["command"].startswith("edgevoice bench")
     page = md_path.read_text()
     assert results["command"] in page and results["machine"]["cpu_model"] in page

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 TARGET_P99_MS = 20.0
 TARGET_SESSIONS_PER_CORE = 300
 RELAY_CPU = 0
+#: any single event-loop step, at capacity (issue 15)
+TARGET_STALL_P99_MS = 5.0
 LOADGEN_CPU = 1
 #: the load generator is trusted while its own sends are this punctual (p99, ms)
 LOADGEN_LATE_LIMIT_MS = 5.0
@@ -58,6 +60,8 @@ class Step:
     #: how busy the relay's core was over the window, whoever kept it busy
     relay_core_busy_pct: float
     notes: list[str]
+    #: how late the relay's event loop ran a 10 ms timer: its stalls, sampled
+    loop_lag: Spread
 
     @property
     def passed(self) -> bool:
@@ -87,7 +91,7 @@ class Step:
                 "loadgen_cpu_pct_of_core": round(self.loadgen_cpu_pct, 2),
                 "loadgen_send_late_p99_ms": round(self.loadgen_late_p99_ms, 2),
                 "relay_core_busy_pct": round(self.relay_core_busy_pct, 1),
-                "notes": self.notes}
+                "loop_stall": self.loop_lag.as_dict(), "notes": self.notes}
 
 
 def _devices(n: int) -> list[str]:
@@ -144,7 +148,9 @@ async def _step(ws: Workspace, n: int, profile: bool = False) -> tuple[Step, str
     relay_record = ws.root / f"capacity-relay-{n}.json"
     load_record = ws.root / f"capacity-load-{n}.json"
     profile_path = ws.root / f"capacity-relay-{n}.prof"
-    extra = ["--cpu", str(RELAY_CPU), "--record", str(relay_record)]
+    lag_record = ws.root / f"capacity-loop-{n}.json"
+    extra = ["--cpu", str(RELAY_CPU), "--record", str(relay_record),
+             "--loop-lag", str(lag_record)]
     if profile:
         extra += ["--profile", str(profile_path)]
     relay = await ws.relay(f"capacity-relay-{n}", "loopback", *extra)
@@ -181,12 +187,15 @@ async def _step(ws: Workspace, n: int, profile: bool = False) -> tuple[Step, str
     relay_log = json.loads(relay_record.read_text())
     window = (float(start_event["t"]), float(end_event["t"]))
     up, down, drops, late_p99, notes = _analyse(n, relay_log, load_data, window, counters)
+    lags = [ms / 1000 for t, ms in json.loads(lag_record.read_text())
+            if window[0] <= t <= window[1]]
+    loop = Spread.of(lags)
     span = t1 - t0
     core = f"cpu{RELAY_CPU}"
     core_busy = busy_pct(ticks0, ticks1, core) if core in ticks1 else math.nan
     step = Step(n, int(load_data["clients"]), up, down, drops,
                 100 * (relay_cpu1 - relay_cpu0) / span, 100 * (load_cpu1 - load_cpu0) / span,
-                late_p99, core_busy, notes)
+                late_p99, core_busy, notes, loop)
     if step.disturbed_pct > DISTURBED_PCT:
         step.notes.append(f"other processes took {step.disturbed_pct:.0f} % of the relay's core")
     if late_p99 > LOADGEN_LATE_LIMIT_MS:
@@ -241,6 +250,11 @@ async def run_row(ws: Workspace) -> RowResult:
     row.lines.append(Line("  sessions per core at that cost", f"{projected:.0f}"
                           if not math.isnan(projected) else "n/a",
                           f"floor: Opus alone {opus_ceiling:.0f}", "", INFO))
+    stall = reference.loop_lag
+    row.lines.append(Line("relay event-loop stall (10 ms timer lateness), p99 / max",
+                          f"{fmt_ms(stall.p99_ms)} / {fmt_ms(stall.max_ms)}",
+                          f"at N={reference.clients}", f"p99 <= {TARGET_STALL_P99_MS:g} ms",
+                          verdict(stall.p99_ms <= TARGET_STALL_P99_MS)))
     if best is not None:
         row.lines.append(Line("  hop p99 up / down at that N",
                               f"{fmt_ms(best.uplink.p99_ms)} / {fmt_ms(best.downlink.p99_ms)}",

@@ -39,7 +39,7 @@ class DeviceLog:
     interrupts: list[float] = field(default_factory=list)
     #: when the playback buffer was flushed
     flushes: list[float] = field(default_factory=list)
-    #: (time, real samples) of every block the sink pulled
+    #: (time, reply samples) of every block the sink pulled (earcons not counted)
     pulls: list[tuple[float, int]] = field(default_factory=list)
     link_ups: list[float] = field(default_factory=list)
     output_rate_hz: int = 0
@@ -134,8 +134,10 @@ class PacedSink:
             delay = start + k * FRAME_MS / 1000 - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            real = buffer.pull_into(block)
-            self._log.pulls.append((time.monotonic(), real))
+            before = buffer.stats.played_samples
+            buffer.pull_into(block)
+            # reply samples only: an earcon mixed in is not the answer
+            self._log.pulls.append((time.monotonic(), buffer.stats.played_samples - before))
 
     async def close(self) -> None:
         task, self._task = self._task, None

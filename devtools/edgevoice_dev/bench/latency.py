@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 DEVICE = "bench-latency"
 TARGET_P99_MS = 5.0
+#: end of speech -> first reply sample, beyond the hangover (issue 15)
+TARGET_ANSWER_MS = 60.0
+HANGOVER_MS = 600
+PREFILL_MS = 60
 
 
 async def _run(ws: Workspace, seconds: float) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -62,6 +66,21 @@ async def _run(ws: Workspace, seconds: float) -> tuple[dict[str, Any], dict[str,
     if not sessions:
         raise RuntimeError("the device never opened a session with the relay")
     return sessions[0], json.loads(device_record.read_text())
+
+
+def reply_after_hangover(uplink: list[list[float]],
+                         pulls: list[list[float]] | list[tuple[float, int]]) -> list[float]:
+    """Per turn: last uplink frame -> first pulled block holding reply audio (seconds)."""
+    out = []
+    reply_pulls = [float(t) for t, n in pulls if n > 0]
+    for frames in uplink:
+        if not frames:
+            continue
+        end = frames[-1]
+        first = next((t for t in reply_pulls if t > end), None)
+        if first is not None and first - end < 5.0:
+            out.append(first - end)
+    return out
 
 
 def soxr_release_pattern(out_rate_hz: int = OUTPUT_RATE_HZ, chunks: int = 12) -> dict[str, Any]:
@@ -118,6 +137,24 @@ async def run_row(ws: Workspace) -> RowResult:
     row.notes.append(
         "Pre-roll: when speech is confirmed the daemon releases the 400 ms it kept in one "
         "burst; those frames queue behind each other, so they are reported apart.")
+    answer = Spread.of(reply_after_hangover(device_log["uplink"], device_log["pulls"]))
+    row.lines.append(Line("end of speech -> first reply sample, beyond the hangover, "
+                          "p50 / p99", f"{fmt_ms(answer.p50_ms)} / {fmt_ms(answer.p99_ms)}",
+                          f"{answer.n} turns, hangover {HANGOVER_MS} ms",
+                          f"p50 <= {TARGET_ANSWER_MS:g} ms",
+                          verdict(answer.p50_ms <= TARGET_ANSWER_MS)))
+    row.data["answer_after_hangover"] = answer.as_dict()
+    row.notes.append(
+        "End of speech -> first reply sample: from the last frame of the turn the device "
+        "sends (the one on which the hangover expired) to the first 20 ms block its sink "
+        "pulls that holds reply audio; the upstream answers at once, so this is the "
+        "device's and the relay's own delay (turn end, reply frames, jitter-buffer "
+        "prefill, one block of pull granularity), with no earcon in front of the reply.")
+    if answer.p50_ms > TARGET_ANSWER_MS:
+        row.findings.append(
+            f"The reply starts {answer.p50_ms:.0f} ms (p50) after the hangover ends: the "
+            f"jitter buffer's prefill ({PREFILL_MS} ms) and the 20 ms pull granularity are "
+            "most of it; audio.playback_prefill_ms can be lowered on a quiet network.")
     pattern = soxr_release_pattern()
     row.data["soxr_release_per_20ms_chunk"] = pattern
     fast = sorted(d for d in down if d < 0.010)

@@ -108,6 +108,10 @@ async def _stream(ws: ClientConnection, conn: Connection, packets: list[bytes], 
         k += 1
 
 
+async def _hold(until: float) -> None:
+    await asyncio.sleep(max(0.0, until - time.monotonic()))
+
+
 async def run(args: argparse.Namespace, tokens: dict[str, str],
               packets: list[bytes]) -> dict[str, Any]:
     """Connect, stream, measure; the timestamps of every client."""
@@ -132,7 +136,9 @@ async def run(args: argparse.Namespace, tokens: dict[str, str],
     emit({"event": "streaming", "clients": len(links), "failures": failures[:5],
           "t": stream_start})
     receivers = [asyncio.create_task(_receive(ws, logs[d])) for d, (ws, _) in links.items()]
-    senders = [asyncio.create_task(_stream(ws, conn, packets,
+    # --idle: connected devices nobody talks to: hold the connections, send nothing
+    senders = [asyncio.create_task(_hold(until)) if args.idle else
+               asyncio.create_task(_stream(ws, conn, packets,
                                            stream_start + FRAME_S * i / max(1, len(links)),
                                            until, logs[d]))
                for i, (d, (ws, conn)) in enumerate(links.items())]
@@ -174,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--measure", type=float, default=5.0)
     p.add_argument("--record", required=True)
     p.add_argument("--cpu", type=int)
+    p.add_argument("--idle", action="store_true",
+                   help="connect and hold the connections without talking (an idle fleet)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     pin_to_cpu(args.cpu)

@@ -42,7 +42,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--record", help="write the upstream's timestamps here (JSON)")
     p.add_argument("--cpu", type=int, help="pin the relay to this CPU")
     p.add_argument("--profile", help="write a cProfile (CPU time) of the run here")
+    p.add_argument("--max-active-turns", type=int, default=0,
+                   help="the relay's admission limit (0: none, to measure the engine alone)")
+    p.add_argument("--loop-lag", help="write the event loop's lateness samples here (JSON "
+                   "list of [monotonic s, late ms], one per 10 ms)")
     return p
+
+
+class LoopLag:
+    """How late the event loop runs a callback scheduled every ``period_s``: the time
+    some other step held the loop (a stall), sampled. Costs one wake-up per period."""
+
+    def __init__(self, period_s: float = 0.01) -> None:
+        self.period_s = period_s
+        self.samples: list[tuple[float, float]] = []  # (monotonic time, lateness s)
+        self._loop = asyncio.get_running_loop()
+        self._due = self._loop.time() + period_s
+        self._handle = self._loop.call_at(self._due, self._tick)
+
+    def _tick(self) -> None:
+        now = self._loop.time()
+        self.samples.append((time.monotonic(), max(0.0, now - self._due)))
+        self._due = now + self.period_s
+        self._handle = self._loop.call_at(self._due, self._tick)
+
+    def stop(self) -> list[list[float]]:
+        self._handle.cancel()
+        return [[round(t, 4), round(lag * 1000, 3)] for t, lag in self.samples]
 
 
 async def serve(args: argparse.Namespace, reply: bytes) -> dict[str, Any]:
@@ -54,19 +80,22 @@ async def serve(args: argparse.Namespace, reply: bytes) -> dict[str, Any]:
         upstream = LoopbackUpstream(reply, notify=None)  # hundreds of sessions: stay quiet
     else:
         upstream = BargeInUpstream(reply, args.trials, notify=emit)
-    server = RelayServer(ListenSettings(host="127.0.0.1", port=args.port), LimitsSettings(),
+    limits = LimitsSettings(max_active_turns=args.max_active_turns, max_devices=100_000)
+    server = RelayServer(ListenSettings(host="127.0.0.1", port=args.port), limits,
                          TokenStore(args.tokens), upstream)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    lag = LoopLag()
     emit({"event": "listening", "port": server.port, "t": time.monotonic()})
     await stop.wait()
+    loop_lag = lag.stop()
     await server.close()
     counters = asdict(server.counters)
     counters.pop("upstream_latency_s", None)
-    return {"record": upstream.dump(), "counters": counters}
+    return {"record": upstream.dump(), "counters": counters, "loop_lag_ms": loop_lag}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             profile.dump_stats(args.profile)
     if args.record:
         Path(args.record).write_text(json.dumps(outcome["record"]))
+    if args.loop_lag:
+        Path(args.loop_lag).write_text(json.dumps(outcome["loop_lag_ms"]))
     emit({"event": "stopped", "t": time.monotonic(), "counters": outcome["counters"]})
     return 0
 

@@ -42,6 +42,9 @@ ROWS = {
     8: "Echo cancellation CPU (aec extra), per second of audio",
     9: "Scale-out: two relay processes vs one, behind HAProxy",
     10: "Idle devices spread over two relays",
+    11: "Device idle, always-on listening",
+    12: "Device idle, wake word on",
+    13: "Idle fleet: connected devices nobody talks to",
 }
 
 
@@ -53,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                     "barge-in, reconnect, footprint.")
     p.add_argument("--quick", action="store_true",
                    help="short run (under 2 minutes), for CI: same rows, fewer samples")
-    p.add_argument("--rows", default="1-10",
+    p.add_argument("--rows", default=f"1-{max(ROWS)}",
                    help="rows to run, e.g. 1,3 or 2-4 (rows 1, 2 and 7 share one run)")
     p.add_argument("--json", type=Path, help="results file (default: bench/results-full.json, "
                    "or bench/results-quick.json with --quick; untracked)")
@@ -137,6 +140,7 @@ async def _run_rows(ws: Workspace, plan: BenchPlan, wanted: set[int]) -> list[Ro
         capacity,
         conversation,
         latency,
+        life,
         reconnect,
         scaleout,
     )
@@ -157,6 +161,12 @@ async def _run_rows(ws: Workspace, plan: BenchPlan, wanted: set[int]) -> list[Ro
                 cpu.profile = await conversation.profile_device(ws)
             except Exception:
                 logger.exception("profiling the device failed")
+    if wanted & {11, 12}:
+        idle = await _guard([n for n in (11, 12) if n in wanted],
+                            lambda: life.run_idle_rows(ws))
+        results += [r for r in idle if r.number in wanted]
+    if 13 in wanted:
+        results += await _guard([13], functools.partial(single, life.run_fleet_row))
     # capacity last: it is the longest, and it loads both cores
     runners: dict[int, Callable[[Workspace], Awaitable[RowResult]]] = {
         3: latency.run_row, 5: bargein.run_row, 6: reconnect.run_row, 8: aec.run_row,

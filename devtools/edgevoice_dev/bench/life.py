@@ -1,0 +1,265 @@
+"""Rows 11-13: what a Pi-class device and a relay cost while nobody talks (issue 15).
+
+* Rows 9 and 10: the real ``edgevoice device`` process listening to a silent room,
+  always-on (row 11) and with the wake word on (row 12), each twice: with WAV stand-ins
+  and with the virtual sound card (``scripts/soundcard``: PulseAudio through ALSA,
+  PortAudio's callback threads as on a board). CPU from the process's own /proc
+  counters (every thread), RSS from /proc/PID/status, per thread where it helps explain.
+* Row 13: an idle fleet: N devices connected to one relay process, none talking; the
+  relay's resident memory and CPU per connected device.
+
+Findings are written from the figures measured in the same run, never from a script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgevoice_dev.bench.plan import Workspace
+from edgevoice_dev.bench.proc import Child, cpu_seconds, memory_kib, python_module
+from edgevoice_dev.bench.results import INFO, Line, RowResult, verdict
+
+logger = logging.getLogger(__name__)
+
+IDLE_TARGET_PCT = 1.0
+WAKE_TARGET_PCT = 1.5
+RSS_TARGET_MB = 55.0
+FLEET_KIB_TARGET = 24.0
+FLEET_CPU_TARGET_PCT = 0.001
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of every thread of ``pid``, by "tid name"."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with_name = (task / "stat").read_text()
+        name = with_name[with_name.index("(") + 1 : with_name.rindex(")")]
+        fields = with_name[with_name.rindex(")") + 2 :].split()
+        out[f"{task.name} {name}"] = (int(fields[11]) + int(fields[12])) / _TICKS
+    return out
+
+
+@dataclass
+class IdleRun:
+    path: str
+    wake: bool
+    cpu_pct: float
+    rss_mb: float
+    window_s: float
+    #: % of a core in the event loop's thread (the main thread)
+    main_pct: float = 0.0
+    #: % of a core per thread, the busiest first (names as the kernel has them)
+    threads: list[tuple[str, float]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "wake": self.wake, "cpu_pct": round(self.cpu_pct, 3),
+                "rss_mb": round(self.rss_mb, 1), "window_s": round(self.window_s, 1),
+                "threads": [[n, round(p, 3)] for n, p in self.threads]}
+
+
+def _silence(path: Path, seconds: float) -> Path:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16_000)
+        w.writeframes(bytes(int(32_000 * seconds)))
+    return path
+
+
+async def _idle(ws: Workspace, relay_port: int, path: str, wake: bool,
+                seconds: float) -> IdleRun:
+    """One device process listening to silence for ``seconds`` after settling."""
+    name = f"idle-{path}-{'wake' if wake else 'voice'}"
+    env: dict[str, str] = {}
+    card = None
+    if path == "card":
+        from edgevoice_dev.testing.soundcard import VirtualSoundCard
+
+        card = VirtualSoundCard()
+        card.start()
+        env = card.environ()
+        audio_in, audio_out = "default", "default"
+    else:
+        audio_in = f"wav:{_silence(ws.root / f'{name}.wav', seconds + 60)}"
+        audio_out = f"wav:{ws.root / f'{name}-out.wav'}"
+    config = ws.device_config(name, f"ws://127.0.0.1:{relay_port}/", audio_in, audio_out,
+                              log_level="warning")
+    if wake:
+        with config.open("a") as f:
+            f.write("turn:\n  start: wake\n")
+    device: Child | None = None
+    try:
+        device = await ws.spawn(name, python_module("edgevoice", "device", "--config",
+                                                    str(config)), env=env)
+        # settle: imports done, streams open, first stats sent, speaker parked
+        await asyncio.sleep(8.0)
+        if device.proc.returncode is not None:
+            raise RuntimeError(f"{name} exited early: see {device.log_path}")
+        cpu0, threads0, t0 = cpu_seconds(device.pid), thread_cpu(device.pid), time.monotonic()
+        rss: list[int] = []
+        end = t0 + seconds
+        while (now := time.monotonic()) < end:
+            rss.append(memory_kib(device.pid).get("VmRSS", 0))
+            await asyncio.sleep(min(1.0, end - now))
+        cpu1, threads1, t1 = cpu_seconds(device.pid), thread_cpu(device.pid), time.monotonic()
+    finally:
+        if device is not None:
+            await device.stop()
+        if card is not None:
+            card.stop()
+    span = t1 - t0
+    threads = sorted(((k, 100 * (v - threads0.get(k, 0.0)) / span) for k, v in threads1.items()),
+                     key=lambda kv: -kv[1])
+    rss.sort()
+    main = next((p for k, p in threads if k.split()[0] == str(device.pid)), 0.0)
+    return IdleRun(path, wake, 100 * (cpu1 - cpu0) / span, rss[len(rss) // 2] / 1024, span,
+                   main, [t for t in threads if t[1] >= 0.01])
+
+
+def _thread_story(run: IdleRun) -> str:
+    main = run.main_pct
+    others = run.cpu_pct - main
+    return (f"{run.path}{' + wake word' if run.wake else ''}: {run.cpu_pct:.2f} % = event-loop "
+            f"thread {main:.2f} % + audio and sound-server threads {others:.2f} % ("
+            + ", ".join(f"{n.split()[1]} {p:.2f} %" for n, p in run.threads[:6]) + ")")
+
+
+async def run_idle_rows(ws: Workspace) -> list[RowResult]:
+    """Rows 11 and 12 (one relay, four device runs, one after another)."""
+    seconds = ws.plan.idle_s
+    relay = await ws.relay("idle-relay", "reply")
+    runs: dict[tuple[str, bool], IdleRun] = {}
+    errors: dict[tuple[str, bool], str] = {}
+    try:
+        port = int(relay.events[0]["port"])
+        for path in ("wav", "card"):
+            for wake in (False, True):
+                try:
+                    runs[(path, wake)] = await _idle(ws, port, path, wake, seconds)
+                except Exception as exc:  # one path failing must not lose the others
+                    logger.exception("idle run %s wake=%s failed", path, wake)
+                    errors[(path, wake)] = f"{type(exc).__name__}: {exc}"
+    finally:
+        await relay.stop()
+    rows = []
+    for number, wake, target in ((11, False, IDLE_TARGET_PCT), (12, True, WAKE_TARGET_PCT)):
+        title = ("Device idle, always-on listening" if not wake
+                 else "Device idle, wake word on")
+        row = RowResult(number, title)
+        card, wav = runs.get(("card", wake)), runs.get(("wav", wake))
+        for what, run in (("sound card (PortAudio, PulseAudio)", card), ("WAV stand-ins", wav)):
+            if run is None:
+                row.lines.append(Line(f"CPU, {what}", "n/a", errors.get(
+                    ("card" if "card" in what else "wav", wake), ""), f"<= {target:g} %",
+                    "error"))
+                continue
+            on_card = run is card
+            row.lines.append(Line(f"CPU while nobody speaks, {what}, % of one core",
+                                  f"{run.cpu_pct:.2f} %", f"{run.window_s:.0f} s",
+                                  f"<= {target:g} %" if on_card else "",
+                                  verdict(run.cpu_pct <= target) if on_card else INFO))
+            row.lines.append(Line(f"  resident memory, {what}", f"{run.rss_mb:.1f} MB", "",
+                                  f"<= {RSS_TARGET_MB:g} MB" if on_card else "",
+                                  verdict(run.rss_mb <= RSS_TARGET_MB) if on_card else INFO))
+        row.data = {k[0]: r.as_dict() for k, r in runs.items() if k[1] == wake}
+        if errors:
+            row.data["errors"] = {f"{k[0]}{'+wake' if k[1] else ''}": e
+                                  for k, e in errors.items()}
+        row.notes.append(
+            "The real `edgevoice device` process, microphone hearing a silent room, relay on "
+            "127.0.0.1; CPU from /proc/PID/stat (all threads) over the window, after 8 s to "
+            "settle; RSS the median of 1 s samples. Sound card: scripts/soundcard (a private "
+            "PulseAudio with null sinks, reached through ALSA's pulse plugin), so PortAudio's "
+            "callback threads and the sound server's client threads run as on a board. "
+            "1 % of a core here is about 6 % of a Pi Zero 2 W core.")
+        for run in (card, wav):
+            if run is not None:
+                row.notes.append("Per thread: " + _thread_story(run))
+        if card is not None and card.cpu_pct > target:
+            row.findings.append(
+                f"Over target on the sound card path: {_thread_story(card)}. What is left "
+                "per 60 ms capture block: a PortAudio wake-up, a PulseAudio round trip and "
+                "one event-loop wake-up; larger audio.capture_block_ms trades detection "
+                "latency for fewer of them.")
+        if card is not None and card.rss_mb > RSS_TARGET_MB:
+            gap = card.rss_mb - wav.rss_mb if wav is not None else float("nan")
+            row.findings.append(
+                f"Resident memory on the sound card path is {card.rss_mb:.1f} MB, "
+                f"{gap:.1f} MB more than with WAV stand-ins: the libraries PortAudio's ALSA "
+                "enumeration maps in (libasound's plugins, libpulse and what they load) and "
+                "the audio threads' stacks and malloc arenas. On a board with plain ALSA "
+                "and no plugins installed most of that is not loaded.")
+        rows.append(row)
+    return rows
+
+
+async def run_fleet_row(ws: Workspace) -> RowResult:
+    """Row 13: N idle devices connected to one relay process."""
+    row = RowResult(13, "Idle fleet: connected devices nobody talks to")
+    n = ws.plan.fleet_devices
+    tokens = ws.tokens_json([f"fleet-{i:05d}" for i in range(n)], f"fleet-{n}.json")
+    relay = await ws.relay("fleet-relay", "reply", "--cpu", "0")
+    load: Child | None = None
+    try:
+        await asyncio.sleep(1.0)
+        base_kib = memory_kib(relay.pid).get("VmRSS", 0)
+        port = int(relay.events[0]["port"])
+        load = await ws.spawn("fleet-load", python_module(
+            "edgevoice_dev.bench.loadgen", "--url", f"ws://127.0.0.1:{port}/", "--tokens",
+            str(tokens), "--clients", str(n), "--speech", str(ws.fixture.path), "--idle",
+            "--warmup", "3", "--measure", str(ws.plan.fleet_measure_s),
+            "--record", str(ws.root / "fleet-load.json"), "--cpu", "1"))
+        streaming = await load.event("streaming", 120 + n / 20)
+        await load.event("measure_start", 30)
+        cpu0, t0 = cpu_seconds(relay.pid), time.monotonic()
+        await load.event("measure_end", 30 + ws.plan.fleet_measure_s)
+        cpu1, t1 = cpu_seconds(relay.pid), time.monotonic()
+        held_kib = memory_kib(relay.pid).get("VmRSS", 0)
+        await load.event("done", 120)
+        await load.wait(60)
+    finally:
+        if load is not None:
+            await load.stop()
+        await relay.stop()
+    connected = int(streaming.get("clients", 0))
+    per_kib = (held_kib - base_kib) / connected if connected else float("nan")
+    cpu_each = 100 * (cpu1 - cpu0) / (t1 - t0) / connected if connected else float("nan")
+    row.lines.append(Line("relay memory per connected idle device", f"{per_kib:.1f} KiB",
+                          f"{connected} devices, relay {held_kib / 1024:.0f} MB "
+                          f"(empty {base_kib / 1024:.0f} MB)", f"<= {FLEET_KIB_TARGET:g} KiB",
+                          verdict(per_kib <= FLEET_KIB_TARGET)))
+    row.lines.append(Line("relay CPU per connected idle device, % of one core",
+                          f"{cpu_each:.4f} %", f"{100 * (cpu1 - cpu0) / (t1 - t0):.2f} % for "
+                          f"all {connected}", f"<= {FLEET_CPU_TARGET_PCT:g} %",
+                          verdict(cpu_each <= FLEET_CPU_TARGET_PCT)))
+    row.data = {"devices": connected, "relay_rss_kib_empty": base_kib,
+                "relay_rss_kib_connected": held_kib, "kib_per_device": round(per_kib, 2),
+                "cpu_pct_per_device": round(cpu_each, 5),
+                "window_s": round(t1 - t0, 1)}
+    row.notes.append(
+        f"One relay process (pinned to CPU 0) and {n} protocol clients (CPU 1) that connect "
+        "in batches of 20, say hello and then only hold the connection (WebSocket keepalive "
+        "pings every 20 s, as configured by default); RSS of the relay before connecting and "
+        "after, CPU over the window.")
+    if per_kib > FLEET_KIB_TARGET:
+        row.findings.append(
+            f"{per_kib:.1f} KiB per idle device. No codec state is held for a quiet session "
+            "any more (libopus state is made on the first packet and freed when a turn or "
+            "reply ends); what remains is the WebSocket connection (websockets' buffers, "
+            "its keepalive task), the session's two tasks, its outbound queue and resume "
+            "journal, and the upstream session object.")
+    if cpu_each > FLEET_CPU_TARGET_PCT:
+        row.findings.append(
+            f"{cpu_each:.4f} % of a core per idle device: the keepalive pings and each "
+            "session's waiting tasks.")
+    return row
+
+
