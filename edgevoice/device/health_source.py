@@ -1,6 +1,6 @@
 """The daemon seen from the health endpoint: snapshots, problems and actions.
 
-Adapts :class:`edgevoice.device.daemon.DeviceDaemon` to
+Adapts a daemon's public probe (:class:`edgevoice.device.observer.DeviceProbe`) to
 :class:`edgevoice.health.device.DeviceHealthSource`; it only reads the daemon's
 counters and never changes its state except through the two action hooks.
 """
@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from edgevoice import __version__
-from edgevoice.device.daemon import DeviceDaemon, TurnTimeline
+from edgevoice.device.observer import DeviceProbe
+from edgevoice.device.records import TurnTimeline
+from edgevoice.device.status import AUDIO_NOT_OPENED
 from edgevoice.health.device import (
     LINK_CONNECTED,
     DeviceSnapshot,
@@ -38,14 +40,14 @@ def turn_record(turn: TurnTimeline) -> TurnRecord:
         first_downlink_to_playback_ms=_span(turn.first_downlink, turn.playback_start),
         playback_ms=_span(turn.playback_start, turn.playback_end),
         total_ms=_span(turn.started_at, turn.playback_end or turn.turn_end),
-        outcome=turn.outcome,
+        outcome=str(turn.outcome),
     )
 
 
 class DaemonHealth:
-    """Implements DeviceHealthSource over a running daemon."""
+    """Implements DeviceHealthSource over a running daemon's public probe."""
 
-    def __init__(self, daemon: DeviceDaemon, settings: HealthSettings,
+    def __init__(self, daemon: DeviceProbe, settings: HealthSettings,
                  last_watchdog_at: Callable[[], float | None] = lambda: None,
                  sampler: SystemSampler | None = None) -> None:
         self.daemon = daemon
@@ -54,41 +56,39 @@ class DaemonHealth:
         self.sampler = sampler or SystemSampler.for_this_machine()
 
     def snapshot(self) -> DeviceSnapshot:
-        d = self.daemon
-        link = d.link.stats
-        source = d.source.stats
+        s = self.daemon.stats()
         return DeviceSnapshot(
             version=__version__,
-            uptime_s=round(d.clock.now() - d.started_at, 1),
-            device_id=d.device_id,
-            state=d.machine.state.value,
-            link_state=(LINK_CONNECTED if d.link.connected
-                        else "resuming" if d.link.suspended else d.link.state.value),
-            session_id=d.session_id,
-            relay_rtt_ms=None if link.rtt_ms is None else round(link.rtt_ms, 2),
-            reconnects=link.reconnects,
-            resumes=link.resumes,
-            frames_replayed=link.frames_replayed,
-            frames_captured=source.frames_captured,
-            frames_sent=d.counters.frames_sent,
-            frames_received=d.counters.frames_received,
-            frames_dropped=source.frames_dropped + d.link.dropped,
-            playback_underruns=d.playback.stats.underruns,
-            input_level_dbfs=d.detector.level_dbfs,
-            noise_floor_dbfs=d.detector.noise_floor_dbfs,
-            turns_total=d.counters.turns,
-            turns=tuple(turn_record(t) for t in d.turns),
+            uptime_s=s.uptime_s,
+            device_id=s.device_id,
+            state=s.turn_state,
+            link_state=(LINK_CONNECTED if s.link_connected
+                        else "resuming" if s.link_suspended else s.link_state),
+            session_id=s.session_id,
+            relay_rtt_ms=None if s.rtt_ms is None else round(s.rtt_ms, 2),
+            reconnects=s.reconnects,
+            resumes=s.resumes,
+            frames_replayed=s.frames_replayed,
+            frames_captured=s.frames_captured,
+            frames_sent=s.frames_sent,
+            frames_received=s.frames_received,
+            frames_dropped=s.source_frames_dropped + s.link_frames_dropped,
+            playback_underruns=s.playback_underruns,
+            input_level_dbfs=s.input_level_dbfs,
+            noise_floor_dbfs=s.noise_floor_dbfs,
+            turns_total=s.turns_total,
+            turns=tuple(turn_record(t) for t in self.daemon.turn_history()),
             system=self.sampler.sample(),
         )
 
     def health_problems(self, now: float) -> list[str]:
-        d = self.daemon
-        last_audio = d.source.stats.last_frame_at or d.started_at
+        s = self.daemon.stats()
+        last_audio = s.last_frame_at or s.started_at
         problems = describe_problems(now, self.settings, last_audio_at=last_audio,
-                                     relay_down_since=d.link.stats.down_since,
+                                     relay_down_since=s.relay_down_since,
                                      last_watchdog_at=self.last_watchdog_at())
-        if d.audio_problem and d.audio_problem != "audio not opened yet":
-            problems.insert(0, d.audio_problem)
+        if s.audio_problem and s.audio_problem != AUDIO_NOT_OPENED:
+            problems.insert(0, s.audio_problem)
         return problems
 
     def request_turn(self) -> bool:

@@ -1,8 +1,8 @@
 """A device process for the latency and barge-in benchmarks: the daemon, instrumented.
 
 ``python -m edgevoice_dev.bench.device_runner --config device.yaml --source wav:PATH``
-runs :class:`~edgevoice_dev.bench.instrument.InstrumentedDaemon` (the real daemon with
-timestamps taken around it) with a WAV or silent microphone and a sink pulling
+runs the real daemon with a :class:`~edgevoice_dev.bench.instrument.BenchObserver`
+taking timestamps with a WAV or silent microphone and a sink pulling
 20 ms blocks at real time, until SIGTERM; then it writes its timestamps to
 ``--record``. It prints a ``link_up`` JSON event each time the relay answers.
 """
@@ -21,18 +21,20 @@ from pathlib import Path
 from edgevoice.audio.base import AudioSource
 from edgevoice.audio.wavio import WavSource
 from edgevoice.config.model import load_device_config
-from edgevoice.device.daemon import read_token
+from edgevoice.device.daemon import DeviceDaemon, read_token
 from edgevoice.protocol.messages import Welcome
-from edgevoice_dev.bench.instrument import DeviceLog, InstrumentedDaemon, PacedSink, SilentSource
+from edgevoice_dev.bench.instrument import BenchObserver, DeviceLog, PacedSink, SilentSource
 from edgevoice_dev.bench.proc import emit
 
 logger = logging.getLogger(__name__)
 
 
-class _Daemon(InstrumentedDaemon):
-    def link_up(self, welcome: Welcome) -> None:
-        super().link_up(welcome)
-        emit({"event": "link_up", "t": self.bench_log.link_ups[-1]})
+class _LinkUpEvents(BenchObserver):
+    """Also tells the parent process each time the relay answers."""
+
+    def link_up(self, welcome: Welcome, at: float) -> None:
+        super().link_up(welcome, at)
+        emit({"event": "link_up", "t": at})
 
 
 async def run(args: argparse.Namespace) -> DeviceLog:
@@ -44,7 +46,9 @@ async def run(args: argparse.Namespace) -> DeviceLog:
     else:
         source = WavSource(Path(args.source.removeprefix("wav:")), realtime=True)
     log = DeviceLog()
-    daemon = _Daemon(config, token, source, PacedSink(args.output_rate, log), bench_log=log)
+    sink = PacedSink(args.output_rate, log)
+    log.output_rate_hz = sink.sample_rate_hz
+    daemon = DeviceDaemon(config, token, source, sink, observers=[_LinkUpEvents(log)])
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)

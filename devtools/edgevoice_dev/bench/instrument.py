@@ -1,11 +1,11 @@
 """Device-side timestamps for the latency and barge-in benchmarks, from the outside.
 
-The daemon has no timing hooks yet, so :class:`InstrumentedDaemon` subclasses it and
-notes (``time.monotonic``) when each uplink frame enters the send path, when each
-reply starts, and when its playback buffer (:class:`TimedPlaybackBuffer`) is pushed
-to or flushed. :class:`PacedSink` pulls 20 ms blocks at real time like a sound card
-and notes whether each block held any audio; :class:`SilentSource` is a microphone
-in a silent room. Nothing here changes what the daemon does.
+:class:`BenchObserver` is a :class:`~edgevoice.device.observer.DeviceObserver` on
+the real, unchanged daemon: it notes (daemon clock: ``time.monotonic``) when each
+uplink frame enters the send path, when each reply starts, and when audio is pushed
+into the playback buffer or flushed from it. :class:`PacedSink` pulls 20 ms blocks
+at real time like a sound card and notes whether each block held any audio;
+:class:`SilentSource` is a microphone in a silent room.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ import numpy as np
 
 from edgevoice.audio.base import CAPTURE_FRAME_BYTES, FRAME_MS, SourceStats, frame_samples
 from edgevoice.audio.playback import PlaybackBuffer
-from edgevoice.device.daemon import DeviceDaemon
-from edgevoice.device.turn import BeginTurn
-from edgevoice.protocol.messages import Interrupt, Message, ResponseStart, Welcome
+from edgevoice.device.observer import DeviceObserver
+from edgevoice.protocol.messages import Welcome
 
 
 @dataclass
@@ -50,64 +49,36 @@ class DeviceLog:
                 "link_ups": self.link_ups, "output_rate_hz": self.output_rate_hz}
 
 
-class TimedPlaybackBuffer(PlaybackBuffer):
-    """A PlaybackBuffer that notes when audio is pushed into it and when it is flushed."""
+class BenchObserver(DeviceObserver):
+    """Writes the daemon's events into a :class:`DeviceLog`."""
 
-    def __init__(self, log: DeviceLog, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.bench_log = log
+    def __init__(self, log: DeviceLog) -> None:
+        self.log = log
 
-    def push(self, pcm: bytes | bytearray | memoryview) -> None:
-        super().push(pcm)
-        if self.bench_log.pushes:
-            self.bench_log.pushes[-1].append((time.monotonic(), len(pcm) // 2))
+    def link_up(self, welcome: Welcome, at: float) -> None:
+        self.log.link_ups.append(at)
 
-    def flush(self) -> int:
-        discarded = super().flush()
-        self.bench_log.flushes.append(time.monotonic())
-        return discarded
+    def turn_begun(self, turn_id: int, trigger: str, at: float) -> None:
+        self.log.uplink.append([])
+        self.log.preroll.append([])
 
+    def uplink_frame(self, entered_at: float, *, sent: bool, preroll: bool) -> None:
+        if sent and self.log.uplink:
+            self.log.uplink[-1].append(entered_at)
+            self.log.preroll[-1].append(preroll)
 
-class InstrumentedDaemon(DeviceDaemon):
-    """The device daemon, unchanged, with timestamps taken around it."""
+    def response_started(self, at: float) -> None:
+        self.log.pushes.append([])
 
-    def __init__(self, *args: Any, bench_log: DeviceLog, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.bench_log = bench_log
-        bench_log.output_rate_hz = self.sink.sample_rate_hz
-        audio = self.config.audio
-        self.playback = TimedPlaybackBuffer(
-            bench_log, self.sink.sample_rate_hz, prefill_ms=audio.playback_prefill_ms,
-            max_ms=audio.playback_max_ms, on_event=self._playback_event_threadsafe)
-        self._in_preroll = False
+    def remote_interrupt(self, at: float) -> None:
+        self.log.interrupts.append(at)
 
-    def _begin_turn(self, command: BeginTurn, now: float) -> None:
-        self.bench_log.uplink.append([])
-        self.bench_log.preroll.append([])
-        self._in_preroll = True
-        try:
-            super()._begin_turn(command, now)
-        finally:
-            self._in_preroll = False
+    def playback_pushed(self, samples: int, at: float) -> None:
+        if self.log.pushes:
+            self.log.pushes[-1].append((at, samples))
 
-    def _send_frame(self, pcm: bytes, now: float) -> None:
-        entered = time.monotonic()
-        sent = self.counters.frames_sent
-        super()._send_frame(pcm, now)
-        if self.counters.frames_sent > sent and self.bench_log.uplink:
-            self.bench_log.uplink[-1].append(entered)
-            self.bench_log.preroll[-1].append(self._in_preroll)
-
-    def link_up(self, welcome: Welcome) -> None:
-        self.bench_log.link_ups.append(time.monotonic())
-        super().link_up(welcome)
-
-    def on_message(self, message: Message) -> None:
-        if isinstance(message, ResponseStart):
-            self.bench_log.pushes.append([])
-        elif isinstance(message, Interrupt):
-            self.bench_log.interrupts.append(time.monotonic())
-        super().on_message(message)
+    def playback_flushed(self, at: float) -> None:
+        self.log.flushes.append(at)
 
 
 class PacedSink:

@@ -1,0 +1,69 @@
+"""The composition root through its public seams: the link's events in, the probe out.
+
+The daemon is built for real (Opus, resampler, playback buffer, DeviceLink) but not
+run: its LinkListener methods are called as the link would call them, and what it
+shows is read through stats(), turn_history() and observers only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from device_support import RecordingObserver
+from edgevoice_dev.bench.instrument import BenchObserver, DeviceLog
+
+from edgevoice.audio.wavio import WavSink, WavSource
+from edgevoice.config.model import DeviceConfig
+from edgevoice.device.daemon import DeviceDaemon
+from edgevoice.device.observer import DaemonStats, DeviceProbe
+from edgevoice.device.records import TurnOutcome, TurnTimeline
+from edgevoice.feedback.states import DeviceState
+from edgevoice.protocol.messages import ResponseEnd, ResponseStart, Welcome
+
+
+def daemon(tmp_path: Path, **kwargs: object) -> DeviceDaemon:
+    config = DeviceConfig()
+    return DeviceDaemon(config, "kitchen.secret", WavSource(tmp_path / "in.wav"),
+                        WavSink(tmp_path / "out.wav"), **kwargs)  # type: ignore[arg-type]
+
+
+def test_probe_reports_typed_stats_before_anything_happened(tmp_path: Path) -> None:
+    d = daemon(tmp_path)
+    probe: DeviceProbe = d
+    s = probe.stats()
+    assert isinstance(s, DaemonStats)
+    assert (s.device_id, s.turn_state, s.device_state, s.ready) == (
+        "kitchen", "idle", "offline", False)
+    assert s.audio_problem == "audio not opened yet" and s.session_id is None
+    assert probe.turn_history() == ()
+    assert d.compact_stats()["state"] == "idle"
+
+
+def test_observers_and_on_turn_done_see_a_turn_through_the_link_events(tmp_path: Path) -> None:
+    done: list[TurnTimeline] = []
+    seen = RecordingObserver()
+    log = DeviceLog()
+    d = daemon(tmp_path, on_turn_done=done.append, observers=[seen])
+    d.add_observer(BenchObserver(log))
+    d.link_up(Welcome(session_id="s1"))
+    assert d.stats().session_id == "s1" and d.stats().status == "listening for speech"
+    assert d.request_turn("api")
+    d.on_message(ResponseStart(1))
+    d.on_message(ResponseEnd(1, "done"))
+    assert [t.outcome for t in done] == [TurnOutcome.NO_REPLY]
+    assert seen.closed == done and d.turn_history() == tuple(done)
+    # the "listening" earcon went into the playback buffer as the turn began
+    assert seen.names() == ["link_up", "turn_begun", "playback_pushed", "response_started"]
+    assert len(log.link_ups) == 1 and log.uplink == [[]] and log.pushes == [[]]
+
+
+def test_link_down_shows_offline_and_a_suspension_is_counted(tmp_path: Path) -> None:
+    d = daemon(tmp_path)
+    d.link_up(Welcome(session_id="s1"))
+    d.link_suspended("connection reset", 1.5, 30.0)
+    assert d.stats().suspensions == 1
+    assert d.stats().status.startswith("link interrupted, reconnecting in 1.5 s")
+    d.link_down("relay unreachable", 4.2)
+    assert d.stats().status == "reconnecting in 4.2 s: relay unreachable"
+    assert d.stats().device_state == DeviceState.OFFLINE
+

@@ -1,0 +1,433 @@
+"""The daemon's pieces, each through its seams: no sockets, no sound card, no event loop
+unless the piece owns one (capture). A recording link stands in for DeviceLink, a
+FakeClock for time; Opus, the resampler and the playback buffer are the real ones."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import pytest
+from device_support import RecordingLink, RecordingObserver, silence, tone
+
+from edgevoice.audio.base import SourceStats
+from edgevoice.audio.opus import OpusEncoder
+from edgevoice.audio.playback import PlaybackEnded, PlaybackStarted
+from edgevoice.audio.silence import SilenceDetector, SilenceSettings
+from edgevoice.clock import FakeClock
+from edgevoice.device.capture import CaptureLoop
+from edgevoice.device.downlink import Downlink, DownlinkMode, ResponseEnd
+from edgevoice.device.observer import Observers
+from edgevoice.device.records import DeviceCounters, TurnOutcome, TurnRecorder, TurnTimeline
+from edgevoice.device.status import (
+    AUDIO_NOT_OPENED,
+    ERROR_STATE_S,
+    SHOWN_STATE,
+    EarconPlayer,
+    StatePresenter,
+    StatusBoard,
+)
+from edgevoice.device.turn import TurnMachine, TurnSettings, TurnState
+from edgevoice.device.turntaking import TurnTaking
+from edgevoice.device.uplink import Uplink
+from edgevoice.errors import AudioDeviceError
+from edgevoice.feedback.earcons import Earcons
+from edgevoice.feedback.states import DeviceState
+from edgevoice.protocol.connection import AudioReceived
+from edgevoice.protocol.messages import (
+    AudioFlags,
+    AudioFrame,
+    AudioKind,
+    Error,
+    Interrupt,
+    ResponseStart,
+    Transcript,
+    TurnEnd,
+    TurnStart,
+)
+from edgevoice.protocol.messages import (
+    ResponseEnd as ResponseEndMessage,
+)
+
+OUT_RATE = 48_000
+
+
+def reply_packet(k: int = 0) -> bytes:
+    """One real 24 kHz Opus packet of tone."""
+    enc = OpusEncoder(24_000)
+    pcm = b"".join(tone(-12, 440, k * 3 + i) for i in range(3))[: 480 * 2]
+    return enc.encode(pcm)
+
+
+def received(seq: int, missing: int = 0) -> AudioReceived:
+    frame = AudioFrame(AudioKind.DOWNLINK, seq, seq * 20, reply_packet(seq))
+    return AudioReceived(frame, missing)
+
+
+@dataclass
+class Rig:
+    """The device's pieces wired as the daemon wires them, around a recording link."""
+
+    clock: FakeClock = field(default_factory=lambda: FakeClock(100.0))
+    link: RecordingLink = field(default_factory=RecordingLink)
+    observer: RecordingObserver = field(default_factory=RecordingObserver)
+    settings: TurnSettings = field(default_factory=lambda: TurnSettings(start="button"))
+    earcons_on: bool = False
+    displays: list[DeviceState] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.counters = DeviceCounters()
+        self.observers = Observers([self.observer])
+        self.records = TurnRecorder(self.counters, on_closed=self.observers.turn_closed)
+        self.status = StatusBoard()
+        self.uplink = Uplink(OpusEncoder(16_000), self.link, self.clock, self.counters,
+                             self.records, self.observers)
+        self.downlink = Downlink(OUT_RATE, prefill_ms=60, max_ms=10_000, clock=self.clock,
+                                 counters=self.counters, observer=self.observers,
+                                 on_reply_event=lambda e, now: self.turns.on_reply_playback(e, now))
+        shown = self.displays
+
+        class Display:
+            def set_state(self, state: DeviceState) -> None:
+                shown.append(state)
+
+        self.presenter = StatePresenter(self.clock, self.link, [Display()])
+        earcons = Earcons(OUT_RATE, 0.5) if self.earcons_on else None
+        self.earcons = EarconPlayer(earcons, self.downlink, self.presenter, self.clock)
+        self.machine = TurnMachine(self.settings)
+        self.turns = TurnTaking(
+            self.machine, SilenceDetector(SilenceSettings()), self.clock, link=self.link,
+            uplink=self.uplink, downlink=self.downlink, records=self.records,
+            earcons=self.earcons, presenter=self.presenter, status=self.status,
+            counters=self.counters, observer=self.observers)
+        self.turns.link_changed(True, self.clock.now())
+
+
+# ------------------------------------------------------------------ records
+
+
+def test_a_new_turn_supersedes_an_open_one_and_closing_twice_changes_nothing() -> None:
+    counters = DeviceCounters()
+    closed: list[TurnTimeline] = []
+    records = TurnRecorder(counters, on_closed=closed.append)
+    first = records.begin(1, "button", 1.0)
+    records.begin(2, "vad", 2.0)
+    assert first.outcome is TurnOutcome.SUPERSEDED and first.outcome == "superseded"
+    assert records.current is not None and records.current.speech_start == 2.0  # vad
+    records.playback_ended(flushed=False, now=3.0)
+    records.close(TurnOutcome.LINK_LOST)  # after the fact: history is not rewritten
+    assert [t.outcome for t in closed] == [TurnOutcome.SUPERSEDED, TurnOutcome.COMPLETED]
+    assert counters.turns == 2 and len(records.turns) == 2
+    with pytest.raises(ValueError):
+        records.close(TurnOutcome.OPEN)
+
+
+@pytest.mark.parametrize(("reason", "outcome"), [("no_speech", TurnOutcome.NO_SPEECH),
+                                                  ("cancelled", TurnOutcome.CANCELLED),
+                                                  ("speech_ended", TurnOutcome.OPEN),
+                                                  ("answered", TurnOutcome.OPEN)])
+def test_only_some_turn_ends_close_the_record(reason: str, outcome: TurnOutcome) -> None:
+    records = TurnRecorder(DeviceCounters())
+    turn = records.begin(1, "button", 1.0)
+    records.finished(reason, 1.5)
+    assert turn.turn_end == 1.5 and turn.outcome is outcome
+
+
+def test_kept_turns_are_bounded() -> None:
+    records = TurnRecorder(DeviceCounters())
+    for k in range(50):
+        records.begin(k, "api", float(k))
+        records.close(TurnOutcome.NO_REPLY)
+    assert len(records.turns) == 20 and records.turns[0].turn_id == 30
+
+
+# ------------------------------------------------------------------- uplink
+
+
+def test_uplink_announces_the_turn_then_sends_preroll_with_start_flag_and_timestamps() -> None:
+    rig = Rig()
+    rig.records.begin(7, "button", 100.0)
+    rig.uplink.begin(7, "button", (silence(), silence()), 100.0)
+    rig.uplink.send(tone(), 100.02)
+    assert rig.link.messages == [TurnStart(7, "button")]
+    assert [(ts, flags) for _p, ts, flags in rig.link.audio] == [
+        (0, AudioFlags.START), (20, AudioFlags.NONE), (40, AudioFlags.NONE)]
+    assert all(0 < len(p) < 200 for p, _ts, _f in rig.link.audio)  # real Opus packets
+    assert rig.counters.frames_sent == 3
+    assert rig.observer.events[0][:3] == ("turn_begun", 7, "button")
+    assert [e for e in rig.observer.events if e[0] == "uplink_frame"] == [
+        ("uplink_frame", True, True), ("uplink_frame", True, True),
+        ("uplink_frame", True, False)]
+    assert rig.records.current is not None and rig.records.current.uplink_frames == 3
+
+
+def test_uplink_counts_only_what_the_link_took() -> None:
+    rig = Rig()
+    rig.link.connected = False
+    rig.uplink.begin(1, "api", (), 1.0)
+    rig.uplink.send(tone(), 1.0)
+    assert rig.counters.frames_sent == 0 and rig.link.audio == []
+    assert ("uplink_frame", False, False) in rig.observer.events
+
+
+# ----------------------------------------------------------------- downlink
+
+
+def test_reply_audio_is_decoded_resampled_and_buffered_at_the_output_rate() -> None:
+    rig = Rig()
+    rig.downlink.response_start()
+    assert rig.downlink.audio(received(0)) and rig.downlink.audio(received(1))
+    pushed = sum(e[1] for e in rig.observer.events if e[0] == "playback_pushed")
+    assert rig.counters.frames_received == 2
+    # 40 ms at 48 kHz, give or take what the resampler still holds
+    assert 0 < pushed <= 2 * 960 and rig.downlink.playback.buffered_samples == pushed
+    assert rig.downlink.reply_playing
+
+
+def test_a_gap_is_concealed_but_not_a_long_one() -> None:
+    rig = Rig()
+    rig.downlink.response_start()
+    rig.downlink.audio(received(0))
+    rig.downlink.audio(received(3, missing=2))
+    assert rig.counters.frames_concealed == 2
+    rig.downlink.audio(received(40, missing=36))
+    assert rig.counters.frames_concealed == 2 + 5  # capped: invented audio only confuses
+
+
+def test_after_a_local_stop_the_rest_of_that_reply_is_dropped_until_the_next() -> None:
+    rig = Rig()
+    rig.downlink.response_start()
+    rig.downlink.audio(received(0))
+    rig.downlink.stop("button")
+    assert rig.downlink.mode is DownlinkMode.DISCARDING
+    assert rig.downlink.playback.buffered_samples == 0 and not rig.downlink.reply_playing
+    assert "playback_flushed" in rig.observer.names() and rig.counters.interrupts == 1
+    assert not rig.downlink.audio(received(1)) and rig.counters.frames_received == 1
+    assert rig.downlink.response_end("done") is ResponseEnd.IGNORED
+    rig.downlink.response_start()
+    assert rig.downlink.audio(received(0))
+
+
+def test_response_end_tells_an_empty_reply_from_one_draining() -> None:
+    rig = Rig()
+    rig.downlink.response_start()
+    assert rig.downlink.response_end("done") is ResponseEnd.EMPTY
+    assert not rig.downlink.reply_playing
+    rig.downlink.response_start()
+    rig.downlink.audio(received(0))
+    assert rig.downlink.response_end("done") is ResponseEnd.DRAINING
+    rig.downlink.response_start()
+    assert rig.downlink.response_end("interrupted") is ResponseEnd.IGNORED
+
+
+def test_earcons_never_talk_over_a_reply_and_their_events_are_not_the_turns() -> None:
+    rig = Rig(earcons_on=True)
+    seen: list[object] = []
+    rig.downlink.on_reply_event = lambda e, now: seen.append(e)
+    assert rig.downlink.play_earcon(b"\x01\x00" * 480)
+    rig.downlink.on_playback_event(PlaybackStarted(1.0))
+    rig.downlink.on_playback_event(PlaybackEnded(1.1, flushed=False))
+    assert seen == []  # the earcon's start and end
+    rig.downlink.response_start()
+    assert not rig.downlink.play_earcon(b"\x01\x00" * 480)
+    rig.downlink.on_playback_event(PlaybackStarted(2.0))
+    assert seen == [PlaybackStarted(2.0)]
+
+
+# ------------------------------------------------------------------- status
+
+
+def test_ready_needs_open_audio_and_a_first_link_attempt_and_happens_once() -> None:
+    ready: list[str] = []
+    board = StatusBoard(on_ready=ready.append)
+    assert board.audio_problem == AUDIO_NOT_OPENED
+    board.link_tried()
+    assert not board.ready
+    board.audio_failed("microphone unavailable: gone")
+    board.audio_opened()
+    board.set("idle")
+    board.audio_failed("microphone unavailable: gone again")
+    board.link_tried()
+    assert board.ready and ready == ["starting"]
+
+
+def test_every_turn_state_is_shown_and_described() -> None:
+    rig = Rig()
+    for state in TurnState:
+        assert state in SHOWN_STATE
+        assert rig.turns.state_text(state)
+
+
+def test_shown_state_is_offline_without_link_error_for_a_while_and_told_once() -> None:
+    rig = Rig()
+    rig.presenter.show(TurnState.IDLE)
+    rig.presenter.show(TurnState.IDLE)
+    assert rig.displays == [DeviceState.IDLE]
+    rig.link.connected = False
+    rig.presenter.show(TurnState.IDLE)
+    rig.link.suspended = True  # a resumable drop is not "offline"
+    rig.presenter.show(TurnState.IDLE)
+    rig.presenter.flag_error(rig.clock.now())
+    rig.presenter.show(TurnState.IDLE)
+    rig.clock.advance(ERROR_STATE_S + 0.1)
+    rig.presenter.show(TurnState.IDLE)
+    assert rig.displays == [DeviceState.IDLE, DeviceState.OFFLINE, DeviceState.IDLE,
+                            DeviceState.ERROR, DeviceState.IDLE]
+
+
+def test_error_earcon_shows_the_error_state_unless_a_reply_is_playing() -> None:
+    rig = Rig(earcons_on=True)
+    rig.downlink.response_start()
+    rig.earcons.play("error")
+    rig.presenter.show(TurnState.IDLE)
+    assert rig.presenter.state is DeviceState.IDLE
+    rig.downlink.stop("test")
+    rig.earcons.play("error")
+    rig.presenter.show(TurnState.IDLE)
+    assert rig.presenter.state is DeviceState.ERROR
+
+
+# -------------------------------------------------------------- turn taking
+
+
+def test_a_button_turn_streams_and_an_empty_reply_closes_it_as_no_reply() -> None:
+    rig = Rig()
+    assert rig.turns.request_turn("button")
+    assert rig.link.messages == [TurnStart(1, "button")]
+    assert rig.status.text == "streaming turn 1"
+    for _ in range(10):
+        rig.turns.on_frame(silence())  # the room: nothing is streamed
+    assert rig.link.audio == []
+    for k in range(25):
+        rig.turns.on_frame(tone(-20, 440, k))  # speech: streamed, with its pre-roll
+    assert 25 <= len(rig.link.audio) <= 35 and rig.counters.frames_captured == 35
+    assert rig.link.audio[0][2] is AudioFlags.START
+    rig.turns.on_message(ResponseStart(1))
+    assert rig.link.of(TurnEnd) == [TurnEnd(1, "answered")]
+    assert rig.machine.state is TurnState.SPEAKING
+    rig.turns.on_message(Transcript("assistant", "hello", final=True))
+    rig.turns.on_message(ResponseEndMessage(1, "done"))
+    turn = rig.observer.closed[-1]
+    assert turn.outcome is TurnOutcome.NO_REPLY and turn.transcripts == [("assistant", "hello")]
+    assert rig.machine.state is TurnState.IDLE
+
+
+def test_a_played_reply_completes_the_turn_and_a_local_stop_interrupts_it() -> None:
+    rig = Rig()
+    rig.turns.request_turn("api")
+    rig.turns.on_message(ResponseStart(1))
+    rig.downlink.audio(received(0))
+    rig.turns.on_message(ResponseEndMessage(1, "done"))
+    rig.downlink.on_playback_event(PlaybackStarted(rig.clock.now()))
+    rig.clock.advance(0.5)
+    rig.downlink.on_playback_event(PlaybackEnded(rig.clock.now(), flushed=False))
+    assert rig.observer.closed[-1].outcome is TurnOutcome.COMPLETED
+    assert rig.observer.closed[-1].playback_end == rig.clock.now()
+
+    rig.turns.request_turn("api")
+    rig.turns.on_message(ResponseStart(2))
+    rig.downlink.audio(received(0))
+    assert rig.turns.request_interrupt("button")
+    assert rig.link.of(Interrupt)[-1] == Interrupt(reason="button")
+    # the flush's event arrives after the record of what plays was cleared
+    rig.downlink.on_playback_event(PlaybackEnded(rig.clock.now(), flushed=True))
+    assert rig.observer.closed[-1].outcome is TurnOutcome.INTERRUPTED
+
+
+def test_the_relays_interrupt_is_seen_before_playback_stops() -> None:
+    rig = Rig()
+    rig.turns.request_turn("api")
+    rig.turns.on_message(ResponseStart(1))
+    rig.downlink.audio(received(0))
+    rig.turns.on_message(Interrupt(reason="barge_in"))
+    names = rig.observer.names()
+    assert names.index("remote_interrupt") < names.index("playback_flushed")
+    assert rig.link.of(Interrupt) == []  # the relay knows: not echoed back
+
+
+def test_a_link_lost_before_any_reply_closes_the_turn_and_errors_are_counted() -> None:
+    rig = Rig()
+    rig.turns.request_turn("api")
+    rig.link.connected = False
+    rig.turns.link_changed(False, rig.clock.now())
+    assert rig.observer.closed[-1].outcome is TurnOutcome.LINK_LOST
+    rig.link.connected = True
+    rig.turns.link_changed(True, rig.clock.now())
+    rig.turns.on_message(Error(code="upstream_unavailable", message="x"))
+    rig.turns.on_message(Error(code="upstream_unavailable", message="x"))
+    assert rig.counters.errors == {"upstream_unavailable": 2}
+
+
+def test_no_speech_timeout_ends_the_turn_on_the_wire_and_in_the_record() -> None:
+    rig = Rig()
+    rig.turns.request_turn("api")
+    rig.clock.advance(rig.settings.no_speech_timeout_ms / 1000 + 0.1)
+    rig.turns.tick(rig.clock.now())
+    assert rig.link.of(TurnEnd) == [TurnEnd(1, "no_speech")]
+    assert rig.observer.closed[-1].outcome is TurnOutcome.NO_SPEECH
+
+
+def test_stopping_while_streaming_cancels_the_turn_at_the_relay() -> None:
+    rig = Rig()
+    rig.turns.stopping()
+    assert rig.link.of(TurnEnd) == []
+    rig.turns.request_turn("api")
+    rig.turns.stopping()
+    assert rig.link.of(TurnEnd) == [TurnEnd(1, "cancelled")]
+
+
+# ------------------------------------------------------------------ capture
+
+
+class FlakyMicrophone:
+    """Fails to open twice, then delivers three frames, fails, delivers two, ends."""
+
+    name = "flaky"
+
+    def __init__(self) -> None:
+        self.stats = SourceStats()
+        self.script: list[object] = [AudioDeviceError("unplugged"),
+                                     AudioDeviceError("unplugged"),
+                                     3, AudioDeviceError("gone"), 2]
+        self.pending = 0
+        self.opens = 0
+
+    async def open(self) -> None:
+        self.opens += 1
+        step = self.script.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        assert isinstance(step, int)
+        self.pending = step
+
+    async def read(self) -> bytes:
+        if self.pending == 0:
+            if not self.script:
+                raise EOFError
+            step = self.script.pop(0)
+            assert isinstance(step, Exception)
+            raise step
+        self.pending -= 1
+        return silence()
+
+    async def close(self) -> None:
+        pass
+
+
+def test_capture_reopens_a_failing_microphone_with_backoff_and_reports_it() -> None:
+    clock = FakeClock()
+    status = StatusBoard()
+    counters = DeviceCounters()
+    frames: list[bytes] = []
+    texts: list[str] = []
+    status.on_state = texts.append
+    ended: list[bool] = []
+    mic = FlakyMicrophone()
+    loop = CaptureLoop(mic, clock, status, counters, frames.append, reopen_max_ms=5_000,
+                       on_eof=lambda: ended.append(True))
+    asyncio.run(asyncio.wait_for(loop.run(), 5))
+    assert len(frames) == 5 and ended == [True]
+    assert counters.audio_reopens == 3 and mic.opens == 4
+    assert status.audio_problem is None  # reopened: no problem left
+    assert any(t.startswith("microphone unavailable: unplugged; retrying in") for t in texts)
+    assert clock.now() >= 0.2 * 3  # it waited between attempts (min 200 ms)
