@@ -12,7 +12,7 @@ from device_support import RecordingLink, RecordingObserver, silence, tone
 
 from edgevoice.audio.base import SourceStats
 from edgevoice.audio.opus import OpusEncoder
-from edgevoice.audio.playback import PlaybackEnded, PlaybackStarted
+from edgevoice.audio.playback import PlaybackBuffer, PlaybackEnded, PlaybackStarted
 from edgevoice.audio.silence import SilenceDetector, SilenceSettings
 from edgevoice.clock import FakeClock
 from edgevoice.device.capture import CaptureLoop
@@ -64,6 +64,25 @@ def received(seq: int, missing: int = 0) -> AudioReceived:
     return AudioReceived(frame, missing)
 
 
+class Speaker:
+    """An AudioSink that is never opened: counts prepare() calls."""
+
+    name = "speaker"
+    sample_rate_hz = OUT_RATE
+
+    def __init__(self) -> None:
+        self.prepared = 0
+
+    async def open(self, buffer: PlaybackBuffer) -> None:
+        raise AssertionError("not opened in these tests")
+
+    def prepare(self) -> None:
+        self.prepared += 1
+
+    async def close(self) -> None:
+        pass
+
+
 @dataclass
 class Rig:
     """The device's pieces wired as the daemon wires them, around a recording link."""
@@ -82,7 +101,8 @@ class Rig:
         self.status = StatusBoard()
         self.uplink = Uplink(OpusEncoder(16_000), self.link, self.clock, self.counters,
                              self.records, self.observers)
-        self.downlink = Downlink(OUT_RATE, prefill_ms=60, max_ms=10_000, clock=self.clock,
+        self.speaker = Speaker()
+        self.downlink = Downlink(self.speaker, prefill_ms=60, max_ms=10_000, clock=self.clock,
                                  counters=self.counters, observer=self.observers,
                                  on_reply_event=lambda e, now: self.turns.on_reply_playback(e, now))
         shown = self.displays
@@ -220,18 +240,19 @@ def test_response_end_tells_an_empty_reply_from_one_draining() -> None:
     assert rig.downlink.response_end("interrupted") is ResponseEnd.IGNORED
 
 
-def test_earcons_never_talk_over_a_reply_and_their_events_are_not_the_turns() -> None:
+def test_earcons_are_mixed_in_never_over_a_reply_and_every_event_is_the_replys() -> None:
     rig = Rig(earcons_on=True)
     seen: list[object] = []
     rig.downlink.on_reply_event = lambda e, now: seen.append(e)
     assert rig.downlink.play_earcon(b"\x01\x00" * 480)
-    rig.downlink.on_playback_event(PlaybackStarted(1.0))
-    rig.downlink.on_playback_event(PlaybackEnded(1.1, flushed=False))
-    assert seen == []  # the earcon's start and end
+    assert rig.downlink.playback.cue_playing and rig.downlink.playback.buffered_samples == 0
     rig.downlink.response_start()
     assert not rig.downlink.play_earcon(b"\x01\x00" * 480)
     rig.downlink.on_playback_event(PlaybackStarted(2.0))
-    assert seen == [PlaybackStarted(2.0)]
+    rig.downlink.on_playback_event(PlaybackEnded(2.5, flushed=False))
+    assert seen == [PlaybackStarted(2.0), PlaybackEnded(2.5, flushed=False)]
+    assert not rig.downlink.reply_playing
+    assert rig.downlink.play_earcon(b"\x01\x00" * 480)
 
 
 # ------------------------------------------------------------------- status
@@ -295,6 +316,7 @@ def test_a_button_turn_streams_and_an_empty_reply_closes_it_as_no_reply() -> Non
     assert rig.turns.request_turn("button")
     assert rig.link.messages == [TurnStart(1, "button")]
     assert rig.status.text == "streaming turn 1"
+    assert rig.speaker.prepared == 1  # a parked speaker reopens as the turn begins
     for _ in range(10):
         rig.turns.on_frame(silence())  # the room: nothing is streamed
     assert rig.link.audio == []
