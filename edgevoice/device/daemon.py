@@ -182,7 +182,8 @@ class DeviceDaemon(LinkListener):
         self.presenter = StatePresenter(self.clock, self.link, displays)
         earcons = (Earcons(sink.sample_rate_hz, config.feedback.earcon_volume)
                    if config.feedback.earcons_enabled else None)
-        self.earcons = EarconPlayer(earcons, self.downlink, self.presenter, self.clock)
+        self.earcons = EarconPlayer(earcons, self.downlink, self.presenter, self.clock,
+                                    self.observers)
         self.turn_taking = TurnTaking(
             self.machine, self.detector, self.clock, link=self.link, uplink=self.uplink,
             downlink=self.downlink, records=self.records, earcons=self.earcons,

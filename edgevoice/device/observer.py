@@ -54,6 +54,9 @@ class DeviceObserver:
     def turn_closed(self, turn: TurnTimeline) -> None:
         """A turn ended; ``turn.outcome`` says how."""
 
+    def earcon_played(self, kind: str, at: float) -> None:
+        """An earcon (the turn machine's ``kind``: listening, done, error, ...) sounded."""
+
 
 class Observers(DeviceObserver):
     """Several observers as one, called in order."""
@@ -95,6 +98,10 @@ class Observers(DeviceObserver):
     def turn_closed(self, turn: TurnTimeline) -> None:
         for o in self.observers:
             o.turn_closed(turn)
+
+    def earcon_played(self, kind: str, at: float) -> None:
+        for o in self.observers:
+            o.earcon_played(kind, at)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from edgevoice.clock import Clock
 from edgevoice.device.downlink import Downlink
+from edgevoice.device.observer import DeviceObserver
 from edgevoice.device.turn import TurnState
 from edgevoice.feedback.earcons import Earcon, Earcons
 from edgevoice.feedback.states import DeviceState
@@ -158,8 +159,9 @@ class EarconPlayer:
     """
 
     def __init__(self, earcons: Earcons | None, downlink: Downlink, presenter: StatePresenter,
-                 clock: Clock) -> None:
+                 clock: Clock, observer: DeviceObserver | None = None) -> None:
         self.earcons = earcons
+        self.observer = observer or DeviceObserver()
         self.downlink = downlink
         self.presenter = presenter
         self.clock = clock
@@ -175,7 +177,8 @@ class EarconPlayer:
             if kind == "error":
                 self.after_reply = kind
             return
-        self.downlink.play_earcon(self.earcons.pcm(EARCONS[kind]))
+        if self.downlink.play_earcon(self.earcons.pcm(EARCONS[kind])):
+            self.observer.earcon_played(kind, self.clock.now())
 
     def reply_ended(self) -> None:
         """A reply finished playing: play what was held back for it."""

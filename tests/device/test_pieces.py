@@ -296,16 +296,29 @@ def test_shown_state_is_offline_without_link_error_for_a_while_and_told_once() -
                             DeviceState.ERROR, DeviceState.IDLE]
 
 
-def test_error_earcon_shows_the_error_state_unless_a_reply_is_playing() -> None:
+def test_an_error_during_a_reply_shows_at_once_and_sounds_once_the_reply_was_heard() -> None:
     rig = Rig(earcons_on=True)
     rig.downlink.response_start()
     rig.earcons.play("error")
     rig.presenter.show(TurnState.IDLE)
-    assert rig.presenter.state is DeviceState.IDLE
-    rig.downlink.stop("test")
+    assert rig.presenter.state is DeviceState.ERROR  # the LED says so at once
+    assert not rig.downlink.playback.cue_playing  # but the reply is not talked over
+    rig.downlink.on_playback_event(PlaybackEnded(1.0, flushed=False))
+    assert rig.downlink.playback.cue_playing  # now it sounds
+
+
+def test_a_stopped_reply_drops_the_error_earcon_that_waited_for_it() -> None:
+    rig = Rig(earcons_on=True)
+    rig.turns.request_turn("api")
+    rig.downlink.playback.pull(OUT_RATE)  # the "listening" cue is heard
+    assert not rig.downlink.playback.cue_playing
+    rig.turns.on_message(ResponseStart(1))
+    rig.downlink.audio(received(0))
     rig.earcons.play("error")
-    rig.presenter.show(TurnState.IDLE)
-    assert rig.presenter.state is DeviceState.ERROR
+    assert rig.earcons.after_reply == "error"
+    rig.turns.request_interrupt("button")
+    rig.downlink.on_playback_event(PlaybackEnded(1.0, flushed=True))
+    assert rig.earcons.after_reply is None and not rig.downlink.playback.cue_playing
 
 
 # -------------------------------------------------------------- turn taking

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,7 +30,9 @@ from edgevoice_dev.testing.harness import device_config, run, running_relay
 from edgevoice.audio.wavio import WavSink, WavSource, load_wav, write_wav
 from edgevoice.config.model import RelayConfig, UpstreamSettings
 from edgevoice.device.daemon import DeviceDaemon, TurnTimeline
+from edgevoice.device.observer import DeviceObserver
 from edgevoice.nova.settings import NovaSettings
+from edgevoice.protocol.messages import Message
 
 pytestmark = pytest.mark.nova
 
@@ -229,23 +232,26 @@ def test_malformed_events_from_the_service_do_not_break_the_turn(
     assert ("assistant", "Still here.") in turns[0].transcripts
 
 
+class _Earcons(DeviceObserver):
+    def __init__(self, played: list[str]) -> None:
+        self.played = played
+
+    def earcon_played(self, kind: str, at: float) -> None:
+        self.played.append(kind)
+
+
 class RecordingDaemon(DeviceDaemon):
-    """The shipped daemon, noting every control message the relay sends it."""
+    """The shipped daemon, noting every control message the relay sends it and every
+    earcon it sounds (through its public observer)."""
 
-    received: list[object]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.received: list[object] = []
+        self.played_earcons: list[str] = []
+        super().__init__(*args, observers=[_Earcons(self.played_earcons)], **kwargs)
 
-    def on_message(self, message: object) -> None:  # type: ignore[override]
-        self.__dict__.setdefault("received", []).append(message)
-        super().on_message(message)  # type: ignore[arg-type]
-
-    def _play_earcon(self, kind: str) -> None:
-        if self.earcons is not None and "reply" not in self._playing:  # it is heard now
-            self.__dict__.setdefault("played_earcons", []).append(kind)
-        super()._play_earcon(kind)
-
-    @property
-    def played_earcons(self) -> list[str]:
-        return list(self.__dict__.get("played_earcons", []))
+    def on_message(self, message: Message) -> None:
+        self.received.append(message)
+        super().on_message(message)
 
 
 async def recorded_conversation(tmp_path: Path, mic: Path, config: RelayConfig,
