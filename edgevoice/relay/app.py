@@ -147,8 +147,10 @@ async def run_relay(config: RelayConfig, config_file: str = "config") -> None:
     try:
         while not stop.is_set():
             count = len(server.sessions)
+            store = "" if shared is None or shared.reachable else \
+                f"; shared store unreachable, {shared.writes_dropped} writes dropped"
             notifier.status(f"{count} device{'' if count == 1 else 's'} connected "
-                            f"({server.upstream.name} upstream)")
+                            f"({server.upstream.name} upstream{store})")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 5.0)
         if drain.is_set():
