@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import random
 import ssl
@@ -66,7 +65,12 @@ from edgevoice.protocol.messages import (
 )
 from edgevoice.protocol.replay import OutboundQueue, ReplayJournal, SentFrame
 from edgevoice.protocol.session import SESSION_ENDING_CLOSES as _SESSION_ENDING_CLOSES
-from edgevoice.protocol.session import Closer, close_ends_session
+from edgevoice.protocol.session import (
+    Closer,
+    LinkState,
+    check_link_transition,
+    close_ends_session,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -129,13 +133,6 @@ class RelaySettings:
         require(self.ping_timeout_ms >= 100, "ping_timeout_ms", "must be >= 100")
         require(self.send_queue_frames >= 10, "send_queue_frames", "must be >= 10")
         require(self.stats_interval_s >= 0, "stats_interval_s", "must be >= 0")
-
-
-class LinkState(enum.Enum):
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    WAITING = "waiting"  # backing off before the next attempt
-    STOPPED = "stopped"
 
 
 class LinkListener(Protocol):
@@ -249,6 +246,13 @@ class DeviceLink:
             logger.warning("relay url %s is not encrypted: use wss:// unless a trusted proxy "
                            "or network protects it", settings.url)
 
+    def _to(self, state: LinkState) -> None:
+        """Move along the session core's LINK_TRANSITIONS (IllegalTransitionError if not)."""
+        check_link_transition(self.state, state)
+        if state is not self.state:
+            logger.debug("link %s -> %s", self.state.value, state.value)
+        self.state = state
+
     @property
     def connected(self) -> bool:
         return self.state is LinkState.CONNECTED
@@ -297,7 +301,7 @@ class DeviceLink:
     async def run(self) -> None:
         """Connect and reconnect until :meth:`stop`."""
         while not self._stopping:
-            self.state = LinkState.CONNECTING
+            self._to(LinkState.CONNECTING)
             session_over = False
             try:
                 await self._session()
@@ -329,7 +333,7 @@ class DeviceLink:
                 delay = self.backoff.settings.max_ms / 1000
                 logger.error("relay refused this device: %s; retrying every %.0f s", reason,
                              delay)
-            self.state = LinkState.WAITING
+            self._to(LinkState.WAITING)
             now = self.clock.now()
             if not session_over and self._hold_session(now):
                 assert self._resume_until is not None
@@ -347,7 +351,7 @@ class DeviceLink:
                 self.listener.link_down(reason, delay)
                 await self.clock.sleep(delay)
             self.stats.reconnects += 1
-        self.state = LinkState.STOPPED
+        self._to(LinkState.STOPPED)
 
     def _hand_over(self, reason: str) -> bool:
         """After 4004 from an idle relay: carry what it did not receive (a turn begun
@@ -374,7 +378,7 @@ class DeviceLink:
             self._outbox.put_nowait(item)
         window_s = max(self.settings.resume.window_ms, 1000) / 1000
         self._handover_until = self.clock.now() + window_s
-        self.state = LinkState.WAITING
+        self._to(LinkState.WAITING)
         self.next_retry_at = self.clock.now()
         logger.info("relay draining: reconnecting at once, carrying %d items it had not "
                     "received", len(carried))
@@ -468,7 +472,7 @@ class DeviceLink:
         if self._conn is not None:
             self._session_conn = self._conn
         self._conn = None
-        self.state = LinkState.WAITING
+        self._to(LinkState.WAITING)
         if was_up or self.stats.down_since is None:
             self.stats.down_since = self.clock.now()
 
@@ -554,7 +558,7 @@ class DeviceLink:
             self._resume_until = None
             self._dropped_at = None
             self._conn = conn
-            self.state = LinkState.CONNECTED
+            self._to(LinkState.CONNECTED)
             self.stats.connects += 1
             self.stats.down_since = None
             self.next_retry_at = None

@@ -97,8 +97,9 @@ class AudioFrame:
     def encode(self) -> bytes:
         if not 0 <= self.seq <= 0xFFFFFFFF or not 0 <= self.timestamp_ms <= 0xFFFFFFFF:
             raise LocalProtocolError("audio seq and timestamp must fit in 32 bits")
-        if len(self.payload) > MAX_OPUS_PACKET_BYTES:
-            raise LocalProtocolError(f"Opus packet of {len(self.payload)} bytes is too large")
+        if not 1 <= len(self.payload) <= MAX_OPUS_PACKET_BYTES:
+            raise LocalProtocolError(f"Opus packet of {len(self.payload)} bytes: payloads "
+                                     f"are 1 to {MAX_OPUS_PACKET_BYTES} bytes")
         header = AUDIO_HEADER.pack(
             PROTOCOL_VERSION, self.kind, self.flags, self.seq, self.timestamp_ms
         )
@@ -106,8 +107,9 @@ class AudioFrame:
 
     @classmethod
     def decode(cls, data: bytes) -> AudioFrame:
-        if len(data) < AUDIO_HEADER_BYTES:
-            raise RemoteProtocolError(f"audio frame of {len(data)} bytes is shorter than a header")
+        if len(data) <= AUDIO_HEADER_BYTES:
+            raise RemoteProtocolError(f"audio frame of {len(data)} bytes: a header and a "
+                                      "payload of 1 to 1275 bytes")
         if len(data) > MAX_BINARY_BYTES:
             raise RemoteProtocolError(f"audio frame of {len(data)} bytes is too large")
         version, kind, flags, seq, timestamp_ms = AUDIO_HEADER.unpack_from(data)

@@ -223,7 +223,8 @@ LINK_TRANSITIONS: frozenset[tuple[LinkState, LinkState]] = frozenset({
     (L.CONNECTED, L.WAITING),
     (L.CONNECTED, L.CONNECTING),  # dropped; resuming at once
     (L.WAITING, L.CONNECTING),
-    (L.CONNECTING, L.CONNECTING),  # the next attempt of a resume
+    (L.CONNECTING, L.CONNECTING),  # the first attempt (the link starts CONNECTING)
+    (L.WAITING, L.WAITING),  # marked down, then handed over by a draining relay
 } | {(state, L.STOPPED) for state in LinkState})
 
 

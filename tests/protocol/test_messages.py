@@ -107,10 +107,11 @@ def test_audio_frame_round_trip() -> None:
 @pytest.mark.parametrize(
     "data, fragment",
     [
-        (b"\x01\x01\x00", "shorter than a header"),
-        (bytes([2, 1, 0, 0]) + bytes(8), "version 2"),
-        (bytes([1, 9, 0, 0]) + bytes(8), "unknown audio kind"),
-        (bytes([1, 1, 0x80, 0]) + bytes(8), "unknown audio flags"),
+        (b"\x01\x01\x00", "a header and a payload"),
+        (bytes([1, 1, 0, 0]) + bytes(8), "a header and a payload"),  # empty payload
+        (bytes([2, 1, 0, 0]) + bytes(9), "version 2"),
+        (bytes([1, 9, 0, 0]) + bytes(9), "unknown audio kind"),
+        (bytes([1, 1, 0x80, 0]) + bytes(9), "unknown audio flags"),
         (bytes([1, 1, 0, 0]) + bytes(8) + bytes(1300), "too large"),
     ],
 )
