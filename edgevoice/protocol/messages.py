@@ -10,12 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
-import types
-import typing
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
+from edgevoice.decoding import PROTOCOL_POLICY, DecodeError, decode
 from edgevoice.errors import LocalProtocolError, RemoteProtocolError
 
 PROTOCOL_VERSION = 1
@@ -322,69 +321,8 @@ def decode_message(text: str | bytes) -> Message:
     cls = MESSAGE_TYPES.get(kind)
     if cls is None:
         raise RemoteProtocolError(f"unknown message type {kind!r}")
-    return typing.cast(Message, _build(cls, body, kind))
+    try:
+        return decode(cls, body, PROTOCOL_POLICY, kind)
+    except DecodeError as exc:
+        raise RemoteProtocolError(str(exc)) from None
 
-
-# ------------------------------------------------------------------ typed decoding
-
-
-def _build(cls: type[Any], body: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in body:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise RemoteProtocolError(f"{where}: missing field {f.name!r}")
-            continue
-        kwargs[f.name] = _coerce(hints[f.name], body[f.name], f"{where}.{f.name}")
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(option, value, where)
-            except RemoteProtocolError as exc:
-                errors.append(str(exc))
-        raise RemoteProtocolError(errors[0] if errors else f"{where}: must not be null")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise RemoteProtocolError(f"{where}: {value!r} is not one of {typing.get_args(tp)}")
-        return value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise RemoteProtocolError(f"{where}: expected an object")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise RemoteProtocolError(f"{where}: expected an object")
-        return _build(typing.cast(type, tp), value, where)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise RemoteProtocolError(f"{where}: expected true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RemoteProtocolError(f"{where}: expected an integer")
-        if not -(2**53) <= value <= 2**53:
-            raise RemoteProtocolError(f"{where}: integer out of range")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise RemoteProtocolError(f"{where}: expected a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise RemoteProtocolError(f"{where}: expected a string")
-        return value
-    if tp is Any:
-        return value
-    raise TypeError(f"unsupported field type {tp!r} at {where}")  # a bug in this module
