@@ -113,6 +113,16 @@ def test_the_answer_is_timed_from_a_turns_last_frame_to_the_first_reply_block() 
     assert [round(d, 3) for d in reply_after_hangover(uplink, pulls)] == [0.04, 0.08]
 
 
+def test_a_reply_glitches_when_a_frame_comes_after_the_jitter_buffer_needed_it() -> None:
+    from edgevoice_dev.bench.convcap import glitched
+
+    steady = [0.0, 0.0, 0.0, 0.02, 0.04, 0.06, 0.08]  # paced, three frames ahead
+    assert not glitched(steady)
+    assert not glitched([0.0, 0.05, 0.09])  # late, but within the 60 ms prefill
+    assert glitched([0.0, 0.02, 0.04, 0.15])  # frame 3 needed at 0.12
+    assert not glitched([])
+
+
 def test_silence_is_the_first_empty_block_pulled_after_the_interrupt() -> None:
     pulls = [(0.00, 960), (0.02, 960), (0.04, 960), (0.06, 0), (0.08, 960), (0.10, 960)]
     delays, missed = silence_delays([0.05, 0.09], pulls)
@@ -151,7 +161,7 @@ def test_the_bench_runs_every_row_with_both_peers_and_the_floor(tmp_path: Path) 
     status = main(["--tiny", "--json", str(json_path), "--markdown", str(md_path)])
     results = json.loads(json_path.read_text())
     rows = {row["row"]: row for row in results["rows"]}
-    assert sorted(rows) == list(range(1, 14))
+    assert sorted(rows) == list(range(1, 16))
     assert {row["row"]: row["error"] for row in rows.values()} == dict.fromkeys(rows, "")
     assert status == 0
     for row in rows.values():
@@ -177,6 +187,8 @@ def test_the_bench_runs_every_row_with_both_peers_and_the_floor(tmp_path: Path) 
             run = rows[number]["data"][path]
             assert run["cpu_pct"] > 0 and run["rss_mb"] > 20 and run["threads"]
     assert rows[4]["data"]["steps"][0]["loop_stall"]["n"] > 0
+    assert rows[14]["data"]["steps"][0]["replies"] > 0
+    assert rows[15]["data"]["step"]["refused"] > 0  # beyond the limit, turns are shed
     assert rows[13]["data"]["devices"] == 10 and rows[13]["data"]["relay_rss_kib_connected"] > 0
     assert results["machine"]["cpu_model"] and results["command"].startswith("edgevoice bench")
     page = md_path.read_text()

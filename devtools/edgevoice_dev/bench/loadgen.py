@@ -38,7 +38,11 @@ from edgevoice.protocol.messages import (
     MAX_TEXT_BYTES,
     SUBPROTOCOL,
     AudioFlags,
+    Error,
     Hello,
+    ResponseEnd,
+    ResponseStart,
+    TurnEnd,
     TurnStart,
 )
 from edgevoice_dev.bench.proc import emit, pin_to_cpu
@@ -56,6 +60,61 @@ class ClientLog:
     #: how late each send was against its schedule (s)
     late: list[float] = field(default_factory=list)
     closed: str = ""
+    #: --conversation: per answered turn, when each reply frame arrived
+    replies: list[list[float]] = field(default_factory=list)
+    #: --conversation: turns started, and turns the relay refused (relay_busy)
+    turns: int = 0
+    refused: int = 0
+    turn_over: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def _receive_turns(ws: ClientConnection, conn: Connection, log: ClientLog) -> None:
+    """The downlink of a conversing device: replies frame by frame, and refusals."""
+    current: list[float] | None = None
+    async for data in ws:
+        now = time.monotonic()
+        if isinstance(data, bytes):
+            if current is not None:
+                current.append(now)
+            continue
+        message = conn.receive_text(data)
+        if isinstance(message, ResponseStart):
+            current = []
+        elif isinstance(message, ResponseEnd):
+            if current is not None:
+                log.replies.append(current)
+            current = None
+            log.turn_over.set()
+        elif isinstance(message, Error):
+            if message.code == "relay_busy":
+                log.refused += 1
+            log.turn_over.set()
+
+
+async def _converse(ws: ClientConnection, conn: Connection, packets: list[bytes], start: float,
+                    until: float, log: ClientLog, speech_s: float, pause_s: float) -> None:
+    """Speak ``speech_s``, wait for the answer, pause ``pause_s``; again until ``until``."""
+    await asyncio.sleep(max(0.0, start - time.monotonic()))
+    turn = 0
+    frames = int(speech_s / FRAME_S)
+    n = len(packets)
+    while time.monotonic() + speech_s < until:
+        turn += 1
+        log.turns += 1
+        log.turn_over.clear()
+        await ws.send(conn.send(TurnStart(turn_id=turn, trigger="vad")))
+        t0 = time.monotonic()
+        for k in range(frames):
+            delay = t0 + k * FRAME_S - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            _, data = conn.send_audio(packets[(turn * frames + k) % n], k * 20,
+                                      AudioFlags.START if k == 0 else AudioFlags.NONE)
+            await ws.send(data)
+        await ws.send(conn.send(TurnEnd(turn, "silence")))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(log.turn_over.wait(), 30)
+        await asyncio.sleep(pause_s)
 
 
 def encode_speech(path: str, frames: int = 250) -> list[bytes]:
@@ -135,9 +194,18 @@ async def run(args: argparse.Namespace, tokens: dict[str, str],
     until = measure_end + 0.3
     emit({"event": "streaming", "clients": len(links), "failures": failures[:5],
           "t": stream_start})
-    receivers = [asyncio.create_task(_receive(ws, logs[d])) for d, (ws, _) in links.items()]
+    if args.conversation:
+        receivers = [asyncio.create_task(_receive_turns(ws, conn, logs[d]))
+                     for d, (ws, conn) in links.items()]
+    else:
+        receivers = [asyncio.create_task(_receive(ws, logs[d])) for d, (ws, _) in links.items()]
     # --idle: connected devices nobody talks to: hold the connections, send nothing
+    cycle = args.speech_s + args.reply_s + args.pause_s
     senders = [asyncio.create_task(_hold(until)) if args.idle else
+               asyncio.create_task(_converse(ws, conn, packets,
+                                             stream_start + cycle * i / max(1, len(links)),
+                                             until, logs[d], args.speech_s, args.pause_s))
+               if args.conversation else
                asyncio.create_task(_stream(ws, conn, packets,
                                            stream_start + FRAME_S * i / max(1, len(links)),
                                            until, logs[d]))
@@ -166,7 +234,8 @@ async def run(args: argparse.Namespace, tokens: dict[str, str],
     return {
         "clients": len(links), "connect_failures": failures,
         "devices": {d: {"sent": log.sent, "received": log.received, "late": log.late,
-                        "closed": log.closed} for d, log in logs.items()},
+                        "closed": log.closed, "replies": log.replies, "turns": log.turns,
+                        "refused": log.refused} for d, log in logs.items()},
     }
 
 
@@ -180,6 +249,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--measure", type=float, default=5.0)
     p.add_argument("--record", required=True)
     p.add_argument("--cpu", type=int)
+    p.add_argument("--conversation", action="store_true",
+                   help="each device speaks --speech-s, waits for the reply, pauses --pause-s")
+    p.add_argument("--speech-s", type=float, default=3.0)
+    p.add_argument("--reply-s", type=float, default=3.0,
+                   help="length of the upstream's replies (to spread the devices' phases)")
+    p.add_argument("--pause-s", type=float, default=2.0)
     p.add_argument("--idle", action="store_true",
                    help="connect and hold the connections without talking (an idle fleet)")
     args = p.parse_args(argv)

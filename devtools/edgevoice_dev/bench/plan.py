@@ -58,6 +58,10 @@ class BenchPlan:
     fleet_devices: int = 1000
     """Idle devices connected to one relay (row 13)."""
     fleet_measure_s: float = 15.0
+    conv_steps: tuple[int, ...] = (50, 100, 150, 200)
+    """Conversing devices tried against one relay core (row 14)."""
+    conv_warmup_s: float = 8.0
+    conv_measure_s: float = 24.0
 
 
 FULL = BenchPlan("full", speech_s=60, latency_speech_s=40,
@@ -69,13 +73,15 @@ QUICK = BenchPlan("quick", speech_s=15, latency_speech_s=12, capacity_steps=(10,
                   reconnects=5, profile=False, stop_at_first_failure=False,
                   scaleout_devices=8, scaleout_measure_s=8, idle_devices=100,
                   idle_measure_s=8, idle_s=5,
-                  fleet_devices=100, fleet_measure_s=4)
+                  fleet_devices=100, fleet_measure_s=4, conv_steps=(20,), conv_warmup_s=4,
+                  conv_measure_s=8)
 #: For the test suite: every row runs, briefly.
 TINY = BenchPlan("tiny", speech_s=8, latency_speech_s=7, capacity_steps=(4,),
                  capacity_warmup_s=1, capacity_measure_s=2, bargein_trials=3,
                  reconnects=2, profile=False, stop_at_first_failure=False,
                  scaleout_devices=3, scaleout_measure_s=3, idle_devices=10, idle_measure_s=2,
-                 idle_s=2, fleet_devices=10, fleet_measure_s=2)
+                 idle_s=2, fleet_devices=10, fleet_measure_s=2, conv_steps=(4,),
+                 conv_warmup_s=2, conv_measure_s=8)
 
 
 def free_port() -> int:

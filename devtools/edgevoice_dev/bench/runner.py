@@ -45,6 +45,8 @@ ROWS = {
     11: "Device idle, always-on listening",
     12: "Device idle, wake word on",
     13: "Idle fleet: connected devices nobody talks to",
+    14: "Relay conversational capacity, one core",
+    15: "Relay beyond capacity: admission control",
 }
 
 
@@ -138,6 +140,7 @@ async def _run_rows(ws: Workspace, plan: BenchPlan, wanted: set[int]) -> list[Ro
         aec,
         bargein,
         capacity,
+        convcap,
         conversation,
         latency,
         life,
@@ -167,6 +170,9 @@ async def _run_rows(ws: Workspace, plan: BenchPlan, wanted: set[int]) -> list[Ro
         results += [r for r in idle if r.number in wanted]
     if 13 in wanted:
         results += await _guard([13], functools.partial(single, life.run_fleet_row))
+    if wanted & {14, 15}:
+        conv = await _guard([n for n in (14, 15) if n in wanted], lambda: convcap.run_rows(ws))
+        results += [r for r in conv if r.number in wanted]
     # capacity last: it is the longest, and it loads both cores
     runners: dict[int, Callable[[Workspace], Awaitable[RowResult]]] = {
         3: latency.run_row, 5: bargein.run_row, 6: reconnect.run_row, 8: aec.run_row,

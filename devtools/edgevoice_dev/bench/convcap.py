@@ -1,0 +1,211 @@
+"""Rows 14 and 15: the relay under a conversational load, and beyond its capacity.
+
+Every simulated device lives a conversation: it speaks for 3 s (real Opus frames at
+real time), ends its turn, gets a 3 s reply streamed by the upstream at real time,
+pauses 2 s, and starts again, each device at its own phase of that 8 s cycle. A reply
+*glitches* when a frame arrives after a device with the default 60 ms jitter buffer
+would have needed it. Row 14: the largest number of devices one relay core serves with
+no glitch (no admission limit, to measure the engine); per-session CPU against the
+codec floor; the event loop's stalls. Row 15: twice that many devices with the
+admission limit set to what the core held: new turns are refused with a retryable
+error, and the admitted ones must stay whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from edgevoice_dev.bench.analysis import Spread
+from edgevoice_dev.bench.floor import relay_opus_seconds_per_frame
+from edgevoice_dev.bench.plan import Workspace
+from edgevoice_dev.bench.proc import Child, cpu_seconds, python_module
+from edgevoice_dev.bench.results import INFO, Line, RowResult, fmt_ms, verdict
+
+logger = logging.getLogger(__name__)
+
+SPEECH_S, REPLY_S, PAUSE_S = 3.0, 3.0, 2.0
+PREFILL_S = 0.060
+TARGET_SESSIONS = 150
+TARGET_FLOOR_RATIO = 1.3
+TARGET_STALL_P99_MS = 5.0
+RELAY_CPU, LOADGEN_CPU = 0, 1
+
+
+@dataclass
+class ConvStep:
+    clients: int
+    connected: int
+    limit: int
+    replies: int
+    glitched: int
+    turns: int
+    refused: int
+    unanswered: int
+    relay_cpu_pct: float
+    stall: Spread
+
+    @property
+    def passed(self) -> bool:
+        return (self.connected == self.clients and self.replies > 0 and self.glitched == 0
+                and self.refused == 0 and self.unanswered == 0)
+
+    @property
+    def cpu_per_session_pct(self) -> float:
+        return self.relay_cpu_pct / self.connected if self.connected else math.nan
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"clients": self.clients, "connected": self.connected, "limit": self.limit,
+                "replies": self.replies, "glitched": self.glitched, "turns": self.turns,
+                "refused": self.refused, "unanswered": self.unanswered,
+                "relay_cpu_pct_of_core": round(self.relay_cpu_pct, 2),
+                "relay_cpu_per_session_pct": round(self.cpu_per_session_pct, 4),
+                "loop_stall": self.stall.as_dict(), "passed": self.passed}
+
+
+def glitched(arrivals: list[float], prefill_s: float = PREFILL_S) -> bool:
+    """Whether a reply arriving at these times would have stuttered in a device whose
+    jitter buffer starts playing ``prefill_s`` after the first frame."""
+    if not arrivals:
+        return False
+    start = arrivals[0] + prefill_s
+    return any(t > start + i * 0.02 for i, t in enumerate(arrivals))
+
+
+async def _step(ws: Workspace, n: int, limit: int) -> ConvStep:
+    plan = ws.plan
+    tokens = ws.tokens_json([f"conv-{i:04d}" for i in range(n)], f"conv-{n}.json")
+    lag_path = ws.root / f"conv-loop-{n}-{limit}.json"
+    load_path = ws.root / f"conv-load-{n}-{limit}.json"
+    relay = await ws.relay(f"conv-relay-{n}-{limit}", "reply", "--reply-ms",
+                           str(int(REPLY_S * 1000)), "--cpu", str(RELAY_CPU),
+                           "--max-active-turns", str(limit), "--loop-lag", str(lag_path))
+    load: Child | None = None
+    try:
+        port = int(relay.events[0]["port"])
+        load = await ws.spawn(f"conv-load-{n}-{limit}", python_module(
+            "edgevoice_dev.bench.loadgen", "--url", f"ws://127.0.0.1:{port}/", "--tokens",
+            str(tokens), "--clients", str(n), "--speech", str(ws.fixture.path),
+            "--conversation", "--speech-s", str(SPEECH_S), "--reply-s", str(REPLY_S),
+            "--pause-s", str(PAUSE_S), "--warmup", str(plan.conv_warmup_s),
+            "--measure", str(plan.conv_measure_s), "--record", str(load_path),
+            "--cpu", str(LOADGEN_CPU)))
+        await load.event("streaming", 60 + n / 10)
+        start = await load.event("measure_start", 30 + plan.conv_warmup_s)
+        cpu0, t0 = cpu_seconds(relay.pid), time.monotonic()
+        end = await load.event("measure_end", 30 + plan.conv_measure_s)
+        cpu1, t1 = cpu_seconds(relay.pid), time.monotonic()
+        await load.event("done", 120)
+        await load.wait(60)
+        await relay.stop(30)
+    finally:
+        if load is not None:
+            await load.stop()
+        await relay.stop()
+    window = (float(start["t"]), float(end["t"]))
+    data = json.loads(load_path.read_text())
+    replies = glitches = turns = refused = 0
+    for device in data["devices"].values():
+        turns += device["turns"]
+        refused += device["refused"]
+        for reply in device["replies"]:
+            if reply and window[0] <= reply[0] <= window[1]:
+                replies += 1
+                glitches += glitched(reply)
+    answered = sum(len(d["replies"]) for d in data["devices"].values())
+    unanswered = max(0, turns - refused - answered - n)  # each device's last turn may be open
+    lags = [ms / 1000 for t, ms in json.loads(lag_path.read_text()) if window[0] <= t <= window[1]]
+    step = ConvStep(n, int(data["clients"]), limit, replies, glitches, turns, refused,
+                    unanswered, 100 * (cpu1 - cpu0) / (t1 - t0), Spread.of(lags))
+    logger.info("conversation %d (limit %d): %d replies, %d glitched, %d refused, relay "
+                "%.0f %% CPU, loop stall p99 %.1f ms", n, limit, replies, glitches, refused,
+                step.relay_cpu_pct, step.stall.p99_ms)
+    return step
+
+
+def _floor_pct_per_session(ws: Workspace) -> float:
+    """libopus alone per conversing session, % of a core: a 16 kHz decode and a 24 kHz
+    encode for each 20 ms of speech and reply, over the 8 s cycle."""
+    pair_s = relay_opus_seconds_per_frame(ws.fixture.pcm, ws.reply_path.read_bytes())
+    frames_per_cycle = SPEECH_S / 0.02  # as many reply frames as speech frames
+    return 100 * pair_s * frames_per_cycle / (SPEECH_S + REPLY_S + PAUSE_S)
+
+
+async def run_rows(ws: Workspace) -> list[RowResult]:
+    started = time.monotonic()
+    cap = RowResult(14, "Relay conversational capacity, one core")
+    over = RowResult(15, "Relay beyond capacity: admission control")
+    steps: list[ConvStep] = []
+    for n in ws.plan.conv_steps:
+        step = await _step(ws, n, 0)
+        steps.append(step)
+        if not step.passed and ws.plan.stop_at_first_failure:
+            break
+    passing = [s for s in steps if s.passed]
+    best = max(passing, key=lambda s: s.clients) if passing else None
+    ref = best or steps[0]
+    floor = _floor_pct_per_session(ws)
+    ratio = ref.cpu_per_session_pct / floor if floor > 0 else math.nan
+    largest = best.clients if best else 0
+    tried = ", ".join(str(s.clients) for s in steps)
+    cap.lines.append(Line("largest N with no glitched reply (3 s speech, 3 s reply, 2 s pause)",
+                          f"{largest} sessions", f"tried {tried}",
+                          f">= {TARGET_SESSIONS}", verdict(largest >= TARGET_SESSIONS)))
+    cap.lines.append(Line("  relay CPU per session vs the codec floor",
+                          f"{ref.cpu_per_session_pct:.3f} % ({ratio:.2f}x)",
+                          f"floor {floor:.3f} % (libopus alone: {100 / floor:.0f} per core)",
+                          f"<= {TARGET_FLOOR_RATIO:g}x", verdict(ratio <= TARGET_FLOOR_RATIO)))
+    cap.lines.append(Line("  relay event-loop stall, p99 / max",
+                          f"{fmt_ms(ref.stall.p99_ms)} / {fmt_ms(ref.stall.max_ms)}",
+                          f"at N={ref.clients}", f"p99 <= {TARGET_STALL_P99_MS:g} ms",
+                          verdict(ref.stall.p99_ms <= TARGET_STALL_P99_MS)))
+    cap.data = {"steps": [s.as_dict() for s in steps], "largest_passing": largest,
+                "floor_pct_per_session": round(floor, 4), "ratio_to_floor": round(ratio, 2)}
+    cap.notes.append(
+        "Relay process pinned to CPU 0 with no admission limit, load generator on CPU 1. "
+        "Each device: 3 s of speech at real time, turn end, a 3 s reply streamed by the "
+        "upstream at real time, 2 s pause, again; phases spread over the 8 s cycle. A reply "
+        "glitches when any frame arrives after a 60 ms jitter buffer would have played it. "
+        "Per step: " + "; ".join(
+            f"N={s.clients}: {s.replies} replies, {s.glitched} glitched, relay "
+            f"{s.relay_cpu_pct:.0f} % CPU, loop stall p99 {fmt_ms(s.stall.p99_ms)}"
+            for s in steps))
+    if largest < TARGET_SESSIONS or ratio > TARGET_FLOOR_RATIO:
+        failed = next((s for s in steps if not s.passed), None)
+        cap.findings.append(
+            f"One core served {largest} conversing sessions without a glitch"
+            + (f"; at {failed.clients} the relay used {failed.relay_cpu_pct:.0f} % of its "
+               f"core and {failed.glitched} of {failed.replies} replies glitched "
+               f"(loop stall p99 {fmt_ms(failed.stall.p99_ms)})" if failed else "")
+            + f". Each session costs {ref.cpu_per_session_pct:.3f} % of a core, "
+            f"{ratio:.1f}x what libopus alone needs ({floor:.3f} %); the difference is "
+            "Python per frame: websockets framing and the session's pacer waking once per "
+            "reply frame.")
+    # beyond capacity: twice as many devices, admission limit at what the core held
+    active = max(1, round(largest * (SPEECH_S + REPLY_S) / (SPEECH_S + REPLY_S + PAUSE_S)))
+    n_over = max(2 * max(largest, ws.plan.conv_steps[0]), 2)
+    step = await _step(ws, n_over, active)
+    admitted_ok = step.replies > 0 and step.glitched == 0
+    over.lines.append(Line("admitted replies that glitched", f"{step.glitched} of {step.replies}",
+                           f"{n_over} devices, limit {active} active turns", "0",
+                           verdict(admitted_ok)))
+    over.lines.append(Line("  turns refused with a retryable relay_busy error",
+                           f"{step.refused} of {step.turns}", "", "> 0 (shed, not degraded)",
+                           verdict(step.refused > 0)))
+    over.lines.append(Line("  relay event-loop stall, p99", fmt_ms(step.stall.p99_ms), "", "",
+                           INFO))
+    over.data = {"step": step.as_dict(), "limit": active}
+    over.notes.append(
+        f"{n_over} conversing devices against one relay core whose limits.max_active_turns "
+        f"is {active} (the turns and replies in flight when {largest} devices converse); "
+        "the shipped default is 150 for a relay with a core to itself.")
+    if not admitted_ok:
+        over.findings.append(
+            f"{step.glitched} of {step.replies} admitted replies glitched with the limit at "
+            f"{active}: the limit must sit below the measured capacity.")
+    cap.seconds = over.seconds = time.monotonic() - started
+    return [cap, over]
