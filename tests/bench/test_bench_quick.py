@@ -12,6 +12,7 @@ import struct
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from edgevoice_dev.bench import main
 from edgevoice_dev.bench.analysis import (
@@ -123,6 +124,16 @@ def test_a_reply_glitches_when_a_frame_comes_after_the_jitter_buffer_needed_it()
     assert not glitched([])
 
 
+def test_wire_projection_counts_one_record_and_one_segment_per_packet() -> None:
+    from edgevoice_dev.bench.wirecost import envelope_correlation, projected_wire
+
+    assert projected_wire(60, 1) == (60 + 18 + 22 + 52) * 50
+    assert projected_wire(60, 2) == (2 * (60 + 18) + 22 + 52) * 25
+    x = np.sin(np.linspace(0, 30, 16_000)) * np.linspace(0, 10_000, 16_000)
+    assert envelope_correlation(x, x) > 0.999
+    assert envelope_correlation(x, x[::-1].copy()) < 0.5
+
+
 def test_silence_is_the_first_empty_block_pulled_after_the_interrupt() -> None:
     pulls = [(0.00, 960), (0.02, 960), (0.04, 960), (0.06, 0), (0.08, 960), (0.10, 960)]
     delays, missed = silence_delays([0.05, 0.09], pulls)
@@ -161,7 +172,7 @@ def test_the_bench_runs_every_row_with_both_peers_and_the_floor(tmp_path: Path) 
     status = main(["--tiny", "--json", str(json_path), "--markdown", str(md_path)])
     results = json.loads(json_path.read_text())
     rows = {row["row"]: row for row in results["rows"]}
-    assert sorted(rows) == list(range(1, 16))
+    assert sorted(rows) == list(range(1, 17))
     assert {row["row"]: row["error"] for row in rows.values()} == dict.fromkeys(rows, "")
     assert status == 0
     for row in rows.values():
@@ -189,6 +200,7 @@ def test_the_bench_runs_every_row_with_both_peers_and_the_floor(tmp_path: Path) 
     assert rows[4]["data"]["steps"][0]["loop_stall"]["n"] > 0
     assert rows[14]["data"]["steps"][0]["replies"] > 0
     assert rows[15]["data"]["step"]["refused"] > 0  # beyond the limit, turns are shed
+    assert rows[16]["data"]["tcp"]["segs_out"] > 0 and rows[16]["data"]["ratio"] > 1
     assert rows[13]["data"]["devices"] == 10 and rows[13]["data"]["relay_rss_kib_connected"] > 0
     assert results["machine"]["cpu_model"] and results["command"].startswith("edgevoice bench")
     page = md_path.read_text()

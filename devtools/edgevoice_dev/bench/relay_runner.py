@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="write a cProfile (CPU time) of the run here")
     p.add_argument("--max-active-turns", type=int, default=0,
                    help="the relay's admission limit (0: none, to measure the engine alone)")
+    p.add_argument("--tls-dir", help="serve wss:// with a throwaway CA written here")
     p.add_argument("--loop-lag", help="write the event loop's lateness samples here (JSON "
                    "list of [monotonic s, late ms], one per 10 ms)")
     return p
@@ -81,7 +82,15 @@ async def serve(args: argparse.Namespace, reply: bytes) -> dict[str, Any]:
     else:
         upstream = BargeInUpstream(reply, args.trials, notify=emit)
     limits = LimitsSettings(max_active_turns=args.max_active_turns, max_devices=100_000)
-    server = RelayServer(ListenSettings(host="127.0.0.1", port=args.port), limits,
+    listen = ListenSettings(host="127.0.0.1", port=args.port)
+    if args.tls_dir:
+        from edgevoice_dev.testing.tls import make_test_ca
+
+        certs = make_test_ca(args.tls_dir)
+        listen = ListenSettings(host="127.0.0.1", port=args.port,
+                                tls_cert_file=str(certs.cert_file),
+                                tls_key_file=str(certs.key_file))
+    server = RelayServer(listen, limits,
                          TokenStore(args.tokens), upstream)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -47,6 +47,7 @@ ROWS = {
     13: "Idle fleet: connected devices nobody talks to",
     14: "Relay conversational capacity, one core",
     15: "Relay beyond capacity: admission control",
+    16: "Uplink on the real wire: wss://, TLS and TCP/IP headers",
 }
 
 
@@ -146,6 +147,7 @@ async def _run_rows(ws: Workspace, plan: BenchPlan, wanted: set[int]) -> list[Ro
         life,
         reconnect,
         scaleout,
+        wirecost,
     )
 
     results: list[RowResult] = []
@@ -173,6 +175,8 @@ async def _run_rows(ws: Workspace, plan: BenchPlan, wanted: set[int]) -> list[Ro
     if wanted & {14, 15}:
         conv = await _guard([n for n in (14, 15) if n in wanted], lambda: convcap.run_rows(ws))
         results += [r for r in conv if r.number in wanted]
+    if 16 in wanted:
+        results += await _guard([16], functools.partial(single, wirecost.run_row))
     # capacity last: it is the longest, and it loads both cores
     runners: dict[int, Callable[[Workspace], Awaitable[RowResult]]] = {
         3: latency.run_row, 5: bargein.run_row, 6: reconnect.run_row, 8: aec.run_row,
