@@ -86,18 +86,23 @@ class StreamResampler:
         return 0.0 if self._stream is None else float(self._stream.delay())
 
 
+_NOTHING: Int16Array = np.zeros(0, dtype=np.int16)
+
+
 class FrameFifo:
     """Accumulates samples and hands them out in frames of exactly ``frame_samples``.
 
-    Backed by one preallocated int16 array that is compacted in place and only grows
-    when a single push is larger than what it can hold. Not thread-safe.
+    Backed by one int16 array, allocated by the first push (a relay session that never
+    gets a reply holds none), compacted in place and grown only when a single push is
+    larger than what it can hold. Not thread-safe.
     """
 
     def __init__(self, frame_samples: int, capacity_frames: int = 8) -> None:
         if frame_samples <= 0:
             raise ValueError(f"frame_samples must be positive, got {frame_samples}")
         self.frame_samples = frame_samples
-        self._buf: Int16Array = np.zeros(frame_samples * max(2, capacity_frames), dtype=np.int16)
+        self._capacity = frame_samples * max(2, capacity_frames)
+        self._buf: Int16Array = _NOTHING
         self._start = 0
         self._end = 0
 
@@ -114,6 +119,8 @@ class FrameFifo:
         n = len(samples)
         if n == 0:
             return
+        if not len(self._buf):
+            self._buf = np.zeros(max(self._capacity, n), dtype=np.int16)
         if self._end + n > len(self._buf):
             held = len(self)
             if held + n > len(self._buf):
