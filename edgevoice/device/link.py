@@ -70,6 +70,7 @@ from edgevoice.protocol.session import (
     LinkState,
     check_link_transition,
     close_ends_session,
+    replay_for,
 )
 
 logger = logging.getLogger(__name__)
@@ -585,21 +586,18 @@ class DeviceLink:
 
     async def _replay(self, ws: ClientConnection, conn: Connection, welcome: Welcome) -> None:
         """Re-send, flagged REPLAY, what the relay says it did not get."""
-        replay = self._journal.after(welcome.resume.last_uplink_seq,
-                                     welcome.resume.uplink_messages)
-        for entry in replay.items:
-            if isinstance(entry, SentFrame):
-                await ws.send(conn.replay_audio(entry.frame))
-                self.stats.frames_replayed += 1
-            else:
-                await ws.send(conn.resend(entry.message))
-                self.stats.messages_replayed += 1
+        replay = replay_for(self._journal, conn, welcome.resume.last_uplink_seq,
+                            welcome.resume.uplink_messages)
+        for data in replay.data:
+            await ws.send(data)
+        self.stats.frames_replayed += replay.frames
+        self.stats.messages_replayed += replay.messages
         self.stats.replay_gap_frames += replay.frames_lost
         self.stats.resumes += 1
         if self._dropped_at is not None:
             self.stats.last_resume_s = self.clock.now() - self._dropped_at
         logger.info("session resumed: re-sent %d frames and %d messages the relay missed"
-                    "%s; %d items queued", replay.frames, len(replay.items) - replay.frames,
+                    "%s; %d items queued", replay.frames, replay.messages,
                     f" ({replay.frames_lost} no longer held)" if replay.frames_lost else "",
                     len(self._outbox))
 

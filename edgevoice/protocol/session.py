@@ -10,6 +10,8 @@
   hello needs (resume this session, or replace it with a new one) is one
   synchronous call, so no other hello can run between reading the table and
   writing it: one session per device id, always.
+* :func:`replay_for` — what either end re-sends after a resumed welcome, and
+  :func:`catch_up_after` — what a resumed device may send at once (§7.4).
 * :class:`LinkState` and :data:`LINK_TRANSITIONS` — the device link's states.
 
 Nothing here touches a socket or a clock; times are passed in.
@@ -24,7 +26,9 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from edgevoice.errors import IllegalTransitionError
+from edgevoice.protocol.connection import Connection
 from edgevoice.protocol.messages import CloseCode
+from edgevoice.protocol.replay import ReplayJournal, SentFrame
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +208,54 @@ class SessionTable(Generic[E]):
             session.lifecycle.to(SessionState.CLOSED)
 
 
+# ------------------------------------------------------------------------ replay
+
+
+@dataclass(frozen=True)
+class ReplayWire:
+    """What one end re-sends after a resumed welcome (§7.4), ready for the socket."""
+
+    #: texts and binary frames, in the order first sent (frames flagged REPLAY)
+    data: tuple[str | bytes, ...]
+    frames: int
+    messages: int
+    #: frames the peer missed that the journal had already forgotten (a seq gap)
+    frames_lost: int
+
+
+def replay_for(journal: ReplayJournal, conn: Connection, last_seq: int | None,
+               messages_received: int) -> ReplayWire:
+    """Everything the peer says it did not get, framed on the resumed ``conn``.
+
+    The device's link and the relay's session both send exactly this; raises
+    :class:`~edgevoice.errors.RemoteProtocolError` when the peer claims more than
+    was sent.
+    """
+    replay = journal.after(last_seq, messages_received)
+    data: list[str | bytes] = []
+    for entry in replay.items:
+        if isinstance(entry, SentFrame):
+            data.append(conn.replay_audio(entry.frame))
+        else:
+            data.append(conn.resend(entry.message))
+    return ReplayWire(tuple(data), replay.frames, len(replay.items) - replay.frames,
+                      replay.frames_lost)
+
+
+#: What a device may queue per second away, for its catch-up after a resume (§7.4):
+#: 50 audio frames of 20 ms and a few control messages.
+CATCH_UP_MESSAGES_PER_S = 60
+CATCH_UP_AUDIO_MS_PER_S = 1000
+
+
+def catch_up_after(away_s: float, window_s: float) -> tuple[float, float]:
+    """(messages, milliseconds of audio) a resumed device may send beyond its limits:
+    what it can have queued in the time it was away, at most the window. Resuming
+    again and again therefore earns nothing."""
+    away = min(window_s, max(0.0, away_s))
+    return away * CATCH_UP_MESSAGES_PER_S, away * CATCH_UP_AUDIO_MS_PER_S
+
+
 # ------------------------------------------------------------------- device link
 
 
@@ -241,9 +293,12 @@ __all__ = [
     "Closer",
     "HelloOutcome",
     "LinkState",
+    "ReplayWire",
     "SessionLifecycle",
     "SessionState",
     "SessionTable",
+    "catch_up_after",
     "check_link_transition",
     "close_ends_session",
+    "replay_for",
 ]

@@ -67,13 +67,15 @@ from edgevoice.protocol.messages import (
     Welcome,
     handover_reason,
 )
-from edgevoice.protocol.replay import OutboundQueue, ReplayJournal, SentFrame
+from edgevoice.protocol.replay import OutboundQueue, ReplayJournal
 from edgevoice.protocol.session import (
     Closer,
     SessionLifecycle,
     SessionState,
     SessionTable,
+    catch_up_after,
     close_ends_session,
+    replay_for,
 )
 from edgevoice.relay.auth import FailureLimiter, GuessThrottle
 from edgevoice.relay.refusals import QuietFilter, RefusalLog
@@ -334,25 +336,20 @@ class DeviceSession:
         self.conn = conn
         address = str(ws.remote_address[0]) if ws.remote_address else None
         if resume is not None:
-            replay = self.journal.after(resume.last_downlink_seq, resume.downlink_messages)
-            for entry in replay.items:
-                if isinstance(entry, SentFrame):
-                    await ws.send(conn.replay_audio(entry.frame))
-                    self.relay.counters.frames_replayed += 1
-                else:
-                    await ws.send(conn.resend(entry.message))
-                    self.relay.counters.messages_replayed += 1
-            # The device may now catch up at once on what it queued while away: as
-            # much as it can have queued in the time it was away (at most the window),
-            # so resuming again and again earns nothing (§7.4).
-            away_s = min(self.relay.limits.resume_window_ms / 1000,
-                         max(0.0, self.relay.clock.now() - (self.detached_at
-                                                            or self.relay.clock.now())))
-            self._rate.grant(away_s * 60)
-            self._audio_ms.grant(away_s * 1000)
+            replay = replay_for(self.journal, conn, resume.last_downlink_seq,
+                                resume.downlink_messages)
+            for data in replay.data:
+                await ws.send(data)
+            self.relay.counters.frames_replayed += replay.frames
+            self.relay.counters.messages_replayed += replay.messages
+            # the device may now catch up at once on what it queued while away (§7.4)
+            now = self.relay.clock.now()
+            messages, audio_ms = catch_up_after(now - (self.detached_at or now),
+                                                self.relay.limits.resume_window_ms / 1000)
+            self._rate.grant(messages)
+            self._audio_ms.grant(audio_ms)
             logger.info("%s resumed session %s: re-sent %d frames and %d messages%s",
-                        self.device_id, self.session_id[:8], replay.frames,
-                        len(replay.items) - replay.frames,
+                        self.device_id, self.session_id[:8], replay.frames, replay.messages,
                         f" ({replay.frames_lost} no longer held)" if replay.frames_lost else "")
         while self._held_messages and self.owner is ws:
             message = self._held_messages.popleft()

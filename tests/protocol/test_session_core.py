@@ -8,8 +8,19 @@ from dataclasses import dataclass, field
 import pytest
 
 from edgevoice.errors import IllegalTransitionError, RemoteProtocolError
+from edgevoice.protocol.connection import Connection, Role
 from edgevoice.protocol.limits import TokenBucket, opus_packet_duration_ms
-from edgevoice.protocol.messages import CloseCode
+from edgevoice.protocol.messages import (
+    AudioFlags,
+    CloseCode,
+    Hello,
+    ResponseEnd,
+    ResumeRequest,
+    ResumeResult,
+    Welcome,
+    decode_message,
+)
+from edgevoice.protocol.replay import ReplayJournal
 from edgevoice.protocol.session import (
     LINK_TRANSITIONS,
     SESSION_TRANSITIONS,
@@ -18,8 +29,10 @@ from edgevoice.protocol.session import (
     SessionLifecycle,
     SessionState,
     SessionTable,
+    catch_up_after,
     check_link_transition,
     close_ends_session,
+    replay_for,
 )
 
 
@@ -186,3 +199,80 @@ def test_token_bucket_refills_at_its_rate_and_grants_once() -> None:
     bucket.grant(5.0)
     assert bucket.take(5.0, 1.0) and not bucket.take(1.0, 1.0)
     assert bucket.take(2.0, 100.0) and not bucket.take(1.0, 100.0)  # capped at burst
+
+
+# ------------------------------------------- resume, back to back, no network
+
+
+def _pair() -> tuple[Connection, Connection]:
+    device, relay = Connection(Role.DEVICE), Connection(Role.RELAY)
+    relay.receive_text(device.start(Hello(device="d")))
+    device.receive_text(relay.accept(Welcome(session_id="s")))
+    return device, relay
+
+
+def _resumed(device: Connection, relay: Connection) -> tuple[Connection, Connection]:
+    """New cores for the next connection of the same session, as both runners make them."""
+    d2 = Connection(Role.DEVICE, next_seq=device.next_seq,
+                    last_received_seq=device.last_received_seq,
+                    messages_sent=device.messages_sent,
+                    messages_received=device.messages_received)
+    r2 = Connection(Role.RELAY)
+    r2.receive_text(d2.start(Hello(device="d", resume=ResumeRequest(
+        "s", device.last_received_seq, device.messages_received))))
+    r2.continue_session(next_seq=relay.next_seq, last_received_seq=relay.last_received_seq,
+                        messages_sent=relay.messages_sent,
+                        messages_received=relay.messages_received)
+    d2.receive_text(r2.accept(Welcome(session_id="s", resume=ResumeResult(
+        True, r2.last_received_seq, r2.messages_received))))
+    return d2, r2
+
+
+def test_a_drop_loses_nothing_either_way_and_a_second_resume_resends_nothing() -> None:
+    device, relay = _pair()
+    journal = ReplayJournal(100)
+    delivered = []
+    for i in range(6):
+        frame, data = relay.send_audio(bytes([0xF8, i]), 20 * i)
+        journal.record_frame(frame, 0.0)
+        if i < 3:  # the last three die with the link
+            device.receive_binary(data)
+    text = relay.send(ResponseEnd(1))
+    journal.record_message(relay.messages_sent, ResponseEnd(1), 0.0)
+    del text  # lost too
+    d2, r2 = _resumed(device, relay)
+    wire = replay_for(journal, r2, d2.last_received_seq, d2.messages_received)
+    assert (wire.frames, wire.messages, wire.frames_lost) == (3, 1, 0)
+    for data in wire.data:
+        if isinstance(data, bytes):
+            received = d2.receive_binary(data)
+            assert received is not None and received.frame.flags & AudioFlags.REPLAY
+            delivered.append(received.frame.seq)
+        else:
+            assert decode_message(data) == ResponseEnd(1)
+            d2.receive_text(data)
+    assert delivered == [3, 4, 5] and d2.messages_received == 1
+    # everything arrived: resuming again re-sends nothing, and the next frame is seq 6
+    d3, r3 = _resumed(d2, r2)
+    assert replay_for(journal, r3, d3.last_received_seq, d3.messages_received).data == ()
+    assert r3.send_audio(b"\xf8", 120)[0].seq == 6
+    # a frame delivered twice is dropped by the receiver
+    assert d3.receive_binary(r2.replay_audio(journal.after(4, 1).items[0].frame)) is None
+
+
+def test_a_peer_claiming_more_than_was_sent_is_a_protocol_error() -> None:
+    _device, relay = _pair()
+    journal = ReplayJournal(10)
+    frame, _ = relay.send_audio(b"\xf8", 0)
+    journal.record_frame(frame, 0.0)
+    with pytest.raises(RemoteProtocolError) as caught:
+        replay_for(journal, relay, 5, 0)
+    assert caught.value.close_code == CloseCode.PROTOCOL_ERROR
+
+
+def test_catch_up_is_the_time_away_capped_by_the_window() -> None:
+    assert catch_up_after(0.0, 10.0) == (0.0, 0.0)
+    assert catch_up_after(2.0, 10.0) == (120.0, 2000.0)
+    assert catch_up_after(60.0, 10.0) == (600.0, 10_000.0)
+    # fifty resumes a few milliseconds apart earn about nothing
+    assert sum(catch_up_after(0.005, 10.0)[0] for _ in range(50)) < 20
