@@ -1,8 +1,9 @@
 """A small HTTP/1.1 server for the health and admin endpoints, and its exposure rule.
 
-It is deliberately tiny: the device is a Pi Zero 2 W, so the standard library's
-asyncio streams carry one request per connection (``Connection: close``), with hard
-limits on what a client may send and how long it may take. Handlers are
+It is deliberately small: the device is a Pi Zero 2 W, so asyncio streams carry one
+request per connection (``Connection: close``), parsed by h11 (the sans-I/O HTTP/1.1
+parser), with hard limits on what a client may send, how long it may take, and how
+many connections it may hold (see :class:`HttpApi`). Handlers are
 ``async (Request) -> Response`` callables keyed by ``(method, path)``.
 
 The exposure rule, shared by the device endpoint and the relay's admin endpoint:
@@ -26,18 +27,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import ipaddress
 import json
 import logging
 import os
 import re
 import stat
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+import h11
 
 from edgevoice.config.base import require
 from edgevoice.errors import ConfigError
@@ -49,22 +53,28 @@ logger = logging.getLogger(__name__)
 MAX_HEAD_BYTES = 8 * 1024
 #: Most bytes a request body may take.
 MAX_BODY_BYTES = 64 * 1024
-#: Seconds a client has to send its whole request.
+#: Seconds a client has to send its request line and headers. Short: a client on a
+#: LAN sends its head in one packet, and a slow one only holds a connection slot.
+HEAD_TIMEOUT_S = 2.0
+#: Seconds a client has to send its whole request (head and body).
 READ_TIMEOUT_S = 5.0
 #: Seconds a handler may take before the client gets a 503.
 HANDLER_TIMEOUT_S = 5.0
 #: Seconds to wait for a client to close after its response (see HttpApi._linger).
 LINGER_S = 1.0
-#: Connections served at once; more are answered 503 straight away (bounded memory).
-MAX_CONNECTIONS = 16
+#: Connections held at once (bounded memory and fds).
+MAX_CONNECTIONS = 64
+#: Connections held at once from one client address.
+MAX_CONNECTIONS_PER_ADDRESS = 8
 
 _SAFE_METHODS = frozenset({"GET", "HEAD"})
-_TOKEN_CHARS = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_REQUEST_LINE = re.compile(rf"({_TOKEN_CHARS}) (\S+) HTTP/(\d)\.(\d)")
-_HEADER_LINE = re.compile(rf"({_TOKEN_CHARS}):[ \t]*(.*?)[ \t]*")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# Obsolete line folding (a header line starting with blanks) is a classic
+# request-smuggling vector: h11 unfolds it, this server refuses it.
+_FOLDED_LINE = re.compile(rb"\n[ \t]")
 # Control characters other than horizontal tab have no business in a header value.
 _BAD_VALUE_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
 
 
 @dataclass(frozen=True)
@@ -230,12 +240,47 @@ class _HttpError(Exception):
         self.message = message
 
 
+#: What the client is told for each status h11 suggests (its own messages may quote
+#: the request, Authorization header included: they are never sent or logged).
+_PARSE_ERRORS = {431: "request head too large", 505: "only HTTP/1.0 and HTTP/1.1 are served"}
+
+
+class ConnState(enum.Enum):
+    """Where one connection is. READING and LINGERING ones may be evicted."""
+
+    READING = "reading"
+    """Waiting for the request (head or body): nothing has been asked of the server."""
+    SERVING = "serving"
+    """A handler runs or the response is being written."""
+    LINGERING = "lingering"
+    """Answered; waiting a moment for the client to close."""
+
+
+EVICTABLE = frozenset({ConnState.READING, ConnState.LINGERING})
+
+
+@dataclass(eq=False)
+class _Conn:
+    host: str
+    opened_at: float
+    writer: asyncio.StreamWriter
+    state: ConnState = ConnState.READING
+
+
 class HttpApi:
     """Serves ``routes`` over HTTP/1.1 on ``bind_host:port`` (port 0 picks a free one).
 
     ``token_sha256`` is :func:`hash_token` of the bearer token, or None for no token;
     see the module docstring for when it is required. Construction raises
     :class:`ConfigError` when ``bind_host`` is beyond loopback and there is no token.
+
+    Requests are parsed by h11 (sans I/O); one request per connection. Slow clients
+    cannot starve the operator: at most ``max_connections`` connections are held, at
+    most ``max_per_address`` from one address, and when either cap is reached a new
+    connection takes the slot of the oldest one that has not yet sent its request (or
+    was already answered) instead of being refused; only when every held connection
+    is being served does a new one get 503. A request head must arrive within
+    ``head_timeout_s`` (408 otherwise).
     """
 
     def __init__(
@@ -246,14 +291,18 @@ class HttpApi:
         token_sha256: str | None = None,
         *,
         read_timeout_s: float = READ_TIMEOUT_S,
+        head_timeout_s: float = HEAD_TIMEOUT_S,
         handler_timeout_s: float = HANDLER_TIMEOUT_S,
         max_connections: int = MAX_CONNECTIONS,
+        max_per_address: int = MAX_CONNECTIONS_PER_ADDRESS,
         name: str = "health",
     ) -> None:
         if token_sha256 is not None:
             token_sha256 = token_sha256.lower()
             if not _SHA256_HEX.fullmatch(token_sha256):
                 raise ValueError("token_sha256 must be 64 hex digits (see hash_token)")
+        if max_connections < 1 or max_per_address < 1:
+            raise ValueError("connection caps must be >= 1")
         self._loopback = is_loopback(bind_host)
         if token_sha256 is None and not self._loopback:
             raise _exposure_error(bind_host, f"{name}.token_file", "config")
@@ -265,14 +314,25 @@ class HttpApi:
         self._requested_port = port
         self._token_sha256 = token_sha256
         self._read_timeout_s = read_timeout_s
+        self._head_timeout_s = min(head_timeout_s, read_timeout_s)
         self._handler_timeout_s = handler_timeout_s
         self._max_connections = max_connections
+        self._max_per_address = max_per_address
         self._name = name
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        #: every connection task (stop() waits for them)
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: the connections holding a slot
+        self._conns: set[_Conn] = set()
         self._stopping = False
         #: requests refused with 401 (a wrong or missing token)
         self.auth_failures = 0
+        #: connections closed to make room for a newer one (slow or idle clients)
+        self.evicted = 0
+        #: connections answered 503 because every slot was being served
+        self.refused = 0
+        #: requests that took longer than the head or read timeout (408)
+        self.timed_out = 0
 
     @classmethod
     def from_settings(
@@ -301,17 +361,17 @@ class HttpApi:
             raise RuntimeError("the server is not started")
         return int(self._server.sockets[0].getsockname()[1])
 
+    @property
+    def connections(self) -> int:
+        """Connections holding a slot now."""
+        return len(self._conns)
+
     async def start(self) -> None:
         """Bind and start serving. Raises OSError if the address is taken."""
         if self._server is not None:
             return
-        self._server = await asyncio.start_server(
-            self._serve,
-            self._bind_host,
-            self._requested_port,
-            # The stream limit caps a single header line; _read_head caps their sum.
-            limit=MAX_HEAD_BYTES,
-        )
+        self._server = await asyncio.start_server(self._serve, self._bind_host,
+                                                  self._requested_port)
         logger.info(
             "%s endpoint listening on %s:%d (%s)",
             self._name,
@@ -327,36 +387,64 @@ class HttpApi:
             return
         server.close()
         self._stopping = True
-        for task in list(self._connections):
+        for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await server.wait_closed()
         self._stopping = False
         logger.info("%s endpoint stopped", self._name)
+
+    # ---------------------------------------------------------------- admission
+
+    def _admit(self, host: str) -> bool:
+        """Make room for a connection from ``host``; False when there is none."""
+        same = [c for c in self._conns if c.host == host]
+        if len(same) >= self._max_per_address and not self._evict_oldest(same):
+            return False
+        return len(self._conns) < self._max_connections or self._evict_oldest(self._conns)
+
+    def _evict_oldest(self, conns: Iterable[_Conn]) -> bool:
+        candidates = [c for c in conns if c.state in EVICTABLE]
+        if not candidates:
+            return False
+        victim = min(candidates, key=lambda c: c.opened_at)
+        self._conns.discard(victim)
+        victim.writer.transport.abort()  # its task sees the reset and ends quietly
+        self.evicted += 1
+        logger.debug("%s: closed an idle connection from %s to make room", self._name,
+                     victim.host)
+        return True
 
     # ---------------------------------------------------------------- per connection
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        busy = len(self._connections) >= self._max_connections
-        self._connections.add(task)
+        self._tasks.add(task)
         peer = _peer_name(writer)
+        conn: _Conn | None = None
         try:
-            if busy:
+            host = peer.rpartition(":")[0]
+            if not self._admit(host):
+                self.refused += 1
                 await self._send(writer, _error(503, "too many connections"), head_only=False)
             else:
-                await self._serve_one(reader, writer, peer)
+                conn = _Conn(host, asyncio.get_running_loop().time(), writer)
+                self._conns.add(conn)
+                await self._serve_one(reader, writer, peer, conn)
+                conn.state = ConnState.LINGERING
             await self._linger(reader, writer)
         except (ConnectionError, TimeoutError):
-            pass  # the client went away; nothing to answer
+            pass  # the client went away (or was evicted); nothing to answer
         except asyncio.CancelledError:
             # asyncio's stream server reports a cancelled connection task as an
             # unhandled error, so a connection that stop() ends finishes quietly.
             if not self._stopping:
                 raise
         finally:
-            self._connections.discard(task)
+            self._tasks.discard(task)
+            if conn is not None:
+                self._conns.discard(conn)
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), LINGER_S)
@@ -380,11 +468,13 @@ class HttpApi:
                     discarded += len(chunk)
 
     async def _serve_one(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str,
+        conn: _Conn,
     ) -> None:
         try:
-            request = await asyncio.wait_for(self._read_request(reader, peer), self._read_timeout_s)
+            request = await self._read_request(reader, peer)
         except TimeoutError:
+            self.timed_out += 1
             await self._send(writer, _error(408, "request not received in time"), head_only=False)
             return
         except _HttpError as exc:
@@ -393,6 +483,7 @@ class HttpApi:
             return
         if request is None:
             return  # connected and left without a byte
+        conn.state = ConnState.SERVING
         response = await self._respond(request)
         logger.debug("%s %s %s -> %d", peer, request.method, request.path, response.status)
         await self._send(writer, response, head_only=request.method == "HEAD")
@@ -437,82 +528,87 @@ class HttpApi:
         return None
 
     async def _read_request(self, reader: asyncio.StreamReader, peer: str) -> Request | None:
-        head = await self._read_head(reader)
-        if head is None:
+        """The request, parsed by h11 within the head and read timeouts; None when the
+        client left without sending a byte. Raises _HttpError or TimeoutError."""
+        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        received = bytearray()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._read_timeout_s
+        try:
+            async with asyncio.timeout(self._head_timeout_s):
+                event = await self._next_event(parser, reader, received)
+        except _HttpError:
+            if _head_size(received) > MAX_HEAD_BYTES:  # whatever else is wrong with it
+                raise _HttpError(431, _PARSE_ERRORS[431]) from None
+            raise
+        if isinstance(event, h11.ConnectionClosed):
             return None
-        request_line, *header_lines = head
-        match = _REQUEST_LINE.fullmatch(request_line)
-        if match is None:
-            raise _HttpError(400, "malformed request line")
-        method, target, major, minor = match.groups()
-        if (major, minor) not in (("1", "0"), ("1", "1")):
-            raise _HttpError(505, "only HTTP/1.0 and HTTP/1.1 are served")
+        assert isinstance(event, h11.Request)
+        if _head_size(received) > MAX_HEAD_BYTES:
+            raise _HttpError(431, _PARSE_ERRORS[431])
+        if _FOLDED_LINE.search(received, 0, _head_size(received)):
+            raise _HttpError(400, "folded header lines are not accepted")
+        if event.http_version not in (b"1.0", b"1.1"):
+            raise _HttpError(505, _PARSE_ERRORS[505])
+        try:
+            method = event.method.decode("ascii")
+            target = event.target.decode("ascii")
+            pairs = [(n.decode("ascii"), v.decode("ascii")) for n, v in event.headers]
+        except UnicodeDecodeError as exc:
+            raise _HttpError(400, "non-ASCII bytes in the request head") from exc
         if not target.startswith("/"):
             raise _HttpError(400, "the request target must be a path")
+        if any(_BAD_VALUE_CHARS.search(value) for _name, value in pairs):
+            raise _HttpError(400, "control characters in a header value")
         headers: dict[str, str] = {}
-        for line in header_lines:
-            header = _HEADER_LINE.fullmatch(line)
-            if header is None or _BAD_VALUE_CHARS.search(header.group(2)):
-                raise _HttpError(400, "malformed header line")
-            name, value = header.group(1).lower(), header.group(2)
+        for name, value in pairs:  # h11 gives names in lower case
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        body = await self._read_body(reader, headers)
+        if "transfer-encoding" in headers:
+            raise _HttpError(501, "chunked bodies are not supported; send Content-Length")
+        try:
+            length = int(headers.get("content-length", "0"))  # h11 checked each is digits
+        except ValueError:  # repeated: "5, 5"
+            raise _HttpError(400, "malformed Content-Length") from None
+        if length > MAX_BODY_BYTES:
+            raise _HttpError(413, f"body larger than {MAX_BODY_BYTES} bytes")
+        body = bytearray()
+        async with asyncio.timeout_at(deadline):
+            while True:
+                event = await self._next_event(parser, reader, None)
+                if isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                else:  # pragma: no cover - h11 sends Data then EndOfMessage
+                    raise _HttpError(400, "malformed request body")
         parts = urlsplit(target)
         return Request(
             method=method,
             path=unquote(parts.path),
             query=dict(parse_qsl(parts.query)),
             headers=headers,
-            body=body,
+            body=bytes(body),
             peer=peer,
         )
 
-    async def _read_head(self, reader: asyncio.StreamReader) -> list[str] | None:
-        """The request line and header lines, without line endings; None on early EOF."""
-        lines: list[str] = []
-        total = 0
+    async def _next_event(self, parser: h11.Connection, reader: asyncio.StreamReader,
+                          received: bytearray | None) -> object:
+        """h11's next event, reading as it needs; ``received`` collects the head's bytes."""
         while True:
             try:
-                raw = await reader.readline()
-            except ValueError as exc:  # one line longer than the stream limit
-                raise _HttpError(431, "request head too large") from exc
-            total += len(raw)
-            if total > MAX_HEAD_BYTES:
-                raise _HttpError(431, "request head too large")
-            if not raw:
-                if lines:
-                    raise _HttpError(400, "connection closed inside the request head")
-                return None
-            if not raw.endswith(b"\n"):
-                raise _HttpError(400, "connection closed inside the request head")
-            line = raw.rstrip(b"\r\n")
-            if not line:
-                if not lines:
-                    raise _HttpError(400, "empty request line")
-                return lines
-            if line[:1] in (b" ", b"\t"):
-                # Obsolete line folding is a classic request-smuggling vector.
-                raise _HttpError(400, "folded header lines are not accepted")
-            try:
-                lines.append(line.decode("ascii"))
-            except UnicodeDecodeError as exc:
-                raise _HttpError(400, "non-ASCII bytes in the request head") from exc
-
-    async def _read_body(self, reader: asyncio.StreamReader, headers: Mapping[str, str]) -> bytes:
-        if "transfer-encoding" in headers:
-            raise _HttpError(501, "chunked bodies are not supported; send Content-Length")
-        length_text = headers.get("content-length")
-        if length_text is None:
-            return b""
-        if not length_text.isdigit() or not length_text.isascii():
-            raise _HttpError(400, "malformed Content-Length")
-        length = int(length_text)
-        if length > MAX_BODY_BYTES:
-            raise _HttpError(413, f"body larger than {MAX_BODY_BYTES} bytes")
-        try:
-            return await reader.readexactly(length)
-        except asyncio.IncompleteReadError as exc:
-            raise _HttpError(400, "connection closed inside the body") from exc
+                event = parser.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                raise _HttpError(status, _PARSE_ERRORS.get(status, "malformed request")) \
+                    from None
+            if event is not h11.NEED_DATA:
+                return event
+            data = await reader.read(4096)
+            if received is not None:
+                received += data
+                if _head_size(received) > MAX_HEAD_BYTES:
+                    raise _HttpError(431, _PARSE_ERRORS[431])
+            parser.receive_data(data)  # b"": the client closed its side
 
     async def _send(
         self, writer: asyncio.StreamWriter, response: Response, *, head_only: bool
@@ -530,6 +626,11 @@ class HttpApi:
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         writer.write(head if head_only else head + response.body)
         await asyncio.wait_for(writer.drain(), self._read_timeout_s)
+
+def _head_size(received: bytes | bytearray) -> int:
+    """Bytes of the request head in ``received`` (all of it while the head is open)."""
+    end = _HEAD_END.search(received)
+    return end.end() if end else len(received)
 
 
 def _unauthorized(message: str) -> Response:

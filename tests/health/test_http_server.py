@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -148,18 +149,23 @@ def test_handler_failure_is_500_and_slow_handler_is_503() -> None:
         (b"GARBAGE\r\n\r\n", 400),
         (b"GET /echo\r\n\r\n", 400),
         (b"GET echo HTTP/1.1\r\n\r\n", 400),
-        (b"GET /echo HTTP/2.0\r\n\r\n", 505),
+        (b"GET /echo HTTP/2.0\r\nHost: x\r\n\r\n", 505),
         (b"GET /echo HTTP/1.1\r\nno colon here\r\n\r\n", 400),
         (b"GET /echo HTTP/1.1\r\nBad Name: x\r\n\r\n", 400),
-        (b"GET /echo HTTP/1.1\r\nX-A: 1\r\n folded\r\n\r\n", 400),
-        (b"GET /echo HTTP/1.1\r\nX-A: \x01\r\n\r\n", 400),
+        (b"GET /echo HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n folded\r\n\r\n", 400),
+        (b"GET /echo HTTP/1.1\r\nHost: x\r\nX-A: \x01\r\n\r\n", 400),
+        (b"GET /echo HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 without Host
+        (b"GET /echo HTTP/1.1\r\nHost: x\r\nX-A: \xe9\r\n\r\n", 400),
+        (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n"
+         b"\r\n", 400),
         (b"GET /\xff HTTP/1.1\r\n\r\n", 400),
         (b"\r\n", 400),
         (b"GET /echo HTTP/1.1\r\nHost: x", 400),  # closed inside the head
-        (b"POST /echo HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
-        (b"POST /echo HTTP/1.1\r\nContent-Length: 10\r\n\r\nshort", 400),
-        (b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
-        (f"POST /echo HTTP/1.1\r\nContent-Length: {MAX_BODY_BYTES + 1}\r\n\r\n".encode(), 413),
+        (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nshort", 400),
+        (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
+        (f"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {MAX_BODY_BYTES + 1}\r\n\r\n"
+         .encode(), 413),
         (b"GET /echo HTTP/1.1\r\nX-Big: " + b"a" * MAX_HEAD_BYTES + b"\r\n\r\n", 431),
         (b"GET /echo HTTP/1.1\r\n" + b"X-Many: aaaaaaaaaa\r\n" * 600 + b"\r\n", 431),
     ],
@@ -201,22 +207,118 @@ def test_a_client_that_stalls_gets_408() -> None:
     serve(scenario, read_timeout_s=0.3 * TIMEOUT_FACTOR)
 
 
-def test_connections_beyond_the_limit_get_503_at_once() -> None:
+def test_a_new_connection_takes_the_slot_of_an_idle_one() -> None:
     async def scenario(api: HttpApi) -> None:
-        _, idle = await asyncio.open_connection("127.0.0.1", api.port)
+        idle_reader, idle = await asyncio.open_connection("127.0.0.1", api.port)
         await asyncio.sleep(0.05)  # let the server accept the idle one first
-        raw = await raw_exchange(api.port, b"GET /echo HTTP/1.1\r\n\r\n")
-        assert status_of(raw) == 503
+        assert (await fetch(api.port, "/echo")).status == 200
+        assert api.evicted == 1
+        assert await asyncio.wait_for(idle_reader.read(), 5 * TIMEOUT_FACTOR) == b""
         idle.close()
         await idle.wait_closed()
-        for _ in range(50):  # the server notices the idle client left
-            if (await fetch(api.port, "/echo")).status == 200:
-                break
-            await asyncio.sleep(0.02)
-        else:
-            pytest.fail("the server never served again")
 
     serve(scenario, max_connections=1)
+
+
+def test_connections_beyond_the_limit_get_503_while_every_slot_is_served() -> None:
+    release = asyncio.Event()
+
+    async def busy(request: Request) -> Response:
+        await release.wait()
+        return json_response(200, {})
+
+    async def scenario(api: HttpApi) -> None:
+        first = asyncio.create_task(
+            raw_exchange(api.port, b"GET /busy HTTP/1.1\r\nHost: x\r\n\r\n"))
+        for _ in range(100):  # until its handler runs
+            if api.connections == 1:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        raw = await raw_exchange(api.port, b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_of(raw) == 503 and api.refused == 1
+        release.set()
+        assert status_of(await first) == 200
+
+    serve(scenario, {("GET", "/busy"): busy, ("GET", "/echo"): echo}, max_connections=1)
+
+
+def test_a_slow_head_gets_408_within_the_head_timeout_not_the_read_timeout() -> None:
+    async def scenario(api: HttpApi) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", api.port)
+        started = asyncio.get_running_loop().time()
+        for byte in b"GET /echo HTTP/1.1\r\nHost: x\r\n":  # a byte at a time, slowly
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            if reader.at_eof():
+                break
+        raw = await asyncio.wait_for(reader.read(), 10 * TIMEOUT_FACTOR)
+        took = asyncio.get_running_loop().time() - started
+        writer.close()
+        assert status_of(raw) == 408 and api.timed_out == 1
+        assert took < 5.0 * TIMEOUT_FACTOR  # the 60 s read timeout did not apply
+
+    serve(scenario, read_timeout_s=60, head_timeout_s=0.5 * TIMEOUT_FACTOR)
+
+
+async def slowloris(port: int, source: str, stop: asyncio.Event, opened: list[int]) -> None:
+    """One attacker socket after another: a partial head, a byte now and then."""
+    while not stop.is_set():
+        try:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, local_addr=(source, 0))
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        opened[0] += 1
+        try:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            while not stop.is_set() and not reader.at_eof():
+                await asyncio.sleep(0.2)
+                writer.write(b"X")
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+@pytest.mark.parametrize("attackers_share_the_operators_address", [False, True])
+def test_the_operators_healthz_answers_under_slow_unauthenticated_clients(
+    attackers_share_the_operators_address: bool,
+) -> None:
+    """Issue 11 #10: bound beyond loopback, 24 slowloris clients (from 24 addresses, or
+    from the operator's own) held slots, and 68 % of authorised /healthz got 503."""
+
+    async def healthz(request: Request) -> Response:
+        return json_response(200, {"status": "ok"})
+
+    async def scenario(api: HttpApi) -> None:
+        stop = asyncio.Event()
+        opened = [0]
+        sources = ["127.0.0.1"] * 24 if attackers_share_the_operators_address else \
+            [f"127.0.0.{k}" for k in range(2, 26)]
+        attackers = [asyncio.create_task(slowloris(api.port, src, stop, opened))
+                     for src in sources]
+        try:
+            await asyncio.sleep(0.5)  # every attacker holds a socket
+            statuses = []
+            for _ in range(20):
+                reply = await fetch(api.port, "/healthz", token=TOKEN)
+                statuses.append(reply.status)
+                await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await asyncio.gather(*attackers)
+        assert statuses == [200] * 20
+        assert opened[0] >= 24  # the attack ran
+        assert api.evicted > 0  # and what made room was the attackers' sockets
+
+    serve(scenario, {("GET", "/healthz"): healthz}, bind_host="0.0.0.0",
+          token_sha256=hash_token(TOKEN), max_connections=16, max_per_address=8)
 
 
 def test_stop_does_not_wait_for_idle_clients() -> None:
@@ -271,7 +373,7 @@ def test_authorization_needs_the_bearer_scheme() -> None:
         ):
             raw = await raw_exchange(
                 api.port,
-                f"POST /act HTTP/1.1\r\nAuthorization: {header}\r\n\r\n".encode(),
+                f"POST /act HTTP/1.1\r\nHost: x\r\nAuthorization: {header}\r\n\r\n".encode(),
             )
             assert status_of(raw) == expected, header
 
