@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     relay.add_argument("--config", default=DEFAULT_RELAY_CONFIG, help="relay YAML file")
     relay.add_argument("--check-config", action="store_true",
                        help="only check the config file, then exit")
+    relay.add_argument("--live", action="store_true",
+                       help="with --check-config and upstream nova: open and close one real "
+                            "stream (credentials, region, model access, latency)")
     relay.add_argument("--help-config", action="store_true", help="list every option")
 
     demo = sub.add_parser("demo", help="one turn through a local relay, no hardware or cloud")
@@ -150,6 +153,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             check_token_store(relay_config.auth.tokens_file, args.config)
         if args.check_config:
             print(f"{args.config}: OK")
+            if args.live and relay_config.upstream.kind == "nova":
+                from edgevoice.nova.livecheck import run_live_check
+                return run_live_check(relay_config.upstream.nova)
             return 0
         setup_logging(relay_config.log_level)
         from edgevoice.relay.app import run_relay

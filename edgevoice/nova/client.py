@@ -41,6 +41,9 @@ from edgevoice.nova.settings import NovaSettings
 
 logger = logging.getLogger(__name__)
 
+#: Longest wait for the SDK to let go of a stream.
+CLOSE_TIMEOUT_S = 1.0
+
 
 class NovaStream(Protocol):
     """One bidirectional stream, as the runner uses it."""
@@ -143,12 +146,13 @@ class BedrockStream:
         self._closed = True
         if self._open_task is not None and not self._open_task.done():
             self._open_task.cancel()
-        # DuplexEventStream.close() would wait for an output that may never come.
+        # DuplexEventStream.close() would wait for an output that may never come, and
+        # ending the input of a request that never went out waits forever too.
         with contextlib.suppress(Exception):
-            await self._duplex.input_stream.close()
+            await asyncio.wait_for(self._duplex.input_stream.close(), CLOSE_TIMEOUT_S)
         if self._receiver is not None:
             with contextlib.suppress(Exception):
-                await self._receiver.close()
+                await asyncio.wait_for(self._receiver.close(), CLOSE_TIMEOUT_S)
 
 
 class BedrockStreamOpener:
