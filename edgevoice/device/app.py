@@ -93,6 +93,12 @@ class WaitingForSoundCard:
     def request_interrupt(self) -> bool:
         return False
 
+    def volume(self) -> float | None:
+        return None
+
+    def set_volume(self, volume: float) -> bool:
+        return False
+
 
 class CurrentHealth:
     """Forwards to the waiting source, then to the daemon once it exists; adds what
@@ -115,6 +121,12 @@ class CurrentHealth:
 
     def request_interrupt(self) -> bool:
         return self.source.request_interrupt()
+
+    def volume(self) -> float | None:
+        return self.source.volume()
+
+    def set_volume(self, volume: float) -> bool:
+        return self.source.set_volume(volume)
 
 
 class AudioLiveness:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from edgevoice import __version__
+from edgevoice.audio.aec import PlaybackReference, ReferenceFifo, load_echo_canceller
 from edgevoice.audio.base import AudioSink, AudioSource
 from edgevoice.audio.opus import OpusEncoder
 from edgevoice.audio.playback import PlaybackBuffer, PlaybackEvent
@@ -180,8 +181,18 @@ class DeviceDaemon(LinkListener):
         if display is not None:
             displays.append(display)
         self.presenter = StatePresenter(self.clock, self.link, displays)
-        earcons = (Earcons(sink.sample_rate_hz, config.feedback.earcon_volume)
-                   if config.feedback.earcons_enabled else None)
+        feedback = config.feedback
+        earcons = (Earcons(sink.sample_rate_hz, feedback.earcon_volume,
+                           feedback.earcon_files)
+                   if feedback.earcons_enabled else None)
+        self.downlink.playback.gain = feedback.output_volume
+        # echo cancellation (the aec extra): the speaker's blocks are its reference
+        self.echo_canceller = load_echo_canceller(config.aec)
+        self.reference: ReferenceFifo | None = None
+        if self.echo_canceller is not None:
+            self.reference = ReferenceFifo(config.aec.reference_max_ms)
+            self.downlink.playback.on_pulled = PlaybackReference(self.reference,
+                                                                 sink.sample_rate_hz)
         self.earcons = EarconPlayer(earcons, self.downlink, self.presenter, self.clock,
                                     self.observers)
         self.turn_taking = TurnTaking(
@@ -189,7 +200,10 @@ class DeviceDaemon(LinkListener):
             downlink=self.downlink, records=self.records, earcons=self.earcons,
             presenter=self.presenter, status=self.status_board, counters=self.counters,
             observer=self.observers, audio_triggers=self.audio_triggers,
-            barge_in=self.barge_in)
+            barge_in=self.barge_in, echo_canceller=self.echo_canceller,
+            reference=self.reference,
+            recent_frames=config.triggers.wake.buffer_ms // 20,
+            thinking_sound=feedback.thinking_sound)
         self.capture = CaptureLoop(
             source, self.clock, self.status_board, self.counters, self.turn_taking.on_frame,
             reopen_max_ms=config.audio.reopen_max_ms, on_eof=self._source_ended,
@@ -254,6 +268,18 @@ class DeviceDaemon(LinkListener):
     def request_interrupt(self, source: str = "api") -> bool:
         """Stop the reply now; False if nothing was playing or pending."""
         return self.turn_taking.request_interrupt(source)
+
+    @property
+    def volume(self) -> float:
+        """The output volume (0..1), applied to everything played, at once."""
+        return self.downlink.playback.gain
+
+    def set_volume(self, volume: float) -> None:
+        """Change the output volume (0..1); raises ValueError outside that range."""
+        if not 0.0 <= volume <= 1.0:
+            raise ValueError(f"volume must be in [0, 1], got {volume}")
+        self.downlink.playback.gain = volume
+        logger.info("output volume %.2f", volume)
 
     def turn_history(self) -> tuple[TurnTimeline, ...]:
         """The last closed turns, oldest first."""

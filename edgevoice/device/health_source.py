@@ -96,3 +96,10 @@ class DaemonHealth:
 
     def request_interrupt(self) -> bool:
         return self.daemon.request_interrupt("api")
+
+    def volume(self) -> float | None:
+        return self.daemon.volume
+
+    def set_volume(self, volume: float) -> bool:
+        self.daemon.set_volume(volume)
+        return True

@@ -37,14 +37,14 @@ SHOWN_STATE: dict[TurnState, DeviceState] = {
     TurnState.SPEAKING: DeviceState.SPEAKING,
     TurnState.MUTED: DeviceState.MUTED,
     # waiting for speech alone to start the next turn: a press starts one as when idle
-    TurnState.FOLLOW_UP: DeviceState.IDLE,
+    TurnState.FOLLOW_UP: DeviceState.FOLLOW_UP,
 }
 
 #: The turn machine's earcon kinds and the sounds that play them.
 EARCONS: dict[str, Earcon] = {
     "listening": Earcon.LISTEN_START, "done": Earcon.LISTEN_END,
     "error": Earcon.ERROR, "offline": Earcon.OFFLINE,
-    "follow_up": Earcon.FOLLOW_UP,
+    "follow_up": Earcon.FOLLOW_UP, "thinking": Earcon.THINKING,
 }
 
 

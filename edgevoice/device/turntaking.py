@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from edgevoice.audio.aec import EchoCanceller, ReferenceFifo
 from edgevoice.audio.playback import PlaybackEnded, PlaybackEvent, PlaybackStarted
 from edgevoice.audio.silence import SilenceDetector, SpeechEnded, SpeechStarted
 from edgevoice.clock import Clock
@@ -44,7 +45,7 @@ from edgevoice.protocol.messages import (
 from edgevoice.protocol.messages import (
     ResponseEnd as ResponseEndMessage,
 )
-from edgevoice.triggers.bargein import VoiceBargeInTrigger
+from edgevoice.triggers.bargein import VoiceBargeInTrigger, pcm_dbfs
 from edgevoice.triggers.base import (
     AudioTrigger,
     InterruptRequested,
@@ -53,8 +54,14 @@ from edgevoice.triggers.base import (
     TurnEndRequested,
     TurnStartRequested,
 )
+from edgevoice.triggers.wake import WakeUplinkBuffer
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between two plays of the (optional) thinking sound while waiting.
+THINKING_EVERY_S = 1.5
+#: ... and how long after the user's turn ended it first plays.
+THINKING_AFTER_S = 0.6
 
 
 class TurnTaking:
@@ -65,7 +72,14 @@ class TurnTaking:
                  earcons: EarconPlayer, presenter: StatePresenter, status: StatusBoard,
                  counters: DeviceCounters, observer: DeviceObserver,
                  audio_triggers: Sequence[AudioTrigger] = (),
-                 barge_in: VoiceBargeInTrigger | None = None) -> None:
+                 barge_in: VoiceBargeInTrigger | None = None,
+                 echo_canceller: EchoCanceller | None = None,
+                 reference: ReferenceFifo | None = None,
+                 recent_frames: int = 75, thinking_sound: bool = False) -> None:
+        """``echo_canceller`` with its ``reference`` (what the speaker played, in the
+        capture's clock) cleans every frame before anything hears it; ``recent_frames``
+        of captured audio are kept for a wake word's ``rewind_frames``;
+        ``thinking_sound`` repeats the thinking earcon while a reply is awaited."""
         self.machine = machine
         self.detector = detector
         self.clock = clock
@@ -82,6 +96,11 @@ class TurnTaking:
         self.barge_in = barge_in
         self._frame_index = 0
         self._wake_frame_index: int | None = None
+        self.echo_canceller = echo_canceller
+        self.reference = reference if echo_canceller is not None else None
+        self._recent = WakeUplinkBuffer(max(1, recent_frames))
+        self.thinking_sound = thinking_sound
+        self._thinking_at = float("-inf")
 
     # ------------------------------------------------------------- capture
 
@@ -90,6 +109,12 @@ class TurnTaking:
         now = self.clock.now()
         self._frame_index += 1
         self.counters.frames_captured += 1
+        raw_dbfs: float | None = None
+        if self.echo_canceller is not None and self.reference is not None:
+            # everything below hears the microphone without the device's own voice
+            raw_dbfs = pcm_dbfs(frame)
+            frame = self.echo_canceller.process(frame, self.reference.read())
+        self._recent.push(self._frame_index, frame)
         detector = self.detector
         decision = detector.process(frame, self._echo_reference_dbfs(now))
         trigger_events: list[TriggerEvent] = []
@@ -97,7 +122,8 @@ class TurnTaking:
             trigger_events.extend(trigger.process(frame))
         if self.barge_in is not None:
             # the detector has just measured this frame's level: do not measure it twice
-            trigger_events.extend(self.barge_in.detector.on_capture_frame(detector.level_dbfs, now))
+            trigger_events.extend(self.barge_in.detector.on_capture_frame(
+                detector.level_dbfs, now, raw_dbfs=raw_dbfs))
         event = decision.event
         started = event.preroll if isinstance(event, SpeechStarted) else None
         if started is not None and self._wake_frame_index is not None:
@@ -119,7 +145,7 @@ class TurnTaking:
             return None
         playback = self.downlink.playback
         if playback.playing:
-            self.barge_in.guard.on_playback_block(playback.last_block_dbfs, now)
+            self.barge_in.detector.on_playback_block(playback.last_block_dbfs, now)
         return self.barge_in.reference_dbfs(now)
 
     # ------------------------------------------------------------ requests
@@ -131,7 +157,11 @@ class TurnTaking:
         if isinstance(event, TurnStartRequested):
             if event.source == "wake":
                 self._wake_frame_index = self._frame_index
-            commands = self.machine.request_turn(event.source, now)
+            # what followed the wake phrase before it was recognised belongs to the turn
+            preroll = (self._recent.since(self._frame_index - event.rewind_frames + 1)
+                       if event.rewind_frames > 0 else ())
+            commands = self.machine.request_turn(event.source, now, held=event.held,
+                                                 preroll=preroll)
         elif isinstance(event, TurnEndRequested):
             commands = self.machine.request_end(event.source, event.reason, now)
         elif isinstance(event, InterruptRequested):
@@ -203,6 +233,11 @@ class TurnTaking:
 
     def tick(self, now: float) -> None:
         self.execute(self.machine.tick(now), now)
+        if self.thinking_sound and self.machine.state is TurnState.THINKING and \
+                now - self._thinking_at >= THINKING_EVERY_S:
+            # a cue: the reply cuts it the moment it starts
+            self._thinking_at = now
+            self.earcons.play("thinking")
         self.presenter.show(self.machine.state)  # the ERROR state times out
 
     def stopping(self) -> None:
@@ -250,6 +285,8 @@ class TurnTaking:
 
     def _on_state_changed(self, change: StateChanged) -> None:
         state = change.state
+        if state is TurnState.THINKING:  # first thinking sound after the "done" earcon
+            self._thinking_at = self.clock.now() - THINKING_EVERY_S + THINKING_AFTER_S
         if self.link.connected:
             self.status.set(self.state_text(state))
         # the user talked over the reply: that reply's turn ends here

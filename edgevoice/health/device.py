@@ -9,6 +9,7 @@ snapshots into JSON and Prometheus text, and its action hooks into ``POST`` rout
 ``GET /metrics``   the same as Prometheus text (``edgevoice_`` names)
 ``POST /trigger``  start a turn as if the button was pressed (202, or 409 if refused)
 ``POST /interrupt``  stop the reply now (202, or 409 if there was nothing to stop)
+``GET|POST /volume``  the output volume; POST ``{"volume": 0.4}`` sets it (0..1)
 =================  ==================================================================
 
 Who may call what is :mod:`edgevoice.health.http`'s exposure rule; with a token
@@ -18,6 +19,7 @@ configured the two actions always need it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -137,6 +139,12 @@ class DeviceHealthSource(Protocol):
 
     def request_interrupt(self) -> bool:
         """Stop the current reply; False if nothing was playing."""
+
+    def volume(self) -> float | None:
+        """The output volume, 0..1 (None: there is no speaker yet)."""
+
+    def set_volume(self, volume: float) -> bool:
+        """Set the output volume (0..1; ValueError outside); False: no speaker yet."""
 
 
 def describe_problems(
@@ -314,11 +322,32 @@ def device_health_api(
 
         return handle
 
+    def volume_document() -> dict[str, float | None]:
+        volume = source.volume()
+        return {"volume": None if volume is None else round(volume, 3)}
+
+    async def get_volume(request: Request) -> Response:
+        return json_response(200, volume_document())
+
+    async def set_volume(request: Request) -> Response:
+        try:
+            payload = json.loads(request.body or b"null")
+            volume = payload.get("volume") if isinstance(payload, dict) else None
+            if isinstance(volume, bool) or not isinstance(volume, int | float):
+                raise ValueError('expected {"volume": a number from 0 to 1}')
+            if not source.set_volume(float(volume)):
+                return json_response(409, {"error": "no speaker yet"})
+        except ValueError as exc:
+            return json_response(400, {"error": str(exc)})
+        return json_response(200, volume_document())
+
     routes = {
         ("GET", "/healthz"): healthz,
         ("GET", "/stats"): stats,
         ("GET", "/metrics"): metrics,
         ("POST", "/trigger"): action(source.request_turn, "a turn cannot start now"),
         ("POST", "/interrupt"): action(source.request_interrupt, "nothing to interrupt"),
+        ("GET", "/volume"): get_volume,
+        ("POST", "/volume"): set_volume,
     }
     return HttpApi.from_settings(routes, settings, token, name="health", source=source_file)

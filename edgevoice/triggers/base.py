@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Protocol, runtime_checkable
 
@@ -43,6 +43,12 @@ class TurnStartRequested:
     held: bool = False
     """The turn stays open until the trigger ends it (push-to-talk held, toggle on):
     the silence detector's end of speech does not end it, ``max_turn_ms`` still does."""
+
+    rewind_frames: int = field(default=0, compare=False)
+    """The turn's audio began this many captured frames back, counting the frame that
+    produced this event (the wake phrase ended there): the daemon sends them from its
+    short buffer first. 0: the turn starts with the next frame. Not part of equality:
+    it says where the audio starts, not what is asked."""
 
 
 @dataclass(frozen=True)

@@ -331,9 +331,11 @@ class WakeWordTrigger:
                     fired.name, index, self.last_phrase_end_frame_index, self._state.value)
         if self._state is DeviceState.LISTENING:
             return []
+        rewind = index + 1 - self.last_phrase_end_frame_index
+        start = TurnStartRequested(SOURCE, rewind_frames=rewind)
         if self._state in (DeviceState.SPEAKING, DeviceState.THINKING):
-            return [InterruptRequested(SOURCE), TurnStartRequested(SOURCE)]
-        return [TurnStartRequested(SOURCE)]
+            return [InterruptRequested(SOURCE), start]
+        return [start]
 
     @staticmethod
     def _watch_rise(loaded: _Loaded, index: int) -> None:

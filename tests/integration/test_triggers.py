@@ -117,6 +117,37 @@ def test_push_to_talk_button_starts_a_real_turn(tmp_path: Path, mock_pins: Any) 
     assert seen[seen.index(S.LISTENING):][:4] == [S.LISTENING, S.THINKING, S.SPEAKING, S.IDLE]
 
 
+def test_push_to_talk_long_pause_while_held_is_one_turn_ending_at_release(
+        tmp_path: Path, mock_pins: Any) -> None:
+    """The issue's user: a 1.2 s pause while holding the button split one request in two."""
+    from edgevoice.triggers.button import ButtonSettings, ButtonTrigger
+    button = ButtonTrigger(ButtonSettings(pin=17, mode="push_to_talk"), pin_factory=mock_pins)
+    base = DeviceConfig()
+    base = replace(base, turn=replace(base.turn, start="button"))
+    speech = bundled_speech()
+    speech_s = len(load_wav(speech)) / 2 / 16000
+    microphone = mic(tmp_path, ("quiet", 1.0), ("speech", speech), ("quiet", 1.2),
+                     ("speech", speech), ("quiet", 1.0))
+
+    async def hold(daemon: DeviceDaemon) -> None:
+        pin = mock_pins.pin(17)
+        await asyncio.sleep(0.6)
+        pin.drive_low()  # pressed before the first word ...
+        await asyncio.sleep(0.4 + speech_s + 1.2 + speech_s + 0.3)
+        pin.drive_high()  # ... released after the last
+
+    turn, daemon, _ = run(converse(tmp_path, microphone, base, [button], hold), 60)
+    assert turn is not None and turn.trigger == "button", turn
+    assert turn.outcome == "completed", turn.as_dict()
+    assert daemon.counters.turns == 1  # one request, one turn
+    speech_frames = len(load_wav(speech)) // 640
+    assert turn.uplink_frames >= 2 * speech_frames * 0.9  # both halves went up
+    # it ended at the release, not at the pause: the turn lasted past the second half
+    milestones = turn.milestones_ms()
+    assert milestones["turn_end"] is not None
+    assert milestones["turn_end"] >= (0.4 + 2 * speech_s + 1.2) * 1000
+
+
 def test_toggle_button_press_during_reply_interrupts(tmp_path: Path, mock_pins: Any) -> None:
     from edgevoice.triggers.button import ButtonSettings, ButtonTrigger
     settings = ButtonSettings(pin=17, mode="toggle", bounce_ms=5)
@@ -169,9 +200,11 @@ def test_wake_word_starts_a_turn_without_sending_the_wake_word(tmp_path: Path) -
     assert turn.outcome == "completed"
     question_frames = len(load_wav(question)) // 640
     wake_frames = len(load_wav(phrase)) // 640
-    # the question (plus pre-roll and hangover) went up; the wake phrase did not
+    pause_frames = 20  # the 0.4 s after the wake word: the uplink starts where it ended
+    # the question (plus pre-roll and hangover) went up; the wake phrase did not (where
+    # exactly the uplink starts is checked by tests/triggers/test_wake_uplink.py)
     assert turn.uplink_frames >= question_frames * 0.8
-    assert turn.uplink_frames < question_frames + wake_frames
+    assert turn.uplink_frames < question_frames + pause_frames + wake_frames
 
 
 def test_http_trigger_starts_a_real_turn_and_needs_the_token_when_set(tmp_path: Path) -> None:

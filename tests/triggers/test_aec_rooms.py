@@ -10,6 +10,8 @@ barge-in detector and echo guard decide on the cleaned frames. Time is counted i
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import speech_synth as synth
@@ -161,3 +163,32 @@ def test_the_speakers_blocks_reach_the_reference_at_16_khz_in_the_capture_clock(
     assert np.sqrt(np.mean(heard**2)) == pytest.approx(16000 * 0.5 / np.sqrt(2), rel=0.05)
     spectrum = np.abs(np.fft.rfft(heard))
     assert np.fft.rfftfreq(len(heard), 1 / 16000)[np.argmax(spectrum)] == pytest.approx(440, abs=5)
+
+
+def test_the_daemon_cancels_its_own_voice_before_the_detector_hears_it(tmp_path: Path) -> None:
+    """Wiring: the speaker's blocks feed the reference; every captured frame is cleaned."""
+    from dataclasses import replace
+
+    from edgevoice.audio.wavio import WavSink, WavSource, write_wav
+    from edgevoice.config.model import DeviceConfig
+    from edgevoice.device.daemon import DeviceDaemon
+
+    silence = tmp_path / "mic.wav"
+    write_wav(silence, bytes(3200), 16000)
+    config = replace(DeviceConfig(), aec=AecSettings(mode="on"))
+    daemon = DeviceDaemon(config, "kitchen.x", WavSource(silence),
+                          WavSink(tmp_path / "out.wav", rate_hz=16000, realtime=False))
+    assert daemon.echo_canceller is not None
+    reply = full_volume_reply()[: 6 * synth.RATE_HZ]
+    echo = synth.room(reply, -10.0, 150.0, 400.0) + synth.noise(6.0, -65.0)
+    playback = daemon.downlink.playback
+    playback.push(synth.to_pcm(reply))
+    playback.end_of_response()
+    raw_levels, heard_levels = [], []
+    for heard in synth.frames_of(echo):
+        playback.pull(320)  # the sound card takes a block (the tap feeds the reference)
+        daemon.turn_taking.on_frame(heard)  # ... and the microphone delivers a frame
+        raw_levels.append(pcm_dbfs(heard))
+        heard_levels.append(daemon.detector.level_dbfs)
+    settled = slice(150, None)  # after AEC3 converged
+    assert np.mean(raw_levels[settled]) - np.mean(heard_levels[settled]) > 20
