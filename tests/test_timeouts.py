@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from edgevoice_dev.testing.timeouts import TIMEOUT_FACTOR_ENV, timeout_factor
 
@@ -21,3 +23,13 @@ def test_the_retired_name_alone_is_refused_not_ignored() -> None:
     with pytest.raises(RuntimeError, match=TIMEOUT_FACTOR_ENV):
         timeout_factor({"EDGEVOICE_TEST_TIMEOUT_FACTOR": "3"})
     assert timeout_factor({"EDGEVOICE_TEST_TIMEOUT_FACTOR": "3", TIMEOUT_FACTOR_ENV: "2"}) == 2.0
+
+
+def test_no_test_reads_the_factor_itself() -> None:
+    """One place: every test scales its waits through edgevoice_dev.testing.timeouts."""
+    root = Path(__file__).resolve().parents[1]
+    readers = [str(p.relative_to(root)) for p in [*root.glob("tests/**/*.py"),
+                                                  *root.glob("devtools/**/*.py")]
+               if "TIMEOUT_FACTOR\"" in p.read_text(encoding="utf-8")
+               and p.name not in ("timeouts.py", "test_timeouts.py")]
+    assert readers == []

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgevoice_dev.testing.harness import device_config, running_relay
+from edgevoice_dev.testing.timeouts import scaled
 from websockets.asyncio.client import ClientConnection, connect
 
 from edgevoice.audio.wavio import WavSink, WavSource
@@ -27,12 +28,6 @@ from edgevoice.config.model import DeviceConfig, RelayConfig
 from edgevoice.device.daemon import DeviceDaemon, TurnTimeline
 from edgevoice.protocol.messages import SUBPROTOCOL, Hello, encode_message
 from edgevoice.relay.server import RelayServer
-
-TIMEOUT_FACTOR = float(os.environ.get("EDGEVOICE_TIMEOUT_FACTOR", "1"))
-
-
-def scaled(seconds: float) -> float:
-    return seconds * TIMEOUT_FACTOR
 
 
 def record(name: str, figures: dict[str, object]) -> None:

@@ -17,12 +17,9 @@ import wave
 from pathlib import Path
 
 import pytest
+from edgevoice_dev.testing.timeouts import scaled
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def scaled(seconds: float) -> float:
-    return seconds * float(os.environ.get("EDGEVOICE_TEST_TIMEOUT_FACTOR", "1"))
 
 
 def readme_block(title: str) -> str:

@@ -10,11 +10,11 @@ root file system and wheels are cached outside the repository between runs.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from edgevoice_dev.testing.timeouts import scaled
 from machine import (  # type: ignore[import-not-found]
     REPO,
     Machine,
@@ -35,10 +35,6 @@ WATCHED = "/etc /opt /usr/local /var/lib"
 #: useradd's backups of the files it edits: the system users are kept on purpose
 USER_FILES = {"/etc/passwd-", "/etc/group-", "/etc/shadow-", "/etc/gshadow-",
               "/etc/subuid-", "/etc/subgid-"}
-
-
-def scaled(seconds: float) -> float:
-    return seconds * float(os.environ.get("EDGEVOICE_TEST_TIMEOUT_FACTOR", "1"))
 
 
 def wait_until(what: str, check: Callable[[], object], timeout_s: float) -> object:
