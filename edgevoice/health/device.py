@@ -312,7 +312,9 @@ def device_health_api(
 
     async def metrics(request: Request) -> Response:
         snapshot = source.snapshot()
-        return exposition.metrics_response(device_metrics(snapshot, source.health_problems(now())))
+        return exposition.metrics_response([
+            *device_metrics(snapshot, source.health_problems(now())),
+            *exposition.endpoint_metrics(api, "edgevoice_health")])
 
     def action(hook: Callable[[], bool], refused: str) -> Handler:
         async def handle(request: Request) -> Response:
@@ -350,4 +352,6 @@ def device_health_api(
         ("GET", "/volume"): get_volume,
         ("POST", "/volume"): set_volume,
     }
-    return HttpApi.from_settings(routes, settings, token, name="health", source=source_file)
+    api: HttpApi | None = None
+    api = HttpApi.from_settings(routes, settings, token, name="health", source=source_file)
+    return api

@@ -18,7 +18,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import generate_latest
 
-from edgevoice.health.http import Response
+from edgevoice.health.http import HttpApi, Response
 from edgevoice.health.system import SystemStats
 
 #: The classic text format: understood by every Prometheus version and scraper.
@@ -106,3 +106,20 @@ def system_metrics(system: SystemStats, *, prefix: str) -> list[Metric]:
                 family.add_metric([flag], float(on))
             families.append(family)
     return families
+
+
+def endpoint_metrics(api: HttpApi | None, prefix: str) -> list[Metric]:
+    """What the endpoint itself refused: slow or idle clients closed to make room,
+    connections answered 503 because every slot was busy, requests that timed out,
+    and 401s (``prefix``: ``edgevoice_health`` or ``edgevoice_relay_admin``)."""
+    if api is None:
+        return []
+    return [
+        counter(f"{prefix}_connections_evicted",
+                "Idle or slow connections closed to make room for a new one.", api.evicted),
+        counter(f"{prefix}_connections_refused",
+                "Connections answered 503 because every slot was being served.", api.refused),
+        counter(f"{prefix}_requests_timed_out",
+                "Requests whose head or body did not arrive in time (408).", api.timed_out),
+        counter(f"{prefix}_auth_failures", "Requests refused with 401.", api.auth_failures),
+    ]

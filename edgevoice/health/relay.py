@@ -339,9 +339,9 @@ def relay_admin_api(
 
     async def metrics(request: Request) -> Response:
         problems = source.health_problems(now())
-        return exposition.metrics_response(
-            relay_metrics(source.snapshot(), source.devices(), problems)
-        )
+        return exposition.metrics_response([
+            *relay_metrics(source.snapshot(), source.devices(), problems),
+            *exposition.endpoint_metrics(api, "edgevoice_relay_admin")])
 
     async def devices(request: Request) -> Response:
         return json_response(200, devices_document(source.devices()))
@@ -352,4 +352,6 @@ def relay_admin_api(
         ("GET", "/devices"): devices,
         **(extra_routes or {}),
     }
-    return HttpApi.from_settings(routes, settings, token, name="admin", source=source_file)
+    api: HttpApi | None = None
+    api = HttpApi.from_settings(routes, settings, token, name="admin", source=source_file)
+    return api

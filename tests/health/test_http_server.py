@@ -15,6 +15,7 @@ from health_support import TIMEOUT_FACTOR, fetch, raw_exchange, status_of
 
 from edgevoice.config.base import SettingError
 from edgevoice.errors import ConfigError
+from edgevoice.health import exposition
 from edgevoice.health.http import (
     MAX_BODY_BYTES,
     MAX_HEAD_BYTES,
@@ -316,6 +317,9 @@ def test_the_operators_healthz_answers_under_slow_unauthenticated_clients(
         assert statuses == [200] * 20
         assert opened[0] >= 24  # the attack ran
         assert api.evicted > 0  # and what made room was the attackers' sockets
+        scraped = exposition.render(exposition.endpoint_metrics(api, "edgevoice_health"))
+        assert f"edgevoice_health_connections_evicted_total {float(api.evicted)}".encode() \
+            in scraped
 
     serve(scenario, {("GET", "/healthz"): healthz}, bind_host="0.0.0.0",
           token_sha256=hash_token(TOKEN), max_connections=16, max_per_address=8)
