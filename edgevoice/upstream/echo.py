@@ -80,7 +80,7 @@ class EchoSession:
         while len(self._turn):
             frames.append(self._turn.get_nowait())
         if not frames:
-            self._events.put_nowait(ResponseEnded("empty"))
+            self._events.put_nowait(ResponseEnded("end_turn"))  # nothing to say back
             return
         pcm16 = np.frombuffer(b"".join(frames), dtype=np.int16)
         reply = soxr.resample(pcm16, UPSTREAM_INPUT_RATE_HZ, UPSTREAM_OUTPUT_RATE_HZ, quality="HQ")

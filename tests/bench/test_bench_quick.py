@@ -201,6 +201,9 @@ def test_the_bench_runs_every_row_with_both_peers_and_the_floor(tmp_path: Path) 
     assert rows[14]["data"]["steps"][0]["replies"] > 0
     assert rows[15]["data"]["step"]["refused"] > 0  # beyond the limit, turns are shed
     assert rows[16]["data"]["tcp"]["segs_out"] > 0 and rows[16]["data"]["ratio"] > 1
+    # the Nova day: audio counted upstream is what the fake received, under the target
+    assert rows[17]["data"]["upstream_s"] == rows[17]["data"]["received_by_fake_s"]
+    assert rows[17]["data"]["ratio"] <= 2.5
     assert rows[13]["data"]["devices"] == 10 and rows[13]["data"]["relay_rss_kib_connected"] > 0
     assert results["machine"]["cpu_model"] and results["command"].startswith("edgevoice bench")
     page = md_path.read_text()

@@ -705,3 +705,48 @@ def test_the_transition_table_refuses_illegal_moves() -> None:
     core.close(0.0)
     with pytest.raises(IllegalTransition):
         core._transition(SessionState.OPENING)
+
+
+def test_a_scripted_day_sends_at_most_two_and_a_half_times_the_users_speech() -> None:
+    """Five turns in two minutes, against a scripted Nova 2 (answers after 1.75 s of
+    silence, speaks for 2 s): what goes upstream is the speech, the device's hangover
+    and the silence Nova waits for, never the pauses between turns."""
+    core = make(
+        endpointing_sensitivity="MEDIUM",
+        idle_close_s=10.0,
+        rotate_after_s=360.0,
+        rotate_hard_s=450.0,
+        response_wait_s=10.0,
+    )
+    quiet = bytes(FRAME_BYTES)
+    speech_frames, sid, now = 0, None, 0.0
+    for turn in range(5):
+        now = turn * 24.0
+        opened = of(core.start_turn(now), OpenStream)
+        if opened:
+            sid = opened[0].stream_id
+            core.stream_opened(sid, now + 0.1)
+        assert sid is not None
+        sent: list[bytes] = []
+        for _ in range(95):  # 1.9 s of speech
+            sent += sent_audio(core.audio_in(SPEECH, now) + core.tick(now), sid)
+            speech_frames += 1
+            now += 0.02
+        for _ in range(15):  # the device's 0.3 s hangover
+            sent += sent_audio(core.audio_in(quiet, now) + core.tick(now), sid)
+            now += 0.02
+        core.end_turn(now)
+        silent = 0
+        while silent < 88:  # Nova answers after 1.75 s of silence after the speech
+            out = core.tick(now)
+            silent += len(sent_audio(out, sid))
+            now += 0.02
+        feed(core, sid, now + 0.3, *reply(str(turn), chunks=20))
+        while now < (turn + 1) * 24.0 - 0.1:  # the pause until the next turn
+            for action in core.tick(now):
+                if isinstance(action, CloseStream):
+                    core.stream_ended(action.stream_id, now + 0.1)
+            now += 0.1
+    ratio = core.stats.upstream_audio_s / (speech_frames * 0.02)
+    assert 1.9 <= ratio <= 2.5, ratio
+    assert core.stats.streams_opened == 5  # closed after each reply, reopened for the next

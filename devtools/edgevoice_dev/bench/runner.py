@@ -48,6 +48,7 @@ ROWS = {
     14: "Relay conversational capacity, one core",
     15: "Relay beyond capacity: admission control",
     16: "Uplink on the real wire: wss://, TLS and TCP/IP headers",
+    17: "Upstream audio / user speech (Nova, scripted conversation)",
 }
 
 
@@ -147,6 +148,7 @@ async def _run_rows(ws: Workspace, plan: BenchPlan, wanted: set[int]) -> list[Ro
         life,
         reconnect,
         scaleout,
+        upstreamaudio,
         wirecost,
     )
 
@@ -177,6 +179,8 @@ async def _run_rows(ws: Workspace, plan: BenchPlan, wanted: set[int]) -> list[Ro
         results += [r for r in conv if r.number in wanted]
     if 16 in wanted:
         results += await _guard([16], functools.partial(single, wirecost.run_row))
+    if 17 in wanted:
+        results += await _guard([17], functools.partial(single, upstreamaudio.run_row))
     # capacity last: it is the longest, and it loads both cores
     runners: dict[int, Callable[[Workspace], Awaitable[RowResult]]] = {
         3: latency.run_row, 5: bargein.run_row, 6: reconnect.run_row, 8: aec.run_row,
