@@ -6,6 +6,7 @@ follow-up window is shown as its own state and announced by its earcon.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def test_thinking_sound_repeats_while_waiting_and_stops_with_the_reply(tmp_path:
         daemon.turn_taking.tick(clock.now())
     thinking = [at - ended_at for kind, at in earcons.played if kind == "thinking"]
     assert len(thinking) == 3 and 0.55 <= thinking[0] <= 0.75  # after the "done" earcon
-    assert all(1.4 <= b - a <= 1.6 for a, b in zip(thinking, thinking[1:], strict=False))
+    assert all(1.4 <= b - a <= 1.6 for a, b in itertools.pairwise(thinking))
     daemon.turn_taking.on_message(ResponseStart(turn_id=1))
     before = len(earcons.played)
     for _ in range(30):
