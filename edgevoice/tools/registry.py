@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.metadata
+import inspect
 import json
 import logging
 import re
@@ -32,6 +33,7 @@ from typing import Any
 
 from edgevoice.config.base import require
 from edgevoice.errors import ToolError
+from edgevoice.tools.homeassistant_settings import HomeAssistantSettings
 from edgevoice.upstream.base import DeviceContext
 
 logger = logging.getLogger(__name__)
@@ -77,6 +79,8 @@ class ToolSettings:
     """More tools as 'package.module:attribute' strings."""
     disabled: tuple[str, ...] = ()
     """Names of tools not to offer, whatever their source."""
+    homeassistant: HomeAssistantSettings = field(default_factory=HomeAssistantSettings)
+    """Home Assistant tools (an entry point of this package; docs/home-assistant.md)."""
 
     def __post_init__(self) -> None:
         for i, ref in enumerate(self.declared):
@@ -225,12 +229,18 @@ class ToolRegistry:
         return True, text
 
 
-def _tools_from(obj: object, origin: str) -> list[Tool]:
-    """Interpret what an entry point or config string names."""
+def _tools_from(obj: object, origin: str, settings: ToolSettings | None = None) -> list[Tool]:
+    """Interpret what an entry point or config string names.
+
+    A factory that takes one parameter is given the :class:`ToolSettings` (that is
+    how a tool set finds its own section, e.g. ``homeassistant``).
+    """
     if isinstance(obj, Tool):
         return [obj]
     if callable(obj) and not isinstance(obj, type):
-        return _tools_from(obj(), origin)
+        takes_settings = len(inspect.signature(obj).parameters) == 1
+        made = obj(settings or ToolSettings()) if takes_settings else obj()
+        return _tools_from(made, origin)
     if isinstance(obj, Iterable) and not isinstance(obj, str | bytes | Mapping):
         tools = list(obj)
         if all(isinstance(t, Tool) for t in tools):
@@ -252,12 +262,16 @@ def load_reference(ref: str) -> list[Tool]:
     return _tools_from(obj, ref)
 
 
-def load_entry_points(group: str = ENTRY_POINT_GROUP) -> list[Tool]:
+def load_entry_points(
+    group: str = ENTRY_POINT_GROUP, settings: ToolSettings | None = None
+) -> list[Tool]:
     """Tools of every installed ``group`` entry point; a broken one is logged and skipped."""
     tools: list[Tool] = []
     for entry_point in importlib.metadata.entry_points(group=group):
         try:
-            tools += _tools_from(entry_point.load(), f"entry point {entry_point.name!r}")
+            tools += _tools_from(
+                entry_point.load(), f"entry point {entry_point.name!r}", settings
+            )
         except Exception as exc:
             # One broken plugin must not take every other tool (or the relay) down.
             logger.error("skipping tool entry point %r: %s", entry_point.name, exc)
@@ -277,7 +291,7 @@ def build_registry(settings: ToolSettings | None = None) -> ToolRegistry:
     if settings.builtin:
         candidates += builtin_tools()
     if settings.entry_points:
-        candidates += load_entry_points()
+        candidates += load_entry_points(settings=settings)
     for ref in settings.declared:
         candidates += load_reference(ref)
     registry = ToolRegistry()
