@@ -68,4 +68,50 @@ class TokenBucket:
         self._tokens += amount
 
 
-__all__ = ["TokenBucket", "opus_packet_duration_ms"]
+class UplinkMeter:
+    """What one device session may send: messages, audio time and pings; pure.
+
+    The relay asks :meth:`over` for every message before parsing it, and
+    :meth:`audio_over` for every parsed audio frame; a reason back means the device
+    exceeded a budget (the relay closes with 1008).
+    """
+
+    #: pings a connection may send in a burst
+    PING_BURST = 10
+
+    def __init__(self, *, max_messages_per_s: int, max_audio_ms_per_s: int,
+                 max_pings_per_s: int, now: float) -> None:
+        self.max_messages_per_s = max_messages_per_s
+        self.max_audio_ms_per_s = max_audio_ms_per_s
+        self.max_pings_per_s = max_pings_per_s
+        self.messages = TokenBucket(max_messages_per_s, max_messages_per_s, now)
+        #: milliseconds of uplink audio: refills at max_audio_ms_per_s, bursts of 2 s
+        self.audio_ms = TokenBucket(max_audio_ms_per_s, 2 * max_audio_ms_per_s, now)
+        self.pings = TokenBucket(max_pings_per_s, max(self.PING_BURST, max_pings_per_s), now)
+
+    def over(self, now: float) -> str | None:
+        """Why one more message (any kind) is over budget; asked before it is parsed."""
+        if not self.messages.take(1.0, now):
+            return f"over {self.max_messages_per_s} messages/s"
+        return None
+
+    def audio_over(self, duration_ms: float, now: float) -> str | None:
+        """Why one more uplink packet of ``duration_ms`` (from its TOC) is over budget;
+        asked once the frame has been parsed and its duration checked."""
+        if not self.audio_ms.take(duration_ms, now):
+            return f"over {self.max_audio_ms_per_s} ms of audio/s"
+        return None
+
+    def ping_over(self, now: float) -> str | None:
+        """Why one more ``ping`` message is over budget."""
+        if not self.pings.take(1.0, now):
+            return f"over {self.max_pings_per_s} pings/s"
+        return None
+
+    def catch_up(self, messages: float, audio_ms: float) -> None:
+        """A resumed device may send what it queued while away (§7.4)."""
+        self.messages.grant(messages)
+        self.audio_ms.grant(audio_ms)
+
+
+__all__ = ["TokenBucket", "UplinkMeter", "opus_packet_duration_ms"]

@@ -43,9 +43,8 @@ from edgevoice.clock import Clock, MonotonicClock
 from edgevoice.errors import ProtocolError, RemoteProtocolError
 from edgevoice.health.relay import FleetTracker
 from edgevoice.protocol.connection import RELIABLE, Connection, Role
-from edgevoice.protocol.limits import TokenBucket, opus_packet_duration_ms
+from edgevoice.protocol.limits import TokenBucket, UplinkMeter, opus_packet_duration_ms
 from edgevoice.protocol.messages import (
-    AUDIO_HEADER_BYTES,
     MAX_TEXT_BYTES,
     SUBPROTOCOL,
     AudioFlags,
@@ -113,7 +112,7 @@ MAX_HELD_MESSAGES = 256
 #: Longest uplink Opus packet, in milliseconds of audio (the uplink is 20 ms frames).
 MAX_UPLINK_PACKET_MS = 20.0
 #: Pings one connection may send in a burst (see LimitsSettings.max_pings_per_s).
-PING_BURST = 10
+PING_BURST = UplinkMeter.PING_BURST
 
 
 @dataclass
@@ -153,16 +152,6 @@ class RelayCounters:
     frames_refused: int = 0
     #: connections refused or closed by a limit, by kind (RefusalLog keeps them)
     refusals: dict[str, int] = field(default_factory=dict)
-
-
-class MessageRate(TokenBucket):
-    """``rate`` messages a second, bursts of ``rate``; pure (takes ``now``)."""
-
-    def __init__(self, rate: int, now: float) -> None:
-        super().__init__(rate, rate, now)
-
-    def allow(self, now: float) -> bool:
-        return self.take(1.0, now)
 
 
 #: What waits in the downlink queue: control messages and (Opus packet, flags).
@@ -218,12 +207,10 @@ class DeviceSession:
         now = relay.clock.now()
         #: a reply is owed (turn ended) or under way, until its response_end is sent
         self.replying = False
-        self._rate = MessageRate(limits.max_messages_per_s, now)
-        #: milliseconds of uplink audio: refills at max_audio_ms_per_s, bursts of 2 s
-        self._audio_ms = TokenBucket(limits.max_audio_ms_per_s,
-                                     2 * limits.max_audio_ms_per_s, now)
-        self._pings = TokenBucket(limits.max_pings_per_s,
-                                  max(PING_BURST, limits.max_pings_per_s), now)
+        #: what the device may send: messages, audio time, pings (pure, takes now)
+        self.meter = UplinkMeter(max_messages_per_s=limits.max_messages_per_s,
+                                 max_audio_ms_per_s=limits.max_audio_ms_per_s,
+                                 max_pings_per_s=limits.max_pings_per_s, now=now)
         self._usage = (0, 0)
         self._upstream_audio_s = 0.0
         self._tasks: list[asyncio.Task[None]] = []
@@ -346,8 +333,7 @@ class DeviceSession:
             now = self.relay.clock.now()
             messages, audio_ms = catch_up_after(now - (self.detached_at or now),
                                                 self.relay.limits.resume_window_ms / 1000)
-            self._rate.grant(messages)
-            self._audio_ms.grant(audio_ms)
+            self.meter.catch_up(messages, audio_ms)
             logger.info("%s resumed session %s: re-sent %d frames and %d messages%s",
                         self.device_id, self.session_id[:8], replay.frames, replay.messages,
                         f" ({replay.frames_lost} no longer held)" if replay.frames_lost else "")
@@ -398,12 +384,7 @@ class DeviceSession:
             if self.owner is not ws:
                 return  # a resume moved the session to a newer connection
             now = clock.now()
-            over = None
-            if not self._rate.allow(now):
-                over = f"over {limits.max_messages_per_s} messages/s"
-            elif isinstance(data, bytes) and not self._audio_ms.take(
-                    _packet_ms(data), now):
-                over = f"over {limits.max_audio_ms_per_s} ms of audio/s"
+            over = self.meter.over(now)
             if over is not None:
                 self.relay.counters.rate_limited += 1
                 self.relay.refusals.refused("rate_limited", f"{self.device_id}: {over}")
@@ -413,17 +394,20 @@ class DeviceSession:
             try:
                 if isinstance(data, str):
                     message = conn.receive_text(data)
-                    if isinstance(message, Ping) and not self._pings.take(1.0, now):
+                    over = self.meter.ping_over(now) if isinstance(message, Ping) else None
+                    if over is not None:
                         self.relay.counters.rate_limited += 1
-                        self.relay.refusals.refused(
-                            "rate_limited", f"{self.device_id}: over "
-                            f"{limits.max_pings_per_s} pings/s")
+                        self.relay.refusals.refused("rate_limited", f"{self.device_id}: {over}")
                         await self._close_for(ws, CloseCode.POLICY_VIOLATION,
                                               "ping rate exceeded", ends_session=True)
                         return
                     await self._on_message(ws, conn, message)
-                else:
-                    await self._on_audio(conn, data)
+                elif (over := await self._on_audio(conn, data)) is not None:
+                    self.relay.counters.rate_limited += 1
+                    self.relay.refusals.refused("rate_limited", f"{self.device_id}: {over}")
+                    await self._close_for(ws, CloseCode.POLICY_VIOLATION,
+                                          "rate limit exceeded", ends_session=True)
+                    return
             except ProtocolError as exc:
                 self.relay.counters.protocol_errors += 1
                 logger.info("%s: protocol error, closing: %s", self.device_id, exc)
@@ -433,22 +417,26 @@ class DeviceSession:
                 await self._close_for(ws, exc.close_code, str(exc), ends_session=True)
                 return
 
-    async def _on_audio(self, conn: Connection, data: bytes) -> None:
+    async def _on_audio(self, conn: Connection, data: bytes) -> str | None:
+        """Decode one uplink frame for the upstream; the reason if over the audio budget."""
         counters = self.relay.counters
         received = conn.receive_binary(data)
         if received is None:
             counters.frames_duplicate += 1
-            return
+            return None
         counters.frames_in += 1
         if self.turn_id is None:
             if self._refused_turn is not None:
                 counters.frames_refused += 1
-                return
+                return None
             raise RemoteProtocolError("uplink audio outside a turn")
         duration_ms = opus_packet_duration_ms(received.frame.payload)
         if duration_ms > MAX_UPLINK_PACKET_MS:
             raise RemoteProtocolError(f"Opus packet of {duration_ms:g} ms; uplink packets "
                                       f"carry at most {MAX_UPLINK_PACKET_MS:g} ms")
+        over = self.meter.audio_over(duration_ms, self.relay.clock.now())
+        if over is not None:
+            return over
         try:
             pieces = self.decoder.decode_after_gap(received.frame.payload, received.missing,
                                                    MAX_CONCEALED_FRAMES)
@@ -457,6 +445,7 @@ class DeviceSession:
         counters.frames_concealed += len(pieces) - 1
         for pcm in pieces:
             await self.upstream.send_audio(pcm)
+        return None
 
     async def _on_message(self, ws: ServerConnection, conn: Connection,
                           message: Message) -> None:
@@ -1136,11 +1125,3 @@ class RelayServer:
         else:
             await session.close()
 
-
-def _packet_ms(data: bytes) -> float:
-    """Audio time of a binary frame's Opus packet, for the audio budget (0 if unreadable:
-    the protocol core refuses such a frame right after)."""
-    try:
-        return opus_packet_duration_ms(data[AUDIO_HEADER_BYTES:])
-    except ProtocolError:
-        return 0.0

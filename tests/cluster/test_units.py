@@ -70,5 +70,7 @@ def test_the_template_keeps_the_single_units_contract_but_waits_for_the_drain() 
     from edgevoice.relay.shared import ClusterSettings
     stop_s = int(units.one(template, "Service", "TimeoutStopSec"))
     assert stop_s * 1000 > ClusterSettings().drain_timeout_ms + 5000
+    # drain, the last hand-overs (3 s), then close (limits.shutdown_timeout_ms)
+    from edgevoice.relay.settings import LimitsSettings
     assert int(units.one(single, "Service", "TimeoutStopSec")) * 1000 > \
-        ClusterSettings().drain_timeout_ms
+        ClusterSettings().drain_timeout_ms + 3000 + LimitsSettings().shutdown_timeout_ms

@@ -9,7 +9,7 @@ import pytest
 
 from edgevoice.errors import IllegalTransitionError, RemoteProtocolError
 from edgevoice.protocol.connection import Connection, Role
-from edgevoice.protocol.limits import TokenBucket, opus_packet_duration_ms
+from edgevoice.protocol.limits import TokenBucket, UplinkMeter, opus_packet_duration_ms
 from edgevoice.protocol.messages import (
     AudioFlags,
     CloseCode,
@@ -276,3 +276,29 @@ def test_catch_up_is_the_time_away_capped_by_the_window() -> None:
     assert catch_up_after(60.0, 10.0) == (600.0, 10_000.0)
     # fifty resumes a few milliseconds apart earn about nothing
     assert sum(catch_up_after(0.005, 10.0)[0] for _ in range(50)) < 20
+
+
+def test_uplink_meter_counts_audio_time_not_packets() -> None:
+    def meter() -> UplinkMeter:
+        return UplinkMeter(max_messages_per_s=200, max_audio_ms_per_s=1500,
+                           max_pings_per_s=2, now=0.0)
+
+    twenty = opus_packet_duration_ms(bytes([0x48]))
+    sixty = opus_packet_duration_ms(bytes([0x58]))  # three times the audio per packet
+    m = meter()
+    assert all(m.audio_over(twenty, 0.0) is None for _ in range(150))  # 3 s: the burst
+    over = m.audio_over(twenty, 0.0)
+    assert over is not None and "audio" in over
+    m = meter()
+    assert sum(m.audio_over(sixty, 0.0) is None for _ in range(150)) == 50
+    m = meter()  # real time for a minute is always within budget
+    assert all(m.audio_over(twenty, i * 0.02) is None for i in range(3000))
+
+
+def test_uplink_meter_messages_pings_and_catch_up() -> None:
+    meter = UplinkMeter(max_messages_per_s=200, max_audio_ms_per_s=1500, max_pings_per_s=2,
+                        now=0.0)
+    assert sum(meter.over(0.0) is None for _ in range(300)) == 200
+    meter.catch_up(*catch_up_after(1.0, 10.0))
+    assert sum(meter.over(0.0) is None for _ in range(100)) == 60
+    assert sum(meter.ping_over(0.0) is None for _ in range(20)) == 10

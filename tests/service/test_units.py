@@ -159,7 +159,8 @@ def test_services_keep_the_supervision_contract(name: str) -> None:
     # a forgotten board must keep retrying: no start-rate limit
     assert one(unit, "Unit", "StartLimitIntervalSec") == "0"
     assert one(unit, "Service", "KillSignal") == "SIGTERM"
-    assert one(unit, "Service", "TimeoutStopSec") == "10"
+    # the relay's SIGTERM drains then closes: drain 8 s + 3 s + shutdown_timeout_ms 5 s
+    assert one(unit, "Service", "TimeoutStopSec") == ("20" if "relay" in name else "10")
     assert values(unit, "Service", "DynamicUser") in ([], ["no"])
     assert one(unit, "Service", "CapabilityBoundingSet") == ""
     assert one(unit, "Service", "NoNewPrivileges") == "yes"
