@@ -24,7 +24,8 @@ from machine import (  # type: ignore[import-not-found]
     prepare,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.root,
+# a cold cache builds the Debian root first (about 2 minutes on a good network)
+pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.timeout(900),
               pytest.mark.skipif(bool(missing_tools()),
                                  reason=f"needs {', '.join(missing_tools())}")]
 
