@@ -42,6 +42,12 @@ class TurnOutcome(enum.StrEnum):
     """The link went down, with no session to resume, before any reply audio."""
     NO_REPLY = "no_reply"
     """The relay ended the response without any audio."""
+    REPLY_TIMEOUT = "reply_timeout"
+    """No reply came within ``turn.reply_timeout_ms`` after the turn ended."""
+
+
+#: Outcomes an operator should see at warning priority: something went wrong.
+TROUBLED = frozenset({TurnOutcome.LINK_LOST, TurnOutcome.NO_REPLY, TurnOutcome.REPLY_TIMEOUT})
 
 
 #: The turn machine's FinishTurn reasons that close the record at once (the others
@@ -86,6 +92,16 @@ class TurnTimeline:
             "first_downlink": rel(self.first_downlink),
             "playback_start": rel(self.playback_start), "playback_end": rel(self.playback_end),
         }
+
+    def log_line(self) -> str:
+        """One ``key=value`` line for the journal: grep- and filter-friendly, no reprs.
+        Milestones are ms after the turn started; one that did not happen is left out."""
+        pairs = [f"turn={self.turn_id}", f"outcome={self.outcome}", f"trigger={self.trigger}"]
+        pairs += [f"{name}_ms={value:.0f}" for name, value in self.milestones_ms().items()
+                  if value is not None]
+        pairs += [f"uplink_frames={self.uplink_frames}",
+                  f"downlink_frames={self.downlink_frames}"]
+        return " ".join(pairs)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -149,7 +165,8 @@ class TurnRecorder:
             return
         turn.outcome = outcome
         self.turns.append(turn)
-        logger.info("turn %d %s: %s", turn.turn_id, outcome, turn.milestones_ms())
+        level = logging.WARNING if outcome in TROUBLED else logging.INFO
+        logger.log(level, "%s", turn.log_line())
         if self.on_closed is not None:
             self.on_closed(turn)
 

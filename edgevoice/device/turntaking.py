@@ -213,7 +213,8 @@ class TurnTaking:
             self.observer.remote_interrupt(now)
             self.execute(self.machine.on_remote_interrupt(now), now)
         elif isinstance(message, Transcript):
-            logger.info("%s said: %s", message.role, message.text)
+            # what people say is not for the journal by default (privacy, volume)
+            logger.debug("%s said: %s", message.role, message.text)
             if message.final:
                 self.records.transcript(message.role, message.text)
         elif isinstance(message, Error):
@@ -232,7 +233,11 @@ class TurnTaking:
             self.execute(self.machine.on_reply_finished(now), now)
 
     def tick(self, now: float) -> None:
+        waiting = self.machine.state is TurnState.THINKING
         self.execute(self.machine.tick(now), now)
+        if waiting and self.machine.state is not TurnState.THINKING:
+            # only the reply timeout leaves THINKING on a tick: no reply will come
+            self.records.close(TurnOutcome.REPLY_TIMEOUT)
         if self.thinking_sound and self.machine.state is TurnState.THINKING and \
                 now - self._thinking_at >= THINKING_EVERY_S:
             # a cue: the reply cuts it the moment it starts
@@ -285,6 +290,8 @@ class TurnTaking:
 
     def _on_state_changed(self, change: StateChanged) -> None:
         state = change.state
+        logger.info("state=%s previous=%s turn=%d", state.value, change.previous.value,
+                    self.machine.turn_id)
         if state is TurnState.THINKING:  # first thinking sound after the "done" earcon
             self._thinking_at = self.clock.now() - THINKING_EVERY_S + THINKING_AFTER_S
         if self.link.connected:

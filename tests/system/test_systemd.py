@@ -117,10 +117,9 @@ def test_relay_and_device_under_a_real_systemd(box: Box) -> None:
     assert box.show("edgevoice-relay")["ActiveState"] == "inactive"
     assert box.show("edgevoice-relay-reconfigure.path")["ActiveState"] == "active"
     box.sh("systemctl start --no-block edgevoice-relay")
-    wait_until("the relay running", lambda: box.show("edgevoice-relay")["SubState"] == "running",
-               30)
-    relay = box.show("edgevoice-relay")
-    assert relay["StatusText"].startswith("0 devices connected"), relay
+    wait_until("the relay running and saying so",
+               lambda: (s := box.show("edgevoice-relay"))["SubState"] == "running"
+               and s["StatusText"].startswith("0 devices connected"), 30)
     token = box.sh("runuser -u edgevoice-relay -- edgevoice token add kitchen "
                    "--config /etc/edgevoice/relay.yaml").strip()
     assert token.startswith("kitchen.")
