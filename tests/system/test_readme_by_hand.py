@@ -98,6 +98,6 @@ def test_the_by_hand_section_works_verbatim_and_leaves_nothing(tmp_path: Path) -
     assert "Traceback" not in result.stderr, result.stderr
     # each fact once: where the endpoints listen, that the device is ready
     log = result.stderr.splitlines()
-    for fact in ("127.0.0.1:8765", "127.0.0.1:8766", "ready", "turn=1 outcome=completed"):
+    for fact in ("127.0.0.1:8765", "127.0.0.1:8766", " ready: ", "turn=1 outcome=completed"):
         assert sum(fact in line for line in log) == 1, (fact, result.stderr)
     assert not any(" said: " in line for line in log), "transcripts belong at debug level"
