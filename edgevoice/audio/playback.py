@@ -355,18 +355,20 @@ class PlaybackBuffer:
 
     def playable_samples(self) -> int:
         """How many samples a pull would deliver as real audio right now: 0 while a
-        response is still prefilling. For consumers that are not real-time devices."""
+        response is still prefilling (a cue being mixed in counts). For consumers that
+        are not real-time devices."""
         with self._lock:
             buffered = self._written - self._read
+            cue_left = len(self._cue) - self._cue_pos if self._cue is not None else 0
             if self._state is P.IDLE:
-                return 0
+                return cue_left
             if (
                 self._state is not P.PLAYING
                 and buffered < self.prefill_samples
                 and not self._end_marks
             ):
-                return 0
-            return buffered
+                return cue_left
+            return max(buffered, cue_left)
 
     # -- internals --------------------------------------------------------------------
 
