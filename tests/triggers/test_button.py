@@ -440,3 +440,19 @@ def test_gpio_stop_releases_the_pin(pin_factory: Any) -> None:
         await again.stop()
 
     asyncio.run(main())
+
+
+def test_gpio_bouncing_contacts_give_one_turn(pin_factory: Any) -> None:
+    """Raw chatter on the pin (no pin-factory debounce): one press, one release."""
+
+    async def script(trigger: ButtonTrigger, pin: Any) -> None:
+        for level in ("low", "high", "low", "high", "low"):  # closing, with bounces
+            getattr(pin, f"drive_{level}")()
+        await _settle()
+        trigger.set_state(DeviceState.LISTENING)
+        for level in ("high", "low", "high", "low", "high"):  # opening, with bounces
+            getattr(pin, f"drive_{level}")()
+        await _settle()
+
+    settings = ButtonSettings(bounce_ms=20)
+    assert _run_button(pin_factory, settings, script) == [START, RELEASED]
