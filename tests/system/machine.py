@@ -188,6 +188,9 @@ def build_wheels(cache: Path, rootfs: Path) -> Path:
     for stale in wheels.glob("edgevoice-*.whl"):
         stale.unlink()
     (wheels / ".complete").write_text("")
+    for old in cache.glob("wheels-*"):  # made for an earlier pyproject.toml
+        if old != wheels:
+            shutil.rmtree(old, ignore_errors=True)
     return wheels
 
 
