@@ -18,6 +18,7 @@ from edgevoice.audio.opus import OpusSettings
 from edgevoice.audio.silence import SilenceSettings
 from edgevoice.config.base import require
 from edgevoice.config.loader import load_file
+from edgevoice.device.hooks import HookSettings
 from edgevoice.device.link import RelaySettings
 from edgevoice.device.turn import TurnSettings
 from edgevoice.feedback.settings import FeedbackSettings
@@ -101,6 +102,8 @@ class DeviceConfig:
     aec: AecSettings = field(default_factory=AecSettings)
     health: HealthSettings = field(default_factory=HealthSettings)
     watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
+    hooks: HookSettings = field(default_factory=HookSettings)
+    """Event hooks for LED rings and other peripherals (also GET /events on health)."""
 
     def __post_init__(self) -> None:
         require(self.device_id is None or bool(_DEVICE_ID.match(self.device_id)), "device_id",

@@ -30,6 +30,7 @@ from edgevoice.clock import Clock, MonotonicClock
 from edgevoice.config.model import DeviceConfig
 from edgevoice.device.daemon import DeviceDaemon, device_identity, read_token
 from edgevoice.device.health_source import DaemonHealth
+from edgevoice.device.hooks import EventHub
 from edgevoice.errors import AudioDeviceError
 from edgevoice.health.device import DeviceHealthSource, DeviceSnapshot, device_health_api
 from edgevoice.health.http import load_token
@@ -207,7 +208,9 @@ async def run_device(config: DeviceConfig, config_file: str, *,
     device_id = device_identity(config, read_token(config, config_file), config_file)
     waiting = WaitingForSoundCard(device_id, clock)
     current = CurrentHealth(waiting, native.counts if native is not None else dict)
-    api = device_health_api(current, config.health, health_token, source_file=config_file)
+    events = EventHub(device_id)  # state changes: hook command and GET /events
+    api = device_health_api(current, config.health, health_token, source_file=config_file,
+                            events=events)
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
     daemon: DeviceDaemon | None = None
@@ -232,7 +235,8 @@ async def run_device(config: DeviceConfig, config_file: str, *,
     try:
         daemon = await wait_for_daemon(
             config, config_file, notifier, waiting, stopped, clock,
-            on_state=notifier.status, on_ready=lambda status: notifier.ready(status))
+            on_state=notifier.status, on_ready=lambda status: notifier.ready(status),
+            events=events)
         if daemon is not None:
             current.source = DaemonHealth(daemon, config.health, lambda: notifier.last_ping_at)
             audio_alive.daemon = daemon

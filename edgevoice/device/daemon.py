@@ -37,6 +37,7 @@ from edgevoice.clock import Clock, MonotonicClock
 from edgevoice.config.model import DeviceConfig
 from edgevoice.device.capture import CaptureLoop
 from edgevoice.device.downlink import MAX_CONCEALED_FRAMES, Downlink
+from edgevoice.device.hooks import EventHub, HookRunner
 from edgevoice.device.link import DeviceLink, LinkListener
 from edgevoice.device.observer import DaemonStats, DeviceObserver, Observers
 from edgevoice.device.records import DeviceCounters, TurnOutcome, TurnRecorder, TurnTimeline
@@ -135,7 +136,8 @@ class DeviceDaemon(LinkListener):
                  triggers: Sequence[Trigger] = (),
                  display: StateDisplay | None = None,
                  capture_after_link: bool = False,
-                 observers: Sequence[DeviceObserver] = ()) -> None:
+                 observers: Sequence[DeviceObserver] = (),
+                 events: EventHub | None = None) -> None:
         """``capture_after_link``: open the source only once the relay answered (for
         recordings: a WAV read as fast as possible would otherwise be spoken while
         the device is still offline). ``observers`` see every event (the bench's
@@ -180,6 +182,10 @@ class DeviceDaemon(LinkListener):
             displays.append(self.barge_in)
         if display is not None:
             displays.append(display)
+        # device events: the hook command and the health port's /events (device/hooks.py)
+        self.events = events or EventHub(self.device_id)
+        displays.append(self.events)
+        self.hooks = HookRunner(config.hooks, self.events) if config.hooks.command else None
         self.presenter = StatePresenter(self.clock, self.link, displays)
         feedback = config.feedback
         earcons = (Earcons(sink.sample_rate_hz, feedback.earcon_volume,
@@ -221,6 +227,8 @@ class DeviceDaemon(LinkListener):
         tasks = [asyncio.create_task(self.capture.run(), name="capture"),
                  asyncio.create_task(self.link.run(), name="link"),
                  asyncio.create_task(self._ticker(), name="ticker")]
+        if self.hooks is not None:
+            tasks.append(asyncio.create_task(self.hooks.run(), name="hooks"))
         try:
             await self._stop.wait()
         finally:

@@ -28,6 +28,7 @@ from typing import Protocol
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from edgevoice.clock import Clock, MonotonicClock
+from edgevoice.device.hooks import EventHub, event_stream_handler
 from edgevoice.health import exposition
 from edgevoice.health.http import (
     Handler,
@@ -299,8 +300,12 @@ def device_health_api(
     *,
     clock: Clock | None = None,
     source_file: str = "config",
+    events: EventHub | None = None,
 ) -> HttpApi:
-    """The device endpoint, not yet started. Raises ConfigError per the exposure rule."""
+    """The device endpoint, not yet started. Raises ConfigError per the exposure rule.
+
+    With ``events``, ``GET /events`` streams them as server-sent events.
+    """
     now = (clock or MonotonicClock()).now
 
     async def healthz(request: Request) -> Response:
@@ -352,6 +357,8 @@ def device_health_api(
         ("GET", "/volume"): get_volume,
         ("POST", "/volume"): set_volume,
     }
+    if events is not None:
+        routes[("GET", "/events")] = event_stream_handler(events)
     api: HttpApi | None = None
     api = HttpApi.from_settings(routes, settings, token, name="health", source=source_file)
     return api

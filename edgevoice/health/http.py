@@ -34,8 +34,8 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import Protocol
@@ -100,6 +100,9 @@ class Response:
     content_type: str = "text/plain; charset=utf-8"
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
+    #: a streamed body instead of ``body`` (server-sent events): sent as it comes, with
+    #: no Content-Length, until it ends, the client goes or does not read in time
+    stream: Callable[[], AsyncIterator[bytes]] | None = field(default=None, compare=False)
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -617,7 +620,7 @@ class HttpApi:
         lines = [
             f"HTTP/1.1 {response.status} {reason}",
             f"Content-Type: {response.content_type}",
-            f"Content-Length: {len(response.body)}",
+            *([] if response.stream else [f"Content-Length: {len(response.body)}"]),
             "Connection: close",
             "Cache-Control: no-store",
             "X-Content-Type-Options: nosniff",
@@ -626,6 +629,13 @@ class HttpApi:
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         writer.write(head if head_only else head + response.body)
         await asyncio.wait_for(writer.drain(), self._read_timeout_s)
+        if response.stream is not None and not head_only and not self._stopping:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the
+            # cancellation stop() sends, and a stream would then never end
+            async for chunk in response.stream():
+                writer.write(chunk)
+                async with asyncio.timeout(self._read_timeout_s):
+                    await writer.drain()
 
 def _head_size(received: bytes | bytearray) -> int:
     """Bytes of the request head in ``received`` (all of it while the head is open)."""
