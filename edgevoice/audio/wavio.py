@@ -336,8 +336,10 @@ class WavSink:
     async def _drain(self, buffer: PlaybackBuffer, writer: wave.Wave_write) -> None:
         while True:
             self._wake.clear()
-            while (ready := buffer.playable_samples()) > 0:
-                self._write(writer, buffer.pull(min(ready, self._block)))
+            # a cue (earcon) is mixed in on top of whatever plays: write it too, as the
+            # speaker would have played it, a block at a time
+            while (ready := buffer.playable_samples()) > 0 or buffer.cue_playing:
+                self._write(writer, buffer.pull(min(ready, self._block) or self._block))
                 await asyncio.sleep(0)
             buffer.pull(0)  # lets a drained response end (emits PlaybackEnded)
             await self._wake.wait()
