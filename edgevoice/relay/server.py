@@ -1076,7 +1076,10 @@ class RelayServer:
             lambda: DeviceSession(self, device_id, uuid.uuid4().hex), may_resume=resumable)
         session = outcome.session
         if outcome.replaced is not None:
-            logger.info("%s started a new session; closing its previous one", device_id)
+            # counted, and logged once a minute: a device (or a stolen token) sending
+            # hellos back to back must not write a line each
+            self.refusals.refused("session_replaced",
+                                  f"{device_id} started a new session; closed its previous one")
             self._forget_in_background(outcome.replaced)
         if not outcome.resumed:
             session.owner = ws

@@ -112,6 +112,7 @@ def hellos_back_to_back(tmp_path: Path, speech: Path, hellos: int) -> None:
             assert len(twins) == 1 and len(relay.table) == 2, (  # the twin and "good"
                 [(s.device_id, s.lifecycle.state) for s in relay.table], relay.counters)
             assert len(sockets) >= hellos * 0.9
+            assert relay.refusals.counts["session_replaced"] == relay.counters.sessions_total - 2
             # the fleet view shows a prefix of the session id, never the id itself
             shown = {r.device_id: r.session_id for r in relay.fleet.records()}
             assert shown["good"] == relay.table.get("good").session_id[:8]  # type: ignore[union-attr]
