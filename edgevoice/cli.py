@@ -153,9 +153,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             check_token_store(relay_config.auth.tokens_file, args.config)
         if args.check_config:
             print(f"{args.config}: OK")
-            if args.live and relay_config.upstream.kind == "nova":
-                from edgevoice.nova.livecheck import run_live_check
-                return run_live_check(relay_config.upstream.nova)
+            if relay_config.upstream.kind == "nova":
+                if args.live:
+                    from edgevoice.nova.livecheck import run_live_check
+                    return run_live_check(relay_config.upstream.nova)
+                for warning in relay_config.upstream.nova.warnings():
+                    print(f"warning: {warning}")
+                print("(add --live to check credentials, region and model access with AWS)")
             return 0
         setup_logging(relay_config.log_level)
         from edgevoice.relay.app import run_relay

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,9 +106,29 @@ def test_a_region_without_an_endpoint_is_named_by_the_cli(tmp_path: Path) -> Non
     probe = subprocess.run(["unshare", "-rn", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip("unshare -rn is not permitted here")
+    started = time.monotonic()
     result = subprocess.run(
         ["unshare", "-rn", *command], env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 69, result.stdout + result.stderr
+    assert time.monotonic() - started < 15  # named at once, not after timeouts
     assert "region: FAILED (nova_region)" in result.stdout
     assert "fix: check nova.region" in result.stdout
+
+
+def test_check_config_without_live_points_at_it_and_warns_about_nova_1(tmp_path: Path) -> None:
+    config = tmp_path / "relay.yaml"
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text('{"version": 1, "devices": {}}')
+    config.write_text(
+        "upstream:\n  kind: nova\n  nova: {model_id: amazon.nova-sonic-v1:0}\n"
+        f"auth: {{tokens_file: {tokens}}}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "edgevoice", "relay", "--config", str(config), "--check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "end of life" in result.stdout and "--live" in result.stdout
