@@ -60,7 +60,7 @@ def two_devices_one_left(relay: FakeRelay) -> None:
     fleet.connected("garage", session_id="s-g1", address="10.0.0.9:41000", at=T0 + 1)
     fleet.stats_received("kitchen", {"rtt_ms": 31, "frames_dropped": 0}, at=T0 + 10)
     fleet.tokens_used("kitchen", input_tokens=120, output_tokens=300)
-    fleet.tokens_used("kitchen", input_tokens=30, output_tokens=50)
+    fleet.tokens_used("kitchen", input_tokens=30, output_tokens=50, upstream_audio_s=4.5)
     fleet.disconnected("garage", session_id="s-g1", at=T0 + 20)
 
 
@@ -112,7 +112,7 @@ def test_devices_lists_every_device_seen_with_its_state() -> None:
                 "connections": 1,
                 "nova_input_tokens": 150,
                 "nova_output_tokens": 350,
-                "upstream_audio_s": 0.0,
+                "upstream_audio_s": 4.5,
             },
         ]
 
@@ -167,6 +167,8 @@ def test_metrics_cover_sessions_frames_upstream_tokens_and_auth() -> None:
             ("edgevoice_relay_nova_input_tokens_total", (("device", "kitchen"),)): 150,
             ("edgevoice_relay_nova_output_tokens_total", (("device", "kitchen"),)): 350,
             ("edgevoice_relay_nova_output_tokens_total", (("device", "garage"),)): 0,
+            ("edgevoice_relay_upstream_audio_seconds_total", (("device", "kitchen"),)): 4.5,
+            ("edgevoice_relay_upstream_audio_seconds_total", (("device", "garage"),)): 0,
         }
         for key, value in expected.items():
             assert values[key] == pytest.approx(value), key

@@ -247,6 +247,7 @@ class RecordingDaemon(DeviceDaemon):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.received: list[object] = []
         self.played_earcons: list[str] = []
+        self.relay_view: dict[str, Any] = {}
         super().__init__(*args, observers=[_Earcons(self.played_earcons)], **kwargs)
 
     def on_message(self, message: Message) -> None:
@@ -266,6 +267,8 @@ async def recorded_conversation(tmp_path: Path, mic: Path, config: RelayConfig,
         await asyncio.sleep(wait_s)
         daemon.stop()
         await task
+        # what the relay's /devices and /metrics show for it
+        daemon.relay_view = {r.device_id: r for r in server.fleet.records()}
         return daemon
 
 
@@ -283,6 +286,9 @@ def test_every_reply_message_carries_the_turn_it_answers(tmp_path: Path,
     assert all(m.turn_id is not None for m in replies), replies
     assert {m.turn_id for m in replies} <= turn_ids | {m.turn_id for m in replies}
     assert len({m.turn_id for m in replies}) == 1
+    # the relay counted the audio it sent upstream for this device
+    assert daemon.relay_view["kitchen"].upstream_audio_s > 0.5
+    assert daemon.relay_view["kitchen"].nova_input_tokens > 0
 
 
 def test_a_reply_cut_twice_reaches_the_device_as_an_error_after_its_audio(
