@@ -68,6 +68,7 @@ from edgevoice.protocol.session import SESSION_ENDING_CLOSES as _SESSION_ENDING_
 from edgevoice.protocol.session import (
     Closer,
     LinkState,
+    ResumeWindow,
     check_link_transition,
     close_ends_session,
     replay_for,
@@ -235,9 +236,8 @@ class DeviceLink:
         #: the session that may be resumed, and its last connection (for the counters)
         self.session_id: str | None = None
         self._session_conn: Connection | None = None
-        #: when a suspended session can no longer be resumed (None: not suspended)
-        self._resume_until: float | None = None
-        self._dropped_at: float | None = None
+        #: how long a dropped session may still be resumed (the session core's window)
+        self._window = ResumeWindow(settings.resume.window_ms / 1000)
         #: after a 4004 handover: until when send/send_audio queue for the next session
         self._handover_until: float | None = None
         self._stopping = False
@@ -265,7 +265,7 @@ class DeviceLink:
         if self._handover_until is not None and not self.connected:
             return self.clock.now() < self._handover_until
         return (not self.connected and self.session_id is not None
-                and self._resume_until is not None and self.clock.now() < self._resume_until)
+                and self._window.is_open(self.clock.now()))
 
     @property
     def dropped(self) -> int:
@@ -337,9 +337,8 @@ class DeviceLink:
             self._to(LinkState.WAITING)
             now = self.clock.now()
             if not session_over and self._hold_session(now):
-                assert self._resume_until is not None
                 delay = min(delay, self.settings.resume.retry_max_ms / 1000)
-                left = self._resume_until - now
+                left = self._window.left_s(now)
                 self.next_retry_at = now + delay
                 logger.info("link down: %s; resuming within %.1f s, next attempt in %.1f s",
                             reason, left, delay)
@@ -389,18 +388,14 @@ class DeviceLink:
 
     def _hold_session(self, now: float) -> bool:
         """Whether the session survives this drop (starting its window if it is new)."""
-        if self.session_id is None or self.settings.resume.window_ms == 0:
+        if self.session_id is None:
             return False
-        if self._resume_until is None:
-            self._resume_until = now + self.settings.resume.window_ms / 1000
-            self._dropped_at = now
-        return now < self._resume_until
+        return self._window.dropped(now)
 
     async def _wait_suspended(self, delay: float, reason: str) -> None:
         """Sleep ``delay``; if the window runs out meanwhile, end the session then."""
-        assert self._resume_until is not None
         now = self.clock.now()
-        until_expiry = self._resume_until - now
+        until_expiry = self._window.left_s(now)
         if delay < until_expiry:
             await self.clock.sleep(delay)
             return
@@ -424,9 +419,8 @@ class DeviceLink:
         self.stats.dropped_session_lost += lost
         self.session_id = None
         self._session_conn = None
-        self._resume_until = None
+        self._window.clear()
         self._handover_until = None
-        self._dropped_at = None
 
     async def stop(self) -> None:
         """Close the link with going-away and end :meth:`run`."""
@@ -556,8 +550,7 @@ class DeviceLink:
             self.session_id = message.session_id
             self._session_conn = conn
             self._handover_until = None
-            self._resume_until = None
-            self._dropped_at = None
+            self._window.clear()
             self._conn = conn
             self._to(LinkState.CONNECTED)
             self.stats.connects += 1
@@ -594,8 +587,8 @@ class DeviceLink:
         self.stats.messages_replayed += replay.messages
         self.stats.replay_gap_frames += replay.frames_lost
         self.stats.resumes += 1
-        if self._dropped_at is not None:
-            self.stats.last_resume_s = self.clock.now() - self._dropped_at
+        if self._window.dropped_at is not None:
+            self.stats.last_resume_s = self.clock.now() - self._window.dropped_at
         logger.info("session resumed: re-sent %d frames and %d messages the relay missed"
                     "%s; %d items queued", replay.frames, replay.messages,
                     f" ({replay.frames_lost} no longer held)" if replay.frames_lost else "",

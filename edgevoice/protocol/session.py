@@ -256,6 +256,40 @@ def catch_up_after(away_s: float, window_s: float) -> tuple[float, float]:
     return away * CATCH_UP_MESSAGES_PER_S, away * CATCH_UP_AUDIO_MS_PER_S
 
 
+# ---------------------------------------------------------------- resume window
+
+
+class ResumeWindow:
+    """How long a dropped session may still be resumed, counted from the moment this
+    end noticed the drop (§7.2); pure (takes ``now``)."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        #: when this end noticed the drop, and when the window closes (None: no drop)
+        self.dropped_at: float | None = None
+        self.until: float | None = None
+
+    def dropped(self, now: float) -> bool:
+        """The link dropped (again): start the window if it is not running; whether the
+        session may still be resumed."""
+        if self.window_s <= 0:
+            return False
+        if self.until is None:
+            self.dropped_at, self.until = now, now + self.window_s
+        return now < self.until
+
+    def is_open(self, now: float) -> bool:
+        return self.until is not None and now < self.until
+
+    def left_s(self, now: float) -> float:
+        """Seconds until the window closes (0 when not running or past)."""
+        return 0.0 if self.until is None else max(0.0, self.until - now)
+
+    def clear(self) -> None:
+        """Resumed, or the session ended: no window."""
+        self.dropped_at = self.until = None
+
+
 # ------------------------------------------------------------------- device link
 
 
@@ -294,6 +328,7 @@ __all__ = [
     "HelloOutcome",
     "LinkState",
     "ReplayWire",
+    "ResumeWindow",
     "SessionLifecycle",
     "SessionState",
     "SessionTable",

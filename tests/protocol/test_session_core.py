@@ -26,6 +26,7 @@ from edgevoice.protocol.session import (
     SESSION_TRANSITIONS,
     Closer,
     LinkState,
+    ResumeWindow,
     SessionLifecycle,
     SessionState,
     SessionTable,
@@ -302,3 +303,14 @@ def test_uplink_meter_messages_pings_and_catch_up() -> None:
     meter.catch_up(*catch_up_after(1.0, 10.0))
     assert sum(meter.over(0.0) is None for _ in range(100)) == 60
     assert sum(meter.ping_over(0.0) is None for _ in range(20)) == 10
+
+
+def test_resume_window_counts_from_the_first_drop_noticed() -> None:
+    window = ResumeWindow(10.0)
+    assert not window.is_open(0.0) and window.left_s(0.0) == 0.0
+    assert window.dropped(100.0) and window.dropped_at == 100.0
+    assert window.dropped(105.0) and window.left_s(105.0) == 5.0  # a failed attempt
+    assert not window.dropped(110.0) and not window.is_open(110.0)
+    window.clear()
+    assert window.dropped(200.0) and window.left_s(200.0) == 10.0
+    assert not ResumeWindow(0.0).dropped(0.0)  # resume switched off
