@@ -398,11 +398,8 @@ class SharedFleet(FleetTracker):
         self._shared: dict[str, DeviceRecord] = {}
         self._wanted_until = 0.0
 
-    def _record(self, device_id: str) -> DeviceRecord | None:
-        return self._records.get(device_id)
-
     def _write(self, device_id: str, *, force: bool) -> None:
-        record = self._record(device_id)
+        record = FleetTracker.record(self, device_id)  # this relay's own
         if record is None:
             return
         document = json.dumps({**dataclasses.asdict(record), "relay": self.state.relay_id})
@@ -422,7 +419,7 @@ class SharedFleet(FleetTracker):
 
     def connected(self, device_id: str, *, session_id: str, address: str | None,
                   at: float) -> None:
-        if self._record(device_id) is None and device_id in self._shared:
+        if FleetTracker.record(self, device_id) is None and device_id in self._shared:
             # first seen here: carry over what other relays counted (connections, tokens)
             self._records[device_id] = dataclasses.replace(self._shared[device_id],
                                                            connected=False)
