@@ -20,6 +20,7 @@ from edgevoice.config.base import require
 from edgevoice.config.loader import load_file
 from edgevoice.device.hooks import HookSettings
 from edgevoice.device.link import RelaySettings
+from edgevoice.device.timers import TimerSettings
 from edgevoice.device.turn import TurnSettings
 from edgevoice.feedback.settings import FeedbackSettings
 from edgevoice.health.http import HealthSettings
@@ -103,6 +104,8 @@ class DeviceConfig:
     health: HealthSettings = field(default_factory=HealthSettings)
     watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
     hooks: HookSettings = field(default_factory=HookSettings)
+    timers: TimerSettings = field(default_factory=TimerSettings)
+    """Timers the model sets through the relay; they ring on the device."""
     """Event hooks for LED rings and other peripherals (also GET /events on health)."""
 
     def __post_init__(self) -> None:

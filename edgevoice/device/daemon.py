@@ -48,6 +48,7 @@ from edgevoice.device.status import (
     StatePresenter,
     StatusBoard,
 )
+from edgevoice.device.timers import DeviceTimers, Timer, answer_device_call, chime
 from edgevoice.device.turn import TurnMachine
 from edgevoice.device.turntaking import TurnTaking
 from edgevoice.device.uplink import Uplink
@@ -55,7 +56,7 @@ from edgevoice.errors import ConfigError
 from edgevoice.feedback.earcons import Earcons
 from edgevoice.feedback.states import DeviceState
 from edgevoice.protocol.connection import AudioReceived
-from edgevoice.protocol.messages import Message, Stats, Welcome
+from edgevoice.protocol.messages import DeviceCall, Message, Stats, Welcome
 from edgevoice.triggers.bargein import VoiceBargeInTrigger
 from edgevoice.triggers.base import AudioTrigger, Trigger
 
@@ -186,6 +187,9 @@ class DeviceDaemon(LinkListener):
         self.events = events or EventHub(self.device_id)
         displays.append(self.events)
         self.hooks = HookRunner(config.hooks, self.events) if config.hooks.command else None
+        # timers the model sets through the relay; they ring here (device/timers.py)
+        self.timers = (DeviceTimers(config.timers, self._ring_timer)
+                       if config.timers.enabled else None)
         self.presenter = StatePresenter(self.clock, self.link, displays)
         feedback = config.feedback
         earcons = (Earcons(sink.sample_rate_hz, feedback.earcon_volume,
@@ -229,6 +233,8 @@ class DeviceDaemon(LinkListener):
                  asyncio.create_task(self._ticker(), name="ticker")]
         if self.hooks is not None:
             tasks.append(asyncio.create_task(self.hooks.run(), name="hooks"))
+        if self.timers is not None:
+            tasks.append(asyncio.create_task(self.timers.run(), name="timers"))
         try:
             await self._stop.wait()
         finally:
@@ -415,7 +421,20 @@ class DeviceDaemon(LinkListener):
         self.status_board.link_tried()
 
     def on_message(self, message: Message) -> None:
+        if isinstance(message, DeviceCall):
+            self.link.send(answer_device_call(self.timers, message))
+            return
         self.turn_taking.on_message(message)
+
+    def _ring_timer(self, timer: Timer, attempt: int = 0) -> None:
+        """Ring ``timer``: its chime (after a reply that is playing) and an event."""
+        if attempt == 0:
+            self.events.moment("timer_ringing")
+        pcm = chime(self.sink.sample_rate_hz, self.config.timers.ring_repeats)
+        if self.downlink.play_earcon(pcm):
+            self.observers.earcon_played("timer", self.clock.now())
+        elif attempt < 120:  # a reply is playing: ring when it is over (within a minute)
+            asyncio.get_running_loop().call_later(0.5, self._ring_timer, timer, attempt + 1)
 
     def on_audio(self, received: AudioReceived) -> None:
         now = self.clock.now()

@@ -34,6 +34,8 @@ from edgevoice.protocol.messages import (
     AudioFrame,
     AudioKind,
     CloseCode,
+    DeviceCall,
+    DeviceResult,
     Error,
     Hello,
     Interrupt,
@@ -81,9 +83,11 @@ TRANSITIONS: frozenset[tuple[Role, State, State]] = frozenset(
 
 #: Control messages each role may send once the connection is open.
 SENDS: dict[Role, frozenset[type[Message]]] = {
-    Role.DEVICE: frozenset({TurnStart, TurnEnd, Interrupt, Ping, Pong, Stats, Error}),
+    Role.DEVICE: frozenset(
+        {TurnStart, TurnEnd, Interrupt, Ping, Pong, Stats, Error, DeviceResult}
+    ),
     Role.RELAY: frozenset(
-        {Transcript, ResponseStart, ResponseEnd, Interrupt, Ping, Pong, Error}
+        {Transcript, ResponseStart, ResponseEnd, Interrupt, Ping, Pong, Error, DeviceCall}
     ),
 }
 #: Control messages each role sends that are counted and, after a resume, re-sent

@@ -272,6 +272,27 @@ class Stats(Message):
     values: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class DeviceCall(Message):
+    """Relay → device: run one of the device's own functions (docs/protocol.md §12)."""
+
+    TYPE: ClassVar[str] = "device_call"
+    id: str
+    #: e.g. "timer.set", "timer.list", "timer.cancel"
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeviceResult(Message):
+    """Device → relay: the answer to the :class:`DeviceCall` of the same ``id``."""
+
+    TYPE: ClassVar[str] = "device_result"
+    id: str
+    ok: bool
+    result: dict[str, Any] = field(default_factory=dict)
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -287,6 +308,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Ping,
         Pong,
         Stats,
+        DeviceCall,
+        DeviceResult,
     )
 }
 

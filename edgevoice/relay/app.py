@@ -12,11 +12,13 @@ import logging
 import resource
 import signal
 from collections.abc import Mapping
+from typing import Any
 
 from edgevoice.config.model import RelayConfig
 from edgevoice.health.http import load_token
 from edgevoice.health.relay import FleetTracker, relay_admin_api
 from edgevoice.relay.auth import TokenStore
+from edgevoice.relay.devicecalls import DeviceCallError, DeviceCalls
 from edgevoice.relay.health_source import RelayHealth
 from edgevoice.relay.server import RelayServer
 from edgevoice.relay.shared import HistoryKeepingUpstream, RedisState, default_relay_id
@@ -48,6 +50,7 @@ class DeviceContexts:
 
     def __init__(self) -> None:
         self.fleet: FleetTracker | None = None
+        self.device_calls: DeviceCalls | None = None
 
     def status_of(self, device_id: str) -> Mapping[str, object]:
         # One lookup: this runs at every session open (records() sorts the whole fleet).
@@ -56,8 +59,17 @@ class DeviceContexts:
 
     def __call__(self, device_id: str, session_id: str) -> DeviceContext:
         timezone = str(self.status_of(device_id).get("timezone") or "UTC")
+        calls = self.device_calls
+
+        async def call_device(name: str, args: Mapping[str, Any], timeout_s: float
+                              ) -> dict[str, Any]:
+            if calls is None:
+                raise DeviceCallError("this relay cannot reach its devices' functions")
+            return await calls.call(device_id, name, args, timeout_s)
+
         return DeviceContext(device_id, session_id, timezone=timezone,
-                             status=lambda: self.status_of(device_id))
+                             status=lambda: self.status_of(device_id),
+                             call_device=call_device)
 
 
 def build_server(config: RelayConfig, shared: RedisState | None = None) -> RelayServer:
@@ -80,6 +92,7 @@ def build_server(config: RelayConfig, shared: RedisState | None = None) -> Relay
                              context_factory=contexts, downlink_opus=config.downlink_opus,
                              browser=browser, fleet=shared.fleet, limiter=shared.limiter)
     contexts.fleet = server.fleet
+    contexts.device_calls = server.device_calls
     return server
 
 

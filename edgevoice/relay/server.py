@@ -49,6 +49,7 @@ from edgevoice.protocol.messages import (
     SUBPROTOCOL,
     AudioFlags,
     CloseCode,
+    DeviceResult,
     Error,
     Hello,
     Interrupt,
@@ -77,6 +78,7 @@ from edgevoice.protocol.session import (
     replay_for,
 )
 from edgevoice.relay.auth import FailureLimiter, GuessThrottle
+from edgevoice.relay.devicecalls import DeviceCalls
 from edgevoice.relay.refusals import QuietFilter, RefusalLog
 from edgevoice.relay.settings import LimitsSettings, ListenSettings
 from edgevoice.relay.shared import DeviceTokens
@@ -482,6 +484,8 @@ class DeviceSession:
             self.relay.fleet.stats_received(self.device_id, message.values, at=time.time())
         elif isinstance(message, Error):
             logger.warning("%s reports %s: %s", self.device_id, message.code, message.message)
+        elif isinstance(message, DeviceResult):
+            self.relay.device_calls.resolve(self.device_id, message)
 
     # ---------------------------------------------------------------- downlink
 
@@ -506,6 +510,16 @@ class DeviceSession:
             self._response_first = False
             if not self.downlink.put_nowait((frame, flags)):
                 self.relay.counters.frames_dropped += 1
+
+    @property
+    def software(self) -> str:
+        """What the device's hello says it runs (``edgevoice/…`` for the daemon)."""
+        hello = self.conn.hello if self.conn is not None else None
+        return hello.software if hello is not None else ""
+
+    async def send_control(self, message: Message) -> None:
+        """Send a control message to the device (a device call), as _send_soon does."""
+        await self._send_soon(message)
 
     async def _send_soon(self, message: Message) -> None:
         """Send a message ahead of the queued reply audio, or hold it while detached."""
@@ -708,6 +722,8 @@ class RelayServer:
         self.counters.refusals = self.refusals.counts
         #: fleet view and bad-token limiter: this process's, or shared (relay/shared.py)
         self.fleet = fleet or FleetTracker()
+        #: relay -> device function calls (timers; relay/devicecalls.py)
+        self.device_calls = DeviceCalls(lambda device_id: self.sessions.get(device_id))
         #: every live session, one per device id (attached, attaching or held)
         self.table: SessionTable[DeviceSession] = SessionTable(limits.max_devices)
         self.started_at = time.time()

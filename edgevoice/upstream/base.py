@@ -11,9 +11,12 @@ itself.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
+
+#: ``call_device(name, args, timeout_s)`` -> the device's result (DeviceContext)
+CallDevice = Callable[[str, Mapping[str, Any], float], Awaitable[dict[str, Any]]]
 
 UPSTREAM_INPUT_RATE_HZ = 16_000
 UPSTREAM_OUTPUT_RATE_HZ = 24_000
@@ -41,6 +44,9 @@ class DeviceContext:
     #: (several relays sharing a store: docs/scale-out.md); empty otherwise. An
     #: upstream starts the new session from it (Nova: its history events).
     history: tuple[HistoryLine, ...] = ()
+    #: Runs one of the device's own functions (``timer.set`` ...; docs/protocol.md
+    #: §12): ``await call_device(name, args, timeout_s)``. None: no such path.
+    call_device: CallDevice | None = None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ from edgevoice.protocol.messages import (
     AudioFlags,
     AudioFrame,
     AudioKind,
+    DeviceCall,
+    DeviceResult,
     Error,
     Hello,
     Interrupt,
@@ -50,6 +52,8 @@ EXAMPLES = [
     Ping(id=7, sent_ms=123456),
     Pong(id=7, ping_sent_ms=123456, sent_ms=99),
     Stats(values={"rtt_ms": 3.5, "frames_sent": 10}),
+    DeviceCall(id="c7", name="timer.set", args={"seconds": 300, "label": "tea"}),
+    DeviceResult(id="c7", ok=False, result={"error": "there is no timer 'tea'"}),
 ]
 
 
