@@ -525,8 +525,11 @@ class SessionCore:
             self._tell_unless_answered = False
         if self._response is not None:
             self._response.restarting = True
-        self._pending.extendleft(reversed(self._turn_audio))
-        self._trim_pending()
+        if delivered:
+            # What the broken stream heard goes again; a stream that never opened
+            # still holds it all in ``_pending``.
+            self._pending.extendleft(reversed(self._turn_audio))
+            self._trim_pending()
         self.stats.resumes += 1
         if diagnosis.recovery is Recovery.RESUME and self._failures == 1:
             return actions + self._open(now)

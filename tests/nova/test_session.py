@@ -750,3 +750,18 @@ def test_a_scripted_day_sends_at_most_two_and_a_half_times_the_users_speech() ->
     ratio = core.stats.upstream_audio_s / (speech_frames * 0.02)
     assert 1.9 <= ratio <= 2.5, ratio
     assert core.stats.streams_opened == 5  # closed after each reply, reopened for the next
+
+
+def test_audio_held_for_a_stream_that_failed_to_open_reaches_the_next_one_once() -> None:
+    core = make()
+    (first,) = of(core.start_turn(0.0), OpenStream)
+    said = [SPEECH[:-2] + bytes([7, i]) for i in range(5)]
+    for i, frame in enumerate(said):
+        core.audio_in(frame, 0.02 * i)
+    out = core.stream_failed(first.stream_id, Fault("ThrottlingException", "slow", 429), 0.2)
+    assert core.state is SessionState.BACKOFF and emitted(out) == []
+    retry_at = core.next_deadline(0.2)
+    assert retry_at is not None
+    (second,) = of(core.tick(retry_at), OpenStream)
+    flushed = core.stream_opened(second.stream_id, retry_at + 0.1)
+    assert sent_audio(flushed, second.stream_id) == said  # each frame once, in order
