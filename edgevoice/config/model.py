@@ -26,6 +26,7 @@ from edgevoice.feedback.settings import FeedbackSettings
 from edgevoice.health.http import HealthSettings
 from edgevoice.health.relay import RelayAdminSettings
 from edgevoice.nova.settings import NovaSettings
+from edgevoice.relay.announce import AnnounceSettings
 from edgevoice.relay.auth import AuthSettings
 from edgevoice.relay.settings import LimitsSettings, ListenSettings
 from edgevoice.relay.shared import ClusterSettings
@@ -145,6 +146,8 @@ class RelayConfig:
     web: WebSettings = field(default_factory=WebSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     """Several relays behind a load balancer: drain on SIGTERM, shared state."""
+    announce: AnnounceSettings = field(default_factory=AnnounceSettings)
+    """Announcements and conversation starts (admin POST /announce and /converse)."""
 
 
 def load_device_config(path: str | Path) -> DeviceConfig:

@@ -56,7 +56,7 @@ from edgevoice.errors import ConfigError
 from edgevoice.feedback.earcons import Earcons
 from edgevoice.feedback.states import DeviceState
 from edgevoice.protocol.connection import AudioReceived
-from edgevoice.protocol.messages import DeviceCall, Message, Stats, Welcome
+from edgevoice.protocol.messages import DeviceCall, DeviceResult, Message, Stats, Welcome
 from edgevoice.triggers.bargein import VoiceBargeInTrigger
 from edgevoice.triggers.base import AudioTrigger, Trigger
 
@@ -422,7 +422,12 @@ class DeviceDaemon(LinkListener):
 
     def on_message(self, message: Message) -> None:
         if isinstance(message, DeviceCall):
-            self.link.send(answer_device_call(self.timers, message))
+            if message.name == "turn.start":  # the relay's /converse: listen now
+                started = self.request_turn("relay")
+                self.link.send(DeviceResult(message.id, started, {} if started else
+                                            {"error": "a turn cannot start now"}))
+            else:
+                self.link.send(answer_device_call(self.timers, message))
             return
         self.turn_taking.on_message(message)
 

@@ -68,6 +68,8 @@ class DeviceRecord:
     nova_output_tokens: int = 0
     #: seconds of audio sent upstream for this device (speech, replays, silence)
     upstream_audio_s: float = 0.0
+    #: announcements queued and played (relay/announce.py); None: never had one
+    announcements: Mapping[str, object] | None = None
 
 
 @dataclass(frozen=True)
@@ -191,8 +193,9 @@ class FleetTracker:
 
 def devices_document(devices: list[DeviceRecord]) -> list[dict[str, object]]:
     """The ``/devices`` JSON list, sorted by device id."""
-    return [
-        {
+    out: list[dict[str, object]] = []
+    for d in sorted(devices, key=lambda d: d.device_id):
+        entry: dict[str, object] = {
             "device_id": d.device_id,
             "connected": d.connected,
             "last_seen": d.last_seen,
@@ -204,8 +207,10 @@ def devices_document(devices: list[DeviceRecord]) -> list[dict[str, object]]:
             "nova_output_tokens": d.nova_output_tokens,
             "upstream_audio_s": round(d.upstream_audio_s, 2),
         }
-        for d in sorted(devices, key=lambda d: d.device_id)
-    ]
+        if d.announcements is not None:  # only for devices that had one
+            entry["announcements"] = dict(d.announcements)
+        out.append(entry)
+    return out
 
 
 def relay_metrics(

@@ -17,6 +17,7 @@ from typing import Any
 from edgevoice.config.model import RelayConfig
 from edgevoice.health.http import load_token
 from edgevoice.health.relay import FleetTracker, relay_admin_api
+from edgevoice.relay.announce import Announcer, announce_routes
 from edgevoice.relay.auth import TokenStore
 from edgevoice.relay.devicecalls import DeviceCallError, DeviceCalls
 from edgevoice.relay.health_source import RelayHealth
@@ -135,8 +136,11 @@ async def run_relay(config: RelayConfig, config_file: str = "config") -> None:
     browser_routes = ticket_routes(server.browser.store, config.web, config.listen,
                                    admin_token_set=admin_token is not None) \
         if server.browser is not None else None
-    admin = relay_admin_api(RelayHealth(server), config.admin, admin_token,
-                            source_file=config_file, extra_routes=browser_routes)
+    announcer = Announcer(config.announce, lambda device_id: server.sessions.get(device_id))
+    admin = relay_admin_api(RelayHealth(server, announcer=announcer), config.admin,
+                            admin_token, source_file=config_file,
+                            extra_routes={**(browser_routes or {}),
+                                          **announce_routes(announcer)})
     ensure_fd_limit(server.required_fds())
     # an accept() that fails for want of file descriptors is logged by asyncio with a
     # traceback per attempt: keep one line a minute
@@ -183,6 +187,7 @@ async def run_relay(config: RelayConfig, config_file: str = "config") -> None:
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
         await admin.stop()
+        await announcer.close()
         await server.close()
         if shared is not None:
             await shared.aclose()

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from edgevoice import __version__
 from edgevoice.health.relay import DeviceRecord, RelaySnapshot
 from edgevoice.health.system import SystemSampler
+from edgevoice.relay.announce import Announcer
 from edgevoice.relay.server import RelayServer
 
 
 class RelayHealth:
     """Implements RelayHealthSource over a running RelayServer."""
 
-    def __init__(self, server: RelayServer, sampler: SystemSampler | None = None) -> None:
+    def __init__(self, server: RelayServer, sampler: SystemSampler | None = None,
+                 announcer: Announcer | None = None) -> None:
         self.server = server
         self.sampler = sampler or SystemSampler.for_this_machine()
+        self.announcer = announcer
 
     def snapshot(self) -> RelaySnapshot:
         s = self.server
@@ -43,7 +47,11 @@ class RelayHealth:
         )
 
     def devices(self) -> list[DeviceRecord]:
-        return self.server.fleet.records()
+        records = self.server.fleet.records()
+        if self.announcer is None:
+            return records
+        return [dataclasses.replace(r, announcements=self.announcer.state(r.device_id))
+                for r in records]
 
     def health_problems(self, now: float) -> list[str]:
         if self.server.draining:

@@ -521,6 +521,17 @@ class DeviceSession:
         """Send a control message to the device (a device call), as _send_soon does."""
         await self._send_soon(message)
 
+    async def play_announcement(self, pcm24k: bytes) -> None:
+        """Send ``pcm24k`` as a reply of no turn (relay/announce.py waits until quiet)."""
+        self.replying = True
+        self._response_first = True
+        self.downlink.put_nowait(ResponseStart(None))
+        if pcm24k:
+            self._queue_audio(pcm24k)
+            for tail in self.fifo.flush():
+                self.downlink.put_nowait((tail, AudioFlags.END))
+        self.downlink.put_nowait(ResponseEnd(None, "announcement"))
+
     async def _send_soon(self, message: Message) -> None:
         """Send a message ahead of the queued reply audio, or hold it while detached."""
         ws, conn = self.ws, self.conn
