@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import functools
 import importlib
@@ -503,6 +504,16 @@ async def check_relay(config: DeviceConfig | None, config_path: str, env: Doctor
     if config is None:
         return CheckResult.warn("skipped: the config did not load", "fix the config first")
     relay = config.relay
+    if relay.url == "auto":
+        from edgevoice.discovery.mdns import browse, choose, relay_url
+        try:
+            found = choose(await browse(config.discovery.browse_ms / 1000), config.discovery)
+        except (RuntimeError, OSError):
+            found = None
+        if found is None:
+            return CheckResult.warn("skipped: relay.url is auto and no relay was found",
+                                    "see the discovery check")
+        relay = dataclasses.replace(relay, url=relay_url(found))
     try:
         token = env.read_token(config, config_path)
     except ConfigError:
@@ -556,6 +567,40 @@ async def check_relay(config: DeviceConfig | None, config_path: str, env: Doctor
             "update edgevoice on the relay and on the device to the same version",
         )
     return CheckResult.ok(f"{relay.url} accepted the token ({SUBPROTOCOL})")
+
+
+async def check_discovery(config: DeviceConfig | None) -> CheckResult:
+    """List the relays that answer on the LAN (mDNS); needed when relay.url is auto."""
+    from edgevoice.discovery.mdns import (
+        DeviceDiscoverySettings,
+        DiscoveryUnavailableError,
+        browse,
+        choose,
+        relay_url,
+    )
+
+    auto = config is not None and config.relay.url == "auto"
+    if not auto:  # no multicast on the LAN unless the device would use it
+        return CheckResult.ok("not used: relay.url is set")
+    settings = config.discovery if config is not None else DeviceDiscoverySettings()
+    try:
+        found = await browse(settings.browse_ms / 1000)
+    except DiscoveryUnavailableError as exc:
+        fix = "pip install 'edgevoice[discovery]'"
+        return CheckResult.fail(str(exc), fix) if auto else CheckResult.ok(
+            "not used (relay.url is set); mDNS discovery is not installed")
+    except OSError as exc:
+        return CheckResult.warn(f"cannot browse the LAN: {exc}", "check the network")
+    lines = [f"{f.name}: {relay_url(f)} ({', '.join(f.addresses)}, "
+             f"{'TLS' if f.tls else 'no TLS'}, edgevoice {f.version or '?'})" for f in found]
+    chosen = choose(found, settings)
+    if auto and chosen is None:
+        return CheckResult.fail("\n".join(lines) or "no relay answered",
+                                "advertise it (relay: discovery.advertise: true), or allow "
+                                "plain relays (discovery.allow_plain), or set relay.url")
+    if auto and chosen is not None:
+        lines.append(f"relay.url auto -> {relay_url(chosen)}")
+    return CheckResult.ok("\n".join(lines) or "no relay advertised on the LAN")
 
 
 def check_systemd(env: DoctorEnv) -> CheckResult:
@@ -643,7 +688,8 @@ def doctor_checks(config_path: str, env: DoctorEnv | None = None) -> list[Check]
         Check("relay", functools.partial(check_relay, config, config_path, env)),
         Check("systemd", functools.partial(check_systemd, env)),
         Check("gpio", functools.partial(check_gpio, config, env)),
-    ]
+    ] + ([Check("discovery", functools.partial(check_discovery, config))]
+         if config is not None and config.relay.url == "auto" else [])
 
 
 # --------------------------------------------------------------------------- running

@@ -22,6 +22,7 @@ from edgevoice.device.hooks import HookSettings
 from edgevoice.device.link import RelaySettings
 from edgevoice.device.timers import TimerSettings
 from edgevoice.device.turn import TurnSettings
+from edgevoice.discovery.mdns import DeviceDiscoverySettings, RelayDiscoverySettings
 from edgevoice.feedback.settings import FeedbackSettings
 from edgevoice.health.http import HealthSettings
 from edgevoice.health.relay import RelayAdminSettings
@@ -106,6 +107,8 @@ class DeviceConfig:
     watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
     hooks: HookSettings = field(default_factory=HookSettings)
     timers: TimerSettings = field(default_factory=TimerSettings)
+    discovery: DeviceDiscoverySettings = field(default_factory=DeviceDiscoverySettings)
+    """With relay.url: auto, how the relay is found on the LAN (mDNS/DNS-SD)."""
     """Timers the model sets through the relay; they ring on the device."""
     """Event hooks for LED rings and other peripherals (also GET /events on health)."""
 
@@ -147,6 +150,8 @@ class RelayConfig:
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     """Several relays behind a load balancer: drain on SIGTERM, shared state."""
     announce: AnnounceSettings = field(default_factory=AnnounceSettings)
+    discovery: RelayDiscoverySettings = field(default_factory=RelayDiscoverySettings)
+    """Advertise the relay on the LAN (mDNS/DNS-SD) for devices with relay.url: auto."""
     """Announcements and conversation starts (admin POST /announce and /converse)."""
 
 

@@ -233,6 +233,13 @@ async def run_device(config: DeviceConfig, config_file: str, *,
     watchdog = notifier.watchdog_task(probe, audio_alive)
     await api.start()  # it logs where it listens
     try:
+        if config.relay.url == "auto":  # find the relay on the LAN first (mDNS)
+            from edgevoice.discovery.mdns import find_relay_url
+            url = await find_relay_url(config.discovery, stopped, notifier.status)
+            if url is None:
+                return
+            config = dataclasses.replace(config, relay=dataclasses.replace(config.relay,
+                                                                           url=url))
         daemon = await wait_for_daemon(
             config, config_file, notifier, waiting, stopped, clock,
             on_state=notifier.status, on_ready=lambda status: notifier.ready(status),

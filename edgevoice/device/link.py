@@ -128,8 +128,9 @@ class RelaySettings:
 
     def __post_init__(self) -> None:
         parsed = urllib.parse.urlparse(self.url)
-        require(parsed.scheme in ("ws", "wss") and bool(parsed.hostname), "url",
-                "must be ws://host:port/ or wss://host:port/")
+        # "auto": found on the LAN by mDNS before the link starts (discovery/mdns.py)
+        require(self.url == "auto" or (parsed.scheme in ("ws", "wss") and bool(parsed.hostname)),
+                "url", "must be ws://host:port/, wss://host:port/ or auto")
         require(self.open_timeout_ms >= 100, "open_timeout_ms", "must be >= 100")
         require(self.ping_interval_ms >= 100, "ping_interval_ms", "must be >= 100")
         require(self.ping_timeout_ms >= 100, "ping_timeout_ms", "must be >= 100")

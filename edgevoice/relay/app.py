@@ -148,6 +148,13 @@ async def run_relay(config: RelayConfig, config_file: str = "config") -> None:
     await server.start()
     await admin.start()
     logger.debug("admin endpoint on %s:%d", config.admin.bind, admin.port)
+    advertiser = None
+    if config.discovery.advertise:  # devices with relay.url: auto find it (mDNS)
+        from edgevoice.discovery.mdns import RelayAdvertiser
+        advertiser = RelayAdvertiser(config.discovery, listen_host=config.listen.host,
+                                     port=server.port,
+                                     tls=config.listen.tls_cert_file is not None)
+        await advertiser.start()
     stop = asyncio.Event()
     drain = asyncio.Event()  # SIGTERM drains (restarts, upgrades); SIGINT just stops
     loop = asyncio.get_running_loop()
@@ -186,6 +193,8 @@ async def run_relay(config: RelayConfig, config_file: str = "config") -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
+        if advertiser is not None:
+            await advertiser.stop()
         await admin.stop()
         await announcer.close()
         await server.close()

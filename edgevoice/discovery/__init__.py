@@ -1,0 +1,1 @@
+"""Finding the relay on the LAN (mDNS/DNS-SD)."""
