@@ -13,11 +13,13 @@ error, and the admitted ones must stay whole.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edgevoice_dev.bench.analysis import Spread
@@ -50,6 +52,8 @@ class ConvStep:
     stall: Spread
     #: how busy the relay's core was over the window, whoever kept it busy
     core_busy_pct: float = math.nan
+    #: share of the window the relay was runnable but waiting for its core, %
+    waited_pct: float = math.nan
 
     @property
     def others_pct(self) -> float:
@@ -72,7 +76,17 @@ class ConvStep:
                 "relay_cpu_pct_of_core": round(self.relay_cpu_pct, 2),
                 "relay_cpu_per_session_pct": round(self.cpu_per_session_pct, 4),
                 "loop_stall": self.stall.as_dict(), "passed": self.passed,
-                "relay_core_busy_pct": round(self.core_busy_pct, 1)}
+                "relay_core_busy_pct": round(self.core_busy_pct, 1),
+                "relay_waited_for_core_pct": round(self.waited_pct, 1)}
+
+
+def runqueue_wait_s(pid: int) -> float:
+    """Time the process's threads spent runnable but waiting for a CPU (schedstat)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
 
 
 def glitched(arrivals: list[float], prefill_s: float = PREFILL_S) -> bool:
@@ -105,8 +119,10 @@ async def _step(ws: Workspace, n: int, limit: int) -> ConvStep:
         await load.event("streaming", 60 + n / 10)
         start = await load.event("measure_start", 30 + plan.conv_warmup_s)
         cpu0, t0, ticks0 = cpu_seconds(relay.pid), time.monotonic(), cpu_busy_ticks()
+        wait0 = runqueue_wait_s(relay.pid)
         end = await load.event("measure_end", 30 + plan.conv_measure_s)
         cpu1, t1, ticks1 = cpu_seconds(relay.pid), time.monotonic(), cpu_busy_ticks()
+        waited = 100 * (runqueue_wait_s(relay.pid) - wait0) / (t1 - t0)
         await load.event("done", 120)
         await load.wait(60)
         await relay.stop(30)
@@ -130,7 +146,7 @@ async def _step(ws: Workspace, n: int, limit: int) -> ConvStep:
     step = ConvStep(n, int(data["clients"]), limit, replies, glitches, turns, refused,
                     unanswered, 100 * (cpu1 - cpu0) / (t1 - t0), Spread.of(lags),
                     busy_pct(ticks0, ticks1, f"cpu{RELAY_CPU}")
-                    if f"cpu{RELAY_CPU}" in ticks1 else math.nan)
+                    if f"cpu{RELAY_CPU}" in ticks1 else math.nan, waited)
     logger.info("conversation %d (limit %d): %d replies, %d glitched, %d refused, relay "
                 "%.0f %% CPU, loop stall p99 %.1f ms", n, limit, replies, glitches, refused,
                 step.relay_cpu_pct, step.stall.p99_ms)
@@ -182,7 +198,9 @@ async def run_rows(ws: Workspace) -> list[RowResult]:
         "glitches when any frame arrives after a 60 ms jitter buffer would have played it. "
         "Per step: " + "; ".join(
             f"N={s.clients}: {s.replies} replies, {s.glitched} glitched, relay "
-            f"{s.relay_cpu_pct:.0f} % CPU, loop stall p99 {fmt_ms(s.stall.p99_ms)}"
+            f"{s.relay_cpu_pct:.0f} % CPU (its core {s.core_busy_pct:.0f} % busy, relay "
+            f"waiting for it {s.waited_pct:.0f} % of the time), loop stall p99 "
+            f"{fmt_ms(s.stall.p99_ms)}"
             for s in steps))
     if largest < TARGET_SESSIONS or ratio > TARGET_FLOOR_RATIO:
         failed = next((s for s in steps if not s.passed), None)
@@ -191,9 +209,10 @@ async def run_rows(ws: Workspace) -> list[RowResult]:
             + (f"; at {failed.clients} the relay used {failed.relay_cpu_pct:.0f} % of its "
                f"core and {failed.glitched} of {failed.replies} replies glitched "
                f"(loop stall p99 {fmt_ms(failed.stall.p99_ms)})" if failed else "")
-            + (f". Other processes took {failed.others_pct:.0f} % of that core meanwhile "
-               "(the relay was not short of CPU of its own: it waited for the core; rerun "
-               "on a quiet machine)" if failed and failed.others_pct > 15
+            + (f". Other processes took {failed.others_pct:.0f} % of that core meanwhile and "
+               f"the relay spent {failed.waited_pct:.0f} % of the window runnable but waiting "
+               "for it (scheduler statistics): its stalls are the machine's, not its own "
+               "work; rerun on a quiet machine" if failed and failed.others_pct > 15
                and failed.relay_cpu_pct < 80 else "")
             + f". Each session costs {ref.cpu_per_session_pct:.3f} % of a core, "
             f"{ratio:.1f}x what libopus alone needs ({floor:.3f} %); the difference is "
