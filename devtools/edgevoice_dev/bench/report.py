@@ -81,8 +81,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"({machine['cores_usable']} usable), {machine['machine']}, Linux {machine['kernel']}, "
         f"Python {machine['python']}, {machine['libopus']}",
         f"- **Packages:** {packages}",
-        "- **Network:** 127.0.0.1 only; audio from and to WAV files at real time (no sound "
-        "card).",
+        "- **Network:** 127.0.0.1 only. **Audio:** WAV files at real time, except where a row "
+        "says *sound card*: the virtual one (scripts/soundcard: PulseAudio null sinks through "
+        "ALSA's pulse plugin, PortAudio's callback threads as on a board).",
         _load_line(results.get("load_average", {}), machine.get("cores") or 1),
         "",
         "## Results",
