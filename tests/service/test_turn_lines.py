@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import socket
 import sys
@@ -18,6 +17,8 @@ import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from edgevoice_dev.testing.timeouts import scaled
+
 from edgevoice.relay.auth import TokenStore
 from edgevoice.relay.server import RelayServer
 from edgevoice.relay.settings import LimitsSettings, ListenSettings
@@ -25,10 +26,6 @@ from edgevoice.upstream.base import DeviceContext, UpstreamEvent
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO = REPO / "edgevoice" / "data" / "hello.wav"
-
-
-def scaled(seconds: float) -> float:
-    return seconds * float(os.environ.get("EDGEVOICE_TEST_TIMEOUT_FACTOR", "1"))
 
 
 class SilentSession:
