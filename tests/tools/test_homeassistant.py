@@ -34,6 +34,7 @@ def ha() -> Iterator[FakeHomeAssistant]:
 
 
 def settings(tmp_path: Path, url: str, token: str = TOKEN, **kw: Any) -> HomeAssistantSettings:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     token_file = tmp_path / "ha.token"
     token_file.write_text(token + "\n")
     kw.setdefault("entities", ("light.bedroom", "cover.living_room", "climate.hall",
@@ -219,3 +220,45 @@ def test_the_documented_relay_yaml_loads(tmp_path: Path) -> None:
     config = load_text(snippet, RelayConfig, "relay.yaml")
     ha = config.upstream.nova.tools.homeassistant
     assert ha.enabled and ha.areas == ("kitchen",) and "climate.hall" in ha.entities
+
+
+@pytest.mark.slow
+def test_every_tool_against_a_real_home_assistant(tmp_path: Path) -> None:
+    """Home Assistant 2025.4.4 itself (installed into .venv-ha on first use)."""
+    from edgevoice_dev.testing.real_homeassistant import (
+        HomeAssistantUnavailable,
+        python313,
+        start_home_assistant,
+    )
+
+    if python313() is None:
+        pytest.skip("Home Assistant needs Python >= 3.13")
+    try:
+        with start_home_assistant(tmp_path / "ha") as real:
+            ha_settings = settings(tmp_path, real.url, token=real.token,
+                                   entities=("light.bedroom",), areas=("kitchen",),
+                                   request_timeout_ms=10_000)
+            reg = registry(ha_settings)
+            listed = run(reg, "home_list_entities", area="Kitchen")
+            everything = run(reg, "home_list_entities")
+            temp = run(reg, "home_get_state", entity_id="sensor.kitchen_temperature")
+            on = run(reg, "home_call_service", domain="light", service="turn_on",
+                     entity_id="light.kitchen_light")
+            light = run(reg, "home_get_state", entity_id="light.kitchen_light")
+            hidden = run(reg, "home_get_state", entity_id="input_boolean.kettle_state")
+            missing = run(reg, "home_get_state", entity_id="light.bedroom")
+            assist = run(reg, "home_assist", text="turn on the kettle")
+            kettle = run(reg, "home_get_state", entity_id="switch.kettle")
+            bad = run(registry(settings(tmp_path / "bad", real.url, token="not-a-token",
+                                        areas=("kitchen",))), "home_list_entities")
+    except HomeAssistantUnavailable as exc:
+        pytest.fail(str(exc))
+    kitchen = {"light.kitchen_light", "switch.kettle", "sensor.kitchen_temperature"}
+    assert {e["entity_id"] for e in listed["entities"]} == kitchen
+    assert {e["entity_id"] for e in everything["entities"]} == kitchen  # no input_boolean
+    assert temp["state"] == "21.5" and temp["unit_of_measurement"] == "°C"
+    assert on["changed"][0]["state"] == "on" and light["state"] == "on"
+    assert "not exposed" in hidden["error"]
+    assert missing == {"error": "Home Assistant has no entity 'light.bedroom'"}
+    assert assist["response_type"] == "action_done" and kettle["state"] == "on"
+    assert "401" in bad["error"]
