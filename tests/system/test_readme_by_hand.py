@@ -76,7 +76,8 @@ def test_the_by_hand_section_works_verbatim_and_leaves_nothing(tmp_path: Path) -
     tmp.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGEVOICE_", "NOTIFY_"))}
     env["TMPDIR"] = str(tmp)
-    cmd = ["bash", "-euo", "pipefail", "-c", script]
+    # as typed into a shell: stop at the first failing command, nothing stricter
+    cmd = ["bash", "-e", "-c", script]
     if os.geteuid() == 0 and shutil.which("unshare"):
         if nobody_can_run(REPO / ".venv" / "bin" / "python"):
             # no root, as a developer would run it
@@ -86,8 +87,12 @@ def test_the_by_hand_section_works_verbatim_and_leaves_nothing(tmp_path: Path) -
             cmd = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", *cmd]
         # its own loopback: the block's fixed ports meet no other test's
         cmd = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *cmd]
-    result = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True,
-                            timeout=scaled(90))
+    try:
+        result = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True,
+                                timeout=scaled(120))
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"the block did not finish:\n{exc.stdout!r}\n{exc.stderr!r}"
+                             ) from None
     assert result.returncode == 0, result.stdout + result.stderr
     assert '"outcome":"completed"' in result.stdout, result.stdout
     replies = list(tmp.glob("*/reply.wav"))
