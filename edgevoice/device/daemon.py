@@ -358,6 +358,20 @@ class DeviceDaemon(LinkListener):
     def counters_dict(self) -> dict[str, Any]:
         return asdict(self.counters)
 
+    def hook_counters(self) -> dict[str, int]:
+        """The event hook's counters (empty: no hook configured)."""
+        if self.hooks is None:
+            return {}
+        self.hooks.counters.dropped = self.hooks.sub.dropped
+        return asdict(self.hooks.counters)
+
+    def timer_counters(self) -> dict[str, int]:
+        """Timers pending, rung and missed (empty: timers are off)."""
+        if self.timers is None:
+            return {}
+        return {"pending": len(self.timers.book.timers), "rung": self.timers.rung,
+                "missed": self.timers.missed}
+
     # Read-only views kept for callers written against the one-piece daemon.
 
     @property

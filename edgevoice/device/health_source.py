@@ -79,6 +79,8 @@ class DaemonHealth:
             turns_total=s.turns_total,
             turns=tuple(turn_record(t) for t in self.daemon.turn_history()),
             system=self.sampler.sample(),
+            hooks=self.daemon.hook_counters(),
+            timers=self.daemon.timer_counters(),
         )
 
     def health_problems(self, now: float) -> list[str]:

@@ -123,6 +123,12 @@ class DeviceSnapshot:
     #: lines ALSA / PortAudio printed on stderr, by kind ("alsa_underrun", ...): captured
     #: by edgevoice.logs rather than printed raw into the journal
     audio_library_messages: dict[str, int] = field(default_factory=dict)
+    #: the event hook's runs and failures (device/hooks.py): runs, failures, timeouts,
+    #: dropped (events it never saw: its queue was full)
+    hooks: dict[str, int] = field(default_factory=dict)
+    #: timers (device/timers.py): pending, rung, missed (due while the daemon was down
+    #: for longer than timers.late_ring_max_s)
+    timers: dict[str, int] = field(default_factory=dict)
 
 
 class DeviceHealthSource(Protocol):
@@ -286,6 +292,16 @@ def device_metrics(snapshot: DeviceSnapshot, problems: list[str]) -> list[Metric
             if ms is not None:
                 last.add_metric([stage], ms / 1000.0)
         families.append(last)
+    if snapshot.hooks:
+        families.append(exposition.labelled_counter(
+            "edgevoice_hook_events", "Event hook runs by outcome (runs, failures, timeouts, "
+            "dropped).", "outcome", snapshot.hooks))
+    if snapshot.timers:
+        families.extend(gauge("edgevoice_timers_pending", "Timers set and not yet rung.",
+                              snapshot.timers.get("pending", 0)))
+        families.append(exposition.labelled_counter(
+            "edgevoice_timers_fired", "Timers that fell due, by outcome (rung, missed).",
+            "outcome", {k: v for k, v in snapshot.timers.items() if k != "pending"}))
     families.extend(exposition.system_metrics(snapshot.system, prefix="edgevoice_"))
     return families
 

@@ -17,9 +17,11 @@ from edgevoice.config.base import SettingError
 from edgevoice.config.model import DeviceConfig
 from edgevoice.device.app import WaitingForSoundCard
 from edgevoice.device.daemon import DeviceDaemon, TurnTimeline
+from edgevoice.device.health_source import DaemonHealth
 from edgevoice.device.hooks import EventHub, HookRunner, HookSettings
 from edgevoice.feedback.states import DeviceState
-from edgevoice.health.device import device_health_api
+from edgevoice.health import exposition
+from edgevoice.health.device import device_health_api, device_metrics
 from edgevoice.health.http import HealthSettings
 
 #: appends "<seq> <event> <previous>-><state>" to the file named in argv[1]
@@ -109,9 +111,14 @@ def test_a_hook_receives_every_state_of_a_real_echo_turn_in_order(
             assert daemon.hooks.counters.failures == 0
             assert daemon.hooks.counters.dropped == 0
             expected = [f"{e.seq} {e.kind} {e.previous}->{e.state}" for e in published.events]
-            return turn, expected, log.read_text().splitlines()
+            snapshot = DaemonHealth(daemon, HealthSettings()).snapshot()
+            return turn, expected, log.read_text().splitlines(), snapshot
 
-    turn, expected, got = run(scenario(), timeout=90)
+    turn, expected, got, snapshot = run(scenario(), timeout=90)
+    # the counts reach /stats and /metrics
+    assert snapshot.hooks == {"runs": len(got), "failures": 0, "timeouts": 0, "dropped": 0}
+    metrics = exposition.metrics_response(device_metrics(snapshot, [])).body.decode()
+    assert f'edgevoice_hook_events_total{{outcome="runs"}} {len(got)}.0' in metrics
     assert turn.outcome == "completed"
     assert got == expected  # every event, once, in order
     states = [line.rpartition("->")[2] for line in got]

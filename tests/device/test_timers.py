@@ -90,6 +90,7 @@ def test_a_timer_set_through_the_relay_rings_while_the_relay_is_gone(
                 break
             await asyncio.sleep(0.05)
         offline = not daemon.link.connected
+        assert daemon.timer_counters() == {"pending": 0, "rung": 1, "missed": 0}
         daemon.stop()
         await task
         kinds = [e.kind for e in moments.events]
