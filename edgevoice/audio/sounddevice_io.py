@@ -564,7 +564,7 @@ def open_source(spec: str, *, queue_frames: int = 25, clock: Clock | None = None
     ``wav+fast:PATH`` (as fast as read), or a sound device name / ``default``."""
     kind, _, rest = spec.partition(":")
     if kind == "wav" and rest:
-        return WavSource(Path(rest), realtime=True, clock=clock)
+        return WavSource(Path(rest), realtime=True, clock=clock, block_ms=block_ms)
     if kind == "wav+fast" and rest:
         return WavSource(Path(rest), realtime=False, clock=clock)
     return SoundDeviceSource(spec, queue_frames=queue_frames, block_ms=block_ms)

@@ -179,6 +179,11 @@ class WavSource:
     than ``(k + 1) * 20 ms`` after ``open()`` (as a device delivers a frame once it
     has been captured); due times are computed from the start, so lateness does not
     accumulate. Otherwise frames come as fast as they are read.
+
+    ``block_ms`` (a multiple of 20) stands in for a sound card's capture block: in real
+    time the frames of a block are all returned at its end, back to back, as a
+    :class:`~edgevoice.audio.sounddevice_io.SoundDeviceSource` cuts them from the block
+    its callback delivered (one wake-up per block, not per frame).
     """
 
     def __init__(
@@ -188,7 +193,10 @@ class WavSource:
         clock: Clock | None = None,
         tail_silence_ms: int = 1500,
         loop: bool = False,
+        block_ms: int = FRAME_MS,
     ) -> None:
+        if block_ms < FRAME_MS or block_ms % FRAME_MS:
+            raise ValueError(f"block_ms must be a multiple of {FRAME_MS} ms, got {block_ms}")
         if tail_silence_ms < 0:
             raise ValueError(f"tail_silence_ms must be >= 0, got {tail_silence_ms}")
         self.path = Path(path)
@@ -196,6 +204,7 @@ class WavSource:
         self.stats = SourceStats()
         self.realtime = realtime
         self.loop = loop
+        self._frames_per_block = block_ms // FRAME_MS
         self._clock: Clock = clock if clock is not None else MonotonicClock()
         self._tail_frames = -(-tail_silence_ms // FRAME_MS)
         self._pcm: bytes | None = None
@@ -232,7 +241,9 @@ class WavSource:
                 raise EOFError(f"end of {self.path}")
             self._index = 0
         if self.realtime:
-            due = self._started_at + (self._emitted + 1) * FRAME_MS / 1000
+            per_block = self._frames_per_block
+            block_end = (self._emitted // per_block + 1) * per_block
+            due = self._started_at + block_end * FRAME_MS / 1000
             delay = due - self._clock.now()
             if delay > 0:
                 await self._clock.sleep(delay)

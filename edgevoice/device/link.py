@@ -169,12 +169,51 @@ class LinkListener(Protocol):
     def on_audio(self, received: AudioReceived) -> None: ...
 
 
+#: at most this many queued items go out in one write (a pre-roll burst is 20 frames)
+SEND_BATCH_ITEMS = 32
+
+
+async def send_together(ws: ClientConnection, messages: list[str | bytes]) -> None:
+    """Send ``messages`` (text and binary WebSocket messages, in order) with one write.
+
+    ``ws.send`` writes each message to the transport on its own, and asyncio's TLS
+    transport seals every write into its own record, sent at once (TCP_NODELAY): one
+    record and one TCP segment per message. Here each message is framed by the
+    connection's own protocol (the wire is unchanged: the same WebSocket messages) and
+    the frames are handed to the transport joined, as one record and, when they fit,
+    one segment.
+    """
+    if len(messages) == 1:
+        await ws.send(messages[0])
+        return
+    async with ws.send_context():
+        protocol = ws.protocol
+        for message in messages:
+            if isinstance(message, str):
+                protocol.send_text(message.encode())
+            else:
+                protocol.send_binary(message)
+        pending = protocol.data_to_send()
+        data = b"".join(pending)
+        if data:
+            ws.transport.write(data)
+        if any(not chunk for chunk in pending):  # end of stream (never after data frames)
+            if ws.transport.can_write_eof():
+                ws.transport.write_eof()
+            else:
+                ws.transport.close()
+    # leaving send_context writes whatever else is pending and waits for the buffer
+
+
 @dataclass
 class LinkStats:
     connects: int = 0
     reconnects: int = 0
     frames_sent: int = 0
     frames_received: int = 0
+    #: writes to the socket carrying queued items: a capture block's frames (and any
+    #: message queued with them) go in one write, one TLS record, one TCP segment
+    writes: int = 0
     #: said while offline with no session to resume: dropped
     dropped_offline: int = 0
     rtt_ms: float | None = None
@@ -620,20 +659,31 @@ class DeviceLink:
     async def _sender(self, ws: ClientConnection, conn: Connection) -> None:
         reliable = RELIABLE[Role.DEVICE]
         while True:
-            item = await self._outbox.get()
+            batch = [await self._outbox.get()]
+            # What was queued together (the three frames of a 60 ms capture block, a
+            # pre-roll burst) leaves together: one write, so over wss:// one TLS record
+            # and one TCP segment instead of one per 20 ms frame. Nothing waits for it.
+            while len(self._outbox) and len(batch) < SEND_BATCH_ITEMS:
+                batch.append(self._outbox.get_nowait())
             # Journal before the socket: if the link dies during the send, a resume
             # re-sends it (the relay drops a duplicate by its sequence number).
             now = self.clock.now()
-            if isinstance(item, Message):
-                text = conn.send(item)
-                if type(item) in reliable:
-                    self._journal.record_message(conn.messages_sent, item, now)
-                await ws.send(text)
-            else:
-                frame, data = conn.send_audio(item.payload, item.timestamp_ms, item.flags)
-                self._journal.record_frame(frame, now)
-                await ws.send(data)
-                self.stats.frames_sent += 1
+            wire: list[str | bytes] = []
+            frames = 0
+            for item in batch:
+                if isinstance(item, Message):
+                    text = conn.send(item)
+                    if type(item) in reliable:
+                        self._journal.record_message(conn.messages_sent, item, now)
+                    wire.append(text)
+                else:
+                    frame, data = conn.send_audio(item.payload, item.timestamp_ms, item.flags)
+                    self._journal.record_frame(frame, now)
+                    wire.append(data)
+                    frames += 1
+            await send_together(ws, wire)
+            self.stats.writes += 1
+            self.stats.frames_sent += frames
 
     async def _heartbeat(self, ws: ClientConnection, conn: Connection, welcome: Welcome) -> None:
         interval = welcome.heartbeat_interval_ms / 1000

@@ -211,6 +211,28 @@ def test_realtime_source_paces_frames_from_open_without_drift(tmp_path: Path) ->
     assert times[-1] == pytest.approx(1000.0 + 0.02 * 50)
 
 
+def test_a_block_sized_source_hands_a_blocks_frames_over_at_its_end_without_waiting(
+        tmp_path: Path) -> None:
+    """As a sound card delivering 60 ms blocks: three frames at once, every 60 ms."""
+    write_wav(tmp_path / "a.wav", bytes(640 * 12), 16_000)
+    clock = FakeClock(start=1000.0)
+
+    async def main() -> list[float]:
+        src = WavSource(tmp_path / "a.wav", realtime=True, clock=clock, tail_silence_ms=0,
+                        block_ms=60)
+        await src.open()
+        times = []
+        for _ in range(12):
+            await src.read()
+            times.append(round(clock.now() - 1000.0, 6))
+        return times
+
+    assert asyncio.run(main()) == pytest.approx([0.06] * 3 + [0.12] * 3 + [0.18] * 3
+                                                + [0.24] * 3)
+    with pytest.raises(ValueError, match="multiple of 20"):
+        WavSource(tmp_path / "a.wav", block_ms=50)
+
+
 def test_fast_source_does_not_touch_the_clock(tmp_path: Path) -> None:
     write_wav(tmp_path / "a.wav", bytes(640 * 10), 16_000)
     clock = FakeClock()
