@@ -159,7 +159,10 @@ def test_events_stream_on_the_health_port_under_its_token_rule(tmp_path: Path) -
             assert refused.startswith("HTTP/1.1 401")
             reading = asyncio.create_task(
                 read_events(api.port, "Authorization: Bearer secret-token\r\n", 3))
-            await asyncio.sleep(0.3)
+            for _ in range(1000):  # until the stream is open (it reports idle first)
+                if hub.subscribers:
+                    break
+                await asyncio.sleep(0.01)
             hub.set_state(DeviceState.LISTENING)
             hub.moment("timer_ringing")
             head, events = await asyncio.wait_for(reading, 10)
