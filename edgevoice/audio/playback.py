@@ -4,9 +4,14 @@ Reply audio is pushed in (from the event loop, in whatever bursts the network
 delivers) and pulled out by an audio callback thread in fixed blocks at the output
 device's pace. The buffer owns the playback policy:
 
-* **prefill**: a response starts playing only once ``prefill_ms`` is buffered (or the
+* **prefill**: a response starts playing only once the prefill is buffered (or the
   response is known to be complete), so network jitter does not cause a stutter at
-  the first word;
+  the first word. With ``prefill_min_ms`` the prefill adapts: after each drained
+  response it becomes what that response needed (what it started with minus the least
+  audio left over at any pull, plus a 10 ms margin), lowered at most one 20 ms frame a
+  response, never below ``prefill_min_ms``, and back to ``prefill_ms`` after an
+  underrun. A reply streamed at real time then starts a frame sooner once the link
+  has shown it delivers in time (bench row 3), and a jittery link keeps the full one;
 * **underrun**: when a playing response runs dry, silence is played, the underrun is
   counted, and playing resumes after another prefill;
 * **overflow**: beyond ``max_ms`` the oldest audio is dropped and counted;
@@ -52,6 +57,10 @@ logger = logging.getLogger(__name__)
 SILENCE_DBFS = -100.0
 #: How quickly a cue cut by a starting response fades out.
 CUE_FADE_MS = 5
+#: Adaptive prefill: audio kept in hand beyond the least a response needed, and the
+#: most it is lowered after one response (one 20 ms frame).
+PREFILL_MARGIN_MS = 10
+PREFILL_STEP_MS = 20
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,8 @@ class PlaybackStats:
     played_samples: int = 0
     #: responses that started playing
     responses_started: int = 0
+    #: the prefill the next response waits for, in samples (adapts with prefill_min_ms)
+    prefill_samples: int = 0
 
 
 class PlaybackState(enum.Enum):
@@ -125,6 +136,7 @@ class PlaybackBuffer:
         max_ms: int = 10_000,
         on_event: Callable[[PlaybackEvent], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        prefill_min_ms: int | None = None,
     ) -> None:
         if rate_hz <= 0:
             raise ValueError(f"rate_hz must be positive, got {rate_hz}")
@@ -133,6 +145,18 @@ class PlaybackBuffer:
         self.rate_hz = rate_hz
         # At least one sample, so a starved response does not "resume" on nothing.
         self.prefill_samples = max(1, rate_hz * prefill_ms // 1000)
+        self.prefill_max_samples = self.prefill_samples
+        if prefill_min_ms is not None and not 0 <= prefill_min_ms <= prefill_ms:
+            raise ValueError(f"need 0 <= prefill_min_ms <= prefill_ms, got {prefill_min_ms}")
+        self.prefill_min_samples = (self.prefill_samples if prefill_min_ms is None
+                                    else max(1, rate_hz * prefill_min_ms // 1000))
+        self._prefill_margin = rate_hz * PREFILL_MARGIN_MS // 1000
+        self._prefill_step = rate_hz * PREFILL_STEP_MS // 1000
+        # This response: the least audio left beyond a pull (None: not measured), and
+        # whether it ran dry.
+        self._slack: int | None = None
+        self._underran = False
+        self._started_with = 0  # audio buffered when it started playing
         self.capacity_samples = rate_hz * max_ms // 1000
         self.on_event = on_event
         #: Called (no arguments, from the pushing thread) after every push and
@@ -146,7 +170,7 @@ class PlaybackBuffer:
         #: Output volume, a gain in 0..1 applied as each block is pulled, so a change
         #: (config, or the local API) is heard at once, buffered audio included.
         self.gain = 1.0
-        self.stats = PlaybackStats()
+        self.stats = PlaybackStats(prefill_samples=self.prefill_samples)
         self._clock = clock
         self._lock = threading.Lock()
         self._ring: Int16Array = np.zeros(self.capacity_samples, dtype=np.int16)
@@ -245,6 +269,7 @@ class PlaybackBuffer:
             discarded = self._written - self._read
             self._read = self._written
             self._end_marks.clear()
+            self._slack = None  # a cut response says nothing of the link (an underrun does)
             self.stats.flushed_samples += discarded
             if self._state in (P.PLAYING, P.STARVED):
                 event = PlaybackEnded(at=self._clock(), flushed=True)
@@ -277,6 +302,7 @@ class PlaybackBuffer:
                         if filled >= n:  # block full: the next response starts next pull
                             break
                         self.stats.responses_started += 1
+                        self._started_with = buffered
                         events.append(PlaybackStarted(at=self._clock()))
                         if self._cue is not None:  # the answer does not wait for a cue
                             self._cut_cue(filled)
@@ -286,6 +312,10 @@ class PlaybackBuffer:
                 available = buffered
                 if end is not None:  # (an overflow may have dropped past it)
                     available = max(0, end - self._read)
+                else:  # how close this pull came to running dry
+                    slack = buffered - (n - filled)
+                    if self._slack is None or slack < self._slack:
+                        self._slack = slack
                 take = min(n - filled, available)
                 start = self._read % cap
                 first = min(take, cap - start)
@@ -296,12 +326,14 @@ class PlaybackBuffer:
                 if end is not None and self._read >= end:
                     events.append(PlaybackEnded(at=self._clock(), flushed=False))
                     self._end_marks.popleft()
+                    self._adapt_prefill()
                     self._goto(P.IDLE)
                     if self._written > self._read:  # the next response is already here
                         self._goto(P.PREFILLING)
                     continue
                 if filled < n:
                     self.stats.underruns += 1
+                    self._underran = True
                     self._goto(P.STARVED)
                 break
             if self._state is P.STARVED:
@@ -398,6 +430,23 @@ class PlaybackBuffer:
         if self._cue_pos >= len(cue):
             self._cue, self._cue_pos = None, 0
         return take
+
+    def _adapt_prefill(self) -> None:
+        """A response drained: set the next one's prefill from how this one went."""
+        current = self.prefill_samples
+        if self._underran:
+            new = self.prefill_max_samples
+        elif self._slack is None:
+            return
+        else:
+            # it needed what it started with less what it never touched, plus a margin
+            new = max(current, self._started_with) - self._slack + self._prefill_margin
+            new = max(new, current - self._prefill_step)
+        new = min(max(new, self.prefill_min_samples), self.prefill_max_samples)
+        self._slack, self._underran = None, False
+        if new != current:
+            logger.debug("playback: prefill %d -> %d samples", current, new)
+        self.prefill_samples = self.stats.prefill_samples = new
 
     def _goto(self, new: PlaybackState) -> None:
         if new not in TRANSITIONS[self._state]:

@@ -62,7 +62,13 @@ class AudioSettings:
     as much CPU playing silence as speech); it reopens when a turn begins or a sound
     comes. 0 keeps it running."""
     playback_prefill_ms: int = 60
-    """Reply audio buffered before playback starts, in milliseconds (jitter buffer)."""
+    """Reply audio buffered before playback starts, in milliseconds (jitter buffer): the
+    most it waits for; see playback_prefill_min_ms."""
+    playback_prefill_min_ms: int = 20
+    """The least prefill, in milliseconds: after each reply the prefill follows how close
+    that reply came to running dry (lowered one 20 ms frame at a time while audio came
+    early enough, back to playback_prefill_ms after an underrun). Equal to
+    playback_prefill_ms: a fixed prefill."""
     playback_max_ms: int = 30_000
     """Most reply audio buffered, in milliseconds; beyond it the oldest is dropped."""
     reopen_max_ms: int = 30_000
@@ -79,6 +85,8 @@ class AudioSettings:
         require(self.speaker_park_after_ms == 0 or self.speaker_park_after_ms >= 100,
                 "speaker_park_after_ms", "must be 0 (never) or >= 100")
         require(0 <= self.playback_prefill_ms <= 1000, "playback_prefill_ms", "must be 0..1000")
+        require(0 <= self.playback_prefill_min_ms <= self.playback_prefill_ms,
+                "playback_prefill_min_ms", "must be 0..playback_prefill_ms")
         require(self.playback_max_ms >= 1000, "playback_max_ms", "must be >= 1000")
         require(self.reopen_max_ms >= 100, "reopen_max_ms", "must be >= 100")
 

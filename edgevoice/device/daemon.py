@@ -169,6 +169,7 @@ class DeviceDaemon(LinkListener):
                              self.observers)
         self.downlink = Downlink(sink,
                                  prefill_ms=config.audio.playback_prefill_ms,
+                                 prefill_min_ms=config.audio.playback_prefill_min_ms,
                                  max_ms=config.audio.playback_max_ms, clock=self.clock,
                                  counters=self.counters, observer=self.observers,
                                  on_reply_event=self._on_reply_playback)

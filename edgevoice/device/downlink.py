@@ -59,7 +59,8 @@ class Downlink:
 
     def __init__(self, sink: AudioSink, *, prefill_ms: int, max_ms: int, clock: Clock,
                  counters: DeviceCounters, observer: DeviceObserver,
-                 on_reply_event: ReplyEventHandler) -> None:
+                 on_reply_event: ReplyEventHandler,
+                 prefill_min_ms: int | None = None) -> None:
         self.sink = sink
         sink_rate_hz = sink.sample_rate_hz
         self.clock = clock
@@ -73,7 +74,8 @@ class Downlink:
         self.resampler = StreamResampler(DOWNLINK_FORMAT.sample_rate_hz, sink_rate_hz,
                                          quality="LQ")
         self.playback = PlaybackBuffer(sink_rate_hz, prefill_ms=prefill_ms, max_ms=max_ms,
-                                       on_event=self._event_threadsafe)
+                                       on_event=self._event_threadsafe,
+                                       prefill_min_ms=prefill_min_ms)
         self.mode = DownlinkMode.ACCEPTING
         #: replies the playback buffer holds (announced and not yet ended)
         self._replies = 0

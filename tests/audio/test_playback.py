@@ -378,3 +378,59 @@ def test_a_flush_keeps_the_cue_and_a_new_cue_replaces_the_old() -> None:
     buf.play_cue(const(2000, 10 * MS))
     out = np.frombuffer(buf.pull(20 * MS), dtype=np.int16)
     assert (out[: 10 * MS] == 2000).all() and (out[10 * MS :] == 0).all()
+
+
+def stream_reply(buf: PlaybackBuffer, frames: int, late_ms: dict[int, int],
+                 phase_ms: int = 7) -> int:
+    """A reply streamed at real time (one 20 ms frame every 20 ms, frame k ``late_ms[k]``
+    late), pulled every 20 ms like a sound card; returns ms from the first frame's
+    arrival to the first pull that played it."""
+    arrivals = sorted((k * 20 + late_ms.get(k, 0), k) for k in range(frames))
+    pushed = 0
+    started_at: int | None = None
+    t = 0
+    while buf.state is not PlaybackState.IDLE or pushed < frames:
+        while pushed < frames and arrivals[pushed][0] <= t:
+            buf.push(ramp(0, 20 * MS))
+            pushed += 1
+            if pushed == frames:
+                buf.end_of_response()
+        if (t - phase_ms) % 20 == 0:
+            was_playing = buf.playing
+            buf.pull(20 * MS)
+            if started_at is None and not was_playing and buf.playing:
+                started_at = t
+        t += 1
+    assert started_at is not None
+    return started_at - arrivals[0][0]
+
+
+def test_prefill_follows_a_link_that_delivers_in_time_and_backs_off_after_an_underrun() -> None:
+    rec = Recorder()
+    buf = PlaybackBuffer(RATE, 60, 1000, on_event=rec, clock=TickClock(), prefill_min_ms=20)
+    fixed, _ = make(prefill_ms=60)
+    steady = {k: k % 3 for k in range(30)}  # 0-2 ms of jitter
+    delays = [stream_reply(buf, 30, steady) for _ in range(4)]
+    fixed_delays = [stream_reply(fixed, 30, steady) for _ in range(4)]
+    assert buf.stats.underruns == 0 and fixed.stats.underruns == 0
+    assert fixed_delays == [fixed_delays[0]] * 4 and fixed_delays[0] >= 40
+    assert delays[0] == fixed_delays[0]  # the first reply waits the full prefill
+    assert delays[-1] <= fixed_delays[0] - 20  # then a frame sooner, at least
+    assert buf.prefill_samples < buf.prefill_max_samples
+    assert buf.stats.prefill_samples == buf.prefill_samples
+    # the link stalls 50 ms mid-reply: one underrun, and the next reply waits the full
+    # prefill again
+    stream_reply(buf, 30, {k: 50 if k >= 10 else 0 for k in range(30)})
+    assert buf.stats.underruns == 1
+    assert buf.prefill_samples == buf.prefill_max_samples
+    assert stream_reply(buf, 30, steady) == fixed_delays[0]
+    assert buf.stats.underruns == 1
+
+
+def test_a_fixed_prefill_never_moves_and_a_bad_minimum_is_refused() -> None:
+    buf, _ = make(prefill_ms=60)
+    for _ in range(3):
+        stream_reply(buf, 10, {})
+    assert buf.prefill_samples == 60 * MS
+    with pytest.raises(ValueError, match="prefill_min_ms"):
+        PlaybackBuffer(RATE, 60, 1000, prefill_min_ms=80)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -53,6 +54,7 @@ async def run(args: argparse.Namespace) -> DeviceLog:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)
     await daemon.run()
+    log.playback = dataclasses.asdict(daemon.downlink.playback.stats)
     return log
 
 

@@ -42,11 +42,14 @@ class DeviceLog:
     pulls: list[tuple[float, int]] = field(default_factory=list)
     link_ups: list[float] = field(default_factory=list)
     output_rate_hz: int = 0
+    #: the playback buffer's counters at the end (underruns, prefill)
+    playback: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"uplink": self.uplink, "preroll": self.preroll, "pushes": self.pushes,
                 "interrupts": self.interrupts, "flushes": self.flushes, "pulls": self.pulls,
-                "link_ups": self.link_ups, "output_rate_hz": self.output_rate_hz}
+                "link_ups": self.link_ups, "output_rate_hz": self.output_rate_hz,
+                "playback": self.playback}
 
 
 class BenchObserver(DeviceObserver):

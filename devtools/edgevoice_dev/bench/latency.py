@@ -144,17 +144,31 @@ async def run_row(ws: Workspace) -> RowResult:
                           f"p50 <= {TARGET_ANSWER_MS:g} ms",
                           verdict(answer.p50_ms <= TARGET_ANSWER_MS)))
     row.data["answer_after_hangover"] = answer.as_dict()
+    playback = device_log.get("playback") or {}
+    rate = device_log["output_rate_hz"] or OUTPUT_RATE_HZ
+    if playback:
+        row.lines.append(Line(
+            "  reply underruns (same run) / prefill at the end",
+            f"{playback.get('underruns', 0)} / "
+            f"{1000 * playback.get('prefill_samples', 0) / rate:.0f} ms",
+            f"{playback.get('responses_started', 0)} replies played, prefill "
+            f"{PREFILL_MS} ms at most", "0 underruns", verdict(playback.get("underruns", 0) == 0)))
+        row.data["playback"] = playback
     row.notes.append(
         "End of speech -> first reply sample: from the last frame of the turn the device "
         "sends (the one on which the hangover expired) to the first 20 ms block its sink "
         "pulls that holds reply audio; the upstream answers at once, so this is the "
         "device's and the relay's own delay (turn end, reply frames, jitter-buffer "
-        "prefill, one block of pull granularity), with no earcon in front of the reply.")
+        "prefill, one block of pull granularity), with no earcon in front of the reply. "
+        "The prefill adapts (audio.playback_prefill_min_ms): the first reply waits the "
+        "full one, later ones what the link has shown it needs; the underruns of the "
+        "same run show what that cost.")
     if answer.p50_ms > TARGET_ANSWER_MS:
         row.findings.append(
             f"The reply starts {answer.p50_ms:.0f} ms (p50) after the hangover ends: the "
             f"jitter buffer's prefill ({PREFILL_MS} ms) and the 20 ms pull granularity are "
-            "most of it; audio.playback_prefill_ms can be lowered on a quiet network.")
+            "most of it; the prefill adapts down to audio.playback_prefill_min_ms once replies "
+            "arrive in time (see the underruns line).")
     pattern = soxr_release_pattern()
     row.data["soxr_release_per_20ms_chunk"] = pattern
     fast = sorted(d for d in down if d < 0.010)
