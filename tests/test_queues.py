@@ -60,3 +60,50 @@ def test_get_waits_for_an_item_and_a_cleared_item_is_not_returned() -> None:
 def test_maxsize_must_be_positive() -> None:
     with pytest.raises(ValueError):
         DropOldestQueue(0)
+
+
+def test_idle_queues_and_journals_hold_no_deque_of_their_own_until_used() -> None:
+    """A relay holds thousands of idle sessions: an empty deque is 760 bytes each."""
+    import tracemalloc
+
+    from edgevoice.protocol.messages import AudioFrame, AudioKind
+    from edgevoice.protocol.replay import OutboundQueue, ReplayJournal
+    from edgevoice.queues import NOTHING_YET
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        idle = [(DropOldestQueue[int](8), OutboundQueue[bytes](8), ReplayJournal(8))
+                for _ in range(100)]
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    assert grown < 100 * 760  # three deques each would be 228 kB
+    first, second = idle[0], idle[1]
+    first[0].put_nowait(1)
+    first[1].put_nowait(b"x")
+    first[2].record_frame(AudioFrame(AudioKind.UPLINK, 0, 0, b"x"), 0.0)
+    assert len(first[0]) == 1 and len(first[1]) == 1 and len(first[2]) == 1
+    assert len(second[0]) == 0 and len(second[1]) == 0 and len(second[2]) == 0
+    assert len(NOTHING_YET) == 0  # nobody wrote into the shared one
+    assert first[0].get_nowait() == 1 and first[1].get_nowait() == b"x"
+
+
+def test_a_flag_wakes_its_waiter_even_if_cleared_before_it_runs_and_has_one_waiter() -> None:
+    from edgevoice.queues import Flag
+
+    async def main() -> None:
+        flag = Flag()
+        assert not flag.is_set()
+        waiter = asyncio.create_task(flag.wait())
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="one waiter"):
+            await flag.wait()
+        flag.set()
+        flag.clear()
+        await asyncio.wait_for(waiter, 1)
+        flag.set()
+        await asyncio.wait_for(flag.wait(), 1)  # set: returns at once
+
+    asyncio.run(main())

@@ -24,6 +24,7 @@ from typing import Generic, TypeVar
 
 from edgevoice.errors import RemoteProtocolError
 from edgevoice.protocol.messages import AudioFrame, Message
+from edgevoice.queues import NOTHING_YET, owned
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class ReplayJournal:
             raise ValueError("a journal holds at least one frame and one message")
         self.max_frames = max_frames
         self.max_messages = max_messages
-        self._entries: collections.deque[Sent] = collections.deque()
+        self._entries: collections.deque[Sent] = NOTHING_YET  # until the first entry
         self._frames = 0
         self._messages = 0
         #: highest sequence number and message ordinal ever recorded
@@ -98,6 +99,7 @@ class ReplayJournal:
         """``frame`` was handed to the socket (it may still be lost with the link)."""
         if self.last_seq is not None and frame.seq <= self.last_seq:
             raise ValueError(f"frame {frame.seq} recorded after {self.last_seq}")
+        self._entries = owned(self._entries)
         self._entries.append(SentFrame(frame, now))
         self._frames += 1
         self.last_seq = frame.seq
@@ -109,6 +111,7 @@ class ReplayJournal:
         """Reliable ``message`` number ``ordinal`` (1, 2, ...) was handed to the socket."""
         if ordinal != self.last_ordinal + 1:
             raise ValueError(f"message {ordinal} recorded after {self.last_ordinal}")
+        self._entries = owned(self._entries)
         self._entries.append(SentMessage(ordinal, message, now))
         self._messages += 1
         self.last_ordinal = ordinal
@@ -180,7 +183,7 @@ class OutboundQueue(Generic[A]):
             raise ValueError("an outbound queue holds at least one item of each kind")
         self.max_audio = max_audio
         self.max_control = max_control
-        self._items: collections.deque[Message | A] = collections.deque()
+        self._items: collections.deque[Message | A] = NOTHING_YET  # until the first put
         self._audio = 0
         self._waiter: asyncio.Future[None] | None = None
         #: audio items and control messages thrown away because the queue was full
@@ -201,6 +204,7 @@ class OutboundQueue(Generic[A]):
     def put_nowait(self, item: Message | A) -> bool:
         """Append ``item``; False when something had to be dropped to make room."""
         is_message = isinstance(item, Message)
+        self._items = owned(self._items)
         self._items.append(item)
         full = False
         if is_message:

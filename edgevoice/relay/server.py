@@ -77,6 +77,7 @@ from edgevoice.protocol.session import (
     close_ends_session,
     replay_for,
 )
+from edgevoice.queues import NOTHING_YET, Flag, owned
 from edgevoice.relay.auth import FailureLimiter, GuessThrottle
 from edgevoice.relay.devicecalls import DeviceCalls
 from edgevoice.relay.refusals import QuietFilter, RefusalLog
@@ -194,8 +195,8 @@ class DeviceSession:
         self.downlink: OutboundQueue[DownlinkAudio] = OutboundQueue(
             max(50, limits.downlink_queue_ms // 20), max_control=1024)
         self.journal = ReplayJournal(max(1, limits.resume_buffer_ms // 20))
-        self._held_messages: collections.deque[Message] = collections.deque()
-        self._attached = asyncio.Event()
+        self._held_messages: collections.deque[Message] = NOTHING_YET  # until one is held
+        self._attached = Flag()
         self.turn_id: int | None = None
         #: a turn refused at capacity (its audio is dropped until its turn_end)
         self._refused_turn: int | None = None
@@ -216,6 +217,7 @@ class DeviceSession:
         self._usage = (0, 0)
         self._upstream_audio_s = 0.0
         self._tasks: list[asyncio.Task[None]] = []
+        self._pacer: asyncio.Task[None] | None = None
         self._expiry: asyncio.Task[None] | None = None
         self._finished = False
 
@@ -249,8 +251,16 @@ class DeviceSession:
         if upstream is not None:
             self._upstream = upstream
         self._tasks = [
-            asyncio.create_task(self._pump_upstream(), name=f"upstream:{self.device_id}"),
-            asyncio.create_task(self._pace_downlink(), name=f"downlink:{self.device_id}")]
+            asyncio.create_task(self._pump_upstream(), name=f"upstream:{self.device_id}")]
+
+    def _downlink_put(self, item: Message | DownlinkAudio) -> bool:
+        """Queue ``item`` for the device; the pacer task starts with the first one (an
+        idle device that never hears a reply costs no task, issue 15)."""
+        if self._pacer is None and not self._finished:
+            self._pacer = asyncio.create_task(self._pace_downlink(),
+                                              name=f"downlink:{self.device_id}")
+            self._tasks.append(self._pacer)
+        return self.downlink.put_nowait(item)
 
     async def close(self) -> None:
         """End the session: stop its tasks, close the upstream. Idempotent.
@@ -508,7 +518,7 @@ class DeviceSession:
         while (frame := self.fifo.pop()) is not None:
             flags = AudioFlags.START if self._response_first else AudioFlags.NONE
             self._response_first = False
-            if not self.downlink.put_nowait((frame, flags)):
+            if not self._downlink_put((frame, flags)):
                 self.relay.counters.frames_dropped += 1
 
     @property
@@ -525,17 +535,18 @@ class DeviceSession:
         """Send ``pcm24k`` as a reply of no turn (relay/announce.py waits until quiet)."""
         self.replying = True
         self._response_first = True
-        self.downlink.put_nowait(ResponseStart(None))
+        self._downlink_put(ResponseStart(None))
         if pcm24k:
             self._queue_audio(pcm24k)
             for tail in self.fifo.flush():
-                self.downlink.put_nowait((tail, AudioFlags.END))
-        self.downlink.put_nowait(ResponseEnd(None, "announcement"))
+                self._downlink_put((tail, AudioFlags.END))
+        self._downlink_put(ResponseEnd(None, "announcement"))
 
     async def _send_soon(self, message: Message) -> None:
         """Send a message ahead of the queued reply audio, or hold it while detached."""
         ws, conn = self.ws, self.conn
         if ws is None or conn is None or not self._attached.is_set():
+            self._held_messages = owned(self._held_messages)
             self._held_messages.append(message)
             if len(self._held_messages) > MAX_HELD_MESSAGES:
                 self._held_messages.popleft()
@@ -580,11 +591,11 @@ class DeviceSession:
             elif isinstance(event, ResponseStarted):
                 self._response_first = True
                 self.replying = True
-                self.downlink.put_nowait(ResponseStart(self.answer_turn_id))
+                self._downlink_put(ResponseStart(self.answer_turn_id))
             elif isinstance(event, ResponseEnded):
                 for tail in self.fifo.flush():
-                    self.downlink.put_nowait((tail, AudioFlags.END))
-                self.downlink.put_nowait(ResponseEnd(self.answer_turn_id, event.reason))
+                    self._downlink_put((tail, AudioFlags.END))
+                self._downlink_put(ResponseEnd(self.answer_turn_id, event.reason))
             elif isinstance(event, ResponseInterrupted):
                 self._drop_downlink()
                 await self._send_soon(Interrupt(self.answer_turn_id, "barge_in"))
@@ -600,7 +611,7 @@ class DeviceSession:
                 logger.warning("%s: upstream failed (%s): %s", self.device_id, event.code,
                                event.message)
                 # after what is queued of a cut reply and its response_end, not before
-                self.downlink.put_nowait(Error(event.code, event.message, event.retryable))
+                self._downlink_put(Error(event.code, event.message, event.retryable))
                 self._reply_over()
             elif isinstance(event, UsageReported):
                 # the upstream reports session totals; the fleet view adds deltas

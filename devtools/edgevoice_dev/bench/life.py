@@ -261,9 +261,11 @@ async def run_fleet_row(ws: Workspace) -> RowResult:
         row.findings.append(
             f"{per_kib:.1f} KiB per idle device. No codec state is held for a quiet session "
             "any more (libopus state is made on the first packet and freed when a turn or "
-            "reply ends); what remains is the WebSocket connection (websockets' buffers, "
-            "its keepalive task), the session's two tasks, its outbound queue and resume "
-            "journal, and the upstream session object.")
+            "reply ends), and its queues, resume journal and reply pacer are made with "
+            "their first use. What remains (tracemalloc, per idle connection): the "
+            "WebSocket connection (its transport, request headers, keepalive task and the "
+            "read waiting with a timeout), the session's upstream task and the upstream "
+            "session object.")
     if cpu_each > FLEET_CPU_TARGET_PCT:
         row.findings.append(
             f"{cpu_each:.4f} % of a core per idle device: the keepalive pings and each "
