@@ -164,7 +164,9 @@ async def run_row(ws: Workspace) -> RowResult:
         "Wyoming: row 1's payload rate for the same speech + one header per 64 ms chunk. "
         "Options: Opus at each bitrate on the same speech (envelope correlation of 10 ms "
         "loudness, 1.0 = same contour); packing projected with the measured per-record "
-        "and per-segment overheads (TLS 1.3 record 22 B, WebSocket + edgevoice 18 B).")
+        "and per-segment overheads (TLS 1.3 record 22 B, WebSocket + edgevoice 18 B). "
+        "The WAV microphone hands over `audio.capture_block_ms` (60 ms) blocks, as the "
+        "sound card does; what the device queued together leaves in one write.")
     if ratio < TARGET_RATIO:
         best = next((o for o in options
                      if wy_wire / projected_wire(o["opus_bytes_per_frame"], 1) >= TARGET_RATIO
