@@ -26,7 +26,7 @@ def test_the_pages_state_tables_match_the_code() -> None:
 
 def test_layering() -> None:
     graph = import_graph(ROOT / "edgevoice")
-    assert graph["protocol"] <= {"errors", "decoding"}
+    assert graph["protocol"] <= {"errors", "decoding", "queues"}
     for device_side in ("device", "audio", "triggers", "feedback"):
         assert not graph[device_side] & {"relay", "nova", "upstream", "web"}, device_side
 
