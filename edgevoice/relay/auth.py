@@ -17,13 +17,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
-import fcntl
 import json
 import logging
-import os
 import re
 import secrets
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +28,7 @@ from pathlib import Path
 from edgevoice.config.base import require
 from edgevoice.errors import ConfigError, EdgevoiceError
 from edgevoice.protocol.limits import TokenBucket
+from edgevoice.statefile import locked_directory, write_json_atomic
 from edgevoice.tokens import digest_matches, hash_token
 
 logger = logging.getLogger(__name__)
@@ -184,17 +182,13 @@ class TokenStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        directory = self.path.parent
+        lock = contextlib.ExitStack()
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            lock.enter_context(locked_directory(self.path.parent))
         except OSError as exc:
-            raise TokenStoreError(f"cannot use {directory}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            raise TokenStoreError(f"cannot use {self.path.parent}: {exc.strerror}") from None
+        with lock:
             yield
-        finally:
-            os.close(fd)  # closing releases the lock
 
     def _update(self, change: collections.abc.Callable[[dict[str, object]], object]) -> None:
         with self._locked():
@@ -218,23 +212,7 @@ class TokenStore:
         self.reload_if_changed()
 
     def _write(self, data: dict[str, object]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tokens-")
-        try:
-            os.fchmod(fd, 0o600)
-            # `edgevoice token add` usually runs as root while the relay runs as its
-            # own user: the file belongs to whoever owns its directory (the relay's
-            # StateDirectory), or the relay could not read its own tokens.
-            directory = self.path.parent.stat()
-            if os.geteuid() == 0 and (directory.st_uid, directory.st_gid) != (0, 0):
-                os.fchown(fd, directory.st_uid, directory.st_gid)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=2, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json_atomic(self.path, data)
 
 
 class FailureLimiter:

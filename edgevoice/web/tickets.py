@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import fcntl
 import hmac
 import json
 import logging
-import os
 import secrets
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -38,6 +35,7 @@ from pathlib import Path
 
 from edgevoice.errors import ConfigError, EdgevoiceError
 from edgevoice.relay.auth import DEVICE_ID, split_token
+from edgevoice.statefile import locked_directory, write_json_atomic
 from edgevoice.tokens import hash_token
 
 logger = logging.getLogger(__name__)
@@ -206,20 +204,13 @@ class TicketStore:
 
     @contextlib.contextmanager
     def _book(self) -> Iterator[TicketBook]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # lock the directory, not a lock file: root (the CLI) and the relay's own user
-        # can both open it, and there is no file to leave behind with the wrong owner
-        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with locked_directory(self.path.parent):
             book = TicketBook(self._load())
             before = book.tickets()
             yield book
             book.purge(self._wall())
             if book.tickets() != before:
                 self._save(book)
-        finally:
-            os.close(fd)  # releases the lock
 
     def _load(self) -> dict[str, Ticket]:
         try:
@@ -241,16 +232,4 @@ class TicketStore:
     def _save(self, book: TicketBook) -> None:
         data = {"version": 1, "tickets": {
             t.digest: {"device": t.device_id, "expires": t.expires_at} for t in book.tickets()}}
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tickets-")
-        try:
-            os.fchmod(fd, 0o600)
-            # as with device tokens: the CLI runs as root, the relay as its own user
-            directory = self.path.parent.stat()
-            if os.geteuid() == 0 and (directory.st_uid, directory.st_gid) != (0, 0):
-                os.fchown(fd, directory.st_uid, directory.st_gid)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json_atomic(self.path, data, indent=1)
