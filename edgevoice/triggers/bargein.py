@@ -101,8 +101,10 @@ class BargeInSettings:
     (output buffer + input buffer + the air). The prediction covers this window."""
 
     reverb_rt60_ms: int = 400
-    """How long (ms) the room keeps ringing after a sound stops (time to fall by
-    60 dB). Living rooms are 300-500 ms; tiled or empty rooms up to 1000 ms."""
+    """The shortest the room is assumed to keep ringing after a sound stops (ms, time
+    to fall by 60 dB). A room that rings longer (tiled or empty rooms, up to 1000 ms)
+    is measured from the decay heard in the pauses of the reply, so this only needs
+    raising to make the first second of the first reply safe in such a room."""
 
     learn_min_playback_dbfs: float = -40.0
     """The coupling is learnt only while the playback is at least this loud (dBFS);
@@ -150,6 +152,16 @@ _STRONG = 2
 #: Frames of playback an echo canceller needs before its output alone is trusted
 #: (WebRTC AEC3 converges within about 2 s of speech; 3 s leaves margin).
 _AEC_WARMUP_FRAMES = 150
+# The room's decay is measured in the pauses of the playback: each frame heard after
+# the last audible block left the direct window tells the slowest decay (dB/s) that
+# keeps the prediction at or above it. A low percentile of the recent ones is the
+# room's decay as the microphone hears it (the tail of a synthetic or real room
+# fluctuates around its exponential envelope: the slow side of it is what matters).
+_DECAY_HISTORY_FRAMES = 500
+_DECAY_MIN_FRAMES = 3
+_DECAY_PERCENTILE = 0.1
+#: Longest ring (ms) the measurement may conclude: beyond it the frame is not echo.
+_MAX_RT60_MS = 3000
 
 
 class EchoGuard:
@@ -161,9 +173,11 @@ class EchoGuard:
     frame, both from the event loop's thread.
 
     The *effective playback level* at ``now`` is the loudest recent block, where a
-    block older than ``max_delay_ms`` counts as quieter by the room's decay (60 dB per
-    ``reverb_rt60_ms``): the echo of a loud syllable rings on after it, and a
-    prediction that dropped at once would take that ringing for the user.
+    block older than ``max_delay_ms`` counts as quieter by the room's decay: the echo of
+    a loud syllable rings on after it, and a prediction that dropped at once would take
+    that ringing for the user. The decay is 60 dB per ``reverb_rt60_ms`` or slower:
+    as slow as measured in the pauses of the playback (:meth:`_learn_decay`), so a room
+    that rings longer than configured is followed without anyone setting it.
     """
 
     def __init__(self, settings: BargeInSettings | None = None) -> None:
@@ -172,9 +186,15 @@ class EchoGuard:
         # A block reported at t sounds during [t, t + block): the window spans the delay
         # plus one block before the room's decay applies.
         self._direct_s = (s.max_delay_ms + FRAME_MS) / 1000.0
-        self._decay_db_per_s = 60.0 / (s.reverb_rt60_ms / 1000.0)
-        # Blocks whose decayed level fell this far are irrelevant: forget them.
-        self._keep_s = self._direct_s + _FORGET_BELOW_DB / self._decay_db_per_s
+        self._prior_decay_db_per_s = 60.0 / (s.reverb_rt60_ms / 1000.0)
+        self._decay_db_per_s = self._prior_decay_db_per_s
+        # Blocks whose decayed level fell this far are irrelevant: forget them (kept
+        # for the slowest decay the measurement may conclude).
+        self._keep_s = self._direct_s + _FORGET_BELOW_DB * _MAX_RT60_MS / 60_000.0
+        # measured decay rates (dB/s), in arrival order and sorted
+        self._decays: collections.deque[float] = collections.deque()
+        self._decays_sorted: list[float] = []
+        self._pause_decays: list[float] = []  # measured in the pause in progress
         self._playback: collections.deque[tuple[float, float]] = collections.deque()
         # (microphone - playback) of the frames learnt from, in arrival order and sorted
         self._observed: collections.deque[float] = collections.deque()
@@ -188,12 +208,22 @@ class EchoGuard:
         """Current estimate of echo level minus playback level (dB)."""
         return self._coupling_db
 
+    @property
+    def reverb_rt60_ms(self) -> float:
+        """Current estimate of the room's ring (ms to fall by 60 dB): the measured
+        decay where it is slower than ``reverb_rt60_ms``, else that setting."""
+        return 60_000.0 / self._decay_db_per_s
+
     def reset(self) -> None:
-        """Forget the playback history and return to the prior coupling."""
+        """Forget the playback history and return to the prior coupling and decay."""
         self._playback.clear()
         self._observed.clear()
         self._sorted.clear()
+        self._decays.clear()
+        self._decays_sorted.clear()
+        self._pause_decays.clear()
         self._coupling_db = self.settings.prior_coupling_db
+        self._decay_db_per_s = self._prior_decay_db_per_s
         self.learnt_frames = 0
 
     def on_playback_block(self, dbfs: float, now: float) -> None:
@@ -215,6 +245,17 @@ class EchoGuard:
         )
         return level if level > _AUDIBLE_PLAYBACK_DBFS else None
 
+    def tail_dbfs(self, now: float) -> float | None:
+        """The part of :meth:`reference_dbfs` that is room tail: the decayed echo of the
+        blocks played before the direct window (None when there is none)."""
+        direct_from = now - self._direct_s
+        decay = self._decay_db_per_s
+        levels = [dbfs - decay * (direct_from - played_at)
+                  for played_at, dbfs in self._playback if played_at < direct_from]
+        if not levels or max(levels) <= _AUDIBLE_PLAYBACK_DBFS:
+            return None
+        return max(levels) + self._coupling_db
+
     def playing_directly(self, now: float) -> bool:
         """Whether an audible block is within ``max_delay_ms`` (not just its ringing)."""
         direct_from = now - self._direct_s
@@ -230,8 +271,10 @@ class EchoGuard:
     def on_capture_frame(self, dbfs: float, now: float, *, learn: bool = True) -> None:
         """A frame of level ``dbfs`` was captured; learn the coupling if it is echo.
 
-        ``learn=False`` (used while barge-in suspects the user is talking) skips learning.
+        ``learn=False`` (used while barge-in suspects the user is talking) skips learning
+        the coupling; the room's decay is measured either way (see :meth:`_learn_decay`).
         """
+        self._learn_decay(dbfs, now)
         if not learn:
             return
         played = self.playback_dbfs(now)
@@ -253,6 +296,62 @@ class EchoGuard:
             top = self._sorted[min(len(self._sorted) - 1, int(_PERCENTILE * len(self._sorted)))]
             lo, hi = _COUPLING_RANGE_DB
             self._coupling_db = min(hi, max(lo, top))
+
+    def _learn_decay(self, dbfs: float, now: float) -> None:
+        """Measure how fast the room's echo dies away, from a frame heard in a pause.
+
+        Only frames with no audible block inside the direct window count (the direct
+        echo would hide the tail), and only those loud enough to matter for barge-in
+        (``min_level_dbfs``; quieter ones are mostly room noise). For each block
+        played before the window, the decay rate that would make its echo predict
+        exactly this frame is (its echo level - frame) / its age; the largest of them
+        is the slowest decay that still covers the frame. It is measured whether or not
+        the frame looked like the user: a decay the current estimate cannot explain is
+        precisely what must be learnt, and a user's voice in a pause can only make the
+        estimate slower -- fewer barge-ins during pauses, never a self-interruption.
+        A frame louder than the undecayed echo of every block is not echo: skipped.
+        """
+        if not self._playback:
+            return
+        direct_from = now - self._direct_s
+        if self._playback[-1][0] >= direct_from:
+            self._commit_decays()  # playing directly again: the pause is over
+            return
+        if dbfs < self.settings.min_level_dbfs:
+            return
+        slowest = None
+        for played_at, played_dbfs in self._playback:
+            age_s = direct_from - played_at
+            if age_s < FRAME_MS / 1000.0 or played_dbfs < self.settings.learn_min_playback_dbfs:
+                continue
+            rate = (played_dbfs + self._coupling_db - dbfs) / age_s
+            slowest = rate if slowest is None else max(slowest, rate)
+        if slowest is None or slowest < 60_000.0 / _MAX_RT60_MS:
+            return  # no room rings that long: this frame is not (only) our echo
+        self._pause_decays.append(slowest)
+        if len(self._decays) < _DECAY_MIN_FRAMES:
+            # Nothing measured yet (the first pause of the first reply): learn at once;
+            # the first long pause of a reverberant room would otherwise interrupt.
+            self._estimate_decay(sorted([*self._decays, *self._pause_decays]))
+
+    def _commit_decays(self) -> None:
+        """Learn from the pause that just ended (never from the one in progress: a user
+        who starts talking in a pause must not raise the bar they are trying to clear)."""
+        if not self._pause_decays:
+            return
+        for rate in self._pause_decays:
+            self._decays.append(rate)
+            bisect.insort(self._decays_sorted, rate)
+            if len(self._decays) > _DECAY_HISTORY_FRAMES:
+                old = self._decays.popleft()
+                del self._decays_sorted[bisect.bisect_left(self._decays_sorted, old)]
+        self._pause_decays.clear()
+        self._estimate_decay(self._decays_sorted)
+
+    def _estimate_decay(self, rates: list[float]) -> None:
+        if len(rates) >= _DECAY_MIN_FRAMES:
+            measured = rates[int(_DECAY_PERCENTILE * len(rates))]
+            self._decay_db_per_s = min(self._prior_decay_db_per_s, measured)
 
     def _echo_has_arrived(self, now: float) -> bool:
         """Whether a loud block started more than ``max_delay_ms`` before this frame.
@@ -354,6 +453,11 @@ class BargeInDetector:
             self._cancelled_frames += playing
             if not playing or self._cancelled_frames < _AEC_WARMUP_FRAMES:
                 loud = loud and raw_loud
+            else:
+                # The canceller's filter is shorter than the room's ring: the tail of
+                # what played before the direct window passes it almost untouched.
+                tail = raw_guard.tail_dbfs(now)
+                loud = loud and (tail is None or dbfs >= tail + self.settings.margin_db)
         # No learning while the user may be talking: it would teach the guard their voice.
         self.guard.on_capture_frame(dbfs, now, learn=not loud and not any(self._recent))
         if not self.settings.enabled or self._state is not DeviceState.SPEAKING or self._fired:

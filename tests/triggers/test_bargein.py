@@ -326,3 +326,60 @@ def test_settings_are_checked() -> None:
         BargeInSettings(prior_coupling_db=30.0)
     with pytest.raises(SettingError, match="reverb_rt60_ms"):
         BargeInSettings(reverb_rt60_ms=10)
+
+
+# -- the room's ring, measured in the pauses ----------------------------------------------
+
+
+def _bursts_in_a_ringing_room(
+        guard: EchoGuard, rt60_ms: float, bursts: int,
+        user_in_last_pause_dbfs: float | None = None) -> list[tuple[float, float, float]]:
+    """0.4 s of playback at -20 dBFS then 0.6 s of pause, heard at -10 dB with 60 ms of
+    delay, the room falling 60 dB per ``rt60_ms`` after each burst. Returns, for each
+    frame of the last pause: the microphone, the predicted echo, the guard's RT60."""
+    decay = 60.0 / (rt60_ms / 1000.0)
+    last_pause = []
+    frame = 0
+    for burst in range(bursts):
+        for k in range(50):
+            now = frame * FRAME_S
+            playing = k < 20
+            guard.on_playback_block(-20.0 if playing else SILENCE_DBFS, now)
+            since_end = (k + 1 - 20) * FRAME_S - 0.06
+            mic = -30.0 if since_end <= 0 else max(-70.0, -30.0 - decay * since_end)
+            in_last_pause = burst == bursts - 1 and not playing
+            if in_last_pause and user_in_last_pause_dbfs is not None and k >= 30:
+                mic = max(mic, user_in_last_pause_dbfs)
+            predicted = guard.reference_dbfs((frame + 1) * FRAME_S)
+            guard.on_capture_frame(mic, (frame + 1) * FRAME_S)
+            if in_last_pause:
+                last_pause.append((mic, predicted or SILENCE_DBFS, guard.reverb_rt60_ms))
+            frame += 1
+    return last_pause
+
+
+def test_a_room_that_rings_longer_than_the_setting_is_measured() -> None:
+    guard = EchoGuard(BargeInSettings(prior_coupling_db=-10.0))
+    after = _bursts_in_a_ringing_room(guard, 1000.0, bursts=4)
+    # measured: the prediction covers every frame of the tail loud enough to matter
+    # (with 60 dB per 400 ms it fell up to 10 dB under the last of them)
+    assert guard.reverb_rt60_ms > 500.0
+    assert all(mic <= predicted + 0.5 for mic, predicted, _ in after if mic > -45.0)
+    guard.reset()
+    assert guard.reverb_rt60_ms == pytest.approx(400.0)
+
+
+def test_a_room_that_rings_shorter_keeps_the_setting() -> None:
+    guard = EchoGuard(BargeInSettings(prior_coupling_db=-10.0))
+    _bursts_in_a_ringing_room(guard, 250.0, bursts=4)
+    assert guard.reverb_rt60_ms == pytest.approx(400.0)
+
+
+def test_a_user_talking_in_a_pause_does_not_raise_the_bar_during_that_pause() -> None:
+    settings = BargeInSettings(prior_coupling_db=-10.0)
+    alone = _bursts_in_a_ringing_room(EchoGuard(settings), 800.0, bursts=4)
+    talked_over = _bursts_in_a_ringing_room(EchoGuard(settings), 800.0, bursts=4,
+                                            user_in_last_pause_dbfs=-25.0)
+    assert [rt60 for *_, rt60 in talked_over] == [rt60 for *_, rt60 in alone]
+    # ... so the user's voice clears the predicted echo by the margin within the pause
+    assert any(mic >= predicted + settings.margin_db for mic, predicted, _ in talked_over)
