@@ -188,9 +188,6 @@ class EchoGuard:
         self._direct_s = (s.max_delay_ms + FRAME_MS) / 1000.0
         self._prior_decay_db_per_s = 60.0 / (s.reverb_rt60_ms / 1000.0)
         self._decay_db_per_s = self._prior_decay_db_per_s
-        # Blocks whose decayed level fell this far are irrelevant: forget them (kept
-        # for the slowest decay the measurement may conclude).
-        self._keep_s = self._direct_s + _FORGET_BELOW_DB * _MAX_RT60_MS / 60_000.0
         # measured decay rates (dB/s), in arrival order and sorted
         self._decays: collections.deque[float] = collections.deque()
         self._decays_sorted: list[float] = []
@@ -369,7 +366,8 @@ class EchoGuard:
         )
 
     def _prune(self, now: float) -> None:
-        oldest = now - self._keep_s
+        # Blocks whose decayed level fell this far are irrelevant: forget them.
+        oldest = now - self._direct_s - _FORGET_BELOW_DB / self._decay_db_per_s
         playback = self._playback
         while playback and playback[0][0] < oldest:
             playback.popleft()
