@@ -65,5 +65,5 @@ def test_every_response_end_reason_is_documented_and_nothing_else() -> None:
         | set(RESPONSE_END_REASONS)
     )
     _, documented = _documented()
-    assert documented == {"end_turn", "interrupted", "error"}
+    assert documented == {"end_turn", "interrupted", "error", "announcement"}
     assert produced <= documented, produced - documented
