@@ -442,6 +442,10 @@ class SessionCore:
             if self._awaiting_since is not None and self._response is None:
                 # The turn ended while the stream was opening: Nova hears it all now.
                 self._first_output_due = now + self.settings.first_output_timeout_s
+            elif self._replaying_question():
+                # A reply cut mid-way: Nova hears the question again and takes its
+                # end-of-turn pause before it answers, as it did the first time.
+                self._first_output_due = now + self.settings.first_output_timeout_s
             return self._flush_pending(stream, now)
         if self._next is not None and stream_id == self._next.id and self.state is _S.ROTATING:
             old, new = self._current, self._next
@@ -704,12 +708,17 @@ class SessionCore:
         if (
             self._response is not None
             and not self._tools_running
+            and not (self._response.restarting and not stream.got_output)
             and now - stream.last_output_at > self.settings.stall_timeout_s
         ):
             return f"no event for {self.settings.stall_timeout_s:g} s in the middle of a reply"
         return None
 
     # --- internals -------------------------------------------------------------------
+
+    def _replaying_question(self) -> bool:
+        """Whether the current reply restarts in a fresh stream that replays its question."""
+        return self._response is not None and self._response.restarting and self._replayed
 
     def _transition(self, new: SessionState) -> None:
         old = self.state

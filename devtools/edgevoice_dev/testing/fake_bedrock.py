@@ -133,8 +133,11 @@ class StreamPlan:
     default_reply: Reply | None = field(default_factory=Reply)
     #: Send completionStart/completionEnd around every reply (else once per stream).
     completion_per_reply: bool = True
-    #: Silent input frames (20 ms each) that end an utterance.
-    end_of_speech_frames: int = 6
+    #: Silent input frames (20 ms each) that end an utterance. 300 ms: longer than the
+    #: pauses between words (the bundled phrase has a 100 ms one), which a speech model's
+    #: endpointing never takes for the end of a turn (Nova 2 waits 1.5-2 s); shorter
+    #: than the device's hangover, so tests stay quick.
+    end_of_speech_frames: int = 15
 
 
 class Script:
