@@ -45,6 +45,8 @@ RATE_HZ = 16_000
 FRAME_SAMPLES = 320  # 20 ms at 16 kHz
 FRAME_BYTES = FRAME_SAMPLES * 2
 _HALF = FRAME_SAMPLES // 2  # AEC3 works on 10 ms frames
+#: 20 ms of silence, shared: what the reference reads while nothing was played
+ZERO_FRAME = bytes(FRAME_BYTES)
 
 AecMode = Literal["auto", "on", "off"]
 
@@ -86,30 +88,70 @@ class EchoCanceller(Protocol):
 
 
 class WebRtcEchoCanceller:
-    """WebRTC AEC3 through ``pywebrtc_audio.EchoCanceller`` (10 ms frames inside)."""
+    """WebRTC AEC3 through ``pywebrtc_audio.EchoCanceller`` (10 ms frames inside).
 
-    def __init__(self, settings: AecSettings | None = None, module: Any = None) -> None:
+    While nothing has been played for ``bypass_after_ms`` (the reference is all
+    zeros: a parked speaker, an idle device listening to a silent room), there is no
+    echo left to cancel, and AEC3 is skipped: it was half of the event loop's CPU on a
+    device listening idle (py-spy, issue 15). The cleaned stream keeps its timing across
+    the switch: AEC3 delays its output by :data:`LATENCY_SAMPLES`, so a bypassed frame
+    is delayed as much, and the first frame after a bypass is preceded by the last one
+    fed to AEC3 again (output discarded), so its look-back holds recent audio, not
+    audio from before the bypass.
+    """
+
+    #: AEC3's own delay from capture in to cleaned out, in samples (measured: 8 ms).
+    LATENCY_SAMPLES = 128
+    #: nothing played for this long: the room's echo has died away (delay + ring)
+    BYPASS_AFTER_MS = 1000
+
+    def __init__(self, settings: AecSettings | None = None, module: Any = None, *,
+                 bypass_after_ms: int | None = BYPASS_AFTER_MS) -> None:
         settings = settings or AecSettings()
         if module is None:
             import pywebrtc_audio as module  # the optional extra
         self._aec: Any = module.EchoCanceller(sample_rate=RATE_HZ, num_channels=1,
                                               stream_delay_ms=settings.stream_delay_ms)
         self._out = np.empty(FRAME_SAMPLES, dtype=np.int16)
-        #: frames processed
+        self._bypass_after = (None if bypass_after_ms is None
+                              else max(1, -(-bypass_after_ms // 20)))
+        self._silent_frames = 0  # consecutive all-zero reference frames
+        self._last_capture = ZERO_FRAME  # the last frame seen, raw
+        self.bypassing = False
+        #: frames processed by AEC3, and frames passed by (reference silent long enough)
         self.frames = 0
+        self.bypassed = 0
 
     def process(self, capture: bytes, reference: bytes) -> bytes:
         if len(capture) != FRAME_BYTES or len(reference) != FRAME_BYTES:
             raise ValueError(f"expected {FRAME_BYTES}-byte frames, got {len(capture)} "
                              f"and {len(reference)}")
+        if reference is ZERO_FRAME or reference == ZERO_FRAME:
+            self._silent_frames += 1
+        else:
+            self._silent_frames = 0
+        last, self._last_capture = self._last_capture, capture
+        if self._bypass_after is not None and self._silent_frames > self._bypass_after:
+            # nothing to cancel: the capture as AEC3 would have timed it
+            self.bypassing = True
+            self.bypassed += 1
+            lag = 2 * self.LATENCY_SAMPLES  # bytes
+            return last[FRAME_BYTES - lag:] + capture[:FRAME_BYTES - lag]
+        if self.bypassing:  # resuming: AEC3's look-back must hold the frame just before
+            self.bypassing = False
+            self._run(last, ZERO_FRAME)
+        out = self._run(capture, reference)
+        self.frames += 1
+        return out.tobytes()
+
+    def _run(self, capture: bytes, reference: bytes) -> np.ndarray[Any, np.dtype[np.int16]]:
         near = np.frombuffer(capture, dtype="<i2")
         far = np.frombuffer(reference, dtype="<i2")
         out = self._out
         for start in (0, _HALF):
             out[start:start + _HALF] = self._aec.process(near[start:start + _HALF],
                                                          far[start:start + _HALF])
-        self.frames += 1
-        return out.astype("<i2").tobytes()
+        return out
 
     def reset(self) -> None:
         self._aec.reset()
@@ -185,7 +227,11 @@ class ReferenceFifo:
                 excess -= dropped
 
     def read(self) -> bytes:
-        """The next 20 ms of reference; zeros where nothing was played."""
+        """The next 20 ms of reference; zeros where nothing was played (nothing
+        played at all: :data:`ZERO_FRAME` itself, nothing allocated)."""
+        if not self._buffered:
+            self.stats.short_frames += 1
+            return ZERO_FRAME
         out = np.zeros(FRAME_SAMPLES, dtype=np.int16)
         filled = 0
         with self._lock:
@@ -201,7 +247,7 @@ class ReferenceFifo:
             self._buffered -= filled
             if filled < FRAME_SAMPLES:
                 self.stats.short_frames += 1
-        return out.astype("<i2").tobytes()
+        return out.tobytes()
 
     def clear(self) -> None:
         with self._lock:

@@ -214,3 +214,52 @@ def test_the_daemon_cancels_its_own_voice_before_the_detector_hears_it(tmp_path:
         heard_levels.append(daemon.detector.level_dbfs)
     settled = slice(150, None)  # after AEC3 converged
     assert np.mean(raw_levels[settled]) - np.mean(heard_levels[settled]) > 20
+
+
+def _cleaned(aec: WebRtcEchoCanceller, played: synth.Signal, heard: synth.Signal) -> np.ndarray:
+    fifo = ReferenceFifo()
+    out = []
+    for block, mic in zip(synth.frames_of(played), synth.frames_of(heard), strict=False):
+        if np.frombuffer(block, "<i2").any():  # a parked speaker writes no reference
+            fifo.write(np.frombuffer(block, dtype="<i2"))
+        out.append(aec.process(mic, fifo.read()))
+    return np.frombuffer(b"".join(out), "<i2").astype(np.float64)
+
+
+def test_with_nothing_played_the_canceller_is_skipped_and_the_stream_keeps_its_timing() -> None:
+    """Idle listening: AEC3 is not run, and the capture comes out exactly as delayed as
+    AEC3 delays it, with no sample lost or repeated where the bypass begins."""
+    mic = synth.speech_like(3.0, seed=7) * 0.3
+    aec = WebRtcEchoCanceller(AecSettings())
+    out = _cleaned(aec, np.zeros_like(mic), mic)
+    assert aec.bypassed == 150 - 50 and aec.frames == 50  # 1 s, then skipped
+    lag = WebRtcEchoCanceller.LATENCY_SAMPLES
+    start = 50 * 320  # the first bypassed frame
+    raw = np.frombuffer(synth.to_pcm(mic), "<i2").astype(np.float64)
+    assert np.array_equal(out[start:], raw[start - lag:len(raw) - lag])
+    # and what AEC3 gave before is that same capture, delayed by just as much: no jump
+    before = out[start - 16 * 320:start]
+
+    def match(shift: int) -> float:
+        return float(np.corrcoef(before, raw[start - 16 * 320 - shift:start - shift])[0, 1])
+
+    assert max(range(0, 320, 8), key=match) == lag
+
+
+def test_a_reply_after_a_long_silence_is_cancelled_as_well_as_without_the_bypass() -> None:
+    quiet_s = 3.0
+    reply = np.concatenate([np.zeros(int(quiet_s * synth.RATE_HZ)), full_volume_reply()])
+    echo = synth.room(reply, -10.0, 60.0, 400.0)
+    mic = echo + synth.noise(len(reply) / synth.RATE_HZ, -65.0)
+    gated = WebRtcEchoCanceller(AecSettings())
+    plain = WebRtcEchoCanceller(AecSettings(), bypass_after_ms=None)
+    out_gated, out_plain = _cleaned(gated, reply, mic), _cleaned(plain, reply, mic)
+    assert gated.bypassed > 90 and plain.bypassed == 0
+    settled = int((quiet_s + 2.0) * synth.RATE_HZ)  # after convergence
+
+    def residual_db(out: np.ndarray) -> float:
+        return float(10 * np.log10(np.mean(out[settled:] ** 2) + 1.0))
+
+    echo_db = float(10 * np.log10(np.mean(mic[settled:] ** 2 * 32768.0**2)))
+    assert echo_db - residual_db(out_gated) > 10.0  # the echo is cancelled at all ...
+    assert abs(residual_db(out_gated) - residual_db(out_plain)) < 1.0  # ... and as well
