@@ -269,7 +269,8 @@ class WavSource:
 class WavSink:
     """An AudioSink that writes what the device would play to a 16-bit WAV file.
 
-    ``realtime``: pulls a 20 ms block every 20 ms, like a sound card, and writes
+    ``realtime``: pulls a 20 ms block every 20 ms while anything plays, like a sound
+    card (and sleeps while nothing does, writing the silence that passed), and writes
     every block from the first :class:`~edgevoice.audio.playback.PlaybackStarted`
     on (underrun and inter-response silence included), so the file sounds exactly
     like the speaker would have. Otherwise it pulls only audio that is ready, as soon
@@ -293,6 +294,9 @@ class WavSink:
         self._task: asyncio.Task[None] | None = None
         self._buffer: PlaybackBuffer | None = None
         self._wake = asyncio.Event()
+        # real-time pacing: when block 0 was due, and the blocks done so far
+        self._paced_from = 0.0
+        self._paced_blocks = 0
         #: samples written to the file so far
         self.samples_written = 0
 
@@ -333,16 +337,44 @@ class WavSink:
         logger.info("audio sink %s open at %d Hz", self.name, self.sample_rate_hz)
 
     async def _pace(self, buffer: PlaybackBuffer, writer: wave.Wave_write) -> None:
-        start = self._clock.now()
-        k = 0
+        """A block every 20 ms while anything is to be played; while nothing is, no
+        wake-up at all (as a parked sound card): the silence that passed meanwhile is
+        written in one go when the next sound arrives, so the file keeps real time.
+        Blocks stay on the 20 ms grid counted from the start, as before."""
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+
+        def on_data() -> None:
+            # pushes may come from any thread: hand the wake-up to the loop
+            loop.call_soon_threadsafe(wake.set)
+
+        buffer.on_data = on_data
+        start = self._paced_from = self._clock.now()
+        self._paced_blocks = k = 0
         while True:
+            if not buffer.busy:
+                wake.clear()
+                if not buffer.busy:  # a push between the test and clear() set busy
+                    await wake.wait()
+                k = self._catch_up(buffer, writer)
             k += 1
             delay = start + k * FRAME_MS / 1000 - self._clock.now()
             if delay > 0:
                 await self._clock.sleep(delay)
             block = buffer.pull(self._block)
+            self._paced_blocks = k
             if buffer.stats.responses_started:
                 self._write(writer, block)
+
+    def _catch_up(self, buffer: PlaybackBuffer, writer: wave.Wave_write) -> int:
+        """Write the silent blocks that fell due while nothing played; the block count."""
+        due = int((self._clock.now() - self._paced_from) / (FRAME_MS / 1000))
+        k = self._paced_blocks
+        if due > k:
+            if buffer.stats.responses_started:
+                self._write(writer, bytes((due - k) * self._block * SAMPLE_WIDTH_BYTES))
+            self._paced_blocks = k = due
+        return k
 
     async def _drain(self, buffer: PlaybackBuffer, writer: wave.Wave_write) -> None:
         while True:
@@ -365,8 +397,11 @@ class WavSink:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._buffer is not None and not self.realtime:
-            self._buffer.on_data = None
+        buffer, writer = self._buffer, self._writer
+        if buffer is not None:
+            buffer.on_data = None
+            if self.realtime and writer is not None and not buffer.busy:
+                self._catch_up(buffer, writer)  # the silence played since the last sound
         self._buffer = None
         writer, self._writer = self._writer, None
         if writer is not None:

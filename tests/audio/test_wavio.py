@@ -338,8 +338,7 @@ def test_realtime_sink_writes_what_the_speaker_plays_from_the_first_start(
         buf.push(reply)
         buf.end_of_response()
         await asyncio.wait_for(ended.event.wait(), 10)
-        for _ in range(5):  # let it play (at least) 100 ms of silence after the reply
-            await asyncio.sleep(0)
+        clock.advance(0.1)  # 100 ms of silence after the reply, before the sink closes
         await sink.close()
 
     asyncio.run(main())
@@ -349,6 +348,57 @@ def test_realtime_sink_writes_what_the_speaker_plays_from_the_first_start(
     assert len(pcm) % (2 * RATE // 50) == 0  # whole 20 ms blocks
     assert len(pcm) >= len(reply) + 2 * RATE // 10
     assert not any(pcm[len(reply) :])
+
+
+def test_realtime_sink_sleeps_while_nothing_plays_and_keeps_real_time(tmp_path: Path) -> None:
+    """No block is pulled while nothing is to be played (no wake-up every 20 ms); the
+    silence that passed is written when the next reply arrives, on the 20 ms grid."""
+    first = to_pcm(tone(500.0, -10.0, RATE // 25, rate_hz=RATE))  # 40 ms
+    second = to_pcm(tone(700.0, -10.0, RATE // 25, rate_hz=RATE))
+    clock = FakeClock()
+    block = RATE // 50
+
+    async def main() -> list[int]:
+        ended = Ended()
+        buf = PlaybackBuffer(RATE, prefill_ms=0, on_event=ended, clock=clock.now)
+        pulls: list[int] = []
+        real_pull = buf.pull
+
+        def counted_pull(n: int) -> bytes:
+            pulls.append(n)
+            return real_pull(n)
+
+        buf.pull = counted_pull  # type: ignore[method-assign]
+        sink = WavSink(tmp_path / "out.wav", RATE, realtime=True, clock=clock)
+        await sink.open(buf)
+        buf.push(first)
+        buf.end_of_response()
+        await asyncio.wait_for(ended.event.wait(), 10)
+        ended.event.clear()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        idle_pulls = len(pulls)
+        for _ in range(50):  # one second passes with nothing to play
+            clock.advance(0.02)
+            await asyncio.sleep(0)
+        assert len(pulls) == idle_pulls  # not one pull, not one wake-up
+        buf.push(second)  # the next reply, mid-block
+        buf.end_of_response()
+        await asyncio.wait_for(ended.event.wait(), 10)
+        await sink.close()
+        return pulls
+
+    asyncio.run(main())
+    _, pcm = read_back(tmp_path / "out.wav")
+    samples = np.frombuffer(pcm, dtype="<i2")
+    assert pcm.startswith(first)
+    at = pcm.index(second[:200]) // 2
+    assert at % block == 0  # on the 20 ms grid
+    # the second reply starts where a sound card would have played it: after the
+    # silence that really passed (>= 1 s), not right after the first
+    assert at >= len(first) // 2 + RATE
+    assert not samples[len(first) // 2 : at].any()
+    assert pcm[at * 2 : at * 2 + len(second)] == second
 
 
 def test_sink_refuses_a_buffer_at_another_rate(tmp_path: Path) -> None:
