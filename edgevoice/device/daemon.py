@@ -63,6 +63,11 @@ from edgevoice.triggers.base import AudioTrigger, Trigger
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_FILE = "/etc/edgevoice/device.token"
+#: How often the turn machine's timeouts, the shown state and the stats are looked at.
+TICK_S = 0.1
+#: While frames arrive, they carry the tick; the ticker task then only looks this often
+#: whether capture stalled (each wake-up of an idle device costs: issue 15).
+TICK_BACKSTOP_S = 1.0
 
 __all__ = [
     "DEFAULT_TOKEN_FILE", "ERROR_STATE_S", "MAX_CONCEALED_FRAMES", "DeviceCounters",
@@ -158,6 +163,8 @@ class DeviceDaemon(LinkListener):
         self.counters = DeviceCounters()
         self._connected = asyncio.Event()
         self._stop = asyncio.Event()
+        self._ticked_at = self._last_stats_at = self.clock.now()
+        self._frame_at = float("-inf")  # when the last captured frame was handled
 
         self.link = DeviceLink(config.relay, self.device_id, token, self, clock=self.clock)
         self.status_board = StatusBoard(on_state, on_ready)
@@ -216,7 +223,7 @@ class DeviceDaemon(LinkListener):
             recent_frames=config.triggers.wake.buffer_ms // 20,
             thinking_sound=feedback.thinking_sound)
         self.capture = CaptureLoop(
-            source, self.clock, self.status_board, self.counters, self.turn_taking.on_frame,
+            source, self.clock, self.status_board, self.counters, self._on_frame,
             reopen_max_ms=config.audio.reopen_max_ms, on_eof=self._source_ended,
             start_after=self._connected if capture_after_link else None)
 
@@ -260,16 +267,29 @@ class DeviceDaemon(LinkListener):
         if self.exit_on_eof:
             self.stop()
 
-    async def _ticker(self) -> None:
-        last_stats = self.clock.now()
+    def _on_frame(self, frame: bytes) -> None:
+        """A captured frame; it also ticks when a tick is due (no wake-up of its own)."""
+        self.turn_taking.on_frame(frame)
+        now = self._frame_at = self.clock.now()
+        if now - self._ticked_at >= TICK_S:
+            self._tick(now)
+
+    def _tick(self, now: float) -> None:
+        self._ticked_at = now
+        self.turn_taking.tick(now)
         interval = self.config.relay.stats_interval_s
+        if interval and now - self._last_stats_at >= interval and self.link.connected:
+            self._last_stats_at = now
+            self.link.send(Stats(self.compact_stats()))
+
+    async def _ticker(self) -> None:
+        """Ticks when no frame did (capture stalled, closed or not yet open)."""
         while True:
-            await self.clock.sleep(0.1)
             now = self.clock.now()
-            self.turn_taking.tick(now)
-            if interval and now - last_stats >= interval and self.link.connected:
-                last_stats = now
-                self.link.send(Stats(self.compact_stats()))
+            if now - self._ticked_at >= TICK_S:
+                self._tick(now)
+            flowing = now - self._frame_at < 2 * TICK_S
+            await self.clock.sleep(TICK_BACKSTOP_S if flowing else TICK_S)
 
     # ------------------------------------------------------------ probe (public)
 
