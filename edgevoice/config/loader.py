@@ -92,8 +92,9 @@ def describe(cls: type[Any], prefix: str = "") -> Iterator[tuple[str, str, objec
         if dataclasses.is_dataclass(tp):
             yield from describe(typing.cast(type, tp), f"{prefix}{f.name}.")
             continue
-        default: object = (f.default if f.default is not dataclasses.MISSING
-                           else f.default_factory())  # type: ignore[misc,operator]
+        default: object = f.default
+        if default is dataclasses.MISSING and callable(f.default_factory):
+            default = f.default_factory()
         yield f"{prefix}{f.name}", _type_name(tp), default, docs.get(f.name, "")
 
 
