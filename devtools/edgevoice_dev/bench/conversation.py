@@ -22,6 +22,7 @@ import logging
 import signal
 import socket
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 
 from edgevoice.config.model import DeviceConfig
 from edgevoice_dev.bench.fixtures import SpeechFixture, build_speech
-from edgevoice_dev.bench.floor import measure_floor
+from edgevoice_dev.bench.floor import Floor, measure_floor
 from edgevoice_dev.bench.peers import PeerBytes, nova_json_bytes, wyoming_bytes
 from edgevoice_dev.bench.plan import OUTPUT_RATE_HZ, REPLY_MS, Workspace
 from edgevoice_dev.bench.proc import (
@@ -50,6 +51,7 @@ from edgevoice_dev.bench.results import (
     verdict,
 )
 from edgevoice_dev.bench.wire import OPCODE_BINARY, CountingProxy
+from edgevoice_dev.testing.soundcard import VirtualSoundCard, missing_tools
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +106,9 @@ class ConversationRun:
 
 
 async def _conversation(ws: Workspace, fixture: SpeechFixture | None = None,
-                        profile_out: Path | None = None) -> ConversationRun:
+                        profile_out: Path | None = None, card: bool = False) -> ConversationRun:
+    """One conversation: WAV stand-ins, or with ``card`` the virtual sound card (the
+    fixture played into its microphone at real time, the reply to its speaker)."""
     fixture = fixture or ws.fixture
     notify_path = ws.root / f"notify-{'profile' if profile_out else 'run'}.sock"
     notify_path.unlink(missing_ok=True)
@@ -117,18 +121,31 @@ async def _conversation(ws: Workspace, fixture: SpeechFixture | None = None,
     relay: Child | None = None
     device: Child | None = None
     proxy: CountingProxy | None = None
+    sound_card: VirtualSoundCard | None = None
+    player: subprocess.Popen[bytes] | None = None
+    suffix = "-card" if card else ""
     try:
-        relay = await ws.relay("conversation-relay", "reply")
+        relay = await ws.relay(f"conversation-relay{suffix}", "reply")
         proxy = CountingProxy(int(relay.events[0]["port"]), websocket=True)
         port = await proxy.start()
-        config = ws.device_config(DEVICE, f"ws://127.0.0.1:{port}/",
-                                  f"wav:{fixture.path}", f"wav:{ws.root / 'heard.wav'}")
+        env = {"NOTIFY_SOCKET": str(notify_path)}
+        if card:
+            sound_card = VirtualSoundCard()
+            sound_card.start()
+            env = {**sound_card.environ(), **env}
+            audio_in, audio_out = "default", "default"
+        else:
+            audio_in, audio_out = f"wav:{fixture.path}", f"wav:{ws.root / 'heard.wav'}"
+        config = ws.device_config(f"{DEVICE}{suffix}", f"ws://127.0.0.1:{port}/",
+                                  audio_in, audio_out)
         argv = ["edgevoice", "device", "--config", str(config)]
         if profile_out is not None:
             argv = ["edgevoice_dev.bench.profiled", "--on-signal", str(profile_out), *argv]
-        device = await ws.spawn("conversation-device", python_module(*argv),
-                                   env={"NOTIFY_SOCKET": str(notify_path)})
+        device = await ws.spawn(f"conversation-device{suffix}", python_module(*argv), env=env)
         connected_at = await device.line("connected to", 30)
+        if sound_card is not None:
+            # the room starts talking once the device listens, as the WAV microphone does
+            player = sound_card.play_into_mic(fixture.path, wait=False)
         # READY=1 comes right after the relay answers, if the daemon sends it at all.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(listener.ready.wait(), 2.0)
@@ -170,6 +187,11 @@ async def _conversation(ws: Workspace, fixture: SpeechFixture | None = None,
             await relay.stop()
         if proxy is not None:
             await proxy.close()
+        if player is not None and player.poll() is None:
+            player.kill()
+            player.wait()
+        if sound_card is not None:
+            sound_card.stop()
 
 
 async def _stop_relay(relay: Child) -> dict[str, Any]:
@@ -250,33 +272,48 @@ def _opus_settings() -> dict[str, Any]:
             "expected_loss_pct": opus.expected_loss_pct, "dtx": opus.dtx}
 
 
-def _cpu_row(ws: Workspace, run: ConversationRun) -> RowResult:
-    row = RowResult(2, "Device CPU, full-duplex conversation")
+def _cpu_lines(ws: Workspace, run: ConversationRun, what: str
+               ) -> tuple[list[Line], dict[str, Any], Floor]:
+    """Row 2's lines and figures for one conversation run (``what``: its audio path)."""
     floor = measure_floor(ws.fixture.pcm, ws.reply_path.read_bytes(), run.up_frames_in_window,
                           run.down_frames_in_window, OUTPUT_RATE_HZ)
     device_pct = 100.0 * run.cpu_s / run.window_s
     floor_pct = 100.0 * floor.total_s / run.window_s
     ratio = device_pct / floor_pct if floor_pct else float("inf")
+    lines = [Line(f"CPU per second of conversation, {what}, % of one core",
+                  f"{device_pct:.2f} %", f"floor {floor_pct:.3f} %",
+                  f"<= {CPU_TARGET_CORE_PCT:g} %", verdict(device_pct <= CPU_TARGET_CORE_PCT)),
+             Line("  ratio to the floor", f"{ratio:.1f}x", "1x",
+                  f"<= {CPU_TARGET_FLOOR_RATIO:g}x", verdict(ratio <= CPU_TARGET_FLOOR_RATIO))]
+    data = {"window_s": round(run.window_s, 2), "cpu_s": round(run.cpu_s, 3),
+            "device_pct_of_core": round(device_pct, 3), "floor_pct_of_core": round(floor_pct, 4),
+            "ratio_to_floor": round(ratio, 2), "floor": floor.as_dict(),
+            "uplink_frames": run.up_frames_in_window,
+            "downlink_frames": run.down_frames_in_window,
+            "machine_busy_pct": round(run.machine_busy_pct, 1)}
+    return lines, data, floor
+
+
+def _cpu_row(ws: Workspace, run: ConversationRun, card: ConversationRun | None = None,
+             card_missing: str = "") -> RowResult:
+    row = RowResult(2, "Device CPU, full-duplex conversation")
     opus = _opus_settings()
-    row.lines.append(Line("CPU per second of conversation, % of one core",
-                          f"{device_pct:.2f} %", f"floor {floor_pct:.3f} %",
-                          f"<= {CPU_TARGET_CORE_PCT:g} %",
-                          verdict(device_pct <= CPU_TARGET_CORE_PCT)))
-    row.lines.append(Line("  ratio to the floor", f"{ratio:.1f}x", "1x",
-                          f"<= {CPU_TARGET_FLOOR_RATIO:g}x",
-                          verdict(ratio <= CPU_TARGET_FLOOR_RATIO)))
+    wav_lines, wav_data, floor = _cpu_lines(ws, run, "WAV stand-ins")
+    row.lines += wav_lines
+    card_data: dict[str, Any] | None = None
+    if card is not None:
+        card_lines, card_data, _ = _cpu_lines(ws, card, "sound card (PortAudio, PulseAudio)")
+        row.lines += card_lines
+    else:
+        row.lines.append(Line("CPU per second of conversation, sound card", "not measured",
+                              card_missing, f"<= {CPU_TARGET_FLOOR_RATIO:g}x the floor", INFO))
     row.lines.append(Line("  Opus complexity (uplink encoder)", str(opus["complexity"]),
                           f"{opus['bitrate_bps'] // 1000} kbps, FEC "
                           f"{'on' if opus['fec'] else 'off'}", "", INFO))
-    row.data = {
-        "window_s": round(run.window_s, 2), "cpu_s": round(run.cpu_s, 3),
-        "device_pct_of_core": round(device_pct, 3), "floor_pct_of_core": round(floor_pct, 4),
-        "ratio_to_floor": round(ratio, 2), "floor": floor.as_dict(),
-        "uplink_frames": run.up_frames_in_window, "downlink_frames": run.down_frames_in_window,
-        "opus": opus, "output_rate_hz": OUTPUT_RATE_HZ, "reply_ms_per_turn": REPLY_MS,
-        "cpu_time_source": "/proc/PID/stat utime+stime (10 ms ticks)",
-        "machine_busy_pct": round(run.machine_busy_pct, 1),
-    }
+    row.data = {**wav_data, "opus": opus, "output_rate_hz": OUTPUT_RATE_HZ,
+                "reply_ms_per_turn": REPLY_MS,
+                "cpu_time_source": "/proc/PID/stat utime+stime (10 ms ticks)",
+                "sound_card": card_data}
     row.notes.append(
         f"`edgevoice device` in its own process, WAV microphone and 48 kHz WAV speaker at "
         f"real time, talking to a relay process whose upstream answers every turn with "
@@ -284,6 +321,16 @@ def _cpu_row(ws: Workspace, run: ConversationRun) -> RowResult:
         f"{run.up_frames_in_window} and played {run.down_frames_in_window} 20 ms frames; "
         f"capture and playback ran the whole time. The machine was {run.machine_busy_pct:.0f} % "
         "busy over that window (all cores, every process).")
+    if card is not None:
+        row.notes.append(
+            "Sound card: the same conversation through the virtual sound card "
+            "(scripts/soundcard: PulseAudio null sinks through ALSA's pulse plugin), the "
+            "fixture played into its microphone at real time by paplay (not counted) and the "
+            "reply played to its speaker, so PortAudio's callback threads and the sound "
+            f"server's client threads run as on a board: {card.up_frames_in_window} frames "
+            f"sent, {card.down_frames_in_window} played over {card.window_s:.1f} s, the "
+            f"machine {card.machine_busy_pct:.0f} % busy; its floor is computed from its own "
+            "frame counts.")
     row.notes.append(
         f"Floor: Opus encode of those {run.up_frames_in_window} frames (complexity "
         f"{opus['complexity']}, FEC) + decode of the {run.down_frames_in_window} 24 kHz "
@@ -291,23 +338,17 @@ def _cpu_row(ws: Workspace, run: ConversationRun) -> RowResult:
         f"of CPU in all (encode {floor.encode_s * 1000:.1f}, decode "
         f"{floor.decode_s * 1000:.1f}, resample {floor.resample_s * 1000:.1f}).")
     if row.missed:
-        spent = run.cpu_s - floor.total_s
-        row.findings.append(
-            f"The device spends {spent * 1000 / run.window_s:.1f} ms of CPU per second "
-            f"outside libopus and soxr, {run.cpu_s / max(floor.total_s, 1e-9):.1f} times what "
-            "the codecs need. The profile below (steady state only) shows no single hot "
-            "spot: it is Python and asyncio work repeated for every 20 ms frame. Already "
-            "done: each microphone frame's level is measured once for the silence detector "
-            "and barge-in, all-silent speaker blocks are not measured, and the reply is "
-            "resampled at LQ. Left: the link still hands every uplink frame through a queue "
-            "and a task switch (edgevoice/device/link.py). Part of the "
-            "figure is the WAV stand-ins': the WAV sink pulls every 20 ms block from an "
-            "asyncio timer (WavSink._pace in the profile) where a sound card's PortAudio "
-            "thread would pull without waking the loop, and the WAV source sleeps once per "
-            "frame; a shared 20 ms tick for both would halve those wake-ups. The uplink Opus "
-            f"encoder (complexity {opus['complexity']}, FEC) is "
-            f"{100 * floor.encode_s / max(run.cpu_s, 1e-9):.0f} % of the device's CPU and is "
-            "the floor itself.")
+        for what, r, data in (("WAV stand-ins", run, wav_data), ("sound card", card, card_data)):
+            if r is None or data is None:
+                continue
+            spent = r.cpu_s - float(data["floor"]["total_s"])
+            row.findings.append(
+                f"{what}: the device spends {spent * 1000 / r.window_s:.1f} ms of CPU per "
+                f"second outside libopus and soxr, {data['ratio_to_floor']:.1f} times what the "
+                f"codecs need; the uplink encoder is "
+                f"{100 * float(data['floor']['encode_s']) / max(r.cpu_s, 1e-9):.0f} % of the "
+                "device's CPU. Where the rest goes: the profile below (steady state, WAV "
+                "stand-ins).")
     return row
 
 
@@ -342,9 +383,20 @@ def _footprint_row(run: ConversationRun) -> RowResult:
 async def run_rows(ws: Workspace) -> tuple[RowResult, RowResult, RowResult]:
     started = time.monotonic()
     run = await _conversation(ws)
+    card: ConversationRun | None = None
+    missing = ", ".join(missing_tools())
+    if missing:
+        missing = f"missing: {missing}"
+    else:
+        try:
+            card = await _conversation(ws, card=True)
+        except Exception as exc:  # the WAV figures stand on their own
+            logger.exception("the sound card conversation failed")
+            missing = f"failed: {type(exc).__name__}: {exc}"
     peers = [await wyoming_bytes(ws.fixture.pcm), await nova_json_bytes(ws.fixture.pcm),
              await nova_json_bytes(ws.fixture.pcm, deflate=True)]
-    rows = (_bandwidth_row(ws, run, peers), _cpu_row(ws, run), _footprint_row(run))
+    rows = (_bandwidth_row(ws, run, peers), _cpu_row(ws, run, card, missing),
+            _footprint_row(run))
     for row in rows:
         row.seconds = time.monotonic() - started
     return rows
