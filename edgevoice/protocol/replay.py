@@ -231,6 +231,13 @@ class OutboundQueue(Generic[A]):
                     self._audio -= 1
                 return
 
+    def peek(self) -> Message | A:
+        """The oldest item, left in the queue; raise ``asyncio.QueueEmpty`` when there
+        is none (a sender looks before it knows it can send)."""
+        if not self._items:
+            raise asyncio.QueueEmpty
+        return self._items[0]
+
     def get_nowait(self) -> Message | A:
         """Pop the oldest item; raise ``asyncio.QueueEmpty`` when there is none."""
         if not self._items:

@@ -1,5 +1,6 @@
 """An idle session costs the relay as little as possible (issue 15, bench row 13):
-its reply pacer starts with the first thing to send, not with the session."""
+no task or timer of its own paces its replies; the relay's one shared tick does,
+and only while a reply waits."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def pacers(device: str) -> int:
                if t.get_name() == f"downlink:{device}" and not t.done())
 
 
-def test_an_idle_session_has_no_pacer_until_a_reply_and_then_the_reply_arrives(
+def test_a_session_never_has_a_pacer_task_and_its_reply_arrives_on_the_shared_tick(
         tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_relay(tmp_path) as relay:
@@ -44,7 +45,7 @@ def test_an_idle_session_has_no_pacer_until_a_reply_and_then_the_reply_arrives(
                 await ws.send(conn.start(Hello(device="d1", software="test")))
                 conn.receive_text(await asyncio.wait_for(ws.recv(), scaled(10)))
                 await asyncio.sleep(0.3)
-                assert pacers("d1") == 0
+                assert pacers("d1") == 0 and len(relay.tick) == 0
                 encoder = OpusEncoder()
                 await ws.send(conn.send(TurnStart(1)))
                 for k in range(10):
@@ -61,5 +62,7 @@ def test_an_idle_session_has_no_pacer_until_a_reply_and_then_the_reply_arrives(
                         frames += conn.receive_binary(data) is not None
                     elif isinstance(conn.receive_text(data), ResponseEnd):
                         break
-                assert frames >= 10 and pacers("d1") == 1
+                assert frames >= 10 and pacers("d1") == 0
+                # the echo hands its reply over at once: the tick paced it, then stopped
+                assert relay.tick.ticks > 0 and len(relay.tick) == 0
     run(scenario(), timeout=scaled(30))
