@@ -163,7 +163,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 0
         setup_logging(relay_config.log_level)
         from edgevoice.relay.app import run_relay
-        asyncio.run(run_relay(relay_config, args.config))
+        from edgevoice.relay.loop import run as run_on_relay_loop
+        run_on_relay_loop(run_relay(relay_config, args.config))
         return 0
     if args.command == "demo":
         setup_logging(os.environ.get("EDGEVOICE_LOG_LEVEL", "warning"))

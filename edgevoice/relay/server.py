@@ -702,7 +702,7 @@ class DeviceSession:
 
     def _writable(self, ws: ServerConnection, now: float) -> bool:
         """Whether ``ws`` takes a message now; a device that has not read for
-        ``send_timeout_ms`` is closed (4007, the session held: a dead route looks the
+        ``send_timeout_ms`` is closed (slow reader, the session held: a dead route looks the
         same as a slow reader)."""
         if not ws.paused:
             self._blocked_since = None

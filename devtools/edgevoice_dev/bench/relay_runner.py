@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgevoice.relay.auth import TokenStore
+from edgevoice.relay.loop import run as run_on_relay_loop
 from edgevoice.relay.server import RelayServer
 from edgevoice.relay.settings import LimitsSettings, ListenSettings
 from edgevoice_dev.bench.proc import emit, pin_to_cpu
@@ -52,20 +53,22 @@ def _parser() -> argparse.ArgumentParser:
 
 class LoopLag:
     """How late the event loop runs a callback scheduled every ``period_s``: the time
-    some other step held the loop (a stall), sampled. Costs one wake-up per period."""
+    some other step held the loop (a stall), sampled. Costs one wake-up per period.
+    Timed with time.monotonic, not loop.time (uvloop's is in whole milliseconds and
+    cached per loop iteration)."""
 
     def __init__(self, period_s: float = 0.01) -> None:
         self.period_s = period_s
         self.samples: list[tuple[float, float]] = []  # (monotonic time, lateness s)
         self._loop = asyncio.get_running_loop()
-        self._due = self._loop.time() + period_s
-        self._handle = self._loop.call_at(self._due, self._tick)
+        self._due = time.monotonic() + period_s
+        self._handle = self._loop.call_later(period_s, self._tick)
 
     def _tick(self) -> None:
-        now = self._loop.time()
-        self.samples.append((time.monotonic(), max(0.0, now - self._due)))
+        now = time.monotonic()
+        self.samples.append((now, max(0.0, now - self._due)))
         self._due = now + self.period_s
-        self._handle = self._loop.call_at(self._due, self._tick)
+        self._handle = self._loop.call_later(self.period_s, self._tick)
 
     def stop(self) -> list[list[float]]:
         self._handle.cancel()
@@ -116,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if profile is not None:
         profile.enable()
     try:
-        outcome = asyncio.run(serve(args, reply))
+        outcome = run_on_relay_loop(serve(args, reply))  # the loop `edgevoice relay` runs on
     finally:
         if profile is not None:
             profile.disable()
