@@ -100,10 +100,12 @@ async def serve(args: argparse.Namespace, reply: bytes) -> dict[str, Any]:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
-    lag = LoopLag()
+    # sampled only when asked for: its 100 wake-ups a second would be counted as the
+    # relay's own in the idle-fleet row
+    lag = LoopLag() if args.loop_lag else None
     emit({"event": "listening", "port": server.port, "t": time.monotonic()})
     await stop.wait()
-    loop_lag = lag.stop()
+    loop_lag = lag.stop() if lag is not None else []
     await server.close()
     counters = asdict(server.counters)
     counters.pop("upstream_latency_s", None)
