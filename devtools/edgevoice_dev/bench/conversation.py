@@ -31,6 +31,7 @@ from typing import Any
 from edgevoice.config.model import DeviceConfig
 from edgevoice_dev.bench.fixtures import SpeechFixture, build_speech
 from edgevoice_dev.bench.floor import Floor, measure_floor
+from edgevoice_dev.bench.life import thread_cpu
 from edgevoice_dev.bench.peers import PeerBytes, nova_json_bytes, wyoming_bytes
 from edgevoice_dev.bench.plan import OUTPUT_RATE_HZ, REPLY_MS, Workspace
 from edgevoice_dev.bench.proc import (
@@ -103,6 +104,8 @@ class ConversationRun:
     relay_counters: dict[str, Any]
     #: how busy the whole machine was over the window (all cores, anyone's work)
     machine_busy_pct: float
+    #: % of a core per thread of the device, the busiest first ("tid name")
+    threads: list[tuple[str, float]] = field(default_factory=list)
 
 
 async def _conversation(ws: Workspace, fixture: SpeechFixture | None = None,
@@ -153,7 +156,7 @@ async def _conversation(ws: Workspace, fixture: SpeechFixture | None = None,
         await asyncio.sleep(max(0.0, window_start - time.monotonic()))
         if profile_out is not None:
             device.proc.send_signal(signal.SIGUSR2)  # steady state: start profiling now
-        cpu0 = cpu_seconds(device.pid)
+        cpu0, threads0 = cpu_seconds(device.pid), thread_cpu(device.pid)
         ticks0 = cpu_busy_ticks()
         t0 = time.monotonic()
         window_end = connected_at + fixture.duration_s + 0.5
@@ -161,9 +164,11 @@ async def _conversation(ws: Workspace, fixture: SpeechFixture | None = None,
         while (now := time.monotonic()) < window_end:
             rss.append(memory_kib(device.pid).get("VmRSS", 0))
             await asyncio.sleep(min(0.5, window_end - now))
-        cpu1 = cpu_seconds(device.pid)
+        cpu1, threads1 = cpu_seconds(device.pid), thread_cpu(device.pid)
         ticks1 = cpu_busy_ticks()
         t1 = time.monotonic()
+        threads = sorted(((k, 100 * (v - threads0.get(k, 0.0)) / (t1 - t0))
+                          for k, v in threads1.items()), key=lambda kv: -kv[1])
         hwm = memory_kib(device.pid).get("VmHWM", 0)
         up_frames = sum(c.up.binary_frames_between(t0, t1)
                         for c in proxy.connections if c.up is not None)
@@ -177,7 +182,8 @@ async def _conversation(ws: Workspace, fixture: SpeechFixture | None = None,
             started_at=device.started_at, connected_at=connected_at,
             ready_at=listener.first("READY=1"),
             notify_messages=[text for _, text in listener.messages],
-            proxy=proxy, relay_counters=stopped, machine_busy_pct=busy_pct(ticks0, ticks1))
+            proxy=proxy, relay_counters=stopped, machine_busy_pct=busy_pct(ticks0, ticks1),
+            threads=[(name, pct) for name, pct in threads if pct >= 0.01])
     finally:
         loop.remove_reader(sock.fileno())
         sock.close()
@@ -290,7 +296,8 @@ def _cpu_lines(ws: Workspace, run: ConversationRun, what: str
             "ratio_to_floor": round(ratio, 2), "floor": floor.as_dict(),
             "uplink_frames": run.up_frames_in_window,
             "downlink_frames": run.down_frames_in_window,
-            "machine_busy_pct": round(run.machine_busy_pct, 1)}
+            "machine_busy_pct": round(run.machine_busy_pct, 1),
+            "threads": [[n, round(p, 3)] for n, p in run.threads]}
     return lines, data, floor
 
 
@@ -347,8 +354,10 @@ def _cpu_row(ws: Workspace, run: ConversationRun, card: ConversationRun | None =
                 f"second outside libopus and soxr, {data['ratio_to_floor']:.1f} times what the "
                 f"codecs need; the uplink encoder is "
                 f"{100 * float(data['floor']['encode_s']) / max(r.cpu_s, 1e-9):.0f} % of the "
-                "device's CPU. Where the rest goes: the profile below (steady state, WAV "
-                "stand-ins).")
+                "device's CPU. Per thread (% of a core): "
+                + ", ".join(f"{n.split(' ', 1)[1]} {p:.2f}" for n, p in r.threads[:6])
+                + ". Where the event loop's share goes: the profile below (steady state, "
+                "WAV stand-ins).")
     return row
 
 
