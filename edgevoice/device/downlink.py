@@ -1,6 +1,7 @@
 """Downlink playback: reply audio decoded, resampled and buffered for the speaker.
 
-Owns the Opus decoder, the 24 kHz → output-rate resampler and the playback buffer,
+Owns the Opus decoder (straight to the output rate when Opus has it, else 24 kHz and
+a resampler) and the playback buffer,
 and counts the replies the buffer holds (the next may arrive while the last drains).
 Earcons are cues mixed in on top (:meth:`PlaybackBuffer.play_cue`): they make no
 playback events, so every playback event is a reply's. After a local stop
@@ -16,7 +17,7 @@ import logging
 from collections.abc import Callable
 
 from edgevoice.audio.base import AudioSink
-from edgevoice.audio.opus import OpusDecodeError, OpusDecoder
+from edgevoice.audio.opus import OPUS_RATES_HZ, OpusDecodeError, OpusDecoder
 from edgevoice.audio.playback import PlaybackBuffer, PlaybackEnded, PlaybackEvent
 from edgevoice.audio.resample import StreamResampler
 from edgevoice.clock import Clock
@@ -67,12 +68,15 @@ class Downlink:
         self.counters = counters
         self.observer = observer
         self.on_reply_event = on_reply_event
-        self.decoder = OpusDecoder(DOWNLINK_FORMAT.sample_rate_hz)
-        # LQ, not HQ: soxr's HQ filter hands out its output in bursts (a whole block,
-        # then nothing), which kept every other reply frame waiting 20 ms for the next
-        # (measured by `edgevoice bench`, row 3); LQ is steady and ample for speech.
-        self.resampler = StreamResampler(DOWNLINK_FORMAT.sample_rate_hz, sink_rate_hz,
-                                         quality="LQ")
+        # libopus decodes any stream to any of its own rates: straight to the speaker's
+        # when it is one (48 kHz on most cards), so no resampler runs and none holds
+        # audio back (soxr releases in bursts: 1-2 % of reply frames waited a frame for
+        # the next, bench row 3). Other rates: 24 kHz, then soxr at LQ (steadier than
+        # HQ, whose bursts are a whole block; ample for speech).
+        decode_rate_hz = (sink_rate_hz if sink_rate_hz in OPUS_RATES_HZ
+                          else DOWNLINK_FORMAT.sample_rate_hz)
+        self.decoder = OpusDecoder(decode_rate_hz)
+        self.resampler = StreamResampler(decode_rate_hz, sink_rate_hz, quality="LQ")
         self.playback = PlaybackBuffer(sink_rate_hz, prefill_ms=prefill_ms, max_ms=max_ms,
                                        on_event=self._event_threadsafe,
                                        prefill_min_ms=prefill_min_ms)
@@ -152,8 +156,8 @@ class Downlink:
         self.playback.play_cue(pcm)
         return True
 
-    def _play(self, pcm24k: bytes) -> None:
-        out = self.resampler.process_bytes(pcm24k)
+    def _play(self, pcm: bytes) -> None:
+        out = self.resampler.process_bytes(pcm)
         if out:
             self._push(out)
 

@@ -193,15 +193,35 @@ def test_uplink_counts_only_what_the_link_took() -> None:
 # ----------------------------------------------------------------- downlink
 
 
-def test_reply_audio_is_decoded_resampled_and_buffered_at_the_output_rate() -> None:
+def test_reply_audio_is_decoded_straight_to_an_opus_output_rate_with_nothing_held() -> None:
+    # 48 kHz is one of Opus's own rates: libopus decodes the 24 kHz stream to it, so
+    # every frame is in the buffer whole the moment it arrives (a resampler holds
+    # some back, which kept 1-2 % of reply frames waiting a frame for the next one).
     rig = Rig()
+    assert OUT_RATE == 48_000 and rig.downlink.resampler.passthrough
     rig.downlink.response_start()
-    assert rig.downlink.audio(received(0)) and rig.downlink.audio(received(1))
-    pushed = sum(e[1] for e in rig.observer.events if e[0] == "playback_pushed")
-    assert rig.counters.frames_received == 2
-    # 40 ms at 48 kHz, give or take what the resampler still holds
-    assert 0 < pushed <= 2 * 960 and rig.downlink.playback.buffered_samples == pushed
+    for seq in range(5):
+        assert rig.downlink.audio(received(seq))
+        pushes = [e[1] for e in rig.observer.events if e[0] == "playback_pushed"]
+        assert pushes == [960] * (seq + 1)
+    assert rig.counters.frames_received == 5
+    assert rig.downlink.playback.buffered_samples == 5 * 960
     assert rig.downlink.reply_playing
+
+
+def test_reply_audio_is_resampled_to_an_output_rate_opus_does_not_have() -> None:
+    rig = Rig()
+    speaker = Speaker()
+    speaker.sample_rate_hz = 44_100
+    downlink = Downlink(speaker, prefill_ms=60, max_ms=10_000, clock=rig.clock,
+                        counters=rig.counters, observer=rig.observers,
+                        on_reply_event=lambda e, now: None)
+    assert not downlink.resampler.passthrough
+    downlink.response_start()
+    for seq in range(10):
+        downlink.audio(received(seq))
+    # 200 ms at 44.1 kHz, give or take what the resampler still holds
+    assert 0.8 * 10 * 882 < downlink.playback.buffered_samples <= 10 * 882
 
 
 def test_a_gap_is_concealed_but_not_a_long_one() -> None:

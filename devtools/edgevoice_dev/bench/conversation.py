@@ -340,8 +340,9 @@ def _cpu_row(ws: Workspace, run: ConversationRun, card: ConversationRun | None =
             "frame counts.")
     row.notes.append(
         f"Floor: Opus encode of those {run.up_frames_in_window} frames (complexity "
-        f"{opus['complexity']}, FEC) + decode of the {run.down_frames_in_window} 24 kHz "
-        f"frames + soxr 24 -> 48 kHz, in-process, best of 3: {floor.total_s * 1000:.1f} ms "
+        f"{opus['complexity']}, {opus['bitrate_bps'] // 1000} kbps) + decode of the "
+        f"{run.down_frames_in_window} 24 kHz frames to {OUTPUT_RATE_HZ // 1000} kHz, as the "
+        f"device does, in-process, best of 3: {floor.total_s * 1000:.1f} ms "
         f"of CPU in all (encode {floor.encode_s * 1000:.1f}, decode "
         f"{floor.decode_s * 1000:.1f}, resample {floor.resample_s * 1000:.1f}).")
     if row.missed:
