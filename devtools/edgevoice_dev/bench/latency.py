@@ -12,7 +12,7 @@ every process on the machine, so per-frame delays are differences of timestamps:
   PCM handed to the upstream (after the relay's Opus decoding);
 * downlink: the upstream handing over a 20 ms reply frame -> the first sample of
   that frame in the device's playback buffer (after the relay's Opus encoding and
-  pacing, the device's decoding and resampling to 48 kHz).
+  pacing, the device's decoding straight to 48 kHz).
 """
 
 from __future__ import annotations
@@ -83,21 +83,6 @@ def reply_after_hangover(uplink: list[list[float]],
     return out
 
 
-def soxr_release_pattern(out_rate_hz: int = OUTPUT_RATE_HZ, chunks: int = 12) -> dict[str, Any]:
-    """Samples each soxr quality releases per 20 ms chunk of 24 kHz input, and how many
-    chunks released nothing: why the downlink hop waits a frame every other frame."""
-    import numpy as np
-    import soxr
-
-    chunk = (np.random.default_rng(1).standard_normal(480) * 3000).astype(np.int16)
-    pattern: dict[str, Any] = {}
-    for quality in ("LQ", "MQ", "HQ"):
-        stream = soxr.ResampleStream(24_000, out_rate_hz, 1, dtype="int16", quality=quality)
-        outs = [len(stream.resample_chunk(chunk)) for _ in range(chunks)]
-        pattern[quality] = {"per_chunk": outs[1:], "empty_chunks": outs[1:].count(0)}
-    return pattern
-
-
 async def run_row(ws: Workspace) -> RowResult:
     started = time.monotonic()
     row = RowResult(3, "Added latency per hop (loopback, one device)")
@@ -132,8 +117,8 @@ async def run_row(ws: Workspace) -> RowResult:
         "CLOCK_MONOTONIC (shared by all processes). Uplink: frame enters the daemon's send "
         "path -> PCM handed to the upstream (Opus encode, WebSocket, relay, Opus decode). "
         "Downlink: upstream hands over a 20 ms frame -> its first sample is in the playback "
-        "buffer (relay encode and pacing, WebSocket, device decode, resampling to "
-        f"{OUTPUT_RATE_HZ // 1000} kHz).")
+        "buffer (relay encode and pacing, WebSocket, device decode: libopus decodes "
+        f"straight to the sink's {OUTPUT_RATE_HZ // 1000} kHz, no resampler).")
     row.notes.append(
         "Pre-roll: when speech is confirmed the daemon releases the 400 ms it kept in one "
         "burst; those frames queue behind each other, so they are reported apart.")
@@ -169,20 +154,15 @@ async def run_row(ws: Workspace) -> RowResult:
             f"jitter buffer's prefill ({PREFILL_MS} ms) and the 20 ms pull granularity are "
             "most of it; the prefill adapts down to audio.playback_prefill_min_ms once replies "
             "arrive in time (see the underruns line).")
-    pattern = soxr_release_pattern()
-    row.data["soxr_release_per_20ms_chunk"] = pattern
     fast = sorted(d for d in down if d < 0.010)
     if dn.p99_ms > TARGET_P99_MS:
-        hq, lq = pattern["HQ"]["per_chunk"][2:8], pattern["LQ"]["per_chunk"][2:8]
+        slow = sorted(d for d in down if d >= 0.010)
         row.findings.append(
             f"Downlink: {len(fast)} of {len(down)} reply frames reach the playback buffer "
-            f"within {1000 * (fast[-1] if fast else 0):.1f} ms (decode, network and relay "
-            "together); the others wait one more 20 ms frame in the resampler. soxr at HQ "
-            f"quality (the device's 24 -> 48 kHz resampler) releases its output in bursts, "
-            f"{hq} samples per successive 20 ms chunk, so every other frame's audio comes "
-            f"out only with the next one. At LQ it releases {lq}: a steady stream. The "
-            "device already resamples the reply at LQ; what remains is opening the speaker "
-            "at 24 kHz when it supports it (no resampling at all).")
+            f"within {1000 * (fast[-1] if fast else 0):.1f} ms (relay pacing, network, "
+            f"decode together); {len(slow)} took 10 ms or more (slowest "
+            f"{1000 * (slow[-1] if slow else 0):.1f} ms): late pacing ticks in the relay or "
+            "a busy device loop; the relay's loop-stall figures (rows 4 and 14) tell which.")
     if up.p99_ms > TARGET_P99_MS:
         row.findings.append(
             "Uplink p99 above target: see the device profile under row 2 (Opus encoding "
