@@ -163,7 +163,10 @@ class DeviceDaemon(LinkListener):
         self.counters = DeviceCounters()
         self._connected = asyncio.Event()
         self._stop = asyncio.Event()
-        self._ticked_at = self._last_stats_at = self.clock.now()
+        self._last_stats_at = self.clock.now()
+        # when the next tick is due (kept on a 100 ms grid: 60 ms capture blocks would
+        # otherwise tick every 120 ms)
+        self._tick_due = self._last_stats_at + TICK_S
         self._frame_at = float("-inf")  # when the last captured frame was handled
 
         self.link = DeviceLink(config.relay, self.device_id, token, self, clock=self.clock)
@@ -271,11 +274,12 @@ class DeviceDaemon(LinkListener):
         """A captured frame; it also ticks when a tick is due (no wake-up of its own)."""
         self.turn_taking.on_frame(frame)
         now = self._frame_at = self.clock.now()
-        if now - self._ticked_at >= TICK_S:
+        if now >= self._tick_due:
             self._tick(now)
 
     def _tick(self, now: float) -> None:
-        self._ticked_at = now
+        due = self._tick_due + TICK_S
+        self._tick_due = due if due > now else now + TICK_S  # fell behind: restart grid
         self.turn_taking.tick(now)
         interval = self.config.relay.stats_interval_s
         if interval and now - self._last_stats_at >= interval and self.link.connected:
@@ -286,7 +290,7 @@ class DeviceDaemon(LinkListener):
         """Ticks when no frame did (capture stalled, closed or not yet open)."""
         while True:
             now = self.clock.now()
-            if now - self._ticked_at >= TICK_S:
+            if now >= self._tick_due:
                 self._tick(now)
             flowing = now - self._frame_at < 2 * TICK_S
             await self.clock.sleep(TICK_BACKSTOP_S if flowing else TICK_S)

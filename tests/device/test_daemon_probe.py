@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from device_support import RecordingObserver
 from edgevoice_dev.bench.instrument import BenchObserver, DeviceLog
 
@@ -66,3 +67,49 @@ def test_link_down_shows_offline_and_a_suspension_is_counted(tmp_path: Path) -> 
     assert d.stats().status == "reconnecting in 4.2 s: relay unreachable"
     assert d.stats().device_state == DeviceState.OFFLINE
 
+
+
+def test_captured_frames_carry_the_tick_and_the_ticker_only_backs_them_up(
+        tmp_path: Path) -> None:
+    """While frames arrive they tick every 100 ms (no wake-up of the ticker's own); when
+    capture stalls, the ticker ticks every 100 ms again."""
+    import asyncio
+    import itertools
+
+    from edgevoice.clock import FakeClock
+    from edgevoice.device.daemon import TICK_BACKSTOP_S, TICK_S
+
+    clock = FakeClock(start=100.0)
+    d = daemon(tmp_path, clock=clock)
+    ticks: list[float] = []
+    real_tick = d.turn_taking.tick
+
+    def counted(now: float) -> None:
+        ticks.append(now)
+        real_tick(now)
+
+    d.turn_taking.tick = counted  # type: ignore[method-assign]
+    for _ in range(50):  # one second of 60 ms capture blocks, 3 frames each
+        if _ % 3 == 0:
+            clock.advance(0.06)
+        d._on_frame(bytes(640))
+    # on the 100 ms grid, a block late at most
+    assert 9 <= len(ticks) <= 10
+    assert all(0.06 - 1e-9 <= b - a <= 0.12 + 1e-9 for a, b in itertools.pairwise(ticks))
+
+    async def ticker_alone(seconds: float) -> None:
+        task = asyncio.create_task(d._ticker())
+        end = clock.now() + seconds
+        for _ in range(10_000):  # FakeClock.sleep moves time on; let the task run
+            if clock.now() >= end:
+                break
+            await asyncio.sleep(0)
+        task.cancel()
+
+    ticks.clear()
+    stalled_at = clock.now()
+    asyncio.run(ticker_alone(3.0))  # capture stalled: the ticker takes over
+    # it slept TICK_BACKSTOP_S while frames flowed, then ticks every 100 ms
+    assert ticks[0] - stalled_at == pytest.approx(TICK_BACKSTOP_S, abs=TICK_S)
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    assert gaps and all(g == pytest.approx(TICK_S) for g in gaps)
