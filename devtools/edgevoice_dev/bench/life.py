@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 import wave
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any
 
 from edgevoice_dev.bench.plan import Workspace
 from edgevoice_dev.bench.proc import Child, cpu_seconds, memory_kib, python_module
+from edgevoice_dev.bench.profiles import summarize
 from edgevoice_dev.bench.results import INFO, Line, RowResult, verdict
 
 logger = logging.getLogger(__name__)
@@ -75,9 +77,10 @@ def _silence(path: Path, seconds: float) -> Path:
 
 
 async def _idle(ws: Workspace, relay_port: int, path: str, wake: bool,
-                seconds: float) -> IdleRun:
-    """One device process listening to silence for ``seconds`` after settling."""
-    name = f"idle-{path}-{'wake' if wake else 'voice'}"
+                seconds: float, profile_out: Path | None = None) -> IdleRun:
+    """One device process listening to silence for ``seconds`` after settling (with
+    ``profile_out``: under cProfile from then on, its profile written there)."""
+    name = f"idle-{path}-{'wake' if wake else 'voice'}{'-profiled' if profile_out else ''}"
     env: dict[str, str] = {}
     card = None
     if path == "card":
@@ -97,12 +100,16 @@ async def _idle(ws: Workspace, relay_port: int, path: str, wake: bool,
             f.write("turn:\n  start: wake\n")
     device: Child | None = None
     try:
-        device = await ws.spawn(name, python_module("edgevoice", "device", "--config",
-                                                    str(config)), env=env)
+        argv = ["edgevoice", "device", "--config", str(config)]
+        if profile_out is not None:
+            argv = ["edgevoice_dev.bench.profiled", "--on-signal", str(profile_out), *argv]
+        device = await ws.spawn(name, python_module(*argv), env=env)
         # settle: imports done, streams open, first stats sent, speaker parked
         await asyncio.sleep(8.0)
         if device.proc.returncode is not None:
             raise RuntimeError(f"{name} exited early: see {device.log_path}")
+        if profile_out is not None:
+            device.proc.send_signal(signal.SIGUSR2)  # steady state: profile from now on
         cpu0, threads0, t0 = cpu_seconds(device.pid), thread_cpu(device.pid), time.monotonic()
         rss: list[int] = []
         end = t0 + seconds
@@ -150,6 +157,7 @@ async def run_idle_rows(ws: Workspace) -> list[RowResult]:
                 except Exception as exc:  # one path failing must not lose the others
                     logger.exception("idle run %s wake=%s failed", path, wake)
                     errors[(path, wake)] = f"{type(exc).__name__}: {exc}"
+        profiles = await _profile_missed(ws, port, runs, seconds, bool(missing))
     finally:
         await relay.stop()
     rows = []
@@ -205,8 +213,33 @@ async def run_idle_rows(ws: Workspace) -> list[RowResult]:
                 "enumeration maps in (libasound's plugins, libpulse and what they load) and "
                 "the audio threads' stacks and malloc arenas. On a board with plain ALSA "
                 "and no plugins installed most of that is not loaded.")
+        row.profile = profiles.get(wake, "")
         rows.append(row)
     return rows
+
+
+async def _profile_missed(ws: Workspace, port: int, runs: dict[tuple[str, bool], IdleRun],
+                          seconds: float, no_card: bool) -> dict[bool, str]:
+    """For each idle row whose CPU target was missed (on the sound card path, or the
+    WAV one where there is no card): the event loop's profile over a second run."""
+    out: dict[bool, str] = {}
+    if not ws.plan.profile:
+        return out
+    path = "wav" if no_card else "card"
+    for wake, target in ((False, IDLE_TARGET_PCT), (True, WAKE_TARGET_PCT)):
+        run = runs.get((path, wake))
+        if run is None or run.cpu_pct <= target:
+            continue
+        prof = ws.root / f"idle-{path}-{'wake' if wake else 'voice'}.prof"
+        try:
+            await _idle(ws, port, path, wake, seconds, profile_out=prof)
+            out[wake] = summarize(prof, title=(
+                f"`edgevoice device` idle{' with the wake word' if wake else ''}, {path} "
+                f"path, {seconds:.0f} s, cProfile (CPU time, event-loop thread; the audio "
+                "threads are in the per-thread note above)"))
+        except Exception:
+            logger.exception("profiling the idle device (%s, wake=%s) failed", path, wake)
+    return out
 
 
 async def run_fleet_row(ws: Workspace) -> RowResult:
