@@ -14,6 +14,7 @@ their own error (``ConfigError``, ``RemoteProtocolError``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -69,12 +70,20 @@ def kind_of(value: object) -> str:
             list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
 
 
+@functools.cache
+def _shape(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field[Any]]]:
+    """A dataclass's resolved field types and fields, worked out once per class: the
+    relay decodes every text message with this (a heartbeat every 10 s from each idle
+    device), and resolving the hints each time was most of a ping's cost (cProfile)."""
+    hints = typing.get_type_hints(cls)
+    return hints, {f.name: f for f in dataclasses.fields(cls)}
+
+
 def decode(cls: type[T], data: object, policy: DecodePolicy, path: str = "") -> T:
     """Build the dataclass ``cls`` from ``data``; raise :class:`DecodeError`."""
     if not isinstance(data, Mapping):
         raise DecodeError(path, f"expected {policy.mapping_word}, got {kind_of(data)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints, fields = _shape(typing.cast(type, cls))
     prefix = f"{path}." if path else ""
     kwargs: dict[str, Any] = {}
     for key, value in data.items():

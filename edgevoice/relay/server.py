@@ -588,6 +588,9 @@ class DeviceSession:
 
     async def _send_bytes(self, ws: ServerConnection, data: str | bytes) -> None:
         """Send, bounded in time: a device that does not read is disconnected."""
+        if ws.protocol.state is State.OPEN and not ws.paused:
+            _write_now(ws, data)  # room in the send buffer: nothing to wait for
+            return
         timeout = self.relay.limits.send_timeout_ms / 1000
         try:
             await asyncio.wait_for(ws.send(data), timeout)

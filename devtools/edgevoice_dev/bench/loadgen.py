@@ -40,10 +40,12 @@ from edgevoice.protocol.messages import (
     AudioFlags,
     Error,
     Hello,
+    Ping,
     ResponseEnd,
     ResponseStart,
     TurnEnd,
     TurnStart,
+    Welcome,
 )
 from edgevoice_dev.bench.proc import emit, pin_to_cpu
 
@@ -130,15 +132,16 @@ def encode_speech(path: str, frames: int = 250) -> list[bytes]:
     return packets
 
 
-async def _open(url: str, device: str, token: str) -> tuple[ClientConnection, Connection]:
+async def _open(url: str, device: str, token: str) -> tuple[ClientConnection, Connection, float]:
     ws = await connect(url, additional_headers={"Authorization": f"Bearer {token}"},
                        subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
                        compression=None, max_size=MAX_TEXT_BYTES, proxy=None,
                        open_timeout=30, ping_interval=20, ping_timeout=20)
     conn = Connection(Role.DEVICE)
     await ws.send(conn.start(Hello(device=device, software="edgevoice-loadgen")))
-    conn.receive_text(await asyncio.wait_for(ws.recv(), 30))
-    return ws, conn
+    welcome = conn.receive_text(await asyncio.wait_for(ws.recv(), 30))
+    heartbeat_s = welcome.heartbeat_interval_ms / 1000 if isinstance(welcome, Welcome) else 10.0
+    return ws, conn, heartbeat_s
 
 
 async def _receive(ws: ClientConnection, log: ClientLog) -> None:
@@ -169,7 +172,17 @@ async def _stream(ws: ClientConnection, conn: Connection, packets: list[bytes], 
         k += 1
 
 
-async def _hold(until: float) -> None:
+async def _hold(ws: ClientConnection, conn: Connection, start: float, heartbeat_s: float,
+                until: float) -> None:
+    """An idle device: no turn, only the protocol's heartbeat (a ping every
+    ``heartbeat_s``, as the daemon's link sends one) until ``until``."""
+    ping_id = 0
+    due = start
+    while due < until:
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        ping_id += 1
+        await ws.send(conn.send(Ping(ping_id, int(time.monotonic() * 1000))))
+        due += heartbeat_s
     await asyncio.sleep(max(0.0, until - time.monotonic()))
 
 
@@ -179,6 +192,7 @@ async def run(args: argparse.Namespace, tokens: dict[str, str],
     devices = sorted(tokens)[: args.clients]
     logs = {d: ClientLog(d) for d in devices}
     links: dict[str, tuple[ClientConnection, Connection]] = {}
+    heartbeats: dict[str, float] = {}
     failures: list[str] = []
     # Connect in small batches, as a fleet coming online would, not all in one burst.
     for i in range(0, len(devices), 20):
@@ -189,7 +203,8 @@ async def run(args: argparse.Namespace, tokens: dict[str, str],
             if isinstance(result, BaseException):
                 failures.append(f"{device}: {result}")
             else:
-                links[device] = result
+                links[device] = result[:2]
+                heartbeats[device] = result[2]
     stream_start = time.monotonic() + 0.2
     measure_start = stream_start + args.warmup
     measure_end = measure_start + args.measure
@@ -203,7 +218,10 @@ async def run(args: argparse.Namespace, tokens: dict[str, str],
         receivers = [asyncio.create_task(_receive(ws, logs[d])) for d, (ws, _) in links.items()]
     # --idle: connected devices nobody talks to: hold the connections, send nothing
     cycle = args.speech_s + args.reply_s + args.pause_s
-    senders = [asyncio.create_task(_hold(until)) if args.idle else
+    # idle devices' heartbeats spread over the interval, as devices coming online at
+    # random times would send them
+    senders = [asyncio.create_task(_hold(ws, conn, stream_start + heartbeats[d] * i / max(
+        1, len(links)), heartbeats[d], until)) if args.idle else
                asyncio.create_task(_converse(ws, conn, packets,
                                              stream_start + cycle * i / max(1, len(links)),
                                              until, logs[d], args.speech_s, args.pause_s))
@@ -264,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="length of the upstream's replies (to spread the devices' phases)")
     p.add_argument("--pause-s", type=float, default=2.0)
     p.add_argument("--idle", action="store_true",
-                   help="connect and hold the connections without talking (an idle fleet)")
+                   help="connect and hold the connections without talking, only the "
+                   "protocol's heartbeat (an idle fleet)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     pin_to_cpu(args.cpu)
