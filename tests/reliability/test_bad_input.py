@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from reliability_support import record, scaled, wait_until
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.protocol import State
 
 from edgevoice.audio.wavio import WavSink, WavSource
 from edgevoice.config.model import DeviceConfig
@@ -341,10 +342,15 @@ def test_a_device_that_does_not_read_cannot_grow_the_relays_queue(tmp_path: Path
 
 
 class StuckConnection:
-    """A connection whose sends never complete: a device that stopped reading."""
+    """A connection whose sends never complete: a device that stopped reading (its
+    send buffer is full, so the relay has to wait for room)."""
 
     remote_address = ("127.0.0.1", 1)
     close_code: int | None = None
+    paused = True
+
+    class protocol:  # stands in for websockets' attribute of that name
+        state = State.OPEN
 
     async def send(self, data: object) -> None:
         await asyncio.Event().wait()
