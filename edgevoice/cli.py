@@ -143,7 +143,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         asyncio.run(run_device(config, args.config, native=native))
         return 0
     if args.command == "relay":
-        from edgevoice.config.model import RelayConfig, load_relay_config
+        from edgevoice.config.relay import RelayConfig, load_relay_config
         if args.help_config:
             from edgevoice.config.templates import RELAY_HEADER
             return _help_config(RelayConfig, RELAY_HEADER)
@@ -179,7 +179,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from edgevoice.config.model import load_relay_config
+    from edgevoice.config.relay import load_relay_config
     from edgevoice.relay.auth import TokenStoreError
     from edgevoice.relay.shared import token_store_for
     config = load_relay_config(args.config)

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from edgevoice.audio.wavio import WavSink, WavSource
-from edgevoice.config.model import DeviceConfig, RelayConfig
+from edgevoice.config.model import DeviceConfig
+from edgevoice.config.relay import RelayConfig
 from edgevoice.device.daemon import DeviceDaemon, TurnTimeline
 from edgevoice.relay.app import build_server
 from edgevoice.relay.auth import AuthSettings

@@ -4,6 +4,8 @@ layering it states holds."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,18 @@ def test_layering() -> None:
     assert graph["protocol"] <= {"errors", "decoding", "queues"}
     for device_side in ("device", "audio", "triggers", "feedback"):
         assert not graph[device_side] & {"relay", "nova", "upstream", "web"}, device_side
+
+
+def test_a_device_process_loads_none_of_the_relays_modules() -> None:
+    # What `edgevoice device` imports at start: its file's model and its pieces, not
+    # the relay's settings (config/relay.py) and what they drag in (RSS on a board).
+    code = ("import sys, edgevoice.cli, edgevoice.device.app; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith(('edgevoice.relay', "
+            "'edgevoice.nova', 'edgevoice.web', 'edgevoice.upstream', 'edgevoice.tools', "
+            "'edgevoice.health.relay', 'edgevoice.config.relay', 'aws_sdk', 'redis')))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    assert out.stdout.split() == []
 
 
 @pytest.mark.parametrize("core", ["protocol/connection.py", "protocol/session.py",

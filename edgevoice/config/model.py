@@ -1,6 +1,7 @@
-"""The two configuration files, composed from the settings each module owns.
+"""The device's configuration file, composed from the settings each module owns.
 
-``DeviceConfig`` is ``config/device.yaml``; ``RelayConfig`` is ``config/relay.yaml``.
+``DeviceConfig`` is ``config/device.yaml`` (``RelayConfig``, ``config/relay.yaml``, is in
+:mod:`edgevoice.config.relay`, so a device process loads none of the relay's modules).
 Each section is a frozen dataclass defined next to the code it configures; this
 module only puts them together and checks what spans sections.
 """
@@ -22,19 +23,11 @@ from edgevoice.device.hooks import HookSettings
 from edgevoice.device.link import RelaySettings
 from edgevoice.device.timers import TimerSettings
 from edgevoice.device.turn import TurnSettings
-from edgevoice.discovery.mdns import DeviceDiscoverySettings, RelayDiscoverySettings
+from edgevoice.discovery.mdns import DeviceDiscoverySettings
 from edgevoice.feedback.settings import FeedbackSettings
 from edgevoice.health.http import HealthSettings
-from edgevoice.health.relay import RelayAdminSettings
-from edgevoice.nova.settings import NovaSettings
-from edgevoice.relay.announce import AnnounceSettings
-from edgevoice.relay.auth import AuthSettings
-from edgevoice.relay.settings import LimitsSettings, ListenSettings
-from edgevoice.relay.shared import ClusterSettings
 from edgevoice.service.notify import WatchdogSettings
 from edgevoice.triggers.settings import TriggerSettings
-from edgevoice.upstream.echo import EchoSettings
-from edgevoice.web.gate import WebSettings
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 _DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -129,43 +122,5 @@ class DeviceConfig:
             require(False, "timezone", f"unknown time zone {self.timezone!r}")
 
 
-@dataclass(frozen=True)
-class UpstreamSettings:
-    """Where the relay sends each device's speech."""
-
-    kind: Literal["echo", "nova"] = "echo"
-    """echo: speak the user's words back (no cloud). nova: Amazon Nova Sonic on Bedrock."""
-    echo: EchoSettings = field(default_factory=EchoSettings)
-    nova: NovaSettings = field(default_factory=NovaSettings)
-
-
-@dataclass(frozen=True)
-class RelayConfig:
-    """config/relay.yaml"""
-
-    log_level: LogLevel = "info"
-    """debug, info, warning or error."""
-    listen: ListenSettings = field(default_factory=ListenSettings)
-    limits: LimitsSettings = field(default_factory=LimitsSettings)
-    auth: AuthSettings = field(default_factory=AuthSettings)
-    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
-    downlink_opus: OpusSettings = field(
-        default_factory=lambda: OpusSettings(bitrate_bps=32_000, complexity=3))
-    """Opus encoder for the replies sent to devices (24 kHz); lower complexity, more devices."""
-    admin: RelayAdminSettings = field(default_factory=RelayAdminSettings)
-    watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
-    web: WebSettings = field(default_factory=WebSettings)
-    cluster: ClusterSettings = field(default_factory=ClusterSettings)
-    """Several relays behind a load balancer: drain on SIGTERM, shared state."""
-    announce: AnnounceSettings = field(default_factory=AnnounceSettings)
-    discovery: RelayDiscoverySettings = field(default_factory=RelayDiscoverySettings)
-    """Advertise the relay on the LAN (mDNS/DNS-SD) for devices with relay.url: auto."""
-    """Announcements and conversation starts (admin POST /announce and /converse)."""
-
-
 def load_device_config(path: str | Path) -> DeviceConfig:
     return load_file(path, DeviceConfig)
-
-
-def load_relay_config(path: str | Path) -> RelayConfig:
-    return load_file(path, RelayConfig)

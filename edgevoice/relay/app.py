@@ -14,7 +14,7 @@ import signal
 from collections.abc import Mapping
 from typing import Any
 
-from edgevoice.config.model import RelayConfig
+from edgevoice.config.relay import RelayConfig
 from edgevoice.health.http import load_token
 from edgevoice.health.relay import FleetTracker, relay_admin_api
 from edgevoice.relay.announce import Announcer, announce_routes

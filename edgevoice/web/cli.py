@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import sys
 
-from edgevoice.config.model import RelayConfig
+from edgevoice.config.relay import RelayConfig
 from edgevoice.web.gate import page_url
 from edgevoice.web.tickets import TicketError, TicketStore
 

@@ -24,7 +24,8 @@ from edgevoice_dev.testing.timeouts import scaled
 from websockets.asyncio.client import ClientConnection, connect
 
 from edgevoice.audio.wavio import WavSink, WavSource
-from edgevoice.config.model import DeviceConfig, RelayConfig
+from edgevoice.config.model import DeviceConfig
+from edgevoice.config.relay import RelayConfig
 from edgevoice.device.daemon import DeviceDaemon, TurnTimeline
 from edgevoice.protocol.messages import SUBPROTOCOL, Hello, encode_message
 from edgevoice.relay.server import RelayServer

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from edgevoice_dev.testing.timeouts import TIMEOUT_FACTOR
 
-from edgevoice.config.model import RelayConfig
+from edgevoice.config.relay import RelayConfig
 from edgevoice.health.relay import relay_admin_api
 from edgevoice.relay.app import build_server
 from edgevoice.relay.health_source import RelayHealth

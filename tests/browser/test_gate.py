@@ -20,7 +20,7 @@ from edgevoice_dev.testing.timeouts import scaled
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from edgevoice.config.model import RelayConfig
+from edgevoice.config.relay import RelayConfig
 from edgevoice.protocol.messages import SUBPROTOCOL, Hello, ResumeRequest, encode_message
 from edgevoice.relay.app import build_server
 from edgevoice.relay.settings import ListenSettings

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgevoice.config.loader import load_text
-from edgevoice.config.model import DeviceConfig, RelayConfig, load_device_config, load_relay_config
+from edgevoice.config.model import DeviceConfig, load_device_config
+from edgevoice.config.relay import RelayConfig, load_relay_config
 from edgevoice.config.render import render
 from edgevoice.config.templates import DEVICE_HEADER, RELAY_HEADER
 from edgevoice.errors import ConfigError

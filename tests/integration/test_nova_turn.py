@@ -28,7 +28,7 @@ from edgevoice_dev.testing.fake_bedrock import FakeBedrock, Reply, StreamPlan
 from edgevoice_dev.testing.harness import device_config, run, running_relay
 
 from edgevoice.audio.wavio import WavSink, WavSource, load_wav, write_wav
-from edgevoice.config.model import RelayConfig, UpstreamSettings
+from edgevoice.config.relay import RelayConfig, UpstreamSettings
 from edgevoice.device.daemon import DeviceDaemon, TurnTimeline
 from edgevoice.device.observer import DeviceObserver
 from edgevoice.nova.settings import NovaSettings

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from edgevoice.config.loader import load_text
-from edgevoice.config.model import RelayConfig
+from edgevoice.config.relay import RelayConfig
 from edgevoice.errors import ConfigError
 from edgevoice.nova.settings import VOICES, NovaSettings, voices_for
 

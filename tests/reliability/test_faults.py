@@ -33,7 +33,8 @@ from reliability_support import record, scaled, wait_until
 from edgevoice.audio.base import CAPTURE_FRAME_BYTES, SourceStats
 from edgevoice.audio.wavio import WavSink, WavSource
 from edgevoice.backoff import BackoffSettings
-from edgevoice.config.model import DeviceConfig, RelayConfig
+from edgevoice.config.model import DeviceConfig
+from edgevoice.config.relay import RelayConfig
 from edgevoice.device.daemon import DeviceDaemon, TurnTimeline
 from edgevoice.device.health_source import DaemonHealth
 from edgevoice.errors import AudioDeviceError

@@ -16,7 +16,7 @@ from reliability_support import LinkEvents, scaled, wait_until
 
 from edgevoice.audio.opus import OpusEncoder
 from edgevoice.backoff import BackoffSettings
-from edgevoice.config.model import RelayConfig
+from edgevoice.config.relay import RelayConfig
 from edgevoice.device.link import DeviceLink, RelaySettings, ResumeSettings
 from edgevoice.protocol.messages import AudioFlags, ResponseEnd, TurnEnd, TurnStart
 from edgevoice.relay.app import build_server

@@ -25,7 +25,7 @@ from edgevoice_dev.testing.harness import device_config, run, running_relay
 from reliability_support import scaled
 
 from edgevoice.audio.wavio import WavSink, WavSource, load_wav, write_wav
-from edgevoice.config.model import RelayConfig, UpstreamSettings
+from edgevoice.config.relay import RelayConfig, UpstreamSettings
 from edgevoice.device.daemon import DeviceDaemon, TurnTimeline
 from edgevoice.nova.settings import NovaSettings
 

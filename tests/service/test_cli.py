@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from edgevoice.config.loader import load_text
-from edgevoice.config.model import DeviceConfig, RelayConfig
+from edgevoice.config.model import DeviceConfig
+from edgevoice.config.relay import RelayConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

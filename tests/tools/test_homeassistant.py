@@ -213,7 +213,7 @@ def test_a_home_assistant_that_never_answers_times_out(tmp_path: Path) -> None:
 
 def test_the_documented_relay_yaml_loads(tmp_path: Path) -> None:
     from edgevoice.config.loader import load_text
-    from edgevoice.config.model import RelayConfig
+    from edgevoice.config.relay import RelayConfig
 
     doc = (Path(__file__).parents[2] / "docs" / "home-assistant.md").read_text()
     snippet = doc.split("```yaml\n", 1)[1].split("```", 1)[0]

@@ -9,7 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from edgevoice.config.model import DeviceConfig, RelayConfig
+from edgevoice.config.model import DeviceConfig
+from edgevoice.config.relay import RelayConfig
 from edgevoice.relay.app import build_server
 from edgevoice.relay.auth import AuthSettings
 from edgevoice.relay.server import RelayServer
