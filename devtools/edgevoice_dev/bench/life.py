@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from edgevoice_dev.bench.plan import Workspace
-from edgevoice_dev.bench.proc import Child, cpu_seconds, memory_kib, python_module
+from edgevoice_dev.bench.proc import (
+    Child,
+    cpu_seconds,
+    memory_kib,
+    python_module,
+    rss_by_mapping,
+)
 from edgevoice_dev.bench.profiles import summarize
 from edgevoice_dev.bench.results import INFO, Line, RowResult, verdict
 
@@ -60,10 +66,16 @@ class IdleRun:
     main_pct: float = 0.0
     #: % of a core per thread, the busiest first (names as the kernel has them)
     threads: list[tuple[str, float]] = field(default_factory=list)
+    #: anonymous and file-backed parts of the RSS at the end of the window, MB
+    anon_mb: float = 0.0
+    file_mb: float = 0.0
+    #: resident KiB per mapped file at the end of the window
+    mappings: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"path": self.path, "wake": self.wake, "cpu_pct": round(self.cpu_pct, 3),
-                "rss_mb": round(self.rss_mb, 1), "window_s": round(self.window_s, 1),
+                "rss_mb": round(self.rss_mb, 1), "rss_anon_mb": round(self.anon_mb, 1),
+                "rss_file_mb": round(self.file_mb, 1), "window_s": round(self.window_s, 1),
                 "threads": [[n, round(p, 3)] for n, p in self.threads]}
 
 
@@ -117,6 +129,7 @@ async def _idle(ws: Workspace, relay_port: int, path: str, wake: bool,
             rss.append(memory_kib(device.pid).get("VmRSS", 0))
             await asyncio.sleep(min(1.0, end - now))
         cpu1, threads1, t1 = cpu_seconds(device.pid), thread_cpu(device.pid), time.monotonic()
+        parts, mappings = memory_kib(device.pid), rss_by_mapping(device.pid)
     finally:
         if device is not None:
             await device.stop()
@@ -128,7 +141,8 @@ async def _idle(ws: Workspace, relay_port: int, path: str, wake: bool,
     rss.sort()
     main = next((p for k, p in threads if k.split()[0] == str(device.pid)), 0.0)
     return IdleRun(path, wake, 100 * (cpu1 - cpu0) / span, rss[len(rss) // 2] / 1024, span,
-                   main, [t for t in threads if t[1] >= 0.01])
+                   main, [t for t in threads if t[1] >= 0.01],
+                   parts.get("RssAnon", 0) / 1024, parts.get("RssFile", 0) / 1024, mappings)
 
 
 def _thread_story(run: IdleRun) -> str:
@@ -206,16 +220,27 @@ async def run_idle_rows(ws: Workspace) -> list[RowResult]:
                 "one event-loop wake-up; larger audio.capture_block_ms trades detection "
                 "latency for fewer of them.")
         if card is not None and card.rss_mb > RSS_TARGET_MB:
-            gap = card.rss_mb - wav.rss_mb if wav is not None else float("nan")
-            row.findings.append(
-                f"Resident memory on the sound card path is {card.rss_mb:.1f} MB, "
-                f"{gap:.1f} MB more than with WAV stand-ins: the libraries PortAudio's ALSA "
-                "enumeration maps in (libasound's plugins, libpulse and what they load) and "
-                "the audio threads' stacks and malloc arenas. On a board with plain ALSA "
-                "and no plugins installed most of that is not loaded.")
+            row.findings.append(_rss_story(card, wav))
         row.profile = profiles.get(wake, "")
         rows.append(row)
     return rows
+
+
+def _rss_story(card: IdleRun, wav: IdleRun | None) -> str:
+    """What the sound card path's resident memory is made of, from the run's own maps."""
+    text = (f"Resident memory on the sound card path: {card.rss_mb:.1f} MB = "
+            f"{card.anon_mb:.1f} MB anonymous (heap, stacks, arenas) + {card.file_mb:.1f} MB "
+            "of mapped files")
+    if wav is not None:
+        text += (f"; with WAV stand-ins {wav.rss_mb:.1f} MB ({wav.anon_mb:.1f} + "
+                 f"{wav.file_mb:.1f})")
+        extra = sorted(((k, v - wav.mappings.get(k, 0)) for k, v in card.mappings.items()),
+                       key=lambda kv: -kv[1])
+        top = [(k, v) for k, v in extra if v >= 256][:8]
+        if top:
+            text += (". Mapped only or more on the card path: "
+                     + ", ".join(f"{Path(k).name} {v / 1024:.1f} MB" for k, v in top))
+    return text + "."
 
 
 async def _profile_missed(ws: Workspace, port: int, runs: dict[tuple[str, bool], IdleRun],

@@ -64,12 +64,25 @@ def busy_pct(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int
 
 
 def memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of process ``pid``, KiB."""
+    """VmRSS, VmHWM (peak RSS), RssAnon and RssFile of process ``pid``, KiB."""
     out: dict[str, int] = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
             out[key] = int(value.split()[0])
+    return out
+
+
+def rss_by_mapping(pid: int) -> dict[str, int]:
+    """Resident KiB of process ``pid`` per mapped file ("[anon]" for the rest)."""
+    out: dict[str, int] = {}
+    current = "[anon]"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:
+            current = head[5] if len(head) == 6 and head[5].startswith("/") else "[anon]"
+        elif head and head[0] == "Rss:":
+            out[current] = out.get(current, 0) + int(head[1])
     return out
 
 
