@@ -28,10 +28,12 @@ T = TypeVar("T")
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's loop factory if uvloop is installed; None (asyncio's own) if not."""
     try:
-        import uvloop
+        # optional (the relay extra): without it mypy has no stubs to find
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         return None
-    return uvloop.new_event_loop
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
