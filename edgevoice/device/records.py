@@ -44,10 +44,13 @@ class TurnOutcome(enum.StrEnum):
     """The relay ended the response without any audio."""
     REPLY_TIMEOUT = "reply_timeout"
     """No reply came within ``turn.reply_timeout_ms`` after the turn ended."""
+    REFUSED = "refused"
+    """The relay refused the turn: it was at capacity (``relay_busy``)."""
 
 
 #: Outcomes an operator should see at warning priority: something went wrong.
-TROUBLED = frozenset({TurnOutcome.LINK_LOST, TurnOutcome.NO_REPLY, TurnOutcome.REPLY_TIMEOUT})
+TROUBLED = frozenset({TurnOutcome.LINK_LOST, TurnOutcome.NO_REPLY, TurnOutcome.REPLY_TIMEOUT,
+                      TurnOutcome.REFUSED})
 
 
 #: The turn machine's FinishTurn reasons that close the record at once (the others
@@ -55,6 +58,7 @@ TROUBLED = frozenset({TurnOutcome.LINK_LOST, TurnOutcome.NO_REPLY, TurnOutcome.R
 CLOSED_BY_FINISH: dict[str, TurnOutcome] = {
     "no_speech": TurnOutcome.NO_SPEECH,
     "cancelled": TurnOutcome.CANCELLED,
+    "refused": TurnOutcome.REFUSED,
 }
 
 

@@ -376,9 +376,15 @@ class TurnMachine:
             self._enter(TurnState.IDLE, now, out)
         return out
 
-    def on_error(self, now: float) -> list[Command]:
+    def on_error(self, now: float, *, turn_refused: bool = False) -> list[Command]:
+        """The relay reported an error. ``turn_refused``: it refused the turn being
+        streamed (at capacity): the turn ends here, its audio would only be dropped."""
         out: list[Command] = [PlayEarcon("error")]
-        if self.state in (TurnState.THINKING, TurnState.SPEAKING):
+        if turn_refused and self.state is TurnState.LISTENING:
+            self._held = False
+            out.append(FinishTurn(self.turn_id, "refused"))
+            self._enter(TurnState.IDLE, now, out)
+        elif self.state in (TurnState.THINKING, TurnState.SPEAKING):
             self._enter(TurnState.IDLE, now, out)
         return out
 

@@ -35,6 +35,7 @@ from edgevoice.device.turn import (
 )
 from edgevoice.device.uplink import LinkPort, Uplink
 from edgevoice.protocol.messages import (
+    TURN_REFUSED_CODE,
     Error,
     Interrupt,
     Message,
@@ -220,7 +221,8 @@ class TurnTaking:
         elif isinstance(message, Error):
             self.counters.errors[message.code] = self.counters.errors.get(message.code, 0) + 1
             logger.warning("relay error %s: %s", message.code, message.message)
-            self.execute(self.machine.on_error(now), now)
+            self.execute(self.machine.on_error(
+                now, turn_refused=message.code == TURN_REFUSED_CODE), now)
 
     def on_reply_playback(self, event: PlaybackEvent, now: float) -> None:
         """The reply started reaching the speaker, or ended (drained or flushed)."""

@@ -27,6 +27,9 @@ AUDIO_HEADER = struct.Struct("!BBBxII")
 AUDIO_HEADER_BYTES = AUDIO_HEADER.size  # 12
 #: Largest binary frame either side accepts.
 MAX_BINARY_BYTES = AUDIO_HEADER_BYTES + MAX_OPUS_PACKET_BYTES
+#: The error code of a turn the relay refused (at capacity); the device ends that turn
+#: with turn_end reason "refused" and stops sending its audio.
+TURN_REFUSED_CODE = "relay_busy"
 
 
 class CloseCode(IntEnum):

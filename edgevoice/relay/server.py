@@ -48,6 +48,7 @@ from edgevoice.protocol.limits import TokenBucket, UplinkMeter, opus_packet_dura
 from edgevoice.protocol.messages import (
     MAX_TEXT_BYTES,
     SUBPROTOCOL,
+    TURN_REFUSED_CODE,
     AudioFlags,
     CloseCode,
     DeviceResult,
@@ -495,7 +496,7 @@ class DeviceSession:
                 self._refused_turn = message.turn_id
                 self.relay.counters.turns_refused += 1
                 await self._send_soon(Error(
-                    "relay_busy", "the relay is at capacity: try again in a few seconds",
+                    TURN_REFUSED_CODE, "the relay is at capacity: try again in a few seconds",
                     True))
                 return
             self._refused_turn = None

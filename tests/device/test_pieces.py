@@ -413,6 +413,32 @@ def test_a_link_lost_before_any_reply_closes_the_turn_and_errors_are_counted() -
     assert rig.counters.errors == {"upstream_unavailable": 2}
 
 
+def test_a_turn_the_relay_refuses_stops_streaming_at_once() -> None:
+    # At capacity the relay answers turn_start with relay_busy and drops the turn's
+    # audio: the device ends the turn there (no more uplink, no waiting for a reply
+    # that will not come), says so with the error cue and records why.
+    rig = Rig(settings=TurnSettings(start="button"))
+    rig.turns.request_turn("api")
+    rig.turns.on_frame(tone())
+    sent = len(rig.link.audio)
+    rig.turns.on_message(Error(code="relay_busy", message="at capacity", retryable=True))
+    assert rig.link.of(TurnEnd) == [TurnEnd(1, "refused")]
+    assert rig.observer.closed[-1].outcome is TurnOutcome.REFUSED
+    assert rig.turns.machine.state is TurnState.IDLE
+    for _ in range(10):
+        rig.clock.advance(0.02)
+        rig.turns.on_frame(tone())
+    assert len(rig.link.audio) == sent
+    assert rig.counters.errors == {"relay_busy": 1}
+
+
+def test_an_error_for_no_particular_turn_leaves_the_users_turn_open() -> None:
+    rig = Rig(settings=TurnSettings(start="button"))
+    rig.turns.request_turn("api")
+    rig.turns.on_message(Error(code="upstream_unavailable", message="x", retryable=True))
+    assert rig.turns.machine.state is TurnState.LISTENING and rig.link.of(TurnEnd) == []
+
+
 def test_no_speech_timeout_ends_the_turn_on_the_wire_and_in_the_record() -> None:
     rig = Rig()
     rig.turns.request_turn("api")

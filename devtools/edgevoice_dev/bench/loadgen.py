@@ -37,6 +37,7 @@ from edgevoice.protocol.connection import Connection, Role
 from edgevoice.protocol.messages import (
     MAX_TEXT_BYTES,
     SUBPROTOCOL,
+    TURN_REFUSED_CODE,
     AudioFlags,
     Error,
     Hello,
@@ -68,6 +69,8 @@ class ClientLog:
     turns: int = 0
     refused: int = 0
     turn_over: asyncio.Event = field(default_factory=asyncio.Event)
+    #: the relay refused the turn being spoken: stop streaming it, as the daemon does
+    turn_refused: bool = False
 
 
 async def _receive_turns(ws: ClientConnection, conn: Connection, log: ClientLog) -> None:
@@ -88,8 +91,9 @@ async def _receive_turns(ws: ClientConnection, conn: Connection, log: ClientLog)
             current = None
             log.turn_over.set()
         elif isinstance(message, Error):
-            if message.code == "relay_busy":
+            if message.code == TURN_REFUSED_CODE:
                 log.refused += 1
+                log.turn_refused = True
             log.turn_over.set()
 
 
@@ -104,9 +108,12 @@ async def _converse(ws: ClientConnection, conn: Connection, packets: list[bytes]
         turn += 1
         log.turns += 1
         log.turn_over.clear()
+        log.turn_refused = False
         await ws.send(conn.send(TurnStart(turn_id=turn, trigger="vad")))
         t0 = time.monotonic()
         for k in range(frames):
+            if log.turn_refused:
+                break  # the daemon ends a refused turn at once (turn_end "refused")
             due = t0 + k * FRAME_S
             delay = due - time.monotonic()
             if delay > 0:
@@ -115,9 +122,14 @@ async def _converse(ws: ClientConnection, conn: Connection, packets: list[bytes]
             _, data = conn.send_audio(packets[(turn * frames + k) % n], k * 20,
                                       AudioFlags.START if k == 0 else AudioFlags.NONE)
             await ws.send(data)
-        await ws.send(conn.send(TurnEnd(turn, "silence")))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(log.turn_over.wait(), 30)
+        if log.turn_refused:
+            await ws.send(conn.send(TurnEnd(turn, "refused")))
+            # the user hears the error cue and tries again after the rest of the turn
+            await asyncio.sleep(max(0.0, t0 + speech_s - time.monotonic()))
+        else:
+            await ws.send(conn.send(TurnEnd(turn, "silence")))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(log.turn_over.wait(), 30)
         await asyncio.sleep(pause_s)
 
 
