@@ -23,9 +23,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
-
-from prometheus_client.core import GaugeMetricFamily, Metric
+from typing import TYPE_CHECKING, Protocol
 
 from edgevoice.clock import Clock, MonotonicClock
 from edgevoice.device.hooks import EventHub, event_stream_handler
@@ -40,6 +38,9 @@ from edgevoice.health.http import (
     json_response,
 )
 from edgevoice.health.system import SystemStats
+
+if TYPE_CHECKING:  # prometheus-client is imported at the first scrape (see exposition)
+    from prometheus_client.core import Metric
 
 #: ``DeviceSnapshot.link_state`` value that means the relay link is up.
 LINK_CONNECTED = "connected"
@@ -216,6 +217,8 @@ def _ms_to_s(ms: float | None) -> float | None:
 
 def device_metrics(snapshot: DeviceSnapshot, problems: list[str]) -> list[Metric]:
     """The ``/metrics`` families for one snapshot."""
+    from prometheus_client.core import GaugeMetricFamily
+
     gauge, counter = exposition.gauge, exposition.counter
     build = GaugeMetricFamily(
         "edgevoice_build_info", "Version of the running daemon (always 1).", labels=["version"]
