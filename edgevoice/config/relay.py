@@ -15,7 +15,7 @@ from edgevoice.health.relay import RelayAdminSettings
 from edgevoice.nova.settings import NovaSettings
 from edgevoice.relay.announce import AnnounceSettings
 from edgevoice.relay.auth import AuthSettings
-from edgevoice.relay.settings import LimitsSettings, ListenSettings
+from edgevoice.relay.settings import DOWNLINK_OPUS, LimitsSettings, ListenSettings
 from edgevoice.relay.shared import ClusterSettings
 from edgevoice.service.notify import WatchdogSettings
 from edgevoice.upstream.echo import EchoSettings
@@ -42,9 +42,9 @@ class RelayConfig:
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
-    downlink_opus: OpusSettings = field(
-        default_factory=lambda: OpusSettings(bitrate_bps=32_000, complexity=3))
-    """Opus encoder for the replies sent to devices (24 kHz); lower complexity, more devices."""
+    downlink_opus: OpusSettings = field(default_factory=lambda: DOWNLINK_OPUS)
+    """Opus encoder for the replies sent to devices (24 kHz); lower complexity, more
+    devices. FEC off: over TCP a reply frame is never lost on its own."""
     admin: RelayAdminSettings = field(default_factory=RelayAdminSettings)
     watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
     web: WebSettings = field(default_factory=WebSettings)

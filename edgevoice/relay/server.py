@@ -84,7 +84,7 @@ from edgevoice.relay.auth import FailureLimiter, GuessThrottle
 from edgevoice.relay.devicecalls import DeviceCalls
 from edgevoice.relay.pacing import SharedTick
 from edgevoice.relay.refusals import QuietFilter, RefusalLog
-from edgevoice.relay.settings import LimitsSettings, ListenSettings
+from edgevoice.relay.settings import DOWNLINK_OPUS, LimitsSettings, ListenSettings
 from edgevoice.relay.shared import DeviceTokens
 from edgevoice.upstream.base import (
     UPSTREAM_OUTPUT_RATE_HZ,
@@ -107,9 +107,6 @@ logger = logging.getLogger(__name__)
 DOWNLINK_FRAME_SAMPLES = UPSTREAM_OUTPUT_RATE_HZ // 50  # 480
 #: Frames the pacer may send ahead of real time, to ride over network jitter.
 PACING_LEAD_FRAMES = 3
-#: The reply's encoder: re-encoding every session's reply is most of the relay's CPU;
-#: complexity 3 costs about half of 5 (bench row 4) and speech at 32 kbps stays clear.
-DOWNLINK_OPUS = OpusSettings(bitrate_bps=32_000, complexity=3)
 #: Missing uplink frames concealed with PLC; a longer gap is not worth inventing.
 MAX_CONCEALED_FRAMES = 5
 #: Reliable messages held for a detached device beyond the paced queue (transcripts,

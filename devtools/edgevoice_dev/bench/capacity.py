@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from edgevoice.relay.settings import DOWNLINK_OPUS
 from edgevoice_dev.bench.analysis import Spread, percentile
 from edgevoice_dev.bench.floor import relay_opus_seconds_per_frame
 from edgevoice_dev.bench.plan import Workspace
@@ -265,7 +266,10 @@ async def run_row(ws: Workspace) -> RowResult:
                 else round(projected), "relay_pinned_to_one_core": pinned,
                 "opus_floor": {"us_per_frame_pair": round(opus_s * 1e6, 1),
                                "sessions_per_core": round(opus_ceiling),
-                               "downlink_encoder": "24 kHz, 32 kbps, complexity 5, FEC",
+                               "downlink_encoder": (
+                                   f"24 kHz, {DOWNLINK_OPUS.bitrate_bps // 1000} kbps, "
+                                   f"complexity {DOWNLINK_OPUS.complexity}, FEC "
+                                   f"{'on' if DOWNLINK_OPUS.fec else 'off'}"),
                                "uplink_decoder": "16 kHz"},
                 "upstream": "loopback: one 20 ms reply frame per uplink frame"}
     row.notes.append(
@@ -292,9 +296,8 @@ async def run_row(ws: Workspace) -> RowResult:
             "of reach while the relay transcodes both ways at these settings. The reply "
             "encoder's effort is a setting (downlink_opus.complexity in relay.yaml; 0-2 "
             "buys more sessions for some quality); the rest is asyncio and websockets per "
-            "frame (the pacer's wait and sleep per frame per session, a task switch per "
-            "message). Beyond one core: one relay per core behind a load balancer "
-            "(edgevoice-relay@.service and deploy/, docs/scale-out.md).")
+            "frame (see the profile below). Beyond one core: one relay per core behind a "
+            "load balancer (edgevoice-relay@.service and deploy/, docs/scale-out.md).")
     if ws.plan.profile and not ok:
         n = min(best.clients if best else steps[0].clients, 100)
         logger.info("profiling the relay with %d sessions (figures of this pass not used)", n)

@@ -20,10 +20,10 @@ from edgevoice.audio.base import CAPTURE_FRAME_BYTES
 from edgevoice.audio.opus import OPUS_RATES_HZ, OpusDecoder, OpusEncoder, OpusSettings
 from edgevoice.audio.resample import StreamResampler
 from edgevoice.relay.server import DOWNLINK_FRAME_SAMPLES
+from edgevoice.relay.settings import DOWNLINK_OPUS
 
 logger = logging.getLogger(__name__)
 
-RELAY_DOWNLINK_BITRATE_BPS = 32_000  # what the relay's encoder uses
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def measure_floor(speech16k: bytes, reply24k: bytes, uplink_frames: int, downlin
     # 24 kHz for soxr (LQ) to finish
     decode_rate_hz = output_rate_hz if output_rate_hz in OPUS_RATES_HZ else 24_000
     up = _frames(speech16k, CAPTURE_FRAME_BYTES, uplink_frames)
-    relay_encoder = OpusEncoder(sample_rate_hz=24_000, bitrate_bps=RELAY_DOWNLINK_BITRATE_BPS)
+    relay_encoder = OpusEncoder.from_settings(DOWNLINK_OPUS, 24_000)
     packets = [relay_encoder.encode(f)
                for f in _frames(reply24k, DOWNLINK_FRAME_SAMPLES * 2, downlink_frames)]
     best = (float("inf"), float("inf"), float("inf"))
@@ -82,14 +82,14 @@ def measure_floor(speech16k: bytes, reply24k: bytes, uplink_frames: int, downlin
 def relay_opus_seconds_per_frame(speech16k: bytes, reply24k: bytes, frames: int = 500,
                                  passes: int = 3) -> float:
     """CPU the relay cannot avoid per session and 20 ms: one 16 kHz Opus decode plus one
-    24 kHz Opus encode with its settings (best of ``passes``)."""
+    24 kHz Opus encode with the relay's default reply settings (best of ``passes``)."""
     uplink = OpusEncoder.from_settings(OpusSettings())
     packets = [uplink.encode(f) for f in _frames(speech16k, CAPTURE_FRAME_BYTES, frames)]
     replies = _frames(reply24k, DOWNLINK_FRAME_SAMPLES * 2, frames)
     best = float("inf")
     for _ in range(passes):
         decoder = OpusDecoder(16_000)
-        encoder = OpusEncoder(sample_rate_hz=24_000, bitrate_bps=RELAY_DOWNLINK_BITRATE_BPS)
+        encoder = OpusEncoder.from_settings(DOWNLINK_OPUS, 24_000)
         t0 = time.process_time()
         for packet, reply in zip(packets, replies, strict=True):
             decoder.decode(packet)
