@@ -136,8 +136,13 @@ async def _idle(ws: Workspace, relay_port: int, path: str, wake: bool,
         if card is not None:
             card.stop()
     span = t1 - t0
-    threads = sorted(((k, 100 * (v - threads0.get(k, 0.0)) / span) for k, v in threads1.items()),
-                     key=lambda kv: -kv[1])
+    threads = [(k, 100 * (v - threads0.get(k, 0.0)) / span) for k, v in threads1.items()]
+    # CPU of threads that ended within the window (an output stream parked and reopened
+    # takes its PortAudio threads with it) is in the process's total, not in any thread
+    ended = 100 * (cpu1 - cpu0) / span - sum(p for _, p in threads)
+    if ended >= 0.01:
+        threads.append(("- threads-that-ended", ended))
+    threads.sort(key=lambda kv: -kv[1])
     rss.sort()
     main = next((p for k, p in threads if k.split()[0] == str(device.pid)), 0.0)
     return IdleRun(path, wake, 100 * (cpu1 - cpu0) / span, rss[len(rss) // 2] / 1024, span,
