@@ -956,7 +956,7 @@ class RelayServer:
             process_request=self._process_request,
             compression=None,
             open_timeout=limits.handshake_timeout_ms / 1000,
-            ping_interval=limits.ping_interval_ms / 1000,
+            ping_interval=limits.ping_interval_ms / 1000 or None,
             ping_timeout=limits.ping_timeout_ms / 1000,
             close_timeout=2,
             max_size=MAX_TEXT_BYTES,

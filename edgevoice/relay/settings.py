@@ -43,8 +43,12 @@ class LimitsSettings:
     """Close a connection that has not said hello within this many milliseconds."""
     heartbeat_interval_ms: int = 10_000
     """Devices ping this often; silence for three intervals closes the connection."""
-    ping_interval_ms: int = 20_000
-    """WebSocket keepalive ping interval (the device uses the same by default)."""
+    ping_interval_ms: int = 0
+    """WebSocket keepalive pings from the relay, this often; 0 (the default): none. The
+    device's protocol heartbeat already reaches the relay every ``heartbeat_interval_ms``
+    and a connection silent for three of them is closed (4003), so a dead or half-open
+    device is found within 30 s by default without a second timer and a ping frame per
+    connection (idle relay CPU, bench row 13). The device keeps its own keepalive."""
     ping_timeout_ms: int = 20_000
     """WebSocket keepalive: close when a ping is not answered within this."""
     max_messages_per_s: int = 200
@@ -84,7 +88,8 @@ class LimitsSettings:
     def __post_init__(self) -> None:
         require(self.handshake_timeout_ms >= 100, "handshake_timeout_ms", "must be >= 100")
         require(self.heartbeat_interval_ms >= 100, "heartbeat_interval_ms", "must be >= 100")
-        require(self.ping_interval_ms >= 100, "ping_interval_ms", "must be >= 100")
+        require(self.ping_interval_ms == 0 or self.ping_interval_ms >= 100,
+                "ping_interval_ms", "must be 0 (off) or >= 100")
         require(self.ping_timeout_ms >= 100, "ping_timeout_ms", "must be >= 100")
         require(self.max_messages_per_s >= 60, "max_messages_per_s",
                 "must be >= 60 (audio alone is 50 per second)")
