@@ -71,8 +71,14 @@ logger = logging.getLogger(__name__)
 _STREAM_FINISHED = b""
 #: Capture block length asked of the device by default (three 20 ms frames).
 DEFAULT_CAPTURE_BLOCK_MS = 60
-#: Silence an output stream plays before it is parked, by default.
-DEFAULT_PARK_AFTER_MS = 5000
+#: Silence an output stream plays before it is parked, by default: an open stream costs
+#: 1.7 % of a core here playing silence (PortAudio's and the sound server's threads,
+#: bench row 2), and a conversation's pauses are mostly shorter than 5 s.
+DEFAULT_PARK_AFTER_MS = 1000
+#: After :meth:`SoundDeviceSink.prepare` (a turn began), the stream is kept open until
+#: the reply plays, for at most this long: parking in the middle of a turn would make
+#: the reply wait for a reopened stream's lead-in.
+PREPARE_HOLD_S = 30.0
 #: Silence a reopened output stream plays before the buffer's audio (see ``_wake``).
 DEFAULT_WAKE_LEAD_IN_MS = 160
 
@@ -386,6 +392,11 @@ class SoundDeviceSink:
         # Held while a stream is opened or closed: a push waits for a park in progress.
         self._stream_lock = threading.Lock()
         self._park_task: asyncio.Task[None] | None = None
+        # prepare() holds the stream open until a reply plays (monotonic deadline)
+        self._held_until = 0.0
+        # set (on the loop) when a parked stream is reopened: the park task waits on it
+        self._reopened: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _plan(self, rate_hz: int | None) -> StreamPlan:
         return plan_stream(_sounddevice(), self.device, "output", rate_hz)
@@ -405,6 +416,7 @@ class SoundDeviceSink:
         self._last_audio_at = time.monotonic()
         buffer.on_data = self._wake
         if self.park_after_s is not None:
+            self._loop, self._reopened = asyncio.get_running_loop(), asyncio.Event()
             self._park_task = asyncio.create_task(self._park_when_idle(self.park_after_s),
                                                   name="sink-park")
         logger.info(
@@ -439,12 +451,23 @@ class SoundDeviceSink:
 
     async def _park_when_idle(self, after_s: float) -> None:
         """Close the stream once nothing was played for ``after_s`` (checked from the
-        loop, twice per ``after_s``: a parked sink costs no wake-ups at all)."""
+        loop, twice per ``after_s``, while it is open; a parked sink waits for the
+        reopening without any wake-up), unless :meth:`prepare` holds it for a reply."""
+        reopened = self._reopened
+        assert reopened is not None
         while True:
+            if self._stream is None:  # parked: nothing to check until it reopens
+                reopened.clear()
+                if self._stream is None:
+                    await reopened.wait()
+                continue
             await asyncio.sleep(after_s / 2)
             buffer = self._buffer
+            now = time.monotonic()
+            if buffer is not None and buffer.playing:
+                self._held_until = 0.0  # the reply it was held for is playing
             if (self._stream is None or buffer is None or buffer.busy
-                    or time.monotonic() - self._last_audio_at < after_s):
+                    or now < self._held_until or now - self._last_audio_at < after_s):
                 continue
             await asyncio.to_thread(self._park)
 
@@ -460,7 +483,9 @@ class SoundDeviceSink:
 
     def prepare(self) -> None:
         """Sound is coming soon (a turn began): reopen a parked stream now, so that it
-        has settled by the time the reply arrives. From the event loop's thread."""
+        has settled by the time the reply arrives, and keep it open until the reply
+        plays (at most :data:`PREPARE_HOLD_S`). From the event loop's thread."""
+        self._held_until = time.monotonic() + PREPARE_HOLD_S
         self._wake()
 
     def _wake(self) -> None:
@@ -487,6 +512,10 @@ class SoundDeviceSink:
                     return
             self._last_audio_at = time.monotonic()
             self.wakes += 1
+        loop, reopened = self._loop, self._reopened
+        if loop is not None and reopened is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                loop.call_soon_threadsafe(reopened.set)
         logger.debug("audio sink %s woken", self.name)
 
     def _start_stream(self, on_block: Any, *, resolve: bool = True) -> _Stream:

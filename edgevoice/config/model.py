@@ -50,10 +50,10 @@ class AudioSettings:
     """Microphone audio the sound card hands over at once, in milliseconds (a multiple of
     20). Each block wakes PortAudio, the sound server and the daemon: 60 ms costs a third
     of what 20 ms does while listening, for up to 40 ms later detection."""
-    speaker_park_after_ms: int = 5000
+    speaker_park_after_ms: int = 1000
     """Close the speaker's stream after this long with nothing to play (an open stream costs
-    as much CPU playing silence as speech); it reopens when a turn begins or a sound
-    comes. 0 keeps it running."""
+    as much CPU playing silence as speech); it reopens when a turn begins (and stays open
+    until the reply plays) or a sound comes. 0 keeps it running."""
     playback_prefill_ms: int = 60
     """Reply audio buffered before playback starts, in milliseconds (jitter buffer): the
     most it waits for; see playback_prefill_min_ms."""

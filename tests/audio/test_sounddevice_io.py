@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from edgevoice.audio.sounddevice_io import (
+    SoundDeviceSink,
     SoundDeviceSource,
     StreamPlan,
     open_sink,
@@ -325,3 +326,60 @@ def test_specs_pick_wav_files_or_devices(tmp_path: Path) -> None:
     fast_sink = open_sink(f"wav+fast:{tmp_path}/out.wav", rate_hz=48_000)
     assert isinstance(fast_sink, WavSink) and not fast_sink.realtime
     assert fast_sink.sample_rate_hz == 48_000
+
+
+class _QuietStream:
+    """A stream that plays nothing (the test pulls the buffer as its callback would)."""
+
+    active = True
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _StandInSink(SoundDeviceSink):
+    """A sink with a stand-in stream: opens and closes are counted, nothing is played."""
+
+    def __init__(self, park_after_ms: int) -> None:
+        self.callbacks: list[Any] = []
+        super().__init__("default", 16_000, park_after_ms=park_after_ms)
+
+    def _plan(self, rate_hz: int | None) -> StreamPlan:
+        return StreamPlan("stand-in", rate_hz or 16_000, 1, 0)
+
+    def _start_stream(self, on_block: Any, *, resolve: bool = True) -> Any:
+        self.callbacks.append(on_block)
+        return _QuietStream()
+
+
+def test_a_prepared_speaker_stays_open_until_the_reply_plays_then_parks() -> None:
+    """A turn can outlast park_after_ms: the stream a turn opened must still be open when
+    the reply comes (a reopened stream's lead-in would delay it); afterwards it parks."""
+    from edgevoice.audio.playback import PlaybackBuffer
+
+    async def main() -> list[bool]:
+        sink = _StandInSink(park_after_ms=100)
+        buffer = PlaybackBuffer(16_000, prefill_ms=0)
+        await sink.open(buffer)
+        seen = []
+        await asyncio.sleep(0.3)
+        seen.append(sink.parked)  # nothing to play: parked
+        sink.prepare()  # a turn began
+        await asyncio.sleep(0.4)  # the user talks on, far past park_after_ms
+        seen.append(sink.parked)  # held open for the reply
+        buffer.push(bytes(3200))  # the reply (100 ms) ...
+        buffer.end_of_response()
+        while buffer.busy:  # ... played by the stream's thread
+            buffer.pull(320)
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.4)
+        seen.append(sink.parked)  # played: parks again
+        buffer.push(bytes(640))  # a sound reopens it
+        seen.append(sink.parked)
+        await sink.close()
+        return [*seen, sink.parks == 2, sink.wakes == 2]
+
+    assert asyncio.run(main()) == [True, False, True, False, True, True]
