@@ -106,6 +106,9 @@ def decode(cls: type[T], data: object, policy: DecodePolicy, path: str = "") -> 
 
 
 def _coerce(tp: Any, value: Any, policy: DecodePolicy, path: str) -> Any:
+    if tp is int and type(value) is int and (policy.max_abs_int is None
+                                             or -policy.max_abs_int <= value <= policy.max_abs_int):
+        return value  # the common case (every field of a heartbeat), before get_origin
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)

@@ -33,6 +33,7 @@ from websockets.exceptions import ConnectionClosed
 from edgevoice.audio.base import CAPTURE_FRAME_BYTES
 from edgevoice.audio.opus import OpusEncoder, OpusSettings
 from edgevoice.audio.wavio import load_wav
+from edgevoice.device.link import RelaySettings
 from edgevoice.protocol.connection import Connection, Role
 from edgevoice.protocol.messages import (
     MAX_TEXT_BYTES,
@@ -44,6 +45,7 @@ from edgevoice.protocol.messages import (
     Ping,
     ResponseEnd,
     ResponseStart,
+    Stats,
     TurnEnd,
     TurnStart,
     Welcome,
@@ -186,16 +188,32 @@ async def _stream(ws: ClientConnection, conn: Connection, packets: list[bytes], 
 
 async def _hold(ws: ClientConnection, conn: Connection, start: float, heartbeat_s: float,
                 until: float) -> None:
-    """An idle device: no turn, only the protocol's heartbeat (a ping every
-    ``heartbeat_s``, as the daemon's link sends one) until ``until``."""
+    """An idle device: no turn, only what the daemon sends while nobody talks (the
+    protocol's heartbeat, a ping every ``heartbeat_s``, and its fleet stats every
+    ``stats_interval_s``) until ``until``."""
     ping_id = 0
-    due = start
-    while due < until:
+    stats_s = float(RelaySettings().stats_interval_s)
+    due_ping = start
+    due_stats = start + stats_s / 2 if stats_s else float("inf")
+    while min(due_ping, due_stats) < until:
+        due = min(due_ping, due_stats)
         await asyncio.sleep(max(0.0, due - time.monotonic()))
-        ping_id += 1
-        await ws.send(conn.send(Ping(ping_id, int(time.monotonic() * 1000))))
-        due += heartbeat_s
+        if due == due_ping:
+            ping_id += 1
+            await ws.send(conn.send(Ping(ping_id, int(time.monotonic() * 1000))))
+            due_ping += heartbeat_s
+        else:
+            await ws.send(conn.send(Stats(IDLE_STATS)))
+            due_stats += stats_s
     await asyncio.sleep(max(0.0, until - time.monotonic()))
+
+
+#: what an idle daemon's compact stats look like (device/daemon.py compact_stats)
+IDLE_STATS: dict[str, Any] = {
+    "version": "0", "timezone": "UTC", "uptime_s": 3600.0, "state": "idle", "rtt_ms": 1.2,
+    "reconnects": 0, "frames_captured": 180000, "frames_dropped": 0, "frames_sent": 0,
+    "underruns": 0, "turns": 0, "noise_floor_dbfs": -62.5, "audio_problem": None,
+}
 
 
 async def run(args: argparse.Namespace, tokens: dict[str, str],
