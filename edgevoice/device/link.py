@@ -113,7 +113,8 @@ class RelaySettings:
     open_timeout_ms: int = 10_000
     """Give up on a connection attempt (TCP + TLS + upgrade + welcome) after this long."""
     ping_interval_ms: int = 20_000
-    """WebSocket keepalive interval; keep it equal to the relay's."""
+    """WebSocket keepalive interval: how the device finds a relay that went away without
+    closing (no answer within ping_timeout_ms: reconnect). The relay sends none."""
     ping_timeout_ms: int = 20_000
     """Close the link when a keepalive ping is not answered within this."""
     send_queue_frames: int = 500

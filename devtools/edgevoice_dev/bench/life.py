@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgevoice.device.link import RelaySettings
+from edgevoice.relay.settings import LimitsSettings
 from edgevoice_dev.bench.plan import Workspace
 from edgevoice_dev.bench.proc import (
     Child,
@@ -317,22 +319,30 @@ async def run_fleet_row(ws: Workspace) -> RowResult:
                 "window_s": round(t1 - t0, 1)}
     row.notes.append(
         f"One relay process (pinned to CPU 0) and {n} protocol clients (CPU 1) that connect "
-        "in batches of 20, say hello and then only hold the connection (WebSocket keepalive "
-        "pings every 20 s, as configured by default); RSS of the relay before connecting and "
-        "after, CPU over the window.")
+        "in batches of 20, say hello and then live as an idle daemon does: the protocol "
+        f"heartbeat every {LimitsSettings().heartbeat_interval_ms / 1000:g} s, fleet stats "
+        f"every {RelaySettings().stats_interval_s:g} s and the WebSocket keepalive ping every "
+        f"{RelaySettings().ping_interval_ms / 1000:g} s (the relay sends none: limits."
+        f"ping_interval_ms {LimitsSettings().ping_interval_ms}); RSS of the relay before "
+        f"connecting and after, CPU over {ws.plan.fleet_measure_s:g} s.")
     if per_kib > FLEET_KIB_TARGET:
         row.findings.append(
             f"{per_kib:.1f} KiB per idle device. No codec state is held for a quiet session "
             "any more (libopus state is made on the first packet and freed when a turn or "
             "reply ends), and its queues, resume journal and reply pacer are made with "
-            "their first use. What remains (tracemalloc, per idle connection): the "
-            "WebSocket connection (its transport, request headers, keepalive task and the "
-            "read waiting with a timeout), the session's upstream task and the upstream "
+            "their first use. What remains per idle connection: the WebSocket connection "
+            "(its transport and buffers), the session, its upstream task and the upstream "
             "session object.")
     if cpu_each > FLEET_CPU_TARGET_PCT:
+        per_event = (cpu1 - cpu0) / connected / (
+            ws.plan.fleet_measure_s / (LimitsSettings().heartbeat_interval_ms / 1000)
+            + ws.plan.fleet_measure_s / RelaySettings().stats_interval_s
+            + ws.plan.fleet_measure_s / (RelaySettings().ping_interval_ms / 1000))
         row.findings.append(
-            f"{cpu_each:.4f} % of a core per idle device: the keepalive pings and each "
-            "session's waiting tasks.")
+            f"{cpu_each:.4f} % of a core per idle device: with nothing else to do, that is "
+            f"{per_event * 1e6:.0f} us of relay CPU for each heartbeat, stats message and "
+            "keepalive ping a device sends (read, parse, answer, write: one loop wake-up "
+            "each).")
     return row
 
 

@@ -57,7 +57,9 @@ class BenchPlan:
     """Window of each idle-device run (rows 11, 12), after 8 s to settle."""
     fleet_devices: int = 1000
     """Idle devices connected to one relay (row 13)."""
-    fleet_measure_s: float = 15.0
+    #: a whole number of every idle period (device keepalive 20 s, heartbeat and stats
+    #: 30 s), so each device's periodic traffic is counted as often as it happens
+    fleet_measure_s: float = 60.0
     conv_steps: tuple[int, ...] = (50, 100, 150, 200)
     """Conversing devices tried against one relay core (row 14)."""
     conv_warmup_s: float = 8.0
