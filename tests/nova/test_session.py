@@ -512,31 +512,34 @@ def test_a_reply_cut_by_a_lost_stream_is_replayed_once_into_a_fresh_stream() -> 
     assert core.stats.replays == 1 and core.stats.failures == 1
 
 
+def replayed_after_a_cut(core: SessionCore) -> int:
+    """A reply cut mid-way at 1.2 s; its question replayed into a stream open at 1.3 s."""
+    sid = open_stream(core, 0.0)
+    ask(core, 0.0)
+    feed(core, sid, 1.0, *reply("x", end=False))
+    (reopened,) = of(core.stream_ended(sid, 1.2), OpenStream)
+    core.stream_opened(reopened.stream_id, 1.3)
+    stream_id: int = reopened.stream_id
+    return stream_id
+
+
 def test_a_replayed_question_gets_novas_end_of_turn_pause_not_the_mid_reply_stall() -> None:
     # Nova hears the replayed question and then waits its end-of-turn pause (1.5-2 s)
     # before it answers: a stall timeout shorter than that must not tear the fresh
     # stream down; the first-output deadline (pause + margin) applies until it speaks.
     core = make(stall_timeout_s=1.0, reply_margin_s=1.0, endpointing_sensitivity="HIGH")
-    sid = open_stream(core, 0.0)
-    ask(core, 0.0)
-    feed(core, sid, 1.0, *reply("x", end=False))
-    (reopened,) = of(core.stream_ended(sid, 1.2), OpenStream)
-    core.stream_opened(reopened.stream_id, 1.3)
+    reopened = replayed_after_a_cut(core)
     assert of(core.tick(3.7), AbortStream) == []  # 2.4 s of quiet: Nova still pausing
-    answer = emitted(feed(core, reopened.stream_id, 3.75, *reply("y")))
+    answer = emitted(feed(core, reopened, 3.75, *reply("y")))
     assert ResponseEnded("end_turn") in answer and core.stats.stalls == 0
 
 
 def test_a_replayed_question_nova_never_answers_is_a_stall_after_the_pause() -> None:
     core = make(stall_timeout_s=1.0, reply_margin_s=1.0, endpointing_sensitivity="HIGH")
-    sid = open_stream(core, 0.0)
-    ask(core, 0.0)
-    feed(core, sid, 1.0, *reply("x", end=False))
-    (reopened,) = of(core.stream_ended(sid, 1.2), OpenStream)
-    core.stream_opened(reopened.stream_id, 1.3)
+    reopened = replayed_after_a_cut(core)
     assert of(core.tick(3.7), AbortStream) == []
     out = core.tick(3.9)  # 2.5 s (pause 1.5 + margin 1.0) after the replay began
-    assert AbortStream(reopened.stream_id) in out and core.stats.stalls == 1
+    assert AbortStream(reopened) in out and core.stats.stalls == 1
 
 
 def test_a_replayed_question_that_fails_again_ends_the_reply_with_an_error() -> None:
