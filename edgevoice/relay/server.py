@@ -400,7 +400,7 @@ class DeviceSession:
         limits = self.relay.limits
         idle_s = 3 * limits.heartbeat_interval_ms / 1000
         clock = self.relay.clock
-        idle = IdleWatch(asyncio.get_running_loop(), idle_s, lambda: self.relay.close_soon(
+        idle = IdleWatch(asyncio.get_running_loop(), idle_s, lambda: self.relay.close_in_background(
             ws, CloseCode.IDLE_TIMEOUT, "no message for three heartbeats"))
         try:
             await self._receive_until_closed(ws, conn, idle, clock)
@@ -579,10 +579,15 @@ class DeviceSession:
     async def _transmit(self, ws: ServerConnection, conn: Connection,
                         message: Message) -> None:
         """Send one control message on ``ws``, journaling it if it is reliable."""
+        await self._send_bytes(ws, self._framed(conn, message, self.relay.clock.now()))
+
+    def _framed(self, conn: Connection, message: Message, now: float) -> str:
+        """``message`` as the connection sends it, journaled if it is reliable (a resume
+        then re-sends it)."""
         text = conn.send(message)
         if type(message) in RELIABLE[Role.RELAY]:
-            self.journal.record_message(conn.messages_sent, message, self.relay.clock.now())
-        await self._send_bytes(ws, text)
+            self.journal.record_message(conn.messages_sent, message, now)
+        return text
 
     async def _send_bytes(self, ws: ServerConnection, data: str | bytes) -> None:
         """Send, bounded in time: a device that does not read is disconnected."""
@@ -687,10 +692,7 @@ class DeviceSession:
                     queue.get_nowait()
                     if isinstance(item, ResponseEnd):
                         self._t0 = None
-                    text = conn.send(item)
-                    if type(item) in RELIABLE[Role.RELAY]:
-                        self.journal.record_message(conn.messages_sent, item, now)
-                    _write_now(ws, text)
+                    _write_now(ws, self._framed(conn, item, now))
                     if isinstance(item, ResponseEnd) and not len(queue):
                         self._reply_over()
                     continue
@@ -718,15 +720,15 @@ class DeviceSession:
         if not ws.paused:
             self._blocked_since = None
             return True
+        timeout = self.relay.limits.send_timeout_ms / 1000
         if self._blocked_since is None:
             self._blocked_since = now
-        elif now - self._blocked_since > self.relay.limits.send_timeout_ms / 1000:
+        elif now - self._blocked_since > timeout:
             self._blocked_since = None
-            timeout = self.relay.limits.send_timeout_ms / 1000
             self.relay.counters.slow_readers += 1
             self.relay.refusals.refused(
                 "slow_reader", f"{self.device_id}: not reading for {timeout:.1f} s")
-            self.relay._close_in_background(ws, CloseCode.SLOW_READER, "device is not reading")
+            self.relay.close_in_background(ws, CloseCode.SLOW_READER, "device is not reading")
         return False
 
 
@@ -1090,7 +1092,7 @@ class RelayServer:
         owner, session.owner = session.owner, None
         ws = session.detach()
         for connection in {id(c): c for c in (ws, owner) if c is not None}.values():
-            self._close_in_background(connection, CloseCode.SESSION_REPLACED, "session replaced")
+            self.close_in_background(connection, CloseCode.SESSION_REPLACED, "session replaced")
         await session.close()
 
     def _forget_in_background(self, session: DeviceSession) -> None:
@@ -1098,12 +1100,9 @@ class RelayServer:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def close_soon(self, ws: ServerConnection, code: int, reason: str) -> None:
-        """Close ``ws`` with a closing handshake, from a callback (a timer)."""
-        self._close_in_background(ws, code, reason)
-
-    def _close_in_background(self, ws: ServerConnection, code: int, reason: str) -> None:
-        """Close a connection without waiting for its (maybe unreachable) peer."""
+    def close_in_background(self, ws: ServerConnection, code: int, reason: str) -> None:
+        """Close a connection without waiting for its (maybe unreachable) peer; callable
+        from a callback (a timer)."""
         task = asyncio.create_task(ws.close(code, reason))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -1271,7 +1270,7 @@ class RelayServer:
         if older is not None:  # the old connection has not noticed it is dead yet
             logger.info("%s resumed while its old connection was still open; closing it",
                         device_id)
-            self._close_in_background(older, CloseCode.SESSION_REPLACED,
+            self.close_in_background(older, CloseCode.SESSION_REPLACED,
                                       "session resumed elsewhere")
         session.owner = ws
         self.counters.sessions_resumed += 1
