@@ -167,6 +167,37 @@ _DECAY_PERCENTILE = 0.1
 _MAX_RT60_MS = 3000
 
 
+class _SortedWindow:
+    """The last ``size`` values, in arrival order and sorted (for a running percentile
+    without sorting per frame)."""
+
+    __slots__ = ("_arrived", "_size", "ordered")
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._arrived: collections.deque[float] = collections.deque()
+        #: the values, sorted
+        self.ordered: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self._arrived)
+
+    def add(self, value: float) -> None:
+        self._arrived.append(value)
+        bisect.insort(self.ordered, value)
+        if len(self._arrived) > self._size:
+            del self.ordered[bisect.bisect_left(self.ordered, self._arrived.popleft())]
+
+    def clear(self) -> None:
+        self._arrived.clear()
+        self.ordered.clear()
+
+
+def _at_fraction(ordered: list[float], fraction: float) -> float:
+    """The value ``fraction`` of the way up a non-empty sorted list."""
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
 class EchoGuard:
     """Predicts the level of the device's own playback in the microphone.
 
@@ -191,18 +222,16 @@ class EchoGuard:
         self._direct_s = (s.max_delay_ms + FRAME_MS) / 1000.0
         self._prior_decay_db_per_s = 60.0 / (s.reverb_rt60_ms / 1000.0)
         self._decay_db_per_s = self._prior_decay_db_per_s
-        # measured decay rates (dB/s), in arrival order and sorted
-        self._decays: collections.deque[float] = collections.deque()
-        self._decays_sorted: list[float] = []
+        # measured decay rates (dB/s) of the last pauses
+        self._decays = _SortedWindow(_DECAY_HISTORY_FRAMES)
         self._pause_decays: list[float] = []  # measured in the pause in progress
         self._playback: collections.deque[tuple[float, float]] = collections.deque()
         # playback_dbfs's last answer, and what it depended on
         self._memo_key: tuple[float, float, int, tuple[float, float], tuple[float, float]] | None \
             = None
         self._memo: float | None = None
-        # (microphone - playback) of the frames learnt from, in arrival order and sorted
-        self._observed: collections.deque[float] = collections.deque()
-        self._sorted: list[float] = []
+        # (microphone - playback) of the frames learnt from
+        self._observed = _SortedWindow(_HISTORY_FRAMES)
         self._coupling_db = s.prior_coupling_db
         #: capture frames the coupling was learnt from
         self.learnt_frames = 0
@@ -222,9 +251,7 @@ class EchoGuard:
         """Forget the playback history and return to the prior coupling and decay."""
         self._playback.clear()
         self._observed.clear()
-        self._sorted.clear()
         self._decays.clear()
-        self._decays_sorted.clear()
         self._pause_decays.clear()
         self._coupling_db = self.settings.prior_coupling_db
         self._decay_db_per_s = self._prior_decay_db_per_s
@@ -299,13 +326,10 @@ class EchoGuard:
         observed = dbfs - played
         if observed > self._coupling_db + self.settings.margin_db:
             return  # louder than any echo could be: the user is talking (double talk)
-        self._observed.append(observed)
-        bisect.insort(self._sorted, observed)
-        if len(self._observed) > _HISTORY_FRAMES:
-            del self._sorted[bisect.bisect_left(self._sorted, self._observed.popleft())]
+        self._observed.add(observed)
         self.learnt_frames += 1
-        if len(self._sorted) >= _MIN_HISTORY_FRAMES:
-            top = self._sorted[min(len(self._sorted) - 1, int(_PERCENTILE * len(self._sorted)))]
+        if len(self._observed) >= _MIN_HISTORY_FRAMES:
+            top = _at_fraction(self._observed.ordered, _PERCENTILE)
             lo, hi = _COUPLING_RANGE_DB
             self._coupling_db = min(hi, max(lo, top))
 
@@ -344,7 +368,7 @@ class EchoGuard:
         if len(self._decays) < _DECAY_MIN_FRAMES:
             # Nothing measured yet (the first pause of the first reply): learn at once;
             # the first long pause of a reverberant room would otherwise interrupt.
-            self._estimate_decay(sorted([*self._decays, *self._pause_decays]))
+            self._estimate_decay(sorted([*self._decays.ordered, *self._pause_decays]))
 
     def _commit_decays(self) -> None:
         """Learn from the pause that just ended (never from the one in progress: a user
@@ -352,17 +376,13 @@ class EchoGuard:
         if not self._pause_decays:
             return
         for rate in self._pause_decays:
-            self._decays.append(rate)
-            bisect.insort(self._decays_sorted, rate)
-            if len(self._decays) > _DECAY_HISTORY_FRAMES:
-                old = self._decays.popleft()
-                del self._decays_sorted[bisect.bisect_left(self._decays_sorted, old)]
+            self._decays.add(rate)
         self._pause_decays.clear()
-        self._estimate_decay(self._decays_sorted)
+        self._estimate_decay(self._decays.ordered)
 
     def _estimate_decay(self, rates: list[float]) -> None:
         if len(rates) >= _DECAY_MIN_FRAMES:
-            measured = rates[int(_DECAY_PERCENTILE * len(rates))]
+            measured = _at_fraction(rates, _DECAY_PERCENTILE)
             self._decay_db_per_s = min(self._prior_decay_db_per_s, measured)
 
     def _echo_has_arrived(self, now: float) -> bool:
