@@ -71,10 +71,11 @@ def kind_of(value: object) -> str:
 
 
 @functools.cache
-def _shape(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field[Any]]]:
-    """A dataclass's resolved field types and fields, worked out once per class: the
-    relay decodes every text message with this (a heartbeat every 10 s from each idle
-    device), and resolving the hints each time was most of a ping's cost (cProfile)."""
+def dataclass_shape(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field[Any]]]:
+    """A dataclass's resolved field types and fields by name (in declaration order),
+    worked out once per class: the relay decodes and encodes every text message with
+    it (a heartbeat from each idle device), and resolving the hints each time was most
+    of a ping's cost (cProfile)."""
     hints = typing.get_type_hints(cls)
     return hints, {f.name: f for f in dataclasses.fields(cls)}
 
@@ -83,7 +84,7 @@ def decode(cls: type[T], data: object, policy: DecodePolicy, path: str = "") -> 
     """Build the dataclass ``cls`` from ``data``; raise :class:`DecodeError`."""
     if not isinstance(data, Mapping):
         raise DecodeError(path, f"expected {policy.mapping_word}, got {kind_of(data)}")
-    hints, fields = _shape(typing.cast(type, cls))
+    hints, fields = dataclass_shape(typing.cast(type, cls))
     prefix = f"{path}." if path else ""
     kwargs: dict[str, Any] = {}
     for key, value in data.items():

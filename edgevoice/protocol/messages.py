@@ -8,14 +8,13 @@ in :mod:`edgevoice.protocol.connection`. The normative spec is ``docs/protocol.m
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from typing import Any, ClassVar, Literal
 
-from edgevoice.decoding import PROTOCOL_POLICY, DecodeError, decode
+from edgevoice.decoding import PROTOCOL_POLICY, DecodeError, dataclass_shape, decode
 from edgevoice.errors import LocalProtocolError, RemoteProtocolError
 
 PROTOCOL_VERSION = 1
@@ -322,16 +321,11 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 _SCALARS = (int, str, float, bool, type(None))
 
 
-@functools.cache
-def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
-
-
 def encode_message(message: Message) -> str:
     """Serialise a control message to its JSON text."""
     body: dict[str, Any] = {"type": message.TYPE}
     kind: type = type(message)
-    values = [(name, getattr(message, name)) for name in _field_names(kind)]
+    values = [(name, getattr(message, name)) for name in dataclass_shape(kind)[1]]
     if all(type(value) in _SCALARS for _, value in values):
         # a flat message (ping, pong, turn_start, ...): what asdict gives, without its
         # recursive deep copy; a pong per heartbeat per idle device (bench row 13)
