@@ -250,3 +250,38 @@ def test_released_state_is_really_freed() -> None:
     enc.release()
     gc.collect()
     assert state() is None  # opuslib frees the libopus state when its object goes
+
+
+def test_results_are_fresh_bytes_not_views_of_the_reused_buffers() -> None:
+    """The codecs write into one buffer per state; what they return must not change
+    when the next packet is coded (a jitter buffer holds several at once)."""
+    enc, dec = OpusEncoder(), OpusDecoder()
+    loud, quiet = frames(tone(440.0, -6.0, RATE // 25))[:2], frames(tone(440.0, -40.0, RATE // 25))
+    first_packet = enc.encode(loud[0])
+    kept_packet = bytes(first_packet)
+    first_pcm = dec.decode(first_packet)
+    kept_pcm = bytes(first_pcm)
+    for pcm in quiet:
+        dec.decode(enc.encode(pcm))
+    assert first_packet == kept_packet and first_pcm == kept_pcm
+    assert len(first_pcm) == 640
+
+
+def test_long_packets_decode_whole_and_concealment_follows_them() -> None:
+    enc60, dec = OpusEncoder(frame_ms=60), OpusDecoder()
+    pcm = dec.decode(enc60.encode(frames(tone(440.0, -20.0, RATE * 3 // 50), 3 * 320)[0]))
+    assert len(pcm) == 3 * 640
+    assert len(dec.conceal()) == 3 * 640
+
+
+def test_opuslibs_own_calls_keep_their_argument_types() -> None:
+    """Our typed function pointers are new ones: code that uses opuslib_next directly
+    (it is a shared library of the process) still gets its own conventions."""
+    import opuslib_next
+
+    OpusEncoder().encode(bytes(640))
+    OpusDecoder().conceal()
+    assert opuslib_next.api.encoder.libopus_encode.argtypes[1] is opuslib_next.api.c_int16_pointer
+    assert opuslib_next.api.decoder.libopus_decode.argtypes[3] is opuslib_next.api.c_int16_pointer
+    enc = opuslib_next.Encoder(16000, 1, opuslib_next.APPLICATION_VOIP)
+    assert opuslib_next.Decoder(16000, 1).decode(enc.encode(bytes(640), 320), 320)
