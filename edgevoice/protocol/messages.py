@@ -85,6 +85,13 @@ class AudioFlags(IntFlag):
 
 KNOWN_FLAGS = int(AudioFlags.START | AudioFlags.END | AudioFlags.REPLAY)
 
+# Header bytes to their enum members, made once: calling an enum class per frame costs
+# more than the rest of the header's parse. None: not a known kind / carries unknown bits.
+_KINDS: tuple[AudioKind | None, ...] = tuple(
+    AudioKind(i) if i in AudioKind._value2member_map_ else None for i in range(256))
+_FLAGS: tuple[AudioFlags | None, ...] = tuple(
+    None if i & ~KNOWN_FLAGS else AudioFlags(i) for i in range(256))
+
 
 @dataclass(frozen=True)
 class AudioFrame:
@@ -117,14 +124,13 @@ class AudioFrame:
         version, kind, flags, seq, timestamp_ms = AUDIO_HEADER.unpack_from(data)
         if version != PROTOCOL_VERSION:
             raise RemoteProtocolError(f"audio frame version {version} is not {PROTOCOL_VERSION}")
-        try:
-            audio_kind = AudioKind(kind)
-        except ValueError:
-            raise RemoteProtocolError(f"unknown audio kind {kind}") from None
-        if flags & ~KNOWN_FLAGS & 0xFF:
+        audio_kind, audio_flags = _KINDS[kind], _FLAGS[flags]
+        if audio_kind is None:
+            raise RemoteProtocolError(f"unknown audio kind {kind}")
+        if audio_flags is None:
             raise RemoteProtocolError(f"unknown audio flags 0x{flags:02x}")
         payload = bytes(data[AUDIO_HEADER_BYTES:])
-        return cls(audio_kind, seq, timestamp_ms, payload, AudioFlags(flags))
+        return cls(audio_kind, seq, timestamp_ms, payload, audio_flags)
 
 
 # --------------------------------------------------------------------------- control
