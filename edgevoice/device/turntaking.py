@@ -120,7 +120,9 @@ class TurnTaking:
         decision = detector.process(frame, self._echo_reference_dbfs(now))
         trigger_events: list[TriggerEvent] = []
         for trigger in self.audio_triggers:
-            trigger_events.extend(trigger.process(frame))
+            # the level just measured: a wake word's gate skips its models in a quiet room
+            trigger_events.extend(trigger.process(frame, detector.level_dbfs,
+                                                  detector.noise_floor_dbfs))
         if self.barge_in is not None:
             # the detector has just measured this frame's level: do not measure it twice
             trigger_events.extend(self.barge_in.detector.on_capture_frame(

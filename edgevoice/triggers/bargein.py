@@ -543,8 +543,10 @@ class VoiceBargeInTrigger:
     def set_state(self, state: DeviceState) -> None:
         self.detector.set_state(state)
 
-    def process(self, frame: bytes) -> list[TriggerEvent]:
-        return self.detector.on_capture_frame(pcm_dbfs(frame), self._clock.now())
+    def process(self, frame: bytes, level_dbfs: float | None = None,
+                noise_floor_dbfs: float | None = None) -> list[TriggerEvent]:
+        level = pcm_dbfs(frame) if level_dbfs is None else level_dbfs
+        return self.detector.on_capture_frame(level, self._clock.now())
 
     def on_playback(self, pcm: bytes, now: float | None = None) -> None:
         """A block of s16le PCM (any rate) started playing at ``now`` (default: now)."""

@@ -116,8 +116,14 @@ class AudioTrigger(Trigger, Protocol):
     this frame; audio triggers do not call ``emit``.
     """
 
-    def process(self, frame: bytes) -> list[TriggerEvent]:
-        """Feed one captured frame; return the events it caused (usually none)."""
+    def process(self, frame: bytes, level_dbfs: float | None = None,
+                noise_floor_dbfs: float | None = None) -> list[TriggerEvent]:
+        """Feed one captured frame; return the events it caused (usually none).
+
+        ``level_dbfs`` is the frame's RMS level and ``noise_floor_dbfs`` the room's
+        noise floor, as the silence detector measured them for this very frame (the
+        level is computed once per frame for every consumer); None: not measured, the
+        trigger measures what it needs itself."""
 
 
 def import_extra(module: str, extra: str, purpose: str) -> ModuleType:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ from edgevoice.triggers.base import (
     TurnStartRequested,
     import_extra,
 )
+from edgevoice.triggers.quietgate import FrameRing, QuietGate
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,9 @@ DEFAULT_CUSTOM_CUTOFF = 0.9
 DEFAULT_CUSTOM_WINDOW = 5
 #: A model's raw output above this counts as "recognising the phrase" (phrase end).
 _RISE_PROBABILITY = 0.5
+#: At most this many frames reach the models per captured frame while the gate's
+#: pre-roll is caught up (the captured frame and 7 of the pre-roll's).
+_MAX_FRAMES_PER_CALL = 8
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,23 @@ class WakeSettings:
     buffer_ms: int = 1500
     """Audio kept to recover the start of the question after the wake phrase (ms)."""
 
+    gate_margin_db: float | None = 6.0
+    """Run the models only on frames this much (dB) above the room's noise floor (the
+    silence detector's), and for ``gate_hold_ms`` after: a quiet room then costs almost
+    nothing, and a wake phrase, louder than its room, opens the gate and is heard from
+    ``gate_preroll_ms`` before it. Lower opens on quieter sounds (and more often on the
+    room's own fluctuations). Empty (null): the models run on every frame."""
+
+    gate_hold_ms: int = 1000
+    """How long (ms) the gate stays open after the last frame above the margin: the
+    models decide 0.05-0.45 s after a phrase ends (docs/wake-words.md) and a phrase's
+    last sound may be under the margin, so 1 s lets them finish."""
+
+    gate_preroll_ms: int = 1500
+    """Audio (ms) from before the gate opened that the models hear first, so they and
+    the frontend's noise estimate have heard the room up to the onset as if never gated
+    (measured: what they decide then matches the ungated run, docs/wake-words.md)."""
+
     def __post_init__(self) -> None:
         require(bool(self.models), "models", "must name at least one wake-word model")
         for model in self.models:
@@ -114,6 +136,12 @@ class WakeSettings:
         require(self.phrase_end_lead_ms is None or 0 <= self.phrase_end_lead_ms <= 500,
                 "phrase_end_lead_ms", "must be in [0, 500] ms")
         require(500 <= self.buffer_ms <= 5000, "buffer_ms", "must be in [500, 5000] ms")
+        require(self.gate_margin_db is None or 0.0 <= self.gate_margin_db <= 40.0,
+                "gate_margin_db", "must be in [0, 40] dB, or null for no gate")
+        require(300 <= self.gate_hold_ms <= 10_000, "gate_hold_ms",
+                "must be in [300, 10000] ms (less cuts the models off before they decide)")
+        require(300 <= self.gate_preroll_ms <= 3000, "gate_preroll_ms",
+                "must be in [300, 3000] ms")
 
 
 #: Cutoffs chosen by measurement (docs/wake-words.md, tests/triggers/measure_wake.py):
@@ -177,6 +205,13 @@ def frames_after_detection(
     if keep <= 0:
         return []
     return list(frames[-keep:]) if keep < len(frames) else list(frames)
+
+
+def _frames_per_stride(model: Any) -> int:
+    """Frames to skip together so a model invokes on the same frames (a frame is two
+    10 ms feature windows; a model invokes every ``stride`` windows)."""
+    stride = int(getattr(model, "stride", 3))
+    return stride // math.gcd(stride, 2)
 
 
 def _load_model(mww: Any, model: str) -> Any:
@@ -246,6 +281,20 @@ class WakeWordTrigger:
                         getattr(model, "wake_word", name), cutoff)
         self._features: Any = mww.MicroWakeWordFeatures()
         self._refractory_frames = -(-settings.refractory_ms // FRAME_MS)
+        # The quiet gate (quietgate.py) and the frames it held back, fed first when it
+        # opens. Frames skipped are a whole number of every model's strides (3 feature
+        # windows = 1.5 frames: 3 frames), so the models invoke on the same frames as
+        # ungated and detections land on the same frame.
+        self._gate = (None if settings.gate_margin_db is None else
+                      QuietGate(settings.gate_margin_db, -(-settings.gate_hold_ms // FRAME_MS)))
+        self._preroll_frames = -(-settings.gate_preroll_ms // FRAME_MS)
+        self._skip_unit = math.lcm(*(_frames_per_stride(m.model) for m in self._loaded))
+        self._ring = FrameRing(self._preroll_frames + self._skip_unit
+                               if self._gate is not None else 1)
+        #: index of the first frame the models have not heard yet
+        self._next_fed = 0
+        #: frames were held back since the models last ran (the gate was closed)
+        self._held_back = False
         self._state = DeviceState.IDLE
         #: frames fed to :meth:`process` since :meth:`start` (the next frame's index)
         self.frames_processed = 0
@@ -257,6 +306,11 @@ class WakeWordTrigger:
         self.last_model: str | None = None
         #: detections since start(), including those the device state suppressed
         self.detections = 0
+        #: frames that arrived while the gate was closed (the models did not run on
+        #: them then; the last ``gate_preroll_ms`` of them run when it opens)
+        self.frames_gated = 0
+        #: of those, the frames run late, as the pre-roll of an opening gate
+        self.frames_replayed = 0
 
     @property
     def wake_word(self) -> str:
@@ -280,12 +334,21 @@ class WakeWordTrigger:
 
     async def start(self, emit: Emit) -> None:
         # Events are returned by process(); emit is not needed.
-        self._reset_model()
         self.frames_processed = 0
+        self._reset_model()
+        if self._gate is not None:
+            self._gate.openings = 0
         self.last_detection_frame_index = None
         self.last_phrase_end_frame_index = None
         self.last_model = None
         self.detections = 0
+        self.frames_gated = 0
+        self.frames_replayed = 0
+
+    @property
+    def gate_openings(self) -> int:
+        """Times the quiet gate opened since :meth:`start` (0 without a gate)."""
+        return 0 if self._gate is None else self._gate.openings
 
     async def stop(self) -> None:
         """Nothing to release until :meth:`close`: the models are kept for a restart."""
@@ -301,13 +364,50 @@ class WakeWordTrigger:
             self._reset_model()
         self._state = state
 
-    def process(self, frame: bytes) -> list[TriggerEvent]:
+    def process(self, frame: bytes, level_dbfs: float | None = None,
+                noise_floor_dbfs: float | None = None) -> list[TriggerEvent]:
         if len(frame) != CAPTURE_FRAME_BYTES:
             raise ValueError(f"expected a {CAPTURE_FRAME_BYTES}-byte frame, got {len(frame)}")
         index = self.frames_processed
         self.frames_processed += 1
         if self._state is DeviceState.MUTED:
             return []
+        gate = self._gate
+        if gate is None:
+            self._next_fed = index + 1
+            fired = self._feed(frame, index)
+            return [] if fired is None else self._detected(fired, index, index)
+        self._ring.push(index, frame)
+        if level_dbfs is not None and noise_floor_dbfs is not None and \
+                not gate.update(level_dbfs, noise_floor_dbfs):
+            self.frames_gated += 1
+            self._held_back = True
+            return []
+        first = self._next_fed
+        if self._held_back:
+            # the gate has just opened: the models go on from the pre-roll, a whole
+            # number of strides after the last frame they heard
+            self._held_back = False
+            oldest = max(self._ring.oldest_index, index + 1 - self._preroll_frames)
+            if first < oldest:
+                unit = self._skip_unit
+                first += -(-(oldest - first) // unit) * unit
+            self.frames_replayed += index - first
+        # A pre-roll is caught up a few frames per call, not all at once: each call
+        # stays well under a millisecond on a Pi Zero 2 W, and the lag is gone within
+        # a few frames of the onset, long before a wake phrase ends.
+        last = min(index, first + _MAX_FRAMES_PER_CALL - 1)
+        events: list[TriggerEvent] = []
+        for fed in range(first, last + 1):
+            fired = self._feed(self._ring.get(fed), fed)
+            if fired is not None and not events:
+                events = self._detected(fired, fed, index)
+        self._next_fed = last + 1
+        return events
+
+    def _feed(self, frame: bytes, index: int) -> _Loaded | None:
+        """Run the frontend and every model on frame number ``index``; the model that
+        crossed its cutoff (the first one listed), if any."""
         fired: _Loaded | None = None
         for features in self._features.process_streaming(frame):
             for loaded in self._loaded:
@@ -317,8 +417,11 @@ class WakeWordTrigger:
                 self._watch_rise(loaded, index)
                 if probability > loaded.cutoff and fired is None:
                     fired = loaded
-        if fired is None:
-            return []
+        return fired
+
+    def _detected(self, fired: _Loaded, index: int, now_index: int) -> list[TriggerEvent]:
+        """``fired`` crossed its cutoff on frame ``index``; the frame being captured is
+        ``now_index`` (later when the detection came from the gate's pre-roll)."""
         last = self.last_detection_frame_index
         if last is not None and index - last <= self._refractory_frames:
             return []
@@ -331,7 +434,7 @@ class WakeWordTrigger:
                     fired.name, index, self.last_phrase_end_frame_index, self._state.value)
         if self._state is DeviceState.LISTENING:
             return []
-        rewind = index + 1 - self.last_phrase_end_frame_index
+        rewind = now_index + 1 - self.last_phrase_end_frame_index
         start = TurnStartRequested(SOURCE, rewind_frames=rewind)
         if self._state in (DeviceState.SPEAKING, DeviceState.THINKING):
             return [InterruptRequested(SOURCE), start]
@@ -351,6 +454,12 @@ class WakeWordTrigger:
         loaded.above = above
 
     def _reset_model(self) -> None:
+        """The models start from scratch with the next frame (nothing before it is fed)."""
+        self._next_fed = self.frames_processed
+        self._held_back = False
+        self._ring.clear()
+        if self._gate is not None:
+            self._gate.reset()
         self._features.reset()
         for loaded in self._loaded:
             loaded.model.reset()
