@@ -56,14 +56,14 @@ from edgevoice.errors import ConfigError
 from edgevoice.feedback.earcons import Earcons
 from edgevoice.feedback.states import DeviceState
 from edgevoice.protocol.connection import AudioReceived
-from edgevoice.protocol.messages import DeviceCall, DeviceResult, Message, Stats, Welcome
+from edgevoice.protocol.messages import DeviceCall, DeviceResult, Message, Welcome
 from edgevoice.triggers.bargein import VoiceBargeInTrigger
 from edgevoice.triggers.base import AudioTrigger, Trigger
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_FILE = "/etc/edgevoice/device.token"
-#: How often the turn machine's timeouts, the shown state and the stats are looked at.
+#: How often the turn machine's timeouts and the shown state are looked at.
 TICK_S = 0.1
 #: While frames arrive, they carry the tick; the ticker task then only looks this often
 #: whether capture stalled (each wake-up of an idle device costs: issue 15).
@@ -163,13 +163,15 @@ class DeviceDaemon(LinkListener):
         self.counters = DeviceCounters()
         self._connected = asyncio.Event()
         self._stop = asyncio.Event()
-        self._last_stats_at = self.clock.now()
         # when the next tick is due (kept on a 100 ms grid: 60 ms capture blocks would
         # otherwise tick every 120 ms)
-        self._tick_due = self._last_stats_at + TICK_S
+        self._tick_due = self.clock.now() + TICK_S
         self._frame_at = float("-inf")  # when the last captured frame was handled
 
-        self.link = DeviceLink(config.relay, self.device_id, token, self, clock=self.clock)
+        # the fleet stats ride the link's heartbeat (at connect, then every
+        # relay.stats_interval_s): one relay wake-up for both (docs/protocol.md §6)
+        self.link = DeviceLink(config.relay, self.device_id, token, self, clock=self.clock,
+                               stats=self.compact_stats)
         self.status_board = StatusBoard(on_state, on_ready)
         self.records = TurnRecorder(self.counters, on_closed=self.observers.turn_closed)
         self.detector = SilenceDetector(config.silence)
@@ -281,10 +283,6 @@ class DeviceDaemon(LinkListener):
         due = self._tick_due + TICK_S
         self._tick_due = due if due > now else now + TICK_S  # fell behind: restart grid
         self.turn_taking.tick(now)
-        interval = self.config.relay.stats_interval_s
-        if interval and now - self._last_stats_at >= interval and self.link.connected:
-            self._last_stats_at = now
-            self.link.send(Stats(self.compact_stats()))
 
     async def _ticker(self) -> None:
         """Ticks when no frame did (capture stalled, closed or not yet open)."""
@@ -437,8 +435,8 @@ class DeviceDaemon(LinkListener):
         self.turn_taking.link_changed(True, now)
         self.status_board.link_tried()
         self.presenter.show(self.machine.state)
-        if self.config.relay.stats_interval_s:
-            self.link.send(Stats(self.compact_stats()))  # the fleet view is current at once
+        # the fleet view is current at once: the link's first heartbeat, sent as the
+        # connection starts, carries the stats
 
     def link_down(self, reason: str, retry_in_s: float | None) -> None:
         now = self.clock.now()

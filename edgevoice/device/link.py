@@ -2,8 +2,9 @@
 
 A thin runner around :class:`edgevoice.protocol.connection.Connection`. It owns the
 WebSocket, the reconnect loop (capped exponential backoff with full jitter, asking
-:func:`edgevoice.errors.is_retryable` what is worth retrying), the heartbeats that
-measure round-trip time, and the device's half of session resume
+:func:`edgevoice.errors.is_retryable` what is worth retrying), the heartbeat (round-trip
+time, the device's stats riding along, and a relay that went silent found and left:
+:mod:`edgevoice.protocol.heartbeat`), and the device's half of session resume
 (``docs/protocol.md`` §7). What the relay says is handed to a :class:`LinkListener`;
 what the daemon wants to say goes through ``send`` and ``send_audio``, which never
 block (bounded queue, drops counted).
@@ -30,8 +31,9 @@ import logging
 import random
 import ssl
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -49,6 +51,7 @@ from edgevoice.errors import (
 )
 from edgevoice.health.http import is_loopback
 from edgevoice.protocol.connection import RELIABLE, AudioReceived, Connection, Role
+from edgevoice.protocol.heartbeat import Beat, Heartbeat, RelaySilent, stats_every
 from edgevoice.protocol.messages import (
     MAX_TEXT_BYTES,
     SUBPROTOCOL,
@@ -60,6 +63,7 @@ from edgevoice.protocol.messages import (
     Ping,
     Pong,
     ResumeRequest,
+    Stats,
     Welcome,
     parse_handover_reason,
 )
@@ -112,16 +116,22 @@ class RelaySettings:
     """Extra CA bundle (PEM) to trust for wss://, e.g. a private CA. Verification stays on."""
     open_timeout_ms: int = 10_000
     """Give up on a connection attempt (TCP + TLS + upgrade + welcome) after this long."""
-    ping_interval_ms: int = 20_000
-    """WebSocket keepalive interval: how the device finds a relay that went away without
-    closing (no answer within ping_timeout_ms: reconnect). The relay sends none."""
+    ping_interval_ms: int = 0
+    """WebSocket keepalive pings from the device, this often; 0 (the default): none.
+    The protocol heartbeat (every ``heartbeat_interval_ms`` the relay names in its
+    welcome, 30 s by default) already finds a relay that went away without closing
+    and keeps NAT bindings fresh; a keepalive ping is a second relay wake-up per
+    device (docs/protocol.md §6). Set it only to find a dead relay sooner."""
     ping_timeout_ms: int = 20_000
-    """Close the link when a keepalive ping is not answered within this."""
+    """A relay that sends nothing at all within this after a heartbeat (or a keepalive
+    ping, when on) is given up on: the link closes and reconnects, resuming the session."""
     send_queue_frames: int = 500
     """Audio frames waiting to be sent, also while a drop is being resumed (500 = 10 s);
     the oldest are dropped."""
     stats_interval_s: int = 30
-    """Push a compact stats message to the relay this often (0 = never)."""
+    """Send the compact stats to the relay's fleet view at connect and then with the
+    first heartbeat at or after this many seconds since the last; they share the
+    heartbeat's write (one relay wake-up for both). 0 = never."""
     backoff: BackoffSettings = field(default_factory=BackoffSettings)
     """Reconnect delays."""
     resume: ResumeSettings = field(default_factory=ResumeSettings)
@@ -133,7 +143,8 @@ class RelaySettings:
         require(self.url == "auto" or (parsed.scheme in ("ws", "wss") and bool(parsed.hostname)),
                 "url", "must be ws://host:port/, wss://host:port/ or auto")
         require(self.open_timeout_ms >= 100, "open_timeout_ms", "must be >= 100")
-        require(self.ping_interval_ms >= 100, "ping_interval_ms", "must be >= 100")
+        require(self.ping_interval_ms == 0 or self.ping_interval_ms >= 100,
+                "ping_interval_ms", "must be 0 (off) or >= 100")
         require(self.ping_timeout_ms >= 100, "ping_timeout_ms", "must be >= 100")
         require(self.send_queue_frames >= 10, "send_queue_frames", "must be >= 10")
         require(self.stats_interval_s >= 0, "stats_interval_s", "must be >= 0")
@@ -212,9 +223,18 @@ class LinkStats:
     reconnects: int = 0
     frames_sent: int = 0
     frames_received: int = 0
-    #: writes to the socket carrying queued items: a capture block's frames (and any
-    #: message queued with them) go in one write, one TLS record, one TCP segment
+    #: writes to the socket: a batch of queued items (a capture block's frames and any
+    #: message queued with them) or a heartbeat (its stats and ping) go in one write,
+    #: one TLS record, one TCP segment
     writes: int = 0
+    #: protocol heartbeats sent (``ping``), and how many of them carried the stats
+    heartbeats: int = 0
+    stats_sent: int = 0
+    #: heartbeats that went without stats because the stats provider raised
+    stats_failed: int = 0
+    #: connections given up because nothing came back within ping_timeout_ms of a
+    #: heartbeat (a relay that went away without closing)
+    heartbeat_timeouts: int = 0
     #: said while offline with no session to resume: dropped
     dropped_offline: int = 0
     rtt_ms: float | None = None
@@ -255,12 +275,18 @@ class _SessionEnded(LinkError):
     """The link closed in a way that leaves no session to resume."""
 
 
+#: What the link asks for when a heartbeat carries the device's stats: the compact
+#: stats dict for the relay's fleet view (the daemon's ``compact_stats``).
+StatsProvider = Callable[[], dict[str, Any]]
+
+
 class DeviceLink:
     """Keeps one WebSocket to the relay open, forever, and a session across short drops."""
 
     def __init__(self, settings: RelaySettings, device_id: str, token: str,
                  listener: LinkListener, *, clock: Clock | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 stats: StatsProvider | None = None) -> None:
         self.settings = settings
         self.device_id = device_id
         self._token = token
@@ -283,6 +309,10 @@ class DeviceLink:
         self._handover_until: float | None = None
         self._stopping = False
         self._ping_id = 0
+        #: the stats a heartbeat carries every stats_interval_s (None: no stats)
+        self._stats_provider = stats
+        #: messages received on the current connection (the heartbeat's sign of life)
+        self._heard = 0
         host = urllib.parse.urlparse(settings.url).hostname or ""
         if settings.url.startswith("ws://") and not is_loopback(host):
             logger.warning("relay url %s is not encrypted: use wss:// unless a trusted proxy "
@@ -545,7 +575,7 @@ class DeviceLink:
                 subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
                 compression=None,
                 open_timeout=timeout_ms / 1000,
-                ping_interval=s.ping_interval_ms / 1000,
+                ping_interval=s.ping_interval_ms / 1000 or None,  # 0: the heartbeat's job
                 ping_timeout=s.ping_timeout_ms / 1000,
                 close_timeout=2,
                 max_size=MAX_TEXT_BYTES,
@@ -593,6 +623,7 @@ class DeviceLink:
             self._handover_until = None
             self._window.clear()
             self._conn = conn
+            self._heard = 0
             self._to(LinkState.CONNECTED)
             self.stats.connects += 1
             self.stats.down_since = None
@@ -638,6 +669,7 @@ class DeviceLink:
     async def _receiver(self, ws: ClientConnection, conn: Connection) -> None:
         try:
             async for data in ws:
+                self._heard += 1
                 if isinstance(data, str):
                     message = conn.receive_text(data)
                     if isinstance(message, Pong):
@@ -687,8 +719,57 @@ class DeviceLink:
             self.stats.frames_sent += frames
 
     async def _heartbeat(self, ws: ClientConnection, conn: Connection, welcome: Welcome) -> None:
-        interval = welcome.heartbeat_interval_ms / 1000
+        """The protocol heartbeat (docs/protocol.md §6): a ``ping`` every interval the
+        relay named, the stats riding along when due (one write), and the relay given
+        up on when nothing comes back within ``ping_timeout_ms``."""
+        s = self.settings
+        interval_ms = welcome.heartbeat_interval_ms
+        every = stats_every(interval_ms, s.stats_interval_s) if self._stats_provider else 0
+        heartbeat = Heartbeat(interval_ms / 1000, s.ping_timeout_ms / 1000, every,
+                              self.clock.now())
         while True:
-            self._ping_id += 1
-            await ws.send(conn.send(Ping(self._ping_id, int(self.clock.now() * 1000))))
-            await self.clock.sleep(interval)
+            action = heartbeat.poll(self.clock.now(), self._heard)
+            if isinstance(action, RelaySilent):
+                self.stats.heartbeat_timeouts += 1
+                reason = f"relay silent for {action.waited_s:.1f} s after a heartbeat"
+                logger.warning("%s: closing the link and reconnecting", reason)
+                self._abandon(ws, reason)
+                raise LinkError(reason)
+            if isinstance(action, Beat):
+                wire: list[str | bytes] = []
+                values = self._stats_values() if action.with_stats else None
+                if values is not None:
+                    wire.append(conn.send(Stats(values)))
+                self._ping_id += 1
+                wire.append(conn.send(Ping(self._ping_id, int(self.clock.now() * 1000))))
+                await send_together(ws, wire)
+                self.stats.writes += 1
+                self.stats.heartbeats += 1
+                if values is not None:
+                    self.stats.stats_sent += 1
+                continue
+            await self.clock.sleep(max(0.0, heartbeat.wake_at - self.clock.now()))
+
+    def _stats_values(self) -> dict[str, Any] | None:
+        """The provider's stats, or None when it fails: the heartbeat goes anyway."""
+        assert self._stats_provider is not None
+        try:
+            return self._stats_provider()
+        except Exception:  # any bug in the stats must not stop the heartbeat
+            self.stats.stats_failed += 1
+            # once with the traceback; then quietly, every heartbeat would repeat it
+            log = logger.warning if self.stats.stats_failed == 1 else logger.debug
+            log("device stats failed; the heartbeat goes without them", exc_info=True)
+            return None
+
+    @staticmethod
+    def _abandon(ws: ClientConnection, reason: str) -> None:
+        """Drop a connection whose relay stopped answering: a 1011 close frame for its
+        log if it is only slow, then the TCP connection at once. A closing handshake
+        would only wait ``close_timeout`` for an answer that is not coming."""
+        with contextlib.suppress(Exception):
+            ws.protocol.fail(CloseCode.INTERNAL_ERROR, reason[:120])
+            for data in ws.protocol.data_to_send():
+                if data:
+                    ws.transport.write(data)
+        ws.transport.abort()

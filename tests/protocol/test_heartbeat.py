@@ -8,7 +8,9 @@ import itertools
 
 import pytest
 
+from edgevoice.device.link import RelaySettings
 from edgevoice.protocol.heartbeat import Beat, Heartbeat, RelaySilent, stats_every
+from edgevoice.relay.settings import LimitsSettings
 
 
 def run_until(heartbeat: Heartbeat, until: float, heard: int = 0,
@@ -116,3 +118,9 @@ def test_the_stats_ride_the_first_heartbeat_at_or_after_their_interval(
         # never sooner than asked, unless asked more often than heartbeats go
         assert every * heartbeat_ms >= min(stats_s * 1000, heartbeat_ms)
 
+
+def test_the_shipped_defaults_send_stats_with_every_heartbeat() -> None:
+    """The idle relay cost of bench row 13 assumes one write per heartbeat."""
+    assert stats_every(LimitsSettings().heartbeat_interval_ms,
+                       RelaySettings().stats_interval_s) == 1
+    assert RelaySettings().ping_interval_ms == 0  # no WebSocket keepalive by default
