@@ -33,8 +33,9 @@ from websockets.exceptions import ConnectionClosed
 from edgevoice.audio.base import CAPTURE_FRAME_BYTES
 from edgevoice.audio.opus import OpusEncoder, OpusSettings
 from edgevoice.audio.wavio import load_wav
-from edgevoice.device.link import RelaySettings
+from edgevoice.device.link import RelaySettings, send_together
 from edgevoice.protocol.connection import Connection, Role
+from edgevoice.protocol.heartbeat import Beat, Heartbeat, RelaySilent, stats_every
 from edgevoice.protocol.messages import (
     MAX_TEXT_BYTES,
     SUBPROTOCOL,
@@ -50,6 +51,7 @@ from edgevoice.protocol.messages import (
     TurnStart,
     Welcome,
 )
+from edgevoice.relay.settings import LimitsSettings
 from edgevoice_dev.bench.proc import emit, pin_to_cpu
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,8 @@ class ClientLog:
     turn_over: asyncio.Event = field(default_factory=asyncio.Event)
     #: the relay refused the turn being spoken: stop streaming it, as the daemon does
     turn_refused: bool = False
+    #: messages received (an idle device's heartbeat counts them as signs of life)
+    heard: int = 0
 
 
 async def _receive_turns(ws: ClientConnection, conn: Connection, log: ClientLog) -> None:
@@ -146,21 +150,27 @@ def encode_speech(path: str, frames: int = 250) -> list[bytes]:
     return packets
 
 
-async def _open(url: str, device: str, token: str) -> tuple[ClientConnection, Connection, float]:
+async def _open(url: str, device: str, token: str) -> tuple[ClientConnection, Connection, int]:
+    """A device's connection, as the daemon's link opens it (its WebSocket keepalive
+    settings: none by default); the heartbeat interval the relay asked for, in ms."""
+    device_link = RelaySettings()
     ws = await connect(url, additional_headers={"Authorization": f"Bearer {token}"},
                        subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
                        compression=None, max_size=MAX_TEXT_BYTES, proxy=None,
-                       open_timeout=30, ping_interval=20, ping_timeout=20)
+                       open_timeout=30, ping_interval=device_link.ping_interval_ms / 1000 or None,
+                       ping_timeout=device_link.ping_timeout_ms / 1000)
     conn = Connection(Role.DEVICE)
     await ws.send(conn.start(Hello(device=device, software="edgevoice-loadgen")))
     welcome = conn.receive_text(await asyncio.wait_for(ws.recv(), 30))
-    heartbeat_s = welcome.heartbeat_interval_ms / 1000 if isinstance(welcome, Welcome) else 10.0
-    return ws, conn, heartbeat_s
+    heartbeat_ms = (welcome.heartbeat_interval_ms if isinstance(welcome, Welcome)
+                    else LimitsSettings().heartbeat_interval_ms)
+    return ws, conn, heartbeat_ms
 
 
 async def _receive(ws: ClientConnection, log: ClientLog) -> None:
     received = log.received
     async for data in ws:
+        log.heard += 1
         if isinstance(data, bytes):
             received.append(time.monotonic())
 
@@ -186,25 +196,35 @@ async def _stream(ws: ClientConnection, conn: Connection, packets: list[bytes], 
         k += 1
 
 
-async def _hold(ws: ClientConnection, conn: Connection, start: float, heartbeat_s: float,
-                until: float) -> None:
-    """An idle device: no turn, only what the daemon sends while nobody talks (the
-    protocol's heartbeat, a ping every ``heartbeat_s``, and its fleet stats every
-    ``stats_interval_s``) until ``until``."""
+async def _hold(ws: ClientConnection, conn: Connection, start: float, heartbeat_ms: int,
+                until: float, log: ClientLog) -> None:
+    """An idle device: no turn, only what the daemon's link sends while nobody talks,
+    from ``start`` (its connect, spread) until ``until``: the protocol heartbeat every
+    ``heartbeat_ms`` with the fleet stats riding in the same write when due, on the
+    link's own schedule (:class:`~edgevoice.protocol.heartbeat.Heartbeat` with the
+    device's default settings), and no WebSocket keepalive unless those set one."""
+    device_link = RelaySettings()
+    await asyncio.sleep(max(0.0, start - time.monotonic()))
+    heartbeat = Heartbeat(heartbeat_ms / 1000, device_link.ping_timeout_ms / 1000,
+                          stats_every(heartbeat_ms, device_link.stats_interval_s),
+                          time.monotonic())
     ping_id = 0
-    stats_s = float(RelaySettings().stats_interval_s)
-    due_ping = start
-    due_stats = start + stats_s / 2 if stats_s else float("inf")
-    while min(due_ping, due_stats) < until:
-        due = min(due_ping, due_stats)
-        await asyncio.sleep(max(0.0, due - time.monotonic()))
-        if due == due_ping:
+    while True:
+        now = time.monotonic()
+        action = heartbeat.poll(now, log.heard)
+        if isinstance(action, RelaySilent):
+            raise TimeoutError(f"relay silent for {action.waited_s:.1f} s after a heartbeat")
+        if isinstance(action, Beat):
+            wire: list[str | bytes] = []
+            if action.with_stats:
+                wire.append(conn.send(Stats(IDLE_STATS)))
             ping_id += 1
-            await ws.send(conn.send(Ping(ping_id, int(time.monotonic() * 1000))))
-            due_ping += heartbeat_s
-        else:
-            await ws.send(conn.send(Stats(IDLE_STATS)))
-            due_stats += stats_s
+            wire.append(conn.send(Ping(ping_id, int(now * 1000))))
+            await send_together(ws, wire)
+            continue
+        if heartbeat.wake_at >= until:
+            break
+        await asyncio.sleep(max(0.0, heartbeat.wake_at - time.monotonic()))
     await asyncio.sleep(max(0.0, until - time.monotonic()))
 
 
@@ -222,7 +242,7 @@ async def run(args: argparse.Namespace, tokens: dict[str, str],
     devices = sorted(tokens)[: args.clients]
     logs = {d: ClientLog(d) for d in devices}
     links: dict[str, tuple[ClientConnection, Connection]] = {}
-    heartbeats: dict[str, float] = {}
+    heartbeats: dict[str, int] = {}  # ms, as each welcome said
     failures: list[str] = []
     # Connect in small batches, as a fleet coming online would, not all in one burst.
     for i in range(0, len(devices), 20):
@@ -250,8 +270,8 @@ async def run(args: argparse.Namespace, tokens: dict[str, str],
     cycle = args.speech_s + args.reply_s + args.pause_s
     # idle devices' heartbeats spread over the interval, as devices coming online at
     # random times would send them
-    senders = [asyncio.create_task(_hold(ws, conn, stream_start + heartbeats[d] * i / max(
-        1, len(links)), heartbeats[d], until)) if args.idle else
+    senders = [asyncio.create_task(_hold(ws, conn, stream_start + heartbeats[d] / 1000 * i / max(
+        1, len(links)), heartbeats[d], until, logs[d])) if args.idle else
                asyncio.create_task(_converse(ws, conn, packets,
                                              stream_start + cycle * i / max(1, len(links)),
                                              until, logs[d], args.speech_s, args.pause_s))
@@ -312,8 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="length of the upstream's replies (to spread the devices' phases)")
     p.add_argument("--pause-s", type=float, default=2.0)
     p.add_argument("--idle", action="store_true",
-                   help="connect and hold the connections without talking, only the "
-                   "protocol's heartbeat (an idle fleet)")
+                   help="connect and hold the connections without talking, sending what an "
+                   "idle daemon does: the protocol's heartbeat with its stats (an idle fleet)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     pin_to_cpu(args.cpu)
