@@ -1,6 +1,6 @@
 """Rows 11-13: what a Pi-class device and a relay cost while nobody talks (issue 15).
 
-* Rows 9 and 10: the real ``edgevoice device`` process listening to a silent room,
+* Rows 11 and 12: the real ``edgevoice device`` process listening to a quiet room,
   always-on (row 11) and with the wake word on (row 12), each twice: with WAV stand-ins
   and with the virtual sound card (``scripts/soundcard``: PulseAudio through ALSA,
   PortAudio's callback threads as on a board). CPU from the process's own /proc
@@ -17,11 +17,14 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
 import time
 import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edgevoice.device.link import RelaySettings
 from edgevoice.protocol.heartbeat import stats_every
@@ -40,6 +43,8 @@ from edgevoice_dev.bench.results import INFO, Line, RowResult, verdict
 logger = logging.getLogger(__name__)
 
 IDLE_TARGET_PCT = 1.0
+#: the level of the quiet room the idle device hears (rows 11 and 12)
+ROOM_DBFS = -60.0
 WAKE_TARGET_PCT = 1.5
 RSS_TARGET_MB = 55.0
 FLEET_KIB_TARGET = 24.0
@@ -82,12 +87,17 @@ class IdleRun:
                 "threads": [[n, round(p, 3)] for n, p in self.threads]}
 
 
-def _silence(path: Path, seconds: float) -> Path:
+def _quiet_room(path: Path, seconds: float) -> Path:
+    """A quiet room as a microphone hears it: white noise at :data:`ROOM_DBFS`. Not
+    digital zeros: no microphone gives those, and a device that did less work on
+    exact zeros than on a real room would measure better than it is."""
+    rng = np.random.default_rng(11)
+    noise = rng.standard_normal(int(16_000 * seconds)) * (32768 * 10 ** (ROOM_DBFS / 20))
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(16_000)
-        w.writeframes(bytes(int(32_000 * seconds)))
+        w.writeframes(np.clip(np.round(noise), -32768, 32767).astype("<i2").tobytes())
     return path
 
 
@@ -98,15 +108,18 @@ async def _idle(ws: Workspace, relay_port: int, path: str, wake: bool,
     name = f"idle-{path}-{'wake' if wake else 'voice'}{'-profiled' if profile_out else ''}"
     env: dict[str, str] = {}
     card = None
+    room = _quiet_room(ws.root / f"{name}-room.wav", seconds + 60)
+    room_player: subprocess.Popen[bytes] | None = None
     if path == "card":
         from edgevoice_dev.testing.soundcard import VirtualSoundCard
 
         card = VirtualSoundCard()
         card.start()
+        room_player = card.play_into_mic(room, wait=False)  # the room, for the whole run
         env = card.environ()
         audio_in, audio_out = "default", "default"
     else:
-        audio_in = f"wav:{_silence(ws.root / f'{name}.wav', seconds + 60)}"
+        audio_in = f"wav:{room}"
         audio_out = f"wav:{ws.root / f'{name}-out.wav'}"
     config = ws.device_config(name, f"ws://127.0.0.1:{relay_port}/", audio_in, audio_out,
                               log_level="warning")
@@ -136,6 +149,9 @@ async def _idle(ws: Workspace, relay_port: int, path: str, wake: bool,
     finally:
         if device is not None:
             await device.stop()
+        if room_player is not None:
+            room_player.terminate()
+            room_player.wait(10)
         if card is not None:
             card.stop()
     span = t1 - t0
@@ -212,11 +228,13 @@ async def run_idle_rows(ws: Workspace) -> list[RowResult]:
             row.data["errors"] = {f"{k[0]}{'+wake' if k[1] else ''}": e
                                   for k, e in errors.items()}
         row.notes.append(
-            "The real `edgevoice device` process, microphone hearing a silent room, relay on "
-            "127.0.0.1; CPU from /proc/PID/stat (all threads) over the window, after 8 s to "
-            "settle; RSS the median of 1 s samples. Sound card: scripts/soundcard (a private "
-            "PulseAudio with null sinks, reached through ALSA's pulse plugin), so PortAudio's "
-            "callback threads and the sound server's client threads run as on a board. "
+            "The real `edgevoice device` process, microphone hearing a quiet room (white "
+            f"noise at {ROOM_DBFS:g} dBFS: a microphone's self-noise and a room's hiss, not "
+            "digital zeros), relay on 127.0.0.1; CPU from /proc/PID/stat (all threads) over "
+            "the window, after 8 s to settle; RSS the median of 1 s samples. Sound card: "
+            "scripts/soundcard (a private PulseAudio with null sinks, reached through ALSA's "
+            "pulse plugin, the room played into its microphone), so PortAudio's callback "
+            "threads and the sound server's client threads run as on a board. "
             "1 % of a core here is about 6 % of a Pi Zero 2 W core.")
         for run in (card, wav):
             if run is not None:
