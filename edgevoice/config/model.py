@@ -110,8 +110,6 @@ class DeviceConfig:
     timers: TimerSettings = field(default_factory=TimerSettings)
     discovery: DeviceDiscoverySettings = field(default_factory=DeviceDiscoverySettings)
     """With relay.url: auto, how the relay is found on the LAN (mDNS/DNS-SD)."""
-    """Timers the model sets through the relay; they ring on the device."""
-    """Event hooks for LED rings and other peripherals (also GET /events on health)."""
 
     def __post_init__(self) -> None:
         require(self.device_id is None or bool(_DEVICE_ID.match(self.device_id)), "device_id",

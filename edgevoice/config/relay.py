@@ -53,7 +53,6 @@ class RelayConfig:
     announce: AnnounceSettings = field(default_factory=AnnounceSettings)
     discovery: RelayDiscoverySettings = field(default_factory=RelayDiscoverySettings)
     """Advertise the relay on the LAN (mDNS/DNS-SD) for devices with relay.url: auto."""
-    """Announcements and conversation starts (admin POST /announce and /converse)."""
 
 
 def load_relay_config(path: str | Path) -> RelayConfig:
