@@ -217,10 +217,10 @@ async def run_rows(ws: Workspace) -> list[RowResult]:
             + f". Each session costs {ref.cpu_per_session_pct:.3f} % of a core, "
             f"{ratio:.1f}x what libopus alone needs ({floor:.3f} %). Reply frames are "
             "paced by one shared tick and written without a coroutine, and the relay runs "
-            "on uvloop when installed; what is left beyond the codec is a wake-up, a "
-            "websockets parse and a socket write per frame, and libopus itself running "
-            "slower between Python steps than in the floor's tight loop (py-spy at 150 "
-            "sessions: the reply encoder ~70 % of the relay's samples).")
+            "on uvloop when installed; what is left beyond the codec is, per frame each "
+            "way, a wake-up, websockets' frame parser and message assembler (Python), the "
+            "protocol's header and budget checks and a socket write, plus the bench "
+            "upstream's own pacing, which runs in the relay process.")
     # Beyond capacity: twice as many devices, admission limit at what the core held
     # (the turns in flight when ``held`` devices converse). When no step passed (a busy
     # machine), half of what the first step asked for.
