@@ -59,6 +59,7 @@ from edgevoice.protocol.connection import AudioReceived
 from edgevoice.protocol.messages import DeviceCall, DeviceResult, Message, Welcome
 from edgevoice.triggers.bargein import VoiceBargeInTrigger
 from edgevoice.triggers.base import AudioTrigger, Trigger
+from edgevoice.triggers.wake import WakeWordTrigger
 
 logger = logging.getLogger(__name__)
 
@@ -394,6 +395,13 @@ class DeviceDaemon(LinkListener):
             return {}
         return {"pending": len(self.timers.book.timers), "rung": self.timers.rung,
                 "missed": self.timers.missed}
+
+    def wake_counters(self) -> dict[str, int]:
+        """The wake word's counters (empty: no wake word configured)."""
+        for trigger in self.audio_triggers:
+            if isinstance(trigger, WakeWordTrigger):
+                return trigger.counters()
+        return {}
 
     # Read-only views kept for callers written against the one-piece daemon.
 

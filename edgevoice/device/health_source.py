@@ -81,6 +81,7 @@ class DaemonHealth:
             system=self.sampler.sample(),
             hooks=self.daemon.hook_counters(),
             timers=self.daemon.timer_counters(),
+            wake=self.daemon.wake_counters(),
         )
 
     def health_problems(self, now: float) -> list[str]:

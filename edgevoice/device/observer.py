@@ -171,3 +171,7 @@ class DeviceProbe(Protocol):
     def timer_counters(self) -> dict[str, int]:
         """Timers pending, rung and missed (device/timers.py)."""
         ...
+
+    def wake_counters(self) -> dict[str, int]:
+        """The wake word's frames, detections and quiet-gate counters (triggers/wake.py)."""
+        ...

@@ -130,6 +130,9 @@ class DeviceSnapshot:
     #: timers (device/timers.py): pending, rung, missed (due while the daemon was down
     #: for longer than timers.late_ring_max_s)
     timers: dict[str, int] = field(default_factory=dict)
+    #: the wake word (triggers/wake.py): frames heard, detections, and its quiet gate's
+    #: frames_gated, frames_replayed and gate_openings
+    wake: dict[str, int] = field(default_factory=dict)
 
 
 class DeviceHealthSource(Protocol):
@@ -305,6 +308,19 @@ def device_metrics(snapshot: DeviceSnapshot, problems: list[str]) -> list[Metric
         families.append(exposition.labelled_counter(
             "edgevoice_timers_fired", "Timers that fell due, by outcome (rung, missed).",
             "outcome", {k: v for k, v in snapshot.timers.items() if k != "pending"}))
+    if snapshot.wake:
+        wake = snapshot.wake
+        families.append(counter("edgevoice_wake_detections", "Wake words detected.",
+                                wake.get("detections", 0)))
+        families.append(exposition.labelled_counter(
+            "edgevoice_wake_frames", "Microphone frames the wake word heard (heard), of them "
+            "those its quiet gate kept from the models at the room's noise floor (gated), "
+            "and those run late as an opening gate's pre-roll (replayed).", "kind",
+            {"heard": wake.get("frames", 0), "gated": wake.get("frames_gated", 0),
+             "replayed": wake.get("frames_replayed", 0)}))
+        families.append(counter("edgevoice_wake_gate_openings",
+                                "Times the wake word's quiet gate opened.",
+                                wake.get("gate_openings", 0)))
     families.extend(exposition.system_metrics(snapshot.system, prefix="edgevoice_"))
     return families
 

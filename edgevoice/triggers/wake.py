@@ -350,6 +350,13 @@ class WakeWordTrigger:
         """Times the quiet gate opened since :meth:`start` (0 without a gate)."""
         return 0 if self._gate is None else self._gate.openings
 
+    def counters(self) -> dict[str, int]:
+        """Since :meth:`start`: frames heard, detections, and what the quiet gate did
+        (the device's /metrics shows them)."""
+        return {"frames": self.frames_processed, "detections": self.detections,
+                "frames_gated": self.frames_gated, "frames_replayed": self.frames_replayed,
+                "gate_openings": self.gate_openings}
+
     async def stop(self) -> None:
         """Nothing to release until :meth:`close`: the models are kept for a restart."""
 

@@ -276,8 +276,22 @@ def test_metrics_leave_out_what_is_unknown_and_report_unhealthy() -> None:
         "edgevoice_soc_temperature_celsius",
         "edgevoice_soc_throttled",
         "edgevoice_process_cpu_seconds_total",
+        "edgevoice_wake_detections_total",  # no wake word configured
+        "edgevoice_wake_frames_total",
     ):
         assert absent not in names
+
+
+def test_metrics_show_the_wake_word_and_what_its_quiet_gate_kept_from_the_models() -> None:
+    snapshot = DeviceSnapshot(version="0.1.0", uptime_s=1.0, wake={
+        "frames": 3000, "detections": 2, "frames_gated": 2600, "frames_replayed": 150,
+        "gate_openings": 3})
+    values = samples(render(device_metrics(snapshot, [])).decode())
+    assert values[("edgevoice_wake_detections_total", ())] == 2
+    assert values[("edgevoice_wake_frames_total", (("kind", "heard"),))] == 3000
+    assert values[("edgevoice_wake_frames_total", (("kind", "gated"),))] == 2600
+    assert values[("edgevoice_wake_frames_total", (("kind", "replayed"),))] == 150
+    assert values[("edgevoice_wake_gate_openings_total", ())] == 3
 
 
 # --------------------------------------------------------------------------- actions

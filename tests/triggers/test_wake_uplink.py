@@ -105,16 +105,20 @@ def test_wake_in_one_breath_sends_the_question_from_its_first_word(
             daemon.stop()
             await task
             gated.append(wake.frames_gated)
+            counters.append(daemon.wake_counters())  # what the device's /metrics shows
             wake.close()
             return turn, speaker
 
     gated: list[int] = []
+    counters: list[dict[str, int]] = []
 
     turn, speaker = run(converse(), 60 + before_s)
     assert turn is not None, "the wake word was not recognised"
     if before_s > PAD_S:  # the room kept the gate closed until the phrase
         assert gated[0] >= (before_s - 1.0 - 1.5) / 0.02, gated
     assert turn.trigger == "wake" and turn.outcome == "completed", turn.as_dict()
+    assert counters[0]["detections"] >= 1 and counters[0]["frames_gated"] == gated[0]
+    assert counters[0]["frames"] >= (before_s + len(said) / 32000) / 0.02
     start_s = uplink_start_s(mic_pcm, load_wav(speaker, 16000))
     # The question's first word is there: the uplink starts no later than 60 ms (three
     # frames, the alignment's resolution) after the wake phrase ended ...
