@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import sys
-from collections.abc import Sequence
+import threading
+import types
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from edgevoice import __version__
@@ -20,6 +23,59 @@ from edgevoice.logs import setup_logging, stream_is_journal
 
 DEFAULT_DEVICE_CONFIG = "/etc/edgevoice/device.yaml"
 DEFAULT_RELAY_CONFIG = "/etc/edgevoice/relay.yaml"
+
+#: Standard-library modules the device's dependencies import at start-up only for paths
+#: the device never takes. websockets' version.py imports importlib.metadata (used only
+#: to compute a development build's version string; a release's is a constant) and its
+#: proxy.py imports urllib.request (used only to read proxy settings; the device link
+#: connects with ``proxy=None``). Run, the two bring in email, http.client, zipfile,
+#: csv, importlib.resources and tempfile: 2 MB resident in an idle device (bench rows
+#: 11 and 12). Deferred, they run the first time anything uses them.
+DEVICE_DEFERRED_MODULES = ("importlib.metadata", "urllib.request")
+
+_deferred_lock = threading.RLock()
+
+
+class _DeferredModule(types.ModuleType):
+    """A module whose code has not run yet: the first attribute it lacks runs it.
+
+    Unlike :class:`importlib.util.LazyLoader`, reading what the import system reads
+    (``__spec__``, ``__path__``, ``__name__``) does not run it, so a plain ``import``
+    statement in a dependency leaves it unrun.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        with _deferred_lock:
+            if type(self) is _DeferredModule:
+                if self.__dict__.get("_edgevoice_running"):
+                    raise AttributeError(name)  # as a module still being imported
+                spec = self.__spec__
+                assert spec is not None and spec.loader is not None
+                self.__dict__["_edgevoice_running"] = True
+                try:
+                    spec.loader.exec_module(self)
+                finally:
+                    del self.__dict__["_edgevoice_running"]
+                object.__setattr__(self, "__class__", types.ModuleType)
+        return getattr(self, name)
+
+
+def defer_imports(names: Iterable[str]) -> None:
+    """Importing any of ``names`` from now on is free until the module is used.
+
+    A module already imported, or not found, is left alone."""
+    for name in names:
+        if name in sys.modules:
+            continue
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            continue
+        module = importlib.util.module_from_spec(spec)
+        module.__class__ = _DeferredModule
+        sys.modules[name] = module
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(sys.modules[parent], child, module)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -128,6 +184,8 @@ def _bench(argv: Sequence[str]) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "device":
+        # before the config model, which imports the link and with it websockets
+        defer_imports(DEVICE_DEFERRED_MODULES)
         from edgevoice.config.model import DeviceConfig, load_device_config
         if args.help_config:
             from edgevoice.config.templates import DEVICE_HEADER
