@@ -105,7 +105,8 @@ def test_a_module_already_imported_is_left_alone() -> None:
             "from edgevoice.cli import defer_imports\n"
             "before = sys.modules['urllib.request']\n"
             "defer_imports(['urllib.request', 'no_such_module_here'])\n"
-            "print(sys.modules['urllib.request'] is before, 'no_such_module_here' in sys.modules)\n")
+            "print(sys.modules['urllib.request'] is before,\n"
+            "      'no_such_module_here' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT).stdout.split()
     assert out == ["True", "False"]
