@@ -1,4 +1,4 @@
-"""The wake-word trigger: microWakeWord models (pymicro-wakeword) on the capture stream.
+"""The wake-word trigger: microWakeWord models (microwake.py) on the capture stream.
 
 The daemon feeds every captured 20 ms frame to :meth:`WakeWordTrigger.process`; the
 features (10 ms windows) are computed once and every configured model runs on them
@@ -47,6 +47,12 @@ from edgevoice.triggers.base import (
     TriggerUnavailableError,
     TurnStartRequested,
     import_extra,
+)
+from edgevoice.triggers.microwake import (
+    MicroFeatures,
+    MicroWakeWordModel,
+    library_path,
+    wheel_dir,
 )
 from edgevoice.triggers.quietgate import FrameRing, QuietGate
 
@@ -207,34 +213,34 @@ def frames_after_detection(
     return list(frames[-keep:]) if keep < len(frames) else list(frames)
 
 
-def _frames_per_stride(model: Any) -> int:
+def _frames_per_stride(model: MicroWakeWordModel) -> int:
     """Frames to skip together so a model invokes on the same frames (a frame is two
     10 ms feature windows; a model invokes every ``stride`` windows)."""
-    stride = int(getattr(model, "stride", 3))
+    stride = model.stride
     return stride // math.gcd(stride, 2)
 
 
-def _load_model(mww: Any, model: str) -> Any:
+def _load_model(wheel: Path, model: str) -> MicroWakeWordModel:
     """Load a built-in model, a custom ``.json`` or a bare custom ``.tflite``."""
+    library = library_path(wheel)
+    if library is None:
+        raise TriggerUnavailableError("pymicro-wakeword has no TensorFlow Lite library here")
     if model in BUILTIN_MODELS:
-        return mww.MicroWakeWord.from_builtin(mww.Model(model))
+        return MicroWakeWordModel.from_config(wheel / "models" / f"{model}.json", library)
     path = Path(model).expanduser()
     config = path.with_suffix(".json")
     if config.is_file():
-        return mww.MicroWakeWord.from_config(config)
+        return MicroWakeWordModel.from_config(config, library)
     if path.suffix == ".json" or not path.is_file():
         raise TriggerUnavailableError(
             f"wake-word model {model!r}: {path} does not exist. Copy the model file to "
             "the device (a .tflite, with its .json beside it if it has one)."
         )
-    # A bare .tflite: the wheel's TensorFlow Lite library and microWakeWord's defaults.
-    library = next(iter((Path(mww.__file__).parent / "lib").glob("*tensorflowlite_c.*")), None)
-    if library is None:
-        raise TriggerUnavailableError("pymicro-wakeword has no TensorFlow Lite library here")
-    return mww.MicroWakeWord(
+    # A bare .tflite: microWakeWord's defaults.
+    return MicroWakeWordModel(
         path.stem, wake_word=path.stem.replace("_", " ").title(), tflite_model=path,
         probability_cutoff=DEFAULT_CUSTOM_CUTOFF, sliding_window_size=DEFAULT_CUSTOM_WINDOW,
-        trained_languages=[], libtensorflowlite_c_path=library)
+        library=library)
 
 
 @dataclass
@@ -242,7 +248,7 @@ class _Loaded:
     """One model running in the trigger, and what it saw lately."""
 
     name: str
-    model: Any
+    model: MicroWakeWordModel
     cutoff: float
     lead_frames: int
     #: the frame where its raw output last rose above one half
@@ -261,11 +267,19 @@ class WakeWordTrigger:
 
     def __init__(self, settings: WakeSettings) -> None:
         self.settings = settings
-        mww: Any = import_extra("pymicro_wakeword", "wake", "the wake word")
+        # The features come from pymicro-features; pymicro-wakeword's wheel brings the
+        # TensorFlow Lite library and the models, but its Python wrapper is not imported.
+        frontend: Any = import_extra("pymicro_features", "wake", "the wake word")
+        wheel = wheel_dir()
+        if wheel is None:
+            raise TriggerUnavailableError(
+                "the wake word needs the Python package 'pymicro_wakeword', which is not "
+                "installed. Install it with: pip install 'edgevoice[wake]', or disable "
+                "the wake word in the configuration.")
         self._loaded: list[_Loaded] = []
         for name in settings.models:
             try:
-                model = _load_model(mww, name)
+                model = _load_model(wheel, name)
             except (OSError, ValueError, KeyError, RuntimeError) as exc:
                 self.close()
                 raise TriggerUnavailableError(
@@ -277,9 +291,8 @@ class WakeWordTrigger:
             if lead_ms is None:
                 lead_ms = MEASURED_LEAD_MS.get(name, DEFAULT_LEAD_MS)
             self._loaded.append(_Loaded(name, model, cutoff, round(lead_ms / FRAME_MS)))
-            logger.info("wake word %r loaded (cutoff %.3f)",
-                        getattr(model, "wake_word", name), cutoff)
-        self._features: Any = mww.MicroWakeWordFeatures()
+            logger.info("wake word %r loaded (cutoff %.3f)", model.wake_word, cutoff)
+        self._features = MicroFeatures(frontend.MicroFrontend)
         self._refractory_frames = -(-settings.refractory_ms // FRAME_MS)
         # The quiet gate (quietgate.py) and the frames it held back, fed first when it
         # opens. Frames skipped are a whole number of every model's strides (3 feature
@@ -315,13 +328,12 @@ class WakeWordTrigger:
     @property
     def wake_word(self) -> str:
         """The phrase of the first model, e.g. "Okay Nabu"."""
-        first = self._loaded[0]
-        return str(getattr(first.model, "wake_word", first.name))
+        return self._loaded[0].model.wake_word
 
     @property
     def wake_words(self) -> dict[str, str]:
         """Each model's phrase, by its entry in ``models``."""
-        return {m.name: str(getattr(m.model, "wake_word", m.name)) for m in self._loaded}
+        return {m.name: m.model.wake_word for m in self._loaded}
 
     @property
     def probability_cutoff(self) -> float:
@@ -416,11 +428,9 @@ class WakeWordTrigger:
         """Run the frontend and every model on frame number ``index``; the model that
         crossed its cutoff (the first one listed), if any."""
         fired: _Loaded | None = None
-        for features in self._features.process_streaming(frame):
+        for features in self._features.windows(frame):
             for loaded in self._loaded:
-                probability = loaded.model.process_streaming_prob(features)
-                if probability is None:
-                    continue
+                probability = loaded.model.probability(features)
                 self._watch_rise(loaded, index)
                 if probability > loaded.cutoff and fired is None:
                     fired = loaded
@@ -450,9 +460,7 @@ class WakeWordTrigger:
     @staticmethod
     def _watch_rise(loaded: _Loaded, index: int) -> None:
         """Track where the model's raw (unsmoothed) output last rose above one half."""
-        # pymicro-wakeword keeps the raw outputs it averages in ``_probabilities``;
-        # without it (another version) the rise is not known and the detection is used.
-        raw_history = getattr(loaded.model, "_probabilities", None)
+        raw_history = loaded.model.raw_probabilities
         if not raw_history:
             return
         above = float(raw_history[-1]) > _RISE_PROBABILITY
