@@ -19,6 +19,11 @@ How it decides:
 * pre-roll: the frames before the onset are kept in a small ring so that when speech
   is confirmed the first syllable can still be sent.
 
+:class:`IdleGate` is what a capture thread may ask while the detector is QUIET: could
+this block start an utterance? If not, its frames can wait (batched) before the
+detector sees them: they change nothing but the floor and the pre-roll ring, and
+they still reach the detector, all of them, in order.
+
 States and their legal transitions are listed once, in :data:`TRANSITIONS`.
 """
 
@@ -201,6 +206,97 @@ def _frames(ms: float) -> int:
     return math.ceil(ms / FRAME_MS)
 
 
+class IdleGate:
+    """Whether a captured block may start an utterance, asked from the capture thread.
+
+    While the detector is QUIET and past its warm-up, a frame can only move it (to
+    STARTING) if its level reaches the onset threshold, and that threshold can only
+    fall as low as ``onset_db`` above the lowest of the floor and the levels the
+    detector will see before it (the floor follows quieter frames down), and never
+    below ``min_speech_dbfs``. :meth:`may_start` answers with that bound, less
+    ``margin_db`` (the cleaned frame an echo canceller passes by is the raw one shifted
+    by a few ms, whose level may differ by up to 3 dB; a device's block at another
+    rate differs a little from the 16 kHz frames made of it). A wrong "no" cannot lose
+    or cut anything: the frame still reaches the detector, only later (at the next
+    batch); a wrong "yes" only costs a wake-up.
+
+    The event loop arms it (:meth:`arm`, with the current floor) after each frame while
+    batching is safe and disarms it otherwise; the capture thread reads it. Plain
+    float and bool attributes: a read racing a write sees the old or the new value,
+    and either is a fine answer for one block.
+    """
+
+    __slots__ = (
+        "_batch_min_dbfs",
+        "_energies",
+        "_work",
+        "armed",
+        "floor_dbfs",
+        "margin_db",
+        "min_speech_dbfs",
+        "onset_db",
+    )
+
+    def __init__(self, settings: SilenceSettings, margin_db: float = 3.5) -> None:
+        self.onset_db = settings.onset_db
+        self.min_speech_dbfs = settings.min_speech_dbfs
+        self.margin_db = margin_db
+        self.armed = False
+        self.floor_dbfs = settings.noise_floor_init_dbfs
+        # lowest frame level since the batch began (capture thread only)
+        self._batch_min_dbfs = math.inf
+        self._work = np.empty(0, dtype=np.float64)
+        self._energies = np.empty(0, dtype=np.float64)
+
+    def arm(self, floor_dbfs: float) -> None:
+        """Batching is safe now (the detector is QUIET); ``floor_dbfs`` is its floor."""
+        self.floor_dbfs = floor_dbfs
+        self.armed = True
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def batch_began(self) -> None:
+        """The frames held so far were handed to the detector (capture thread)."""
+        self._batch_min_dbfs = math.inf
+
+    def may_start(self, block: bytes | memoryview, frames: int) -> bool:
+        """Whether any of the ``frames`` frames of ``block`` (s16le, any channel count)
+        could start an utterance; True whenever the gate is not armed."""
+        if not self.armed:
+            return True
+        samples = np.frombuffer(block, dtype="<i2")
+        n = len(samples) - len(samples) % frames
+        if n == 0:
+            return True
+        if len(self._work) != n:  # the first block (or the stream changed): once
+            self._work = np.empty(n, dtype=np.float64)
+            self._energies = np.empty(frames, dtype=np.float64)
+        work, energies = self._work, self._energies
+        np.copyto(work, samples[:n])
+        rows = work.reshape(frames, -1)
+        np.einsum("ij,ij->i", rows, rows, out=energies)
+        per_sample = rows.shape[1] * _FULL_SCALE_SQUARED
+        lowest = self._batch_min_dbfs
+        floor = self.floor_dbfs
+        for energy in energies.tolist():
+            level = _dbfs(energy / per_sample)
+            lowest = min(lowest, level)
+            threshold = max(min(floor, lowest) + self.onset_db, self.min_speech_dbfs)
+            if level >= threshold - self.margin_db:
+                self._batch_min_dbfs = lowest
+                return True
+        self._batch_min_dbfs = lowest
+        return False
+
+
+def _dbfs(mean_square_fs: float) -> float:
+    """A mean square relative to full scale, in dBFS (floored at :data:`SILENCE_DBFS`)."""
+    if mean_square_fs <= 0.0:
+        return SILENCE_DBFS
+    return max(SILENCE_DBFS, 10.0 * math.log10(mean_square_fs))
+
+
 class SilenceDetector:
     """The hysteresis state machine over frame levels. Not thread-safe."""
 
@@ -230,6 +326,12 @@ class SilenceDetector:
     @property
     def state(self) -> SpeechState:
         return self._state
+
+    @property
+    def settled_quiet(self) -> bool:
+        """QUIET and past the warm-up: only a frame at the onset threshold changes more
+        than the floor and the pre-roll ring (what :class:`IdleGate` relies on)."""
+        return self._state is S.QUIET and self._seen > self._warmup_frames
 
     def reset(self) -> None:
         """Forget everything: back to QUIET, initial floor, warm-up, empty pre-roll."""
@@ -356,7 +458,4 @@ class SilenceDetector:
     def _measure(self, frame: bytes) -> float:
         work = self._work
         np.copyto(work, np.frombuffer(frame, dtype="<i2"))
-        energy = float(np.dot(work, work)) / (CAPTURE_FRAME_SAMPLES * _FULL_SCALE_SQUARED)
-        if energy <= 0.0:
-            return SILENCE_DBFS
-        return max(SILENCE_DBFS, 10.0 * math.log10(energy))
+        return _dbfs(float(np.dot(work, work)) / (CAPTURE_FRAME_SAMPLES * _FULL_SCALE_SQUARED))

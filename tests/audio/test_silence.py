@@ -12,6 +12,7 @@ from edgevoice.audio.silence import (
     SILENCE_DBFS,
     TRANSITIONS,
     FrameDecision,
+    IdleGate,
     IllegalTransitionError,
     SilenceDetector,
     SilenceSettings,
@@ -273,3 +274,80 @@ def test_events_alternate_and_send_covers_exactly_each_utterance(
             assert inside
             inside = False
         assert inside == (det.state in (SpeechState.SPEAKING, SpeechState.STOPPING))
+
+
+# -- the idle gate: what the capture thread may hold back ---------------------------------
+
+
+def _levelled_frames(levels_dbfs: list[float], seed: int) -> list[bytes]:
+    return [to_pcm_frame(noise(level, 320, seed=seed + i)) for i, level in enumerate(levels_dbfs)]
+
+
+def to_pcm_frame(samples: np.ndarray) -> bytes:
+    return np.clip(np.round(samples), -32768, 32767).astype("<i2").tobytes()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    levels=st.lists(st.sampled_from([-100.0, -75.0, -62.0, -60.0, -58.0, -54.0, -51.0, -49.0,
+                                     -40.0, -20.0]), min_size=12, max_size=60),
+    batch_blocks=st.integers(1, 5),
+    seed=st.integers(0, 1000),
+)
+def test_the_idle_gate_never_holds_back_a_frame_that_moves_the_detector(
+    levels: list[float], batch_blocks: int, seed: int
+) -> None:
+    """Driven as the sound card's path drives it: 60 ms blocks, held while the gate says
+    "cannot start speech", handed over per batch. Every frame that takes the detector
+    out of QUIET must be in a block the gate let through at once (or in a batch one
+    such block ended), even though the floor moves with the held frames."""
+    detector = SilenceDetector(SilenceSettings(warmup_ms=0))
+    gate = IdleGate(detector.settings)
+    frame_list = _levelled_frames(levels, seed)
+    blocks = [frame_list[i:i + 3] for i in range(0, len(frame_list) - 2, 3)]
+    held: list[list[bytes]] = []
+    urgent_seen = False
+    for block in blocks:
+        if not held:
+            gate.batch_began()
+        urgent = gate.may_start(b"".join(block), 3)
+        held.append(block)
+        urgent_seen = urgent_seen or urgent
+        if not (urgent or len(held) >= batch_blocks):
+            continue
+        for b in held:
+            for frame in b:
+                was_armed = gate.armed
+                detector.process(frame)
+                if detector.state is not SpeechState.QUIET:
+                    assert not was_armed or urgent_seen, "a frame that starts speech was held"
+                if detector.settled_quiet:
+                    gate.arm(detector.noise_floor_dbfs)
+                else:
+                    gate.disarm()
+        held, urgent_seen = [], False
+
+
+def test_an_unarmed_gate_lets_every_block_through() -> None:
+    gate = IdleGate(SilenceSettings())
+    quiet = to_pcm_frame(noise(-90.0, 960, seed=3))
+    assert gate.may_start(quiet, 3)
+    gate.arm(-60.0)
+    assert not gate.may_start(quiet, 3)
+    loud_last_frame = quiet[:1280] + to_pcm_frame(noise(-30.0, 320, seed=4))
+    assert gate.may_start(loud_last_frame, 3)  # speech in the block's last frame
+    gate.disarm()
+    assert gate.may_start(quiet, 3)
+
+
+def test_the_detector_is_settled_quiet_only_after_its_warm_up_and_while_quiet() -> None:
+    detector = SilenceDetector(SilenceSettings(warmup_ms=100))
+    quiet = to_pcm_frame(noise(-60.0, 320, seed=5))
+    loud = to_pcm_frame(noise(-20.0, 320, seed=6))
+    for _ in range(5):
+        assert not detector.settled_quiet
+        detector.process(quiet)
+    detector.process(quiet)
+    assert detector.settled_quiet
+    detector.process(loud)
+    assert not detector.settled_quiet  # STARTING
