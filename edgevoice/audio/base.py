@@ -8,10 +8,11 @@ captures at :data:`CAPTURE_RATE_HZ` in :data:`FRAME_MS` frames; replies arrive a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from edgevoice.audio.playback import PlaybackBuffer
+    from edgevoice.audio.silence import IdleGate
 
 FRAME_MS = 20
 CAPTURE_RATE_HZ = 16_000
@@ -57,6 +58,19 @@ class AudioSource(Protocol):
 
     async def close(self) -> None:
         """Release the device. Idempotent."""
+
+
+@runtime_checkable
+class BatchingSource(Protocol):
+    """A source that can hold quiet frames back while an idle gate allows it, so that
+    a device waiting for speech wakes its event loop less often (the sound card's)."""
+
+    def set_idle_gate(self, gate: IdleGate | None) -> None:
+        """Hold blocks back while ``gate`` is armed and says they cannot start speech."""
+
+    def read_nowait(self) -> bytes | None:
+        """A frame captured already, or None; never waits. Raises AudioDeviceError
+        like ``read`` when the device is gone."""
 
 
 class AudioSink(Protocol):

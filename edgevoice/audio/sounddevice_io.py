@@ -2,9 +2,11 @@
 
 :class:`SoundDeviceSource` captures from a microphone at a rate the device supports
 (16 kHz when it can) and delivers 20 ms frames of 16 kHz mono. Its PortAudio callback
-does the least possible on the audio thread: copy the block and hand it to the event
-loop through a bounded :class:`~edgevoice.queues.DropOldestQueue`. Down-mixing,
-resampling and re-framing happen on the event loop, in :meth:`SoundDeviceSource.read`.
+does little on the audio thread: copy the block, hold it in a bounded list (the oldest
+dropped and counted when the loop stalls) and wake the event loop -- per block, or,
+while the daemon only waits for speech to start, per batch of quiet blocks (see
+:class:`SoundDeviceSource`). Down-mixing, resampling and re-framing happen on the
+event loop, in :meth:`SoundDeviceSource.read`.
 The device is asked for ``block_ms`` blocks (60 ms by default: three frames per
 callback): each block costs a PortAudio wake-up, a sound-server round trip and an
 event-loop wake-up, which dominate the CPU of a device listening to silence (measured
@@ -60,17 +62,18 @@ from edgevoice.audio.base import (
 )
 from edgevoice.audio.playback import PlaybackBuffer
 from edgevoice.audio.resample import FrameFifo, Int16Array, StreamResampler
+from edgevoice.audio.silence import IdleGate
 from edgevoice.audio.wavio import WavSink, WavSource
 from edgevoice.clock import Clock
 from edgevoice.errors import AudioDeviceError, EdgevoiceError
-from edgevoice.queues import DropOldestQueue
 
 logger = logging.getLogger(__name__)
 
-#: A block the capture callback hands over to say the stream has finished.
-_STREAM_FINISHED = b""
 #: Capture block length asked of the device by default (three 20 ms frames).
 DEFAULT_CAPTURE_BLOCK_MS = 60
+#: While the daemon only listens for speech to start, quiet blocks are handed to the
+#: event loop this many ms at a time (one wake-up instead of five 60 ms ones).
+DEFAULT_IDLE_BATCH_MS = 300
 #: Silence an output stream plays before it is parked, by default: an open stream costs
 #: 1.7 % of a core here playing silence (PortAudio's and the sound server's threads,
 #: bench row 2), and a conversation's pauses are mostly shorter than 5 s.
@@ -215,7 +218,16 @@ class _Stream(Protocol):
 
 
 class SoundDeviceSource:
-    """An AudioSource capturing from a sound card (see the module docstring)."""
+    """An AudioSource capturing from a sound card (see the module docstring).
+
+    Idle batching: while an :class:`~edgevoice.audio.silence.IdleGate` is set and
+    armed (the daemon arms it while it only listens for speech to start), the callback
+    holds quiet blocks and wakes the event loop once per ``idle_batch_ms`` instead of
+    once per block; a block the gate says may start an utterance wakes it at once.
+    Every block still reaches :meth:`read`, in order: batching delays only frames that
+    cannot start anything, and none is lost unless the loop stalls for longer than the
+    bounded hold (``queue_frames``), which drops the oldest blocks and counts them.
+    """
 
     def __init__(
         self,
@@ -225,6 +237,7 @@ class SoundDeviceSource:
         block_ms: int = DEFAULT_CAPTURE_BLOCK_MS,
         stall_timeout_s: float = 1.0,
         start_timeout_s: float = 5.0,
+        idle_batch_ms: int = DEFAULT_IDLE_BATCH_MS,
     ) -> None:
         if block_ms < FRAME_MS or block_ms % FRAME_MS:
             raise ValueError(f"block_ms must be a multiple of {FRAME_MS} ms, got {block_ms}")
@@ -233,8 +246,10 @@ class SoundDeviceSource:
         self.stats = SourceStats()
         self.block_ms = block_ms
         self.queue_frames = queue_frames
-        # ``queue_frames`` counts 20 ms frames; the queue holds whole blocks.
+        # ``queue_frames`` counts 20 ms frames; the hold keeps whole blocks.
         self.queue_blocks = max(2, -(-queue_frames * FRAME_MS // block_ms))
+        #: blocks held while the gate is armed before the loop is woken anyway
+        self.batch_blocks = max(1, min(idle_batch_ms // block_ms, self.queue_blocks - 1))
         self.stall_timeout_s = stall_timeout_s
         # Some back ends take well over a second to deliver the first block (PulseAudio
         # through ALSA: ~1.8 s for a process's first stream), so the first wait is longer.
@@ -242,31 +257,69 @@ class SoundDeviceSource:
         self._started = False
         self.plan: StreamPlan | None = None
         self._stream: _Stream | None = None
-        self._queue: DropOldestQueue[bytes] = DropOldestQueue(self.queue_blocks)
         self._resampler: StreamResampler | None = None
         self._fifo = FrameFifo(CAPTURE_FRAME_SAMPLES)
+        # Blocks the callback has captured and the loop has not taken yet. Shared with
+        # PortAudio's thread: the lock is held only to append or to swap the list.
+        self._lock = threading.Lock()
+        self._held: list[bytes] = []
+        self._spare: list[bytes] = []  # the loop's emptied list, swapped back in
+        self._wake_scheduled = False  # a wake-up is on its way to the loop
+        self._dropped_blocks = 0
+        self._finished = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._gate: IdleGate | None = None
+        #: times the callback woke the event loop (one per block without batching)
+        self.wakeups = 0
+
+    def set_idle_gate(self, gate: IdleGate | None) -> None:
+        """Batch quiet blocks while ``gate`` is armed (None: wake the loop per block)."""
+        self._gate = gate
 
     async def open(self) -> None:
         if self._stream is not None:
             raise AudioDeviceError(f"audio source {self.name} is already open")
         loop = asyncio.get_running_loop()
-        queue: DropOldestQueue[bytes] = DropOldestQueue(self.queue_blocks)
-        stats = self.stats
+        stats, lock = self.stats, self._lock
+        frames_per_block = self.block_ms // FRAME_MS
+        with lock:
+            self._held, self._spare = [], []
+            self._wake_scheduled = self._finished = False
+            self._dropped_blocks = 0
+
+        def wake() -> None:  # PortAudio's thread, with the lock held
+            self._wake_scheduled = True
+            self.wakeups += 1
+            with contextlib.suppress(RuntimeError):  # the loop is closing: drop it
+                loop.call_soon_threadsafe(self._woken)
 
         def on_block(indata: Any, frames: int, time_info: Any, status: Any) -> None:
-            # PortAudio's thread: count, copy, hand over. Nothing else.
+            # PortAudio's thread: count, copy, hold; wake the loop when it is needed.
             if status.input_overflow:
                 stats.overflows += 1
             stats.last_frame_at = time.monotonic()
-            with contextlib.suppress(RuntimeError):  # the loop is closing: drop it
-                loop.call_soon_threadsafe(queue.put_nowait, bytes(indata))
+            block = bytes(indata)
+            gate = self._gate
+            if gate is not None and not self._held:  # (racy, but either way errs early)
+                gate.batch_began()
+            urgent = gate is None or gate.may_start(block, frames_per_block)
+            with lock:
+                held = self._held
+                if len(held) >= self.queue_blocks:  # the loop stalls: oldest out
+                    del held[0]
+                    self._dropped_blocks += 1
+                held.append(block)
+                if not self._wake_scheduled and (urgent or len(held) >= self.batch_blocks):
+                    wake()
 
         def on_finished() -> None:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(queue.put_nowait, _STREAM_FINISHED)
+            with lock:
+                self._finished = True
+                if not self._wake_scheduled:
+                    wake()
 
         plan, stream = await asyncio.to_thread(self._start_stream, on_block, on_finished)
-        self.plan, self._stream, self._queue = plan, stream, queue
+        self.plan, self._stream = plan, stream
         # None: the device delivers 16 kHz mono already, frames are cut from its blocks.
         self._resampler = (None if plan.rate_hz == CAPTURE_RATE_HZ
                            else StreamResampler(plan.rate_hz, CAPTURE_RATE_HZ))
@@ -281,6 +334,12 @@ class SoundDeviceSource:
             plan.channels,
             "" if plan.rate_hz == CAPTURE_RATE_HZ else f", resampled to {CAPTURE_RATE_HZ} Hz",
         )
+
+    def _woken(self) -> None:
+        """The callback has blocks for the loop (on the loop's thread)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _start_stream(self, on_block: Any, on_finished: Any) -> tuple[StreamPlan, _Stream]:
         """Resolve the device and start capturing (in a worker thread: may block)."""
@@ -304,38 +363,70 @@ class SoundDeviceSource:
 
     async def read(self) -> bytes:
         # Most calls return a frame cut from a block already delivered, without
-        # suspending: one event-loop wake-up per device block, not per frame.
+        # suspending: one event-loop wake-up per device block (or per batch), not per
+        # frame.
         while True:
-            frame = self._fifo.pop()
+            frame = self.read_nowait()
             if frame is not None:
-                self.stats.frames_captured += 1
                 return frame
-            block = await self._next_block()
-            self._fifo.push(self._convert(block))
+            await self._wait_for_blocks()
 
-    async def _next_block(self) -> bytes:
+    def read_nowait(self) -> bytes | None:
+        """The next frame if one was captured already, else None (never waits).
+
+        Lets the daemon hand the detector every frame captured before a button press
+        or a request, before it acts on it."""
+        frame = self._fifo.pop()
+        if frame is None and self._take_held():
+            frame = self._fifo.pop()
+        if frame is not None:
+            self.stats.frames_captured += 1
+        return frame
+
+    def _take_held(self) -> bool:
+        """Move the blocks the callback holds into the frame FIFO; False if none."""
+        plan = self.plan
+        if self._stream is None or plan is None:
+            raise AudioDeviceError(f"audio source {self.name} is not open")
+        with self._lock:
+            blocks, self._held = self._held, self._spare
+            self._wake_scheduled = False
+            dropped, finished = self._dropped_blocks, self._finished
+        self.stats.frames_dropped = dropped * self.block_ms // FRAME_MS
+        for block in blocks:
+            self._fifo.push(self._convert(block))
+        taken = bool(blocks)
+        blocks.clear()
+        self._spare = blocks
+        if taken:
+            self._started = True
+        elif finished:
+            raise AudioDeviceError(f"input device {plan.name!r} stopped (unplugged?)")
+        return taken
+
+    async def _wait_for_blocks(self) -> None:
         stream, plan = self._stream, self.plan
         if stream is None or plan is None:
             raise AudioDeviceError(f"audio source {self.name} is not open")
-        if len(self._queue):  # a block is waiting already: no timer needed
-            block = self._queue.get_nowait()
-            self.stats.frames_dropped = self._queue.dropped * self.block_ms // FRAME_MS
-            if block == _STREAM_FINISHED:
-                raise AudioDeviceError(f"input device {plan.name!r} stopped (unplugged?)")
-            return block
         timeout = self.stall_timeout_s if self._started else self.start_timeout_s
+        # The gate holds quiet blocks for up to a batch: that is not a stall.
+        batch_s = self.batch_blocks * self.block_ms / 1000
+        timeout = max(timeout, 2 * batch_s) if self._gate is not None else timeout
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        with self._lock:
+            pending = bool(self._held) or self._finished
+        if pending:  # it came in between: no need to sleep
+            self._waiter = None
+            return
         try:
-            block = await asyncio.wait_for(self._queue.get(), timeout)
+            await asyncio.wait_for(waiter, timeout)
         except TimeoutError:
             raise AudioDeviceError(
                 f"input device {plan.name!r} delivered no audio for {timeout:g} s "
                 f"(stream {'active' if _active(stream) else 'stopped'}): unplugged or stalled?"
             ) from None
-        self._started = True
-        self.stats.frames_dropped = self._queue.dropped * self.block_ms // FRAME_MS
-        if block == _STREAM_FINISHED:
-            raise AudioDeviceError(f"input device {plan.name!r} stopped (unplugged?)")
-        return block
+        finally:
+            self._waiter = None
 
     def _convert(self, block: bytes) -> bytes | Int16Array:
         assert self.plan is not None
@@ -355,7 +446,8 @@ class SoundDeviceSource:
             return
         await asyncio.to_thread(_stop_and_close, stream)
         self._fifo.clear()
-        self._queue.clear()
+        with self._lock:
+            self._held.clear()
         logger.info("audio source %s closed", self.name)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from edgevoice.audio.silence import IdleGate, SilenceSettings
 from edgevoice.audio.sounddevice_io import (
     SoundDeviceSink,
     SoundDeviceSource,
@@ -383,3 +384,114 @@ def test_a_prepared_speaker_stays_open_until_the_reply_plays_then_parks() -> Non
         return [*seen, sink.parks == 2, sink.wakes == 2]
 
     assert asyncio.run(main()) == [True, False, True, False, True, True]
+
+
+# -- idle batching: fewer event-loop wake-ups while the device waits for speech -----------
+
+
+def room_blocks(n_blocks: int, level_dbfs: float = -60.0, seed: int = 7) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal(960 * n_blocks) * 32768 * 10 ** (level_dbfs / 20)
+    return np.clip(np.round(noise), -32768, 32767).astype(np.int16)[:, None]
+
+
+def armed_gate(floor_dbfs: float = -60.0) -> IdleGate:
+    gate = IdleGate(SilenceSettings())
+    gate.arm(floor_dbfs)
+    return gate
+
+
+def test_quiet_blocks_wake_the_loop_once_per_batch_while_the_gate_is_armed() -> None:
+    samples = room_blocks(10)
+
+    async def main() -> tuple[bytes, list[int]]:
+        src = ScriptedSource(16_000, 1, block_ms=60, idle_batch_ms=300)
+        src.set_idle_gate(armed_gate())
+        await src.open()
+        async def read_all() -> list[bytes]:
+            return [await src.read() for _ in range(30)]
+
+        reader = asyncio.ensure_future(read_all())
+        await asyncio.sleep(0)  # the reader waits for the first block
+        wakeups = []
+        for k in range(10):  # block by block, the loop running in between
+            src.deliver(samples[960 * k : 960 * (k + 1)])
+            await asyncio.sleep(0.001)
+            wakeups.append(src.wakeups)
+        return b"".join(await reader), wakeups
+
+    pcm, wakeups = asyncio.run(main())
+    assert pcm == samples[:, 0].tobytes()  # every frame, bit-exact, in order
+    assert wakeups == [0, 0, 0, 0, 1, 1, 1, 1, 1, 2]  # per five blocks, not per block
+
+
+def test_a_disarmed_gate_wakes_the_loop_for_every_block() -> None:
+    async def main() -> int:
+        src = ScriptedSource(16_000, 1, block_ms=60)
+        gate = armed_gate()
+        gate.disarm()  # the detector left QUIET: every block matters now
+        src.set_idle_gate(gate)
+        await src.open()
+        for k in range(4):
+            src.deliver(room_blocks(1, seed=k))
+            for _ in range(3):  # the block's frames, before the next block comes
+                await src.read()
+        return src.wakeups
+
+    assert asyncio.run(main()) == 4
+
+
+def test_speech_starting_mid_batch_wakes_the_loop_at_once_and_nothing_is_cut() -> None:
+    quiet = room_blocks(2)
+    onset = room_blocks(1, seed=9)
+    onset[320:, 0] = np.round(tone(300.0, -20.0, 640)).astype(np.int16)  # from frame 2
+    samples = np.concatenate([quiet, onset])
+
+    async def main() -> tuple[list[int], bytes]:
+        src = ScriptedSource(16_000, 1, block_ms=60, idle_batch_ms=300)
+        src.set_idle_gate(armed_gate())
+        await src.open()
+        wakeups: list[int] = []
+        for k in range(3):  # block by block, as PortAudio's thread delivers them
+            src.deliver(samples[960 * k : 960 * (k + 1)])
+            wakeups.append(src.wakeups)
+        frames = [await src.read() for _ in range(9)]
+        return wakeups, b"".join(frames)
+
+    wakeups, pcm = asyncio.run(main())
+    assert wakeups == [0, 0, 1]  # the quiet blocks wait; the onset's block does not
+    assert pcm == samples[:, 0].tobytes()  # the held quiet frames come first, all of them
+
+
+def test_a_stalled_loop_keeps_the_newest_blocks_and_counts_the_ones_it_dropped() -> None:
+    """The loop does not run while PortAudio keeps calling back (a stall): the hold is
+    bounded, the oldest go, and the newest (where speech starts) are kept."""
+    async def main() -> tuple[ScriptedSource, list[bytes]]:
+        src = ScriptedSource(16_000, 1, block_ms=60, queue_frames=15)  # 5 blocks
+        src.set_idle_gate(armed_gate())
+        await src.open()
+        marked = room_blocks(8)
+        marked[960 * 7 :, 0] = np.round(tone(300.0, -20.0, 960)).astype(np.int16)
+        feeder = threading.Thread(target=src.deliver, args=(marked,))
+        feeder.start()
+        feeder.join()  # all eight delivered before the loop ran once
+        frames = [await src.read() for _ in range(15)]
+        assert b"".join(frames) == marked[960 * 3 :, 0].tobytes()
+        return src, frames
+
+    src, _ = asyncio.run(main())
+    assert src.stats.frames_dropped == 9  # three blocks of three frames
+
+
+def test_the_gate_does_not_count_as_a_stall_within_two_batches() -> None:
+    async def main() -> bytes:
+        src = ScriptedSource(16_000, 1, block_ms=60, idle_batch_ms=300,
+                             stall_timeout_s=0.05, start_timeout_s=0.05)
+        src.set_idle_gate(armed_gate())
+        await src.open()
+        src.deliver(room_blocks(1))  # held: not a batch yet
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.2, src.deliver, room_blocks(4, seed=2))  # the batch completes
+        return await src.read()
+
+    assert len(asyncio.run(main())) == 640
