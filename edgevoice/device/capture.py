@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from edgevoice.audio.base import AudioSource
+from edgevoice.audio.base import AudioSource, BatchingSource
 from edgevoice.backoff import Backoff, BackoffSettings
 from edgevoice.clock import Clock
 from edgevoice.device.records import DeviceCounters
@@ -35,6 +35,21 @@ class CaptureLoop:
         self.start_after = start_after
         self.backoff = Backoff(BackoffSettings(initial_ms=500, max_ms=reopen_max_ms,
                                                min_ms=200))
+
+    def catch_up(self) -> int:
+        """Hand ``on_frame`` every frame the source holds already (a batching source
+        holds quiet frames back while the daemon waits for speech), so that what
+        follows (a button press, a request) comes after them, as it did in time.
+        Returns how many; a device error is left for :meth:`run` to meet."""
+        source = self.source
+        if not isinstance(source, BatchingSource):
+            return 0
+        n = 0
+        with contextlib.suppress(AudioDeviceError):
+            while (frame := source.read_nowait()) is not None:
+                self.on_frame(frame)
+                n += 1
+        return n
 
     async def run(self) -> None:
         if self.start_after is not None:

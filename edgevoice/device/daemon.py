@@ -29,10 +29,10 @@ from typing import Any
 
 from edgevoice import __version__
 from edgevoice.audio.aec import PlaybackReference, ReferenceFifo, load_echo_canceller
-from edgevoice.audio.base import AudioSink, AudioSource
+from edgevoice.audio.base import AudioSink, AudioSource, BatchingSource
 from edgevoice.audio.opus import OpusEncoder
 from edgevoice.audio.playback import PlaybackBuffer, PlaybackEvent
-from edgevoice.audio.silence import SilenceDetector
+from edgevoice.audio.silence import IdleGate, SilenceDetector
 from edgevoice.clock import Clock, MonotonicClock
 from edgevoice.config.model import DeviceConfig
 from edgevoice.device.capture import CaptureLoop
@@ -58,7 +58,7 @@ from edgevoice.feedback.states import DeviceState
 from edgevoice.protocol.connection import AudioReceived
 from edgevoice.protocol.messages import DeviceCall, DeviceResult, Message, Welcome
 from edgevoice.triggers.bargein import VoiceBargeInTrigger
-from edgevoice.triggers.base import AudioTrigger, Trigger
+from edgevoice.triggers.base import AudioTrigger, Trigger, TriggerEvent
 from edgevoice.triggers.wake import WakeWordTrigger
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,9 @@ TICK_S = 0.1
 #: While frames arrive, they carry the tick; the ticker task then only looks this often
 #: whether capture stalled (each wake-up of an idle device costs: issue 15).
 TICK_BACKSTOP_S = 1.0
+#: Frames count as flowing (the ticker need not tick) when the last one came this
+#: recently: a batching source hands quiet frames over every few hundred ms.
+FLOWING_WITHIN_S = 0.6
 
 __all__ = [
     "DEFAULT_TOKEN_FILE", "ERROR_STATE_S", "MAX_CONCEALED_FRAMES", "DeviceCounters",
@@ -232,6 +235,12 @@ class DeviceDaemon(LinkListener):
             source, self.clock, self.status_board, self.counters, self._on_frame,
             reopen_max_ms=config.audio.reopen_max_ms, on_eof=self._source_ended,
             start_after=self._connected if capture_after_link else None)
+        # While the device only waits for speech to start, a batching source (the sound
+        # card's) may hold quiet frames back: fewer event-loop wake-ups (issue 15).
+        self.idle_gate: IdleGate | None = None
+        if isinstance(source, BatchingSource):
+            self.idle_gate = IdleGate(config.silence)
+            source.set_idle_gate(self.idle_gate)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -240,7 +249,7 @@ class DeviceDaemon(LinkListener):
         self.downlink.bind_loop(asyncio.get_running_loop())
         await self.sink.open(self.downlink.playback)
         for trigger in self.triggers:
-            await trigger.start(self.turn_taking.on_trigger_event)
+            await trigger.start(self._on_trigger_event)
         self.presenter.show(self.machine.state)
         tasks = [asyncio.create_task(self.capture.run(), name="capture"),
                  asyncio.create_task(self.link.run(), name="link"),
@@ -275,10 +284,22 @@ class DeviceDaemon(LinkListener):
 
     def _on_frame(self, frame: bytes) -> None:
         """A captured frame; it also ticks when a tick is due (no wake-up of its own)."""
-        self.turn_taking.on_frame(frame)
+        turn_taking = self.turn_taking
+        turn_taking.on_frame(frame)
+        gate = self.idle_gate
+        if gate is not None:
+            if turn_taking.only_awaiting_speech():
+                gate.arm(self.detector.noise_floor_dbfs)
+            else:
+                gate.disarm()
         now = self._frame_at = self.clock.now()
         if now >= self._tick_due:
             self._tick(now)
+
+    def _on_trigger_event(self, event: TriggerEvent) -> None:
+        """A button's (or another trigger's) request, after the frames captured before it."""
+        self.capture.catch_up()
+        self.turn_taking.on_trigger_event(event)
 
     def _tick(self, now: float) -> None:
         due = self._tick_due + TICK_S
@@ -291,7 +312,7 @@ class DeviceDaemon(LinkListener):
             now = self.clock.now()
             if now >= self._tick_due:
                 self._tick(now)
-            flowing = now - self._frame_at < 2 * TICK_S
+            flowing = now - self._frame_at < FLOWING_WITHIN_S
             await self.clock.sleep(TICK_BACKSTOP_S if flowing else TICK_S)
 
     # ------------------------------------------------------------ probe (public)
@@ -301,10 +322,12 @@ class DeviceDaemon(LinkListener):
 
     def request_turn(self, source: str = "api") -> bool:
         """Start a turn as if a button was pressed; False if one cannot start now."""
+        self.capture.catch_up()
         return self.turn_taking.request_turn(source)
 
     def request_interrupt(self, source: str = "api") -> bool:
         """Stop the reply now; False if nothing was playing or pending."""
+        self.capture.catch_up()
         return self.turn_taking.request_interrupt(source)
 
     @property

@@ -142,6 +142,15 @@ class TurnTaking:
         for trigger_event in trigger_events:
             self.on_trigger_event(trigger_event)
 
+    def only_awaiting_speech(self) -> bool:
+        """Whether the last frame left the device waiting for nothing but a speech
+        onset: idle, the detector settled in QUIET, nothing playing, no wake word
+        listening. Then quiet frames may reach :meth:`on_frame` in batches (they change
+        only the detector's floor and pre-roll), which the idle gate allows."""
+        playback = self.downlink.playback
+        return (self.machine.state is TurnState.IDLE and self.detector.settled_quiet
+                and not self.audio_triggers and not playback.busy)
+
     def _echo_reference_dbfs(self, now: float) -> float | None:
         """The level our own playback is expected to reach in the microphone now."""
         if self.barge_in is None:

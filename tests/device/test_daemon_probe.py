@@ -113,3 +113,61 @@ def test_captured_frames_carry_the_tick_and_the_ticker_only_backs_them_up(
     assert ticks[0] - stalled_at == pytest.approx(TICK_BACKSTOP_S, abs=TICK_S)
     gaps = [b - a for a, b in itertools.pairwise(ticks)]
     assert gaps and all(g == pytest.approx(TICK_S) for g in gaps)
+
+
+class HeldFrames:
+    """A batching source as the daemon sees it: frames it holds back while idle."""
+
+    name = "held"
+
+    def __init__(self) -> None:
+        from edgevoice.audio.base import SourceStats
+
+        self.stats = SourceStats()
+        self.held: list[bytes] = []
+        self.gate: object = None
+
+    async def open(self) -> None: ...
+
+    async def read(self) -> bytes:
+        raise EOFError
+
+    async def close(self) -> None: ...
+
+    def set_idle_gate(self, gate: object) -> None:
+        self.gate = gate
+
+    def read_nowait(self) -> bytes | None:
+        return self.held.pop(0) if self.held else None
+
+
+def test_quiet_frames_are_batched_only_while_idle_and_a_request_comes_after_them(
+        tmp_path: Path) -> None:
+    """The idle gate is armed while the device waits for nothing but speech; a request
+    (button, API) first hands the detector every frame captured before it, so a turn
+    begins after them, as it did in time, and the frames after it are the turn's."""
+    from device_support import silence, tone
+
+    from edgevoice.audio.silence import IdleGate
+
+    source = HeldFrames()
+    d = DeviceDaemon(DeviceConfig(), "kitchen.secret", source,  # type: ignore[arg-type]
+                     WavSink(tmp_path / "out.wav"))
+    d.link_up(Welcome(session_id="s1"))
+    gate = d.idle_gate
+    assert isinstance(gate, IdleGate) and source.gate is gate
+    quiet = tone(-60.0)
+    for _ in range(20):  # past the detector's warm-up
+        d._on_frame(quiet)
+    assert gate.armed and d.machine.state.value == "idle"
+    d._on_frame(tone(-20.0))  # loud: the detector leaves QUIET, every block matters
+    assert not gate.armed
+    for _ in range(40):
+        d._on_frame(silence() if _ % 2 else quiet)
+    assert gate.armed
+    captured = d.counters.frames_captured
+    source.held = [quiet] * 7  # captured, not yet handed over
+    assert d.request_turn("api")
+    assert source.held == [] and d.counters.frames_captured == captured + 7
+    d._on_frame(quiet)
+    assert not gate.armed  # a turn is open: no batching
