@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,7 +18,9 @@ from edgevoice.relay.shared import (
     MemoryHistory,
     RedisState,
     RedisTokens,
+    RefreshSchedule,
     SharedStoreSettings,
+    liveness_ttl_ms,
 )
 from edgevoice.upstream.base import DeviceContext, HistoryLine, TranscriptReceived
 from edgevoice.upstream.echo import EchoUpstream
@@ -239,3 +242,87 @@ def test_a_nova_session_starts_from_the_stored_history() -> None:
             await upstream.aclose()
 
     run(scenario())
+
+
+def test_a_token_is_accepted_at_once_by_its_notice_not_at_the_next_poll(
+        redis_url: str) -> None:
+    # refresh_ms 60 s: the liveness renewal (which also reads the tokens' version) is 60 s
+    # away; the notice `edgevoice token add` publishes is what makes the relay re-read
+    async def scenario() -> None:
+        async with relay_state(redis_url, "a", refresh_ms=60_000) as a:
+            cli = RedisTokens(redis_url, KEY_PREFIX)
+            token = await asyncio.to_thread(cli.add, "kitchen")
+            await until(lambda: a.tokens.verify(token) == "kitchen", 5, "token by notice")
+            assert await asyncio.to_thread(cli.remove, "kitchen")
+            await until(lambda: a.tokens.verify(token) is None, 5, "removal by notice")
+
+    run(scenario())
+
+
+def test_a_token_written_without_a_notice_is_still_seen_at_the_next_renewal(
+        redis_url: str) -> None:
+    import redis
+
+    from edgevoice.tokens import hash_token
+
+    async def scenario() -> None:
+        async with relay_state(redis_url, "a", refresh_ms=200) as a:
+            token = RedisTokens(redis_url, KEY_PREFIX)
+            secret = "kitchen.0123456789abcdef0123456789abcdef"
+            with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+                # an older `edgevoice token`, or a hand edit: no notice published
+                client.hset(token.keys.tokens, "kitchen",
+                            json.dumps({"sha256": hash_token(secret)}))
+                client.incr(token.keys.tokens_version)
+            await until(lambda: a.tokens.verify(secret) == "kitchen", 5,
+                        "token at the liveness renewal")
+
+    run(scenario())
+
+
+def test_a_live_relay_keeps_its_key_and_a_dead_one_expires(redis_url: str) -> None:
+    import redis
+
+    async def scenario() -> None:
+        state = RedisState(SharedStoreSettings(kind="redis", url=redis_url,
+                                               key_prefix=KEY_PREFIX, refresh_ms=200), "a", 10)
+        await state.start()
+        key = state.keys.relay("a")
+        with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+            assert 0 < client.pttl(key) <= liveness_ttl_ms(200)
+            # alive: renewed before it expires, for longer than its time to live
+            for _ in range(6):
+                await asyncio.sleep(0.5)
+                assert client.exists(key), "a live relay's key expired"
+            # killed: nothing deletes the key, its time to live ends it
+            for task in state._tasks:
+                task.cancel()
+            await asyncio.gather(*state._tasks, return_exceptions=True)
+            await until(lambda: not client.exists(key), liveness_ttl_ms(200) / 1000 + 2,
+                        "dead relay's key expired")
+        await state.client.aclose()
+        await state._notices.aclose()
+
+    run(scenario())
+
+
+def test_the_refresh_schedule_renews_within_the_ttl_and_reads_the_fleet_only_when_asked(
+        ) -> None:
+    schedule = RefreshSchedule(200, now=0.0)
+    renewals, fleet_reads, last_renewal = [], [], 0.0
+    now = 0.0
+    while now < 60.0:
+        wanted = 20.0 <= now < 30.0  # someone looked at /devices for 10 s
+        renew, fleet = schedule.poll(now, wanted)
+        if renew:
+            assert now - last_renewal < liveness_ttl_ms(200) / 1000
+            renewals.append(now)
+            last_renewal = now
+        if fleet:
+            fleet_reads.append(now)
+        assert schedule.wake_at(wanted) > now
+        now = schedule.wake_at(wanted)
+    # a renewal every third of the 2 s time to live, not every 200 ms (15 round trips/s)
+    assert 85 <= len(renewals) <= 95
+    assert all(20.0 <= t < 30.0 for t in fleet_reads)
+    assert 45 <= len(fleet_reads) <= 55

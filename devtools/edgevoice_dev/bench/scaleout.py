@@ -74,7 +74,9 @@ def bulk_tokens(cluster: Cluster, count: int, prefix: str) -> dict[str, str]:
         for name, token in tokens.items():
             pipe.hset(f"{KEY_PREFIX}tokens", name, json.dumps({"sha256": hash_token(token)}))
         pipe.incr(f"{KEY_PREFIX}tokens:version")
-        pipe.execute()
+        version = pipe.execute()[-1]
+        # as `edgevoice token add` does: the relays re-read on the notice, not by polling
+        client.publish(f"{KEY_PREFIX}tokens:changed", version)
     return tokens
 
 
