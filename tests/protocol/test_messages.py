@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from edgevoice.errors import LocalProtocolError, RemoteProtocolError
 from edgevoice.protocol.messages import (
     AUDIO_HEADER_BYTES,
+    MAX_TEXT_BYTES,
     MESSAGE_TYPES,
     AudioFlags,
     AudioFrame,
@@ -152,3 +153,44 @@ def test_control_decoder_never_raises_anything_but_protocol_errors(text: str) ->
 def test_typed_fields_reject_wrong_shapes(kind: str, fields: dict[str, object]) -> None:
     with contextlib.suppress(RemoteProtocolError):
         decode_message(json.dumps({"type": kind, **fields}))
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ('{"type": "ping", "id": true, "sent_ms": 1}', "expected an integer"),
+        ('{"type": "ping", "id": 1, "sent_ms": "1"}', "expected an integer"),
+        ('{"type": "ping", "id": 1}', "missing field 'sent_ms'"),
+        ('{"type": "ping", "id": 9007199254740993, "sent_ms": 1}', "out of range"),
+        ('{"type": "ping", "id": 1.5, "sent_ms": 1}', "expected an integer"),
+        ('{"type": "stats", "values": null}', "must not be null|expected an object"),
+        ('{"type": "stats", "values": "rtt 3"}', "expected an object"),
+    ],
+)
+def test_a_malformed_heartbeat_gets_the_general_decoders_error(text: str, fragment: str) -> None:
+    # the quick decoders of ping and stats answer only for well-formed ones
+    with pytest.raises(RemoteProtocolError, match=fragment):
+        decode_message(text)
+
+
+@pytest.mark.parametrize("text", [
+    '{"type": "ping", "id": 7, "sent_ms": -3, "later": [1]}',
+    '{"type": "stats", "values": {"rtt_ms": 1.5, "nested": {"a": [1, null]}, "s": "x"}}',
+    '{"type": "stats"}',
+    '{"type": "stats", "values": {}}',
+])
+def test_a_heartbeat_decodes_as_the_general_decoder_would(text: str) -> None:
+    from edgevoice.decoding import PROTOCOL_POLICY, decode
+
+    body = json.loads(text)
+    assert decode_message(text) == decode(MESSAGE_TYPES[body["type"]], body, PROTOCOL_POLICY)
+    assert decode_message(text.encode()) == decode_message(text)
+
+
+def test_a_short_text_of_wide_characters_is_measured_in_bytes() -> None:
+    # 4,100 characters, 16,400 bytes of UTF-8: over the limit although len() is small
+    wide = json.dumps({"type": "stats", "values": {"x": "\U0001F600" * 4096}},
+                      ensure_ascii=False)
+    assert len(wide) < MAX_TEXT_BYTES < len(wide.encode())
+    with pytest.raises(RemoteProtocolError, match="too large"):
+        decode_message(wide)
