@@ -247,7 +247,14 @@ class Connection:
         """Parse and check one control message from the peer."""
         if self.state is State.CLOSED:
             raise LocalProtocolError("connection is closed")
-        message = decode_message(text)
+        return self.receive_message(decode_message(text))
+
+    def receive_message(self, message: Message) -> Message:
+        """Check one control message from the peer that the caller has parsed
+        (:func:`~edgevoice.protocol.messages.decode_message`): what :meth:`receive_text`
+        does after parsing."""
+        if self.state is State.CLOSED:
+            raise LocalProtocolError("connection is closed")
         if isinstance(message, Error):
             if self.state is State.OPEN and Error in RELIABLE[_peer(self.role)]:
                 self.messages_received += 1
