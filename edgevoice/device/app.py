@@ -34,7 +34,7 @@ from edgevoice.device.hooks import EventHub
 from edgevoice.errors import AudioDeviceError
 from edgevoice.health.device import DeviceHealthSource, DeviceSnapshot, device_health_api
 from edgevoice.health.http import load_token
-from edgevoice.service.notify import LoopLagProbe, SystemdNotifier
+from edgevoice.service.notify import LoopLagProbe, SystemdNotifier, WatchdogSettings
 from edgevoice.triggers.base import Trigger
 
 if TYPE_CHECKING:
@@ -199,6 +199,18 @@ async def wait_for_daemon(config: DeviceConfig, config_file: str, notifier: Syst
     return None
 
 
+def loop_probe(notifier: SystemdNotifier, settings: WatchdogSettings) -> LoopLagProbe:
+    """The event-loop probe the systemd watchdog reads, started only when systemd
+    asked for a watchdog: nothing else reads it, and each of its turns wakes an idle
+    device (issue 15). Its period is a quarter of ``loop_stall_after_s``: a healthy
+    loop shows life several times within that, without the default's two turns a
+    second."""
+    probe = LoopLagProbe(period_s=min(1.0, max(0.5, settings.loop_stall_after_s / 4)))
+    if notifier.enabled and notifier.policy.enabled:
+        probe.start()
+    return probe
+
+
 async def run_device(config: DeviceConfig, config_file: str, *,
                      native: NativeStderr | None = None) -> None:
     clock = MonotonicClock()
@@ -227,8 +239,7 @@ async def run_device(config: DeviceConfig, config_file: str, *,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
     loop.add_signal_handler(signal.SIGUSR1, turn)
-    probe = LoopLagProbe()
-    probe.start()
+    probe = loop_probe(notifier, config.watchdog)
     audio_alive = AudioLiveness(clock)
     watchdog = notifier.watchdog_task(probe, audio_alive)
     await api.start()  # it logs where it listens
