@@ -41,16 +41,18 @@ class LimitsSettings:
 
     handshake_timeout_ms: int = 10_000
     """Close a connection that has not said hello within this many milliseconds."""
-    heartbeat_interval_ms: int = 30_000
+    heartbeat_interval_ms: int = 60_000
     """Devices ping this often (their stats ride along in the same write); silence for
     three intervals closes the connection. Each heartbeat is one relay wake-up (a read,
-    a parse and a written pong): at 30 s a thousand idle devices take about 2 % of a
-    relay core on the bench machine (bench row 13, docs/protocol.md §6)."""
+    a parse and a written pong): at 60 s a thousand idle devices take about 1 % of a
+    relay core on the bench machine (bench row 13). Shorter finds a silently dead
+    relay sooner (interval + relay.ping_timeout_ms at worst) for more relay CPU
+    (docs/protocol.md §6 weighs it)."""
     ping_interval_ms: int = 0
     """WebSocket keepalive pings from the relay, this often; 0 (the default): none. The
     device's protocol heartbeat already reaches the relay every ``heartbeat_interval_ms``
     and a connection silent for three of them is closed (4003), so a dead or half-open
-    device is found within 90 s by default without a second timer and a ping frame per
+    device is found within 180 s by default without a second timer and a ping frame per
     connection (idle relay CPU, bench row 13). Devices send none either by default:
     their heartbeat finds a relay that went away."""
     ping_timeout_ms: int = 20_000

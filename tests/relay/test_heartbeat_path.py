@@ -153,3 +153,31 @@ def test_pings_over_the_limit_close_only_that_device(tmp_path: Path) -> None:
             assert isinstance(pong, Pong) and pong.id == 1
             await good.close()
     run(scenario(), timeout=scaled(30))
+
+
+def test_by_default_devices_heartbeat_every_minute_with_their_stats(tmp_path: Path) -> None:
+    # The trade of docs/protocol.md §6: one relay wake-up a minute per idle device (bench
+    # row 13), a silent device closed after three minutes, a dead relay found by the
+    # device within a minute plus its answer timeout.
+    from edgevoice.device.link import RelaySettings
+    from edgevoice.protocol.heartbeat import stats_every
+    from edgevoice.protocol.messages import Welcome
+
+    async def scenario() -> None:
+        async with running_relay(tmp_path) as relay:
+            ws = await connect(f"ws://127.0.0.1:{relay.port}/",
+                               additional_headers={
+                                   "Authorization": f"Bearer {relay.tokens.add('d1')}"},
+                               subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+                               compression=None, max_size=MAX_TEXT_BYTES, proxy=None,
+                               ping_interval=None)
+            conn = Connection(Role.DEVICE)
+            await ws.send(conn.start(Hello(device="d1", software="test")))
+            welcome = conn.receive_text(await asyncio.wait_for(ws.recv(), scaled(10)))
+            assert isinstance(welcome, Welcome)
+            assert welcome.heartbeat_interval_ms == 60_000
+            device = RelaySettings()
+            assert stats_every(welcome.heartbeat_interval_ms, device.stats_interval_s) == 1
+            assert (welcome.heartbeat_interval_ms + device.ping_timeout_ms) / 1000 == 80
+            await ws.close()
+    run(scenario(), timeout=scaled(30))
