@@ -38,6 +38,7 @@ source or sink (``wav:PATH``, ``wav+fast:PATH`` or a device name).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib
 import logging
@@ -51,6 +52,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgevoice.audio.base import (
+    CAPTURE_FRAME_BYTES,
     CAPTURE_FRAME_SAMPLES,
     CAPTURE_RATE_HZ,
     FRAME_MS,
@@ -259,6 +261,9 @@ class SoundDeviceSource:
         self._stream: _Stream | None = None
         self._resampler: StreamResampler | None = None
         self._fifo = FrameFifo(CAPTURE_FRAME_SAMPLES)
+        # Frames cut straight from 16 kHz mono blocks (no numpy): read before the FIFO,
+        # filled only while the FIFO is empty, so the order holds.
+        self._frames: collections.deque[bytes] = collections.deque()
         # Blocks the callback has captured and the loop has not taken yet. Shared with
         # PortAudio's thread: the lock is held only to append or to swap the list.
         self._lock = threading.Lock()
@@ -300,9 +305,14 @@ class SoundDeviceSource:
             stats.last_frame_at = time.monotonic()
             block = bytes(indata)
             gate = self._gate
-            if gate is not None and not self._held:  # (racy, but either way errs early)
-                gate.batch_began()
-            urgent = gate is None or gate.may_start(block, frames_per_block)
+            # (read without the lock: a stale view can only wake the loop early)
+            pending = len(self._held)
+            if gate is None or self._wake_scheduled or pending + 1 >= self.batch_blocks:
+                urgent = True  # the loop takes this block now anyway: no need to measure
+            else:
+                if not pending:
+                    gate.batch_began()
+                urgent = gate.may_start(block, frames_per_block)
             with lock:
                 held = self._held
                 if len(held) >= self.queue_blocks:  # the loop stalls: oldest out
@@ -324,6 +334,7 @@ class SoundDeviceSource:
         self._resampler = (None if plan.rate_hz == CAPTURE_RATE_HZ
                            else StreamResampler(plan.rate_hz, CAPTURE_RATE_HZ))
         self._fifo.clear()
+        self._frames.clear()
         self._started = False
         self.stats.opens += 1
         logger.info(
@@ -376,12 +387,16 @@ class SoundDeviceSource:
 
         Lets the daemon hand the detector every frame captured before a button press
         or a request, before it acts on it."""
-        frame = self._fifo.pop()
+        frame = self._next_frame()
         if frame is None and self._take_held():
-            frame = self._fifo.pop()
+            frame = self._next_frame()
         if frame is not None:
             self.stats.frames_captured += 1
         return frame
+
+    def _next_frame(self) -> bytes | None:
+        frames = self._frames
+        return frames.popleft() if frames else self._fifo.pop()
 
     def _take_held(self) -> bool:
         """Move the blocks the callback holds into the frame FIFO; False if none."""
@@ -393,8 +408,14 @@ class SoundDeviceSource:
             self._wake_scheduled = False
             dropped, finished = self._dropped_blocks, self._finished
         self.stats.frames_dropped = dropped * self.block_ms // FRAME_MS
+        direct = plan.channels == 1 and self._resampler is None
+        fifo = self._fifo
         for block in blocks:
-            self._fifo.push(self._convert(block))
+            if direct and not len(fifo) and not len(block) % CAPTURE_FRAME_BYTES:
+                self._frames.extend(block[i:i + CAPTURE_FRAME_BYTES]
+                                    for i in range(0, len(block), CAPTURE_FRAME_BYTES))
+            else:
+                fifo.push(self._convert(block))
         taken = bool(blocks)
         blocks.clear()
         self._spare = blocks
@@ -446,6 +467,7 @@ class SoundDeviceSource:
             return
         await asyncio.to_thread(_stop_and_close, stream)
         self._fifo.clear()
+        self._frames.clear()
         with self._lock:
             self._held.clear()
         logger.info("audio source %s closed", self.name)
