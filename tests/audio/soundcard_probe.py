@@ -6,6 +6,7 @@ passes its environment to this process, which imports sounddevice only then.
 
     python soundcard_probe.py devices
     python soundcard_probe.py capture SECONDS OUT.raw      (prints "ready" once capturing)
+    python soundcard_probe.py capture-idle SECONDS OUT.raw (the same, with an idle gate)
     python soundcard_probe.py play WAV [RATE_HZ]
     python soundcard_probe.py unplug                       (prints "ready" once capturing)
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgevoice.audio.playback import PlaybackBuffer, PlaybackEnded, PlaybackEvent
+from edgevoice.audio.silence import IdleGate, SilenceDetector, SpeechState
 from edgevoice.audio.sounddevice_io import SoundDeviceSink, SoundDeviceSource, list_devices
 from edgevoice.audio.wavio import load_wav
 from edgevoice.errors import AudioDeviceError
@@ -43,6 +45,35 @@ async def capture(seconds: float, out: Path) -> None:
     await asyncio.to_thread(out.write_bytes, b"".join(frames))
     assert src.plan is not None
     report(plan=dataclasses.asdict(src.plan), stats=dataclasses.asdict(src.stats))
+
+
+async def capture_idle(seconds: float, out: Path) -> None:
+    """As :func:`capture`, with the idle gate the daemon uses: armed while the silence
+    detector is settled in QUIET, so quiet blocks reach the loop in batches."""
+    src = SoundDeviceSource("default", queue_frames=100)
+    detector = SilenceDetector()
+    gate = IdleGate(detector.settings)
+    src.set_idle_gate(gate)
+    await src.open()
+    frames = [await src.read()]
+    print("ready", flush=True)
+    wakeups_before, onsets = src.wakeups, []
+    for _ in range(int(seconds * 50)):
+        frame = await src.read()
+        frames.append(frame)
+        armed, was_quiet = gate.armed, detector.state is SpeechState.QUIET
+        detector.process(frame)
+        if was_quiet and detector.state is not SpeechState.QUIET:  # an onset began
+            onsets.append(armed)
+        if detector.settled_quiet:
+            gate.arm(detector.noise_floor_dbfs)
+        else:
+            gate.disarm()
+    wakeups = src.wakeups - wakeups_before
+    await src.close()
+    await asyncio.to_thread(out.write_bytes, b"".join(frames))
+    report(stats=dataclasses.asdict(src.stats), wakeups=wakeups,
+           blocks=(len(frames) - 1) * 20 // src.block_ms, onsets_while_armed=onsets)
 
 
 async def play(wav: Path, rate_hz: int | None) -> None:
@@ -124,6 +155,8 @@ def main(argv: list[str]) -> None:
         report(devices=[dataclasses.asdict(d) for d in list_devices()])
     elif command == "capture":
         asyncio.run(capture(float(argv[1]), Path(argv[2])))
+    elif command == "capture-idle":
+        asyncio.run(capture_idle(float(argv[1]), Path(argv[2])))
     elif command == "play":
         asyncio.run(play(Path(argv[1]), int(argv[2]) if len(argv) > 2 else None))
     elif command == "park":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,28 @@ def test_speech_played_into_the_mic_is_captured_through_sounddevice(
     # delivers as zeros (more of them the longer the capture blocks: ~40 ms at 60 ms).
     exact = np.mean(reference[1600:] == captured[1600:])
     assert exact >= 0.999, f"only {exact:.4f} of the samples after 100 ms are bit-exact"
+
+
+def test_an_idle_gate_batches_the_quiet_but_cuts_nothing_of_speech(
+    card: VirtualSoundCard, tmp_path: Path
+) -> None:
+    """The real PortAudio callback thread with the daemon's idle gate: while the room
+    is quiet the loop is woken per batch, not per block; speech that starts between
+    two wake-ups arrives whole, and the gate was armed when its onset began."""
+    speech = synthesize("Turn on the kitchen lights, please.", voice="slt", path=tmp_path / "s.wav")
+    proc = probe(card, "capture-idle", "5", str(tmp_path / "captured.raw"))
+    wait_ready(proc)
+    time.sleep(1.5)  # quiet first: the gate arms and batches
+    card.play_into_mic(speech)
+    result = finish(proc)
+    assert result["stats"]["overflows"] == 0 and result["stats"]["frames_dropped"] == 0
+    reference = from_pcm(load_wav(speech))
+    captured = align(reference, from_pcm((tmp_path / "captured.raw").read_bytes()))
+    exact = np.mean(reference[1600:] == captured[1600:])
+    assert exact >= 0.999, f"only {exact:.4f} of the samples after 100 ms are bit-exact"
+    assert result["onsets_while_armed"][:1] == [True]
+    # per block while speech flows, per batch (5 blocks) while quiet
+    assert result["wakeups"] < 0.8 * result["blocks"]
 
 
 @pytest.mark.parametrize("rate_hz", [None, 48_000])
