@@ -150,7 +150,8 @@ def encode_speech(path: str, frames: int = 250) -> list[bytes]:
     return packets
 
 
-async def _open(url: str, device: str, token: str) -> tuple[ClientConnection, Connection, int]:
+async def open_device(url: str, device: str,
+                      token: str) -> tuple[ClientConnection, Connection, int]:
     """A device's connection, as the daemon's link opens it (its WebSocket keepalive
     settings: none by default); the heartbeat interval the relay asked for, in ms."""
     device_link = RelaySettings()
@@ -167,7 +168,7 @@ async def _open(url: str, device: str, token: str) -> tuple[ClientConnection, Co
     return ws, conn, heartbeat_ms
 
 
-async def _receive(ws: ClientConnection, log: ClientLog) -> None:
+async def receive_counting(ws: ClientConnection, log: ClientLog) -> None:
     received = log.received
     async for data in ws:
         log.heard += 1
@@ -196,7 +197,7 @@ async def _stream(ws: ClientConnection, conn: Connection, packets: list[bytes], 
         k += 1
 
 
-async def _hold(ws: ClientConnection, conn: Connection, start: float, heartbeat_ms: int,
+async def hold_idle(ws: ClientConnection, conn: Connection, start: float, heartbeat_ms: int,
                 until: float, log: ClientLog) -> None:
     """An idle device: no turn, only what the daemon's link sends while nobody talks,
     from ``start`` (its connect, spread) until ``until``: the protocol heartbeat every
@@ -247,7 +248,7 @@ async def run(args: argparse.Namespace, tokens: dict[str, str],
     # Connect in small batches, as a fleet coming online would, not all in one burst.
     for i in range(0, len(devices), 20):
         batch = devices[i:i + 20]
-        opened = await asyncio.gather(*(_open(args.url, d, tokens[d]) for d in batch),
+        opened = await asyncio.gather(*(open_device(args.url, d, tokens[d]) for d in batch),
                                       return_exceptions=True)
         for device, result in zip(batch, opened, strict=True):
             if isinstance(result, BaseException):
@@ -265,13 +266,15 @@ async def run(args: argparse.Namespace, tokens: dict[str, str],
         receivers = [asyncio.create_task(_receive_turns(ws, conn, logs[d]))
                      for d, (ws, conn) in links.items()]
     else:
-        receivers = [asyncio.create_task(_receive(ws, logs[d])) for d, (ws, _) in links.items()]
+        receivers = [asyncio.create_task(receive_counting(ws, logs[d]))
+                     for d, (ws, _) in links.items()]
     # --idle: connected devices nobody talks to: hold the connections, send nothing
     cycle = args.speech_s + args.reply_s + args.pause_s
     # idle devices' heartbeats spread over the interval, as devices coming online at
     # random times would send them
-    senders = [asyncio.create_task(_hold(ws, conn, stream_start + heartbeats[d] / 1000 * i / max(
-        1, len(links)), heartbeats[d], until, logs[d])) if args.idle else
+    senders = [asyncio.create_task(hold_idle(
+        ws, conn, stream_start + heartbeats[d] / 1000 * i / max(1, len(links)), heartbeats[d],
+        until, logs[d])) if args.idle else
                asyncio.create_task(_converse(ws, conn, packets,
                                              stream_start + cycle * i / max(1, len(links)),
                                              until, logs[d], args.speech_s, args.pause_s))

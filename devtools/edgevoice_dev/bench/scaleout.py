@@ -4,8 +4,8 @@
     .venv/bin/python -m edgevoice_dev.bench.scaleout idle [--devices 2000]
     .venv/bin/python -m edgevoice_dev.bench.scaleout talk [--devices 40]
 
-``idle``: HAProxy, two relays and Redis; N idle devices (hello, then the protocol's
-heartbeat every 10 s and WebSocket keepalives) connect through HAProxy; over a
+``idle``: HAProxy, two relays and Redis; N idle devices (hello, then what an idle
+daemon sends: the load generator's idle device) connect through HAProxy; over a
 30 s window, each relay's RSS growth and CPU per idle device.
 
 ``talk``: N devices taking echo turns back to back through HAProxy, first with one
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
+import math
 import os
 import resource
 import sys
@@ -29,12 +29,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from websockets.asyncio.client import ClientConnection, connect
-
-from edgevoice.protocol.connection import Connection, Role
-from edgevoice.protocol.messages import MAX_TEXT_BYTES, SUBPROTOCOL, Hello, Ping
 from edgevoice.relay.auth import new_token
+from edgevoice.relay.settings import LimitsSettings
 from edgevoice.tokens import hash_token
+from edgevoice_dev.bench import loadgen
+from edgevoice_dev.bench.life import idle_device_schedule
 from edgevoice_dev.bench.plan import Workspace
 from edgevoice_dev.bench.results import INFO, Line, RowResult, verdict
 from edgevoice_dev.testing.cluster import (
@@ -80,29 +79,27 @@ def bulk_tokens(cluster: Cluster, count: int, prefix: str) -> dict[str, str]:
     return tokens
 
 
-async def idle_device(url: str, name: str, token: str, stop: asyncio.Event) -> bool:
-    conn = Connection(Role.DEVICE)
+async def idle_device(url: str, name: str, token: str, stop: asyncio.Event,
+                      first_beat_at: float) -> bool:
+    """One idle device through HAProxy until ``stop``, living as the daemon does with
+    its shipped settings: the load generator's idle device (the protocol heartbeat on
+    the link's own schedule, stats riding in its write, the keepalive only if the
+    settings turn it on), its first heartbeat at ``first_beat_at``. False if it could
+    not connect."""
     try:
-        ws: ClientConnection = await connect(
-            url, additional_headers={"Authorization": f"Bearer {token}"},
-            subprotocols=[SUBPROTOCOL], compression=None, max_size=MAX_TEXT_BYTES,  # type: ignore[list-item]
-            open_timeout=30, ping_interval=20, ping_timeout=20)
+        ws, conn, heartbeat_ms = await loadgen.open_device(url, name, token)
     except Exception:
         return False
+    log = loadgen.ClientLog(name)
     async with ws:
-        await ws.send(conn.start(Hello(device=name, software="bench")))
-        conn.receive_text(await ws.recv())  # welcome
-        ping = 0
-        while not stop.is_set():
-            ping += 1
-            await ws.send(conn.send(Ping(ping, int(time.monotonic() * 1000))))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 10)
-            while True:  # read what came (pongs) without blocking
-                try:
-                    await asyncio.wait_for(ws.recv(), 0.001)
-                except TimeoutError:
-                    break
+        tasks = [asyncio.create_task(loadgen.receive_counting(ws, log)),
+                 asyncio.create_task(loadgen.hold_idle(ws, conn, first_beat_at, heartbeat_ms,
+                                                       math.inf, log)),
+                 asyncio.create_task(stop.wait())]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     return True
 
 
@@ -121,8 +118,14 @@ async def measure_idle(cluster: Cluster, devices: int, window_s: float) -> dict[
     rss_before = {k: rss_kib(p) for k, p in pids.items()}
     stop = asyncio.Event()
     tasks = []
+    # heartbeats spread over one interval, as devices coming online at random times
+    # would send them, so any window sees the fleet's average rate
+    heartbeat_s = LimitsSettings().heartbeat_interval_ms / 1000
+    spread_from = time.monotonic() + 5.0
     for k, (name, token) in enumerate(tokens.items()):
-        tasks.append(asyncio.create_task(idle_device(cluster.haproxy.url, name, token, stop)))
+        tasks.append(asyncio.create_task(idle_device(
+            cluster.haproxy.url, name, token, stop,
+            spread_from + heartbeat_s * k / max(1, len(tokens)))))
         if k % 50 == 49:
             await asyncio.sleep(0.1)  # a ramp, not a storm
     await asyncio.sleep(10)  # every device said hello and settled
@@ -271,8 +274,9 @@ async def run_idle_row(ws: Workspace) -> RowResult:
                           f"HAProxy {m['haproxy']['cpu_pct_per_1000_devices']:.1f} %, Redis "
                           f"{m['redis']['cpu_pct_per_1000_devices']:.1f} %", "", INFO))
     row.data = m
-    row.notes.append("Idle: hello, the protocol's heartbeat every 10 s and WebSocket "
-                     f"keepalives; measured over {plan.idle_measure_s:g} s.")
+    schedule, _ = idle_device_schedule()
+    row.notes.append(f"Idle: hello, then as an idle daemon lives: {schedule}; measured over "
+                     f"{plan.idle_measure_s:g} s.")
     return row
 
 
