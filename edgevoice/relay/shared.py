@@ -414,12 +414,68 @@ class SharedFleet(FleetTracker):
         self.state = state
         self._shared: dict[str, DeviceRecord] = {}
         self._wanted_until = 0.0
+        # Devices whose stats or token counts changed since the last batch: written
+        # together, every refresh_ms, in one round trip (see _mark).
+        self._dirty: set[str] = set()
+        self._batch_armed = False
+        #: store round trips that carried batched documents, and the documents
+        self.batches_written = 0
+        self.batched_documents = 0
+
+    def _document(self, record: DeviceRecord) -> str:
+        return json.dumps({**dataclasses.asdict(record), "relay": self.state.relay_id})
+
+    def _mark(self, device_id: str) -> None:
+        """Write this device's record with the next batch, not a round trip of its own.
+
+        Stats arrive with every device's heartbeat: one store write each was a second
+        wake-up of the relay per heartbeat (bench row 10). Other relays read the fleet
+        every refresh_ms at most, so a batch per refresh_ms shows them the same; the
+        newest record is written, whatever changed in between."""
+        self._dirty.add(device_id)
+        if not self._batch_armed:
+            self._batch_armed = True
+            asyncio.get_running_loop().call_later(self.state.settings.refresh_ms / 1000,
+                                                  self._submit_batch)
+
+    def _submit_batch(self) -> None:
+        self._batch_armed = False
+        if self._dirty:
+            self.state.submit(self._write_batch)
+
+    def submit_pending(self) -> None:
+        """Queue the batch now (the relay is stopping): what changed is not lost."""
+        self._submit_batch()
+
+    async def _write_batch(self, client: Redis) -> None:
+        devices, self._dirty = self._dirty, set()
+        keys = self.state.keys
+        pipe = client.pipeline(transaction=False)
+        written = 0
+        for device_id in sorted(devices):
+            record = FleetTracker.record(self, device_id)  # as it is now
+            if record is None:
+                continue
+            # only over this relay's own session: a device that moved on stays theirs
+            pipe.eval(_SET_IF_SESSION, 2, keys.fleet, keys.fleet_session, device_id,
+                      record.session_id or "", self._document(record))
+            written += 1
+        if not written:
+            return
+        try:
+            await pipe.execute()
+        except Exception:
+            for device_id in devices:  # the store is away: the next batch retries them
+                self._mark(device_id)
+            raise
+        self.batches_written += 1
+        self.batched_documents += written
 
     def _write(self, device_id: str, *, force: bool) -> None:
         record = FleetTracker.record(self, device_id)  # this relay's own
         if record is None:
             return
-        document = json.dumps({**dataclasses.asdict(record), "relay": self.state.relay_id})
+        document = self._document(record)
         session = record.session_id or ""
         keys = self.state.keys
 
@@ -449,13 +505,13 @@ class SharedFleet(FleetTracker):
 
     def stats_received(self, device_id: str, stats: Mapping[str, object], *, at: float) -> None:
         super().stats_received(device_id, stats, at=at)
-        self._write(device_id, force=False)
+        self._mark(device_id)
 
     def tokens_used(self, device_id: str, *, input_tokens: int, output_tokens: int,
                     upstream_audio_s: float = 0.0) -> None:
         super().tokens_used(device_id, input_tokens=input_tokens, output_tokens=output_tokens,
                             upstream_audio_s=upstream_audio_s)
-        self._write(device_id, force=False)
+        self._mark(device_id)
 
     @property
     def wanted(self) -> bool:
@@ -696,6 +752,7 @@ class RedisState:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self.fleet.submit_pending()
         # a store that is gone loses the rest; the relay key's TTL ends this relay there
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):

@@ -129,6 +129,79 @@ def test_the_fleet_view_is_the_same_from_every_relay(redis_url: str) -> None:
     run(scenario())
 
 
+def test_a_fleet_of_heartbeats_is_written_in_one_round_trip_per_refresh(
+        redis_url: str) -> None:
+    async def scenario() -> None:
+        async with relay_state(redis_url, "a", refresh_ms=300) as a, \
+                relay_state(redis_url, "b", refresh_ms=300) as b:
+            now = time.time()
+            for k in range(50):
+                a.fleet.connected(f"d{k:02d}", session_id=f"s{k}", address=None, at=now)
+            for k in range(50):  # a second's worth of heartbeats from a large fleet
+                a.fleet.stats_received(f"d{k:02d}", {"rtt_ms": k}, at=now)
+            a.fleet.stats_received("d07", {"rtt_ms": 700}, at=now)  # the newest wins
+            b.fleet.records()
+
+            def seen() -> dict[str, object]:
+                return {r.device_id: (r.last_stats or {}).get("rtt_ms")
+                        for r in b.fleet.records()}
+            await until(lambda: len(seen()) == 50 and None not in seen().values(), 5,
+                        "every device's stats on the other relay")
+            assert seen()["d07"] == 700 and seen()["d49"] == 49
+            assert (a.fleet.batches_written, a.fleet.batched_documents) == (1, 50)
+
+    run(scenario())
+
+
+def test_batched_stats_never_overwrite_a_device_that_moved_to_another_relay(
+        redis_url: str) -> None:
+    async def scenario() -> None:
+        async with relay_state(redis_url, "a", refresh_ms=300) as a, \
+                relay_state(redis_url, "b", refresh_ms=300) as b:
+            now = time.time()
+            a.fleet.connected("kitchen", session_id="s1", address=None, at=now)
+            await asyncio.sleep(0.1)
+            a.fleet.stats_received("kitchen", {"rtt_ms": 1}, at=now)  # batched, pending
+            b.fleet.connected("kitchen", session_id="s2", address=None, at=now + 1)
+            b.fleet.stats_received("kitchen", {"rtt_ms": 2}, at=now + 1)
+            await until(lambda: a.fleet.batches_written == 1
+                        and b.fleet.batches_written == 1, 5, "both batches written")
+            import redis
+            with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+                document = json.loads(client.hget(f"{KEY_PREFIX}fleet", "kitchen"))
+            assert (document["relay"], document["session_id"]) == ("b", "s2")
+            assert document["last_stats"] == {"rtt_ms": 2}
+
+    run(scenario())
+
+
+def test_stats_batched_while_the_store_is_away_are_written_when_it_is_back(
+        tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+
+    async def scenario() -> None:
+        async with relay_state(server.url, "a", refresh_ms=200) as a:
+            a.fleet.connected("porch", session_id="s1", address=None, at=time.time())
+            await asyncio.sleep(0.3)
+            server.stop()
+            await until(lambda: not a.reachable, 5, "store seen down")
+            a.fleet.stats_received("porch", {"rtt_ms": 5}, at=time.time())
+            await asyncio.sleep(1.0)  # a batch or two fail
+            assert a.fleet.batches_written == 0
+            server.start()
+            await until(lambda: a.fleet.batches_written >= 1, 10, "batch written after all")
+            import redis
+            with redis.Redis.from_url(server.url, decode_responses=True) as client:
+                document = client.hget(f"{KEY_PREFIX}fleet", "porch")
+            assert document is not None and json.loads(document)["last_stats"] == {"rtt_ms": 5}
+
+    try:
+        run(scenario())
+    finally:
+        server.stop()
+
+
 def test_bad_tokens_are_limited_across_the_fleet(redis_url: str) -> None:
     async def scenario() -> None:
         async with relay_state(redis_url, "a", failures=4) as a, \
