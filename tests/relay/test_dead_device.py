@@ -9,18 +9,15 @@ import time
 from pathlib import Path
 
 import pytest
-from edgevoice_dev.testing.harness import run, running_relay
+from edgevoice_dev.testing.harness import hello_device, run, running_relay
 from edgevoice_dev.testing.timeouts import scaled
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from edgevoice.config.relay import RelayConfig
-from edgevoice.protocol.connection import Connection, Role
+from edgevoice.protocol.connection import Connection
 from edgevoice.protocol.messages import (
-    MAX_TEXT_BYTES,
-    SUBPROTOCOL,
     CloseCode,
-    Hello,
     Ping,
     Pong,
 )
@@ -36,15 +33,7 @@ def test_the_relay_sends_no_keepalive_pings_by_default() -> None:
 
 
 async def _hello(port: int, token: str, device: str) -> tuple[ClientConnection, Connection]:
-    ws = await connect(f"ws://127.0.0.1:{port}/",
-                       additional_headers={"Authorization": f"Bearer {token}"},
-                       subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
-                       compression=None, max_size=MAX_TEXT_BYTES, proxy=None,
-                       ping_interval=None)
-    conn = Connection(Role.DEVICE)
-    await ws.send(conn.start(Hello(device=device, software="test")))
-    conn.receive_text(await asyncio.wait_for(ws.recv(), scaled(10)))
-    return ws, conn
+    return await hello_device(port, token, device, scaled(10))
 
 
 def test_a_silent_device_is_closed_after_three_heartbeats(tmp_path: Path) -> None:

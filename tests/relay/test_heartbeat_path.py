@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from edgevoice_dev.testing.harness import run, running_relay
+from edgevoice_dev.testing.harness import hello_device, run, running_relay
 from edgevoice_dev.testing.timeouts import scaled
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -35,15 +35,7 @@ from edgevoice.upstream.echo import EchoSession, EchoSettings, EchoUpstream
 
 
 async def _hello(port: int, token: str, device: str) -> tuple[ClientConnection, Connection]:
-    ws = await connect(f"ws://127.0.0.1:{port}/",
-                       additional_headers={"Authorization": f"Bearer {token}"},
-                       subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
-                       compression=None, max_size=MAX_TEXT_BYTES, proxy=None,
-                       ping_interval=None)
-    conn = Connection(Role.DEVICE)
-    await ws.send(conn.start(Hello(device=device, software="test")))
-    conn.receive_text(await asyncio.wait_for(ws.recv(), scaled(10)))
-    return ws, conn
+    return await hello_device(port, token, device, scaled(10))
 
 
 def _heartbeat(ws: ClientConnection, conn: Connection, ping_id: int,

@@ -9,8 +9,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from websockets.asyncio.client import ClientConnection, connect
+
 from edgevoice.config.model import DeviceConfig
 from edgevoice.config.relay import RelayConfig
+from edgevoice.protocol.connection import Connection, Role
+from edgevoice.protocol.messages import MAX_TEXT_BYTES, SUBPROTOCOL, Hello
 from edgevoice.relay.app import build_server
 from edgevoice.relay.auth import AuthSettings
 from edgevoice.relay.server import RelayServer
@@ -49,3 +53,18 @@ def run(coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
 
 __all__ = ["AuthSettings", "LimitsSettings", "ListenSettings", "device_config", "run",
            "running_relay"]
+
+
+async def hello_device(port: int, token: str, device: str,
+                       timeout_s: float = 10) -> tuple[ClientConnection, Connection]:
+    """A raw protocol device on a relay at 127.0.0.1:``port``: connected without
+    WebSocket keepalives, its hello sent and the welcome read."""
+    ws = await connect(f"ws://127.0.0.1:{port}/",
+                       additional_headers={"Authorization": f"Bearer {token}"},
+                       subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+                       compression=None, max_size=MAX_TEXT_BYTES, proxy=None,
+                       ping_interval=None)
+    conn = Connection(Role.DEVICE)
+    await ws.send(conn.start(Hello(device=device, software="test")))
+    conn.receive_text(await asyncio.wait_for(ws.recv(), timeout_s))
+    return ws, conn
