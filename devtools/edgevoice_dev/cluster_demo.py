@@ -46,6 +46,8 @@ class Event:
     devices: set[str] = field(default_factory=set)
     #: when the drained relay had exited
     done_at: float | None = None
+    #: the session each of ``devices`` had on the relay at that moment
+    sessions: dict[str, str | None] = field(default_factory=dict)
 
 
 async def take_turns(device: SimulatedDevice, stop: asyncio.Event, rng: random.Random) -> None:
@@ -86,6 +88,8 @@ async def scenario(cluster: Cluster, n_devices: int, *, kill_after_s: float,
     victim = max(cluster.relays, key=lambda r: len(on_relay(cluster, devices, r.name)))
     killed = Event("killed", victim.name, time.monotonic(), on_relay(cluster, devices,
                                                                      victim.name))
+    killed.sessions = {d.device_id: d.session_id for d in devices
+                       if d.device_id in killed.devices}
     victim.kill()
     events.append(killed)
     say(f"SIGKILL {victim.name} ({len(killed.devices)} devices on it)")
@@ -121,8 +125,14 @@ def summarize(cluster: Cluster, devices: Sequence[SimulatedDevice],
     drained = next(e for e in events if e.kind == "drained")
 
     def in_flight(result: TurnResult, event: Event) -> bool:
-        return result.device in event.devices and result.started_at <= event.at \
-            <= result.ended_at
+        # begun before the relay went, or begun after on the session it served: the
+        # device had not heard of the kill yet (the close takes a few ms through HAProxy)
+        # and sent its turn to a relay that was gone
+        if result.device not in event.devices or result.ended_at < event.at:
+            return False
+        return result.started_at <= event.at or (
+            result.session_id is not None
+            and result.session_id == event.sessions.get(result.device))
 
     lost_on_killed = [r for r in failed if in_flight(r, killed)]
     lost_on_drained = [r for r in failed if r.device in drained.devices
