@@ -8,7 +8,7 @@ import asyncio
 import math
 import struct
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,8 +29,14 @@ from edgevoice.protocol.messages import (
 )
 from edgevoice.relay.auth import TokenStore
 from edgevoice.relay.pacing import SharedTick
-from edgevoice.relay.server import PACING_LEAD_FRAMES, DeviceSession, RelayServer
+from edgevoice.relay.server import (
+    EVENTS_PER_YIELD,
+    PACING_LEAD_FRAMES,
+    DeviceSession,
+    RelayServer,
+)
 from edgevoice.relay.settings import LimitsSettings, ListenSettings
+from edgevoice.upstream.base import ToolCalled, UpstreamEvent, UpstreamSession
 from edgevoice.upstream.echo import EchoUpstream
 
 FRAMES = 12
@@ -184,4 +190,34 @@ def test_the_tick_calls_waiting_senders_in_order_survives_a_failing_one_and_then
         ticks = tick.ticks
         await asyncio.sleep(0.02)
         assert tick.ticks == ticks == 3  # no wake-ups while nobody waits
+    run(scenario(), timeout=scaled(10))
+
+
+class GreedyUpstreamSession:
+    """An upstream whose ``events()`` hands over a burst without ever suspending."""
+
+    def __init__(self, events: int) -> None:
+        self.burst = events
+
+    async def events(self) -> AsyncIterator[UpstreamEvent]:
+        for _ in range(self.burst):
+            yield ToolCalled("lookup", True, 1.0)
+
+    async def close(self) -> None:
+        pass
+
+
+def test_a_burst_of_upstream_events_that_never_suspends_lets_other_sessions_run(
+        tmp_path: Path) -> None:
+    async def scenario() -> None:
+        relay = relay_for(tmp_path)
+        session, _, _ = attached_session(relay, "greedy")
+        seen: list[int] = []
+        loop = asyncio.get_running_loop()
+        session.start(cast(UpstreamSession, GreedyUpstreamSession(10 * EVENTS_PER_YIELD)))
+        loop.call_soon(lambda: seen.append(relay.counters.tool_calls))  # after its first step
+        await within(scaled(5), lambda: relay.counters.tool_calls == 10 * EVENTS_PER_YIELD)
+        assert relay.counters.tool_calls == 10 * EVENTS_PER_YIELD
+        assert seen and seen[0] <= EVENTS_PER_YIELD, f"the loop waited for {seen} events"
+        await session.close()
     run(scenario(), timeout=scaled(10))
