@@ -62,6 +62,55 @@ class SessionLog:
                 "responses": self.responses, "interrupts": self.interrupts}
 
 
+class ReplyPacer:
+    """Hands every session's reply frames over at real time on one timer.
+
+    A real upstream's reply audio arrives on its own connection; nothing in the relay
+    process wakes per frame per session to produce it. A task sleeping 20 ms per frame
+    per session did, and that was the bench's cost counted as the relay's (2 % of the
+    relay profile, bench row 14). Each frame is still handed to the relay as its own
+    event, at most ``period_s`` after it is due, so the relay does the same work.
+    """
+
+    def __init__(self, period_s: float = 0.005) -> None:
+        self.period_s = period_s
+        #: session -> [next frame due (monotonic s), frames left, done]
+        self._streams: dict[_RecordingSession, tuple[list[float], asyncio.Future[None]]] = {}
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self, session: _RecordingSession, frames: int) -> asyncio.Future[None]:
+        """Stream ``frames`` frames of ``session``'s reply from now; done when sent."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._streams[session] = ([time.monotonic(), float(frames)], done)
+        self._fire_one(session)  # the first frame is due now
+        if self._handle is None and self._streams:
+            self._handle = loop.call_later(self.period_s, self._fire)
+        return done
+
+    def cancel(self, session: _RecordingSession) -> None:
+        self._streams.pop(session, None)
+
+    def _fire_one(self, session: _RecordingSession) -> None:
+        state, done = self._streams[session]
+        now = time.monotonic()
+        while state[1] > 0 and state[0] <= now:
+            session._emit_frame()
+            state[0] += FRAME_S
+            state[1] -= 1
+        if state[1] <= 0:
+            del self._streams[session]
+            if not done.done():
+                done.set_result(None)
+
+    def _fire(self) -> None:
+        self._handle = None
+        for session in list(self._streams):
+            self._fire_one(session)
+        if self._streams:
+            self._handle = asyncio.get_running_loop().call_later(self.period_s, self._fire)
+
+
 class _Closed:
     pass
 
@@ -72,8 +121,9 @@ _CLOSED = _Closed()
 class _RecordingSession:
     """Shared plumbing: an event queue, a log, and a task for scripted replies."""
 
-    def __init__(self, log: SessionLog, reply: bytes) -> None:
+    def __init__(self, log: SessionLog, reply: bytes, pacer: ReplyPacer | None = None) -> None:
         self.log = log
+        self._pacer = pacer or ReplyPacer()
         self._reply = reply or bytes(REPLY_FRAME_BYTES)
         self._reply_pos = 0
         self._events: DropOldestQueue[UpstreamEvent | _Closed] = DropOldestQueue(4096)
@@ -99,12 +149,10 @@ class _RecordingSession:
 
     async def _stream(self, frames: int) -> None:
         """Emit ``frames`` reply frames at real time (due times from the start)."""
-        start = time.monotonic()
-        for k in range(frames):
-            delay = start + k * FRAME_S - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            self._emit_frame()
+        try:
+            await self._pacer.start(self, frames)
+        finally:
+            self._pacer.cancel(self)
 
     def _cancel_task(self) -> None:
         if self._task is not None:
@@ -147,6 +195,8 @@ class _RecordingUpstream:
         self.reply = reply
         self.notify = notify
         self.logs: dict[str, list[SessionLog]] = {}
+        #: paces every session's reply frames (one timer for the process)
+        self.pacer = ReplyPacer()
 
     def _log_for(self, context: DeviceContext) -> SessionLog:
         log = SessionLog(opened_at=time.monotonic())
@@ -164,8 +214,9 @@ class _RecordingUpstream:
 
 
 class ReplySession(_RecordingSession):
-    def __init__(self, log: SessionLog, reply: bytes, reply_frames: int) -> None:
-        super().__init__(log, reply)
+    def __init__(self, log: SessionLog, reply: bytes, reply_frames: int,
+                 pacer: ReplyPacer | None = None) -> None:
+        super().__init__(log, reply, pacer)
         self.reply_frames = reply_frames
 
     async def end_turn(self) -> None:
@@ -186,7 +237,7 @@ class ReplyUpstream(_RecordingUpstream):
         self.reply_frames = max(1, reply_ms // 20)
 
     async def open_session(self, context: DeviceContext) -> ReplySession:
-        return ReplySession(self._log_for(context), self.reply, self.reply_frames)
+        return ReplySession(self._log_for(context), self.reply, self.reply_frames, self.pacer)
 
 
 class LoopbackSession(_RecordingSession):
@@ -212,8 +263,8 @@ class LoopbackUpstream(_RecordingUpstream):
 
 class BargeInSession(_RecordingSession):
     def __init__(self, log: SessionLog, reply: bytes, trials: int, rng: random.Random,
-                 notify: Notify | None) -> None:
-        super().__init__(log, reply)
+                 notify: Notify | None, pacer: ReplyPacer | None = None) -> None:
+        super().__init__(log, reply, pacer)
         self._task = asyncio.create_task(self._script(trials, rng, notify))
 
     async def _script(self, trials: int, rng: random.Random, notify: Notify | None) -> None:
@@ -242,5 +293,5 @@ class BargeInUpstream(_RecordingUpstream):
 
     async def open_session(self, context: DeviceContext) -> BargeInSession:
         return BargeInSession(self._log_for(context), self.reply, self.trials, self.rng,
-                              self.notify)
+                              self.notify, self.pacer)
 
