@@ -354,6 +354,21 @@ class PlaybackBuffer:
             self._emit(event)
         return filled
 
+    def skip_if_idle(self) -> bool:
+        """For a sound card's callback: True when a pull now would give nothing but
+        silence and change nothing (no response, not even prefilling; no cue; no
+        ``on_pulled`` to feed), counting the block as a silent one; the caller then
+        outputs silence without pulling. False: :meth:`pull_into` as usual.
+
+        Read without the lock: a push racing with it is either seen (False) or taken by
+        the next pull, as it would be if this pull had come first. Most of a device's
+        output blocks are silence between replies (issue 15): they cost a check, no
+        samples copied, no level measured."""
+        if self._state is P.IDLE and self._cue is None and self.on_pulled is None:
+            self._last_block_dbfs = SILENCE_DBFS
+            return True
+        return False
+
     def pull(self, n_samples: int) -> bytes:
         """:meth:`pull_into` a new block of ``n_samples``, as s16le bytes."""
         out = np.empty(n_samples, dtype=np.int16)

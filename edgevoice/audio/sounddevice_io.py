@@ -57,6 +57,7 @@ from edgevoice.audio.base import (
     CAPTURE_RATE_HZ,
     FRAME_MS,
     PLAYBACK_INPUT_RATE_HZ,
+    SAMPLE_WIDTH_BYTES,
     AudioSink,
     AudioSource,
     SourceStats,
@@ -542,24 +543,15 @@ class SoundDeviceSink:
         )
 
     def _callback(self, buffer: PlaybackBuffer, lead_in_ms: int = 0) -> Any:
-        channels = self.plan.channels
-        lead_in = -(-lead_in_ms // FRAME_MS)
+        writer = OutputBlockWriter(buffer, self.plan.channels, -(-lead_in_ms // FRAME_MS))
 
         def on_block(outdata: Any, frames: int, time_info: Any, status: Any) -> None:
             # PortAudio's thread: the buffer's pull never waits.
-            nonlocal lead_in
             if status.output_underflow:
                 self.underflows += 1
             now = self.last_callback_at = time.monotonic()
-            if lead_in:  # a stream just reopened: let the sound server settle first
-                lead_in -= 1
-                outdata.fill(0)
+            if writer.fill(outdata, frames):
                 self._last_audio_at = now
-                return
-            if buffer.pull_into(outdata[:, 0]) or buffer.busy:
-                self._last_audio_at = now
-            if channels > 1:
-                outdata[:, 1:] = outdata[:, :1]
 
         return on_block
 
@@ -644,7 +636,8 @@ class SoundDeviceSink:
                 )
             self.plan = plan
         try:
-            stream = sd.OutputStream(
+            # Raw: the callback gets a plain buffer, not a numpy array made per block.
+            stream = sd.RawOutputStream(
                 device=plan.index,
                 samplerate=plan.rate_hz,
                 channels=plan.channels,
@@ -684,6 +677,55 @@ class SoundDeviceSink:
             await asyncio.to_thread(_stop_and_close, stream)
         if was_open:
             logger.info("audio sink %s closed", self.name)
+
+
+class OutputBlockWriter:
+    """Fills PortAudio's raw output buffer from a :class:`PlaybackBuffer`, one callback
+    at a time (the sink's audio thread).
+
+    A raw stream hands the callback a plain buffer, not a numpy array made per block:
+    most blocks a device plays are silence between replies (issue 15: the array
+    sounddevice builds for every block was a quarter of the output thread's Python
+    time), and those are written from one preallocated zero block without pulling.
+    Blocks with audio are pulled into a numpy view of the buffer and, for a device that
+    insists on more channels, duplicated to each of them.
+    """
+
+    __slots__ = ("_buffer", "_channels", "_silence", "lead_in_blocks")
+
+    def __init__(self, buffer: PlaybackBuffer, channels: int, lead_in_blocks: int = 0) -> None:
+        self._buffer = buffer
+        self._channels = channels
+        self._silence = b""
+        #: blocks of silence still to play before pulling (a reopened stream's lead-in)
+        self.lead_in_blocks = lead_in_blocks
+
+    def fill(self, out: Any, frames: int) -> bool:
+        """Write ``frames`` frames (s16le, interleaved) into ``out``, a writable buffer of
+        exactly that size; True when there was something to play (or about to be)."""
+        buffer = self._buffer
+        if self.lead_in_blocks:  # a stream just reopened: let the sound server settle
+            self.lead_in_blocks -= 1
+            self._write_silence(out, frames)
+            return True
+        if buffer.skip_if_idle():
+            self._write_silence(out, frames)
+            return False
+        samples = np.frombuffer(out, dtype=np.int16)
+        channels = self._channels
+        if channels == 1:
+            played = buffer.pull_into(samples)
+        else:
+            block = samples.reshape(-1, channels)
+            played = buffer.pull_into(block[:, 0])
+            block[:, 1:] = block[:, :1]
+        return bool(played) or buffer.busy
+
+    def _write_silence(self, out: Any, frames: int) -> None:
+        size = frames * self._channels * SAMPLE_WIDTH_BYTES
+        if len(self._silence) != size:
+            self._silence = bytes(size)
+        out[:size] = self._silence
 
 
 def _active(stream: _Stream) -> bool:

@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from edgevoice.audio.playback import PlaybackBuffer
 from edgevoice.audio.silence import IdleGate, SilenceSettings
 from edgevoice.audio.sounddevice_io import (
+    OutputBlockWriter,
     SoundDeviceSink,
     SoundDeviceSource,
     StreamPlan,
@@ -384,6 +386,95 @@ def test_a_prepared_speaker_stays_open_until_the_reply_plays_then_parks() -> Non
         return [*seen, sink.parks == 2, sink.wakes == 2]
 
     assert asyncio.run(main()) == [True, False, True, False, True, True]
+
+
+# -- the output callback: raw buffers, silence without a pull ------------------------------
+
+
+def _speech(n_samples: int, seed: int = 3) -> bytes:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(n_samples) * 3000).astype(np.int16).tobytes()
+
+
+def test_an_idle_speaker_block_is_silence_written_over_whatever_the_buffer_held() -> None:
+    buffer = PlaybackBuffer(16_000, prefill_ms=0)
+    writer = OutputBlockWriter(buffer, channels=1)
+    out = bytearray(b"\xff" * 640)  # PortAudio's buffer is not cleared for us
+    assert writer.fill(out, 320) is False
+    assert out == bytes(640)
+    assert buffer.stats.played_samples == 0 and buffer.last_block_dbfs == -100.0
+
+
+def test_a_reply_pushed_right_after_silent_blocks_plays_from_its_first_sample() -> None:
+    """The idle shortcut must never swallow the start of a reply: the block after the
+    push carries it (prefill 0), and the playback events fire as with a plain pull."""
+    events: list[object] = []
+    buffer = PlaybackBuffer(16_000, prefill_ms=0, on_event=events.append)
+    writer = OutputBlockWriter(buffer, channels=1)
+    out = bytearray(640)
+    for _ in range(3):
+        assert writer.fill(out, 320) is False
+    reply = _speech(480)
+    buffer.push(reply)
+    buffer.end_of_response()
+    assert writer.fill(out, 320) is True
+    assert bytes(out) == reply[:640]
+    assert buffer.last_block_dbfs > -40.0  # measured: the echo guard sees it playing
+    assert writer.fill(out, 320) is True
+    assert bytes(out) == reply[640:] + bytes(320)
+    assert [type(e).__name__ for e in events] == ["PlaybackStarted", "PlaybackEnded"]
+    assert writer.fill(out, 320) is False  # drained: idle again
+    assert buffer.last_block_dbfs == -100.0
+
+
+def test_a_cue_after_silence_is_mixed_into_the_next_block() -> None:
+    buffer = PlaybackBuffer(16_000)
+    writer = OutputBlockWriter(buffer, channels=1)
+    out = bytearray(640)
+    writer.fill(out, 320)
+    cue = _speech(160, seed=5)
+    buffer.play_cue(cue)
+    assert writer.fill(out, 320) is True
+    assert bytes(out) == cue + bytes(320)
+
+
+def test_a_stereo_device_gets_the_reply_on_both_channels_and_silence_on_both() -> None:
+    buffer = PlaybackBuffer(16_000, prefill_ms=0)
+    writer = OutputBlockWriter(buffer, channels=2)
+    reply = _speech(320)
+    buffer.push(reply)
+    out = bytearray(b"\x01" * 1280)
+    assert writer.fill(out, 320) is True
+    both = np.frombuffer(bytes(out), dtype=np.int16).reshape(-1, 2)
+    assert both[:, 0].tobytes() == reply and both[:, 1].tobytes() == reply
+    out[:] = b"\x01" * 1280
+    buffer.flush()
+    assert writer.fill(out, 320) is False
+    assert out == bytes(1280)
+
+
+def test_a_reopened_stream_plays_its_lead_in_before_the_waiting_audio() -> None:
+    buffer = PlaybackBuffer(16_000, prefill_ms=0)
+    writer = OutputBlockWriter(buffer, channels=1, lead_in_blocks=2)
+    reply = _speech(320)
+    buffer.push(reply)
+    out = bytearray(b"\x01" * 640)
+    assert [writer.fill(out, 320), bytes(out) == bytes(640)] == [True, True]
+    assert [writer.fill(out, 320), bytes(out) == bytes(640)] == [True, True]
+    assert writer.fill(out, 320) is True
+    assert bytes(out) == reply
+
+
+def test_with_an_echo_reference_every_block_is_pulled_so_the_reference_keeps_time() -> None:
+    """on_pulled (the echo canceller's reference) needs every block, silence included:
+    the idle shortcut does not apply to it."""
+    buffer = PlaybackBuffer(16_000, prefill_ms=0)
+    pulled: list[int] = []
+    buffer.on_pulled = lambda block: pulled.append(len(block))
+    writer = OutputBlockWriter(buffer, channels=1)
+    out = bytearray(b"\x01" * 640)
+    assert writer.fill(out, 320) is False
+    assert out == bytes(640) and pulled == [320]
 
 
 # -- idle batching: fewer event-loop wake-ups while the device waits for speech -----------
