@@ -39,7 +39,6 @@ from __future__ import annotations
 import collections
 import enum
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -49,12 +48,12 @@ import numpy as np
 import numpy.typing as npt
 
 from edgevoice.audio.base import SAMPLE_WIDTH_BYTES
+from edgevoice.audio.level import SILENCE_DBFS as SILENCE_DBFS  # a silent block's level
+from edgevoice.audio.level import pcm_dbfs
 from edgevoice.errors import IllegalTransitionError
 
 logger = logging.getLogger(__name__)
 
-#: ``last_block_dbfs`` of a silent block.
-SILENCE_DBFS = -100.0
 #: How quickly a cue cut by a starting response fades out.
 CUE_FADE_MS = 5
 #: Adaptive prefill: audio kept in hand beyond the least a response needed, and the
@@ -181,7 +180,6 @@ class PlaybackBuffer:
         # the next reply may arrive while the previous one is still draining.
         self._end_marks: collections.deque[int] = collections.deque()
         self._state = P.IDLE
-        self._work = np.zeros(0, dtype=np.float64)
         self._last_block_dbfs = SILENCE_DBFS
         self._overflowing = False
         # The cue being mixed in (an earcon) and how far it has played.
@@ -345,8 +343,7 @@ class PlaybackBuffer:
                 if self.gain != 1.0 and (filled or cued):
                     np.multiply(out, self.gain, out=out, casting="unsafe")
                 # an all-silent block (most pulls while idle) needs no measuring
-                self._last_block_dbfs = (self._measure(out) if filled or cued
-                                         else SILENCE_DBFS)
+                self._last_block_dbfs = pcm_dbfs(out) if filled or cued else SILENCE_DBFS
                 filled = max(filled, cued)
         if self.on_pulled is not None:
             self.on_pulled(out)
@@ -470,17 +467,6 @@ class PlaybackBuffer:
             )
         logger.debug("playback: %s -> %s", self._state.name, new.name)
         self._state = new
-
-    def _measure(self, block: Int16Array) -> float:
-        n = len(block)
-        if n == 0:
-            return SILENCE_DBFS
-        if len(self._work) < n:
-            self._work = np.zeros(n, dtype=np.float64)
-        work = self._work[:n]
-        np.copyto(work, block)
-        energy = float(np.dot(work, work)) / (n * 32768.0 * 32768.0)
-        return SILENCE_DBFS if energy <= 0.0 else max(SILENCE_DBFS, 10.0 * math.log10(energy))
 
     def _emit(self, event: PlaybackEvent) -> None:
         logger.debug("playback: %s", event)

@@ -7,7 +7,8 @@ clock or touches a device; time is counted in frames.
 How it decides:
 
 * the level of each frame is its RMS in dBFS (0 dBFS = a full-scale square wave, so a
-  full-scale sine reads -3 dBFS; digital silence reads :data:`SILENCE_DBFS`);
+  full-scale sine reads -3 dBFS; digital silence reads :data:`SILENCE_DBFS`), measured
+  by :mod:`edgevoice.audio.level`;
 * an adaptive noise floor follows the level while nobody speaks: quickly down, slowly
   up, and not at all from the first loud frame until the utterance has ended. During a
   short warm-up the floor is just the average level and no utterance can start, so a
@@ -35,16 +36,13 @@ import logging
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
-from edgevoice.audio.base import CAPTURE_FRAME_BYTES, CAPTURE_FRAME_SAMPLES, FRAME_MS
+from edgevoice.audio.base import CAPTURE_FRAME_BYTES, FRAME_MS
+from edgevoice.audio.level import SILENCE_DBFS as SILENCE_DBFS  # re-exported (doctor)
+from edgevoice.audio.level import pcm_dbfs
 from edgevoice.config.base import require
 from edgevoice.errors import IllegalTransitionError
 
 logger = logging.getLogger(__name__)
-
-#: The level reported for digital silence (an all-zero frame has no finite dBFS).
-SILENCE_DBFS = -100.0
 
 _FULL_SCALE_SQUARED = 32768.0 * 32768.0
 
@@ -300,13 +298,6 @@ def _power(dbfs: float) -> float:
     return math.pow(10.0, dbfs / 10.0)
 
 
-def _dbfs(mean_square_fs: float) -> float:
-    """A mean square relative to full scale, in dBFS (floored at :data:`SILENCE_DBFS`)."""
-    if mean_square_fs <= 0.0:
-        return SILENCE_DBFS
-    return max(SILENCE_DBFS, 10.0 * math.log10(mean_square_fs))
-
-
 class SilenceDetector:
     """The hysteresis state machine over frame levels. Not thread-safe."""
 
@@ -322,8 +313,6 @@ class SilenceDetector:
         self._ring: collections.deque[bytes] = collections.deque(
             maxlen=_frames(s.preroll_ms) + self._onset_frames
         )
-        # Reused for every frame: the level is computed without allocating arrays.
-        self._work = np.empty(CAPTURE_FRAME_SAMPLES, dtype=np.float64)
         self._state = S.QUIET
         self.level_dbfs = SILENCE_DBFS
         """Level of the last frame, RMS dBFS."""
@@ -379,7 +368,7 @@ class SilenceDetector:
             raise ValueError(
                 f"silence detector needs {CAPTURE_FRAME_BYTES}-byte frames, got {len(frame)}"
             )
-        level = self.level_dbfs = self._measure(frame)
+        level = self.level_dbfs = pcm_dbfs(frame)
         self._seen += 1
         state = self._state
 
@@ -464,8 +453,3 @@ class SilenceDetector:
             self.noise_floor_dbfs,
         )
         self._state = new
-
-    def _measure(self, frame: bytes) -> float:
-        work = self._work
-        np.copyto(work, np.frombuffer(frame, dtype="<i2"))
-        return _dbfs(float(np.dot(work, work)) / (CAPTURE_FRAME_SAMPLES * _FULL_SCALE_SQUARED))

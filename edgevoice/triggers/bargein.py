@@ -27,7 +27,8 @@ quickly. The approach here is level-based and needs no DSP beyond an RMS per blo
 The silence detector uses the same prediction: pass ``reference_dbfs(now)`` as its
 ``reference_dbfs`` so an utterance can only start when speech rises above the echo.
 
-Levels follow the convention of ``edgevoice.audio.silence``: RMS relative to full
+Levels follow the convention of ``edgevoice.audio.level`` (shared with the silence
+detector, which measures each captured frame once for both): RMS relative to full
 scale (a full-scale sine reads -3 dBFS), digital silence reads -100 dBFS.
 """
 
@@ -36,12 +37,11 @@ from __future__ import annotations
 import bisect
 import collections
 import logging
-import math
 from dataclasses import dataclass
 
-import numpy as np
-
 from edgevoice.audio.base import FRAME_MS
+from edgevoice.audio.level import SILENCE_DBFS as SILENCE_DBFS  # the levels' floor
+from edgevoice.audio.level import pcm_dbfs as pcm_dbfs  # one level for every consumer
 from edgevoice.clock import Clock, MonotonicClock
 from edgevoice.config.base import require
 from edgevoice.feedback.states import DeviceState
@@ -51,8 +51,6 @@ logger = logging.getLogger(__name__)
 
 SOURCE = "voice"
 
-#: Level of digital silence; also the floor of :func:`pcm_dbfs`.
-SILENCE_DBFS = -100.0
 #: Playback quieter than this is treated as "nothing is playing".
 _AUDIBLE_PLAYBACK_DBFS = -80.0
 #: Coupling estimates are kept inside this range (dB): a small enclosure can make the
@@ -60,20 +58,6 @@ _AUDIBLE_PLAYBACK_DBFS = -80.0
 _COUPLING_RANGE_DB = (-70.0, 12.0)
 #: Playback blocks whose echo has decayed by this much (dB) no longer matter.
 _FORGET_BELOW_DB = 40.0
-
-
-def pcm_dbfs(pcm: bytes) -> float:
-    """RMS level of s16le PCM in dBFS (full-scale sine = -3 dBFS; silence = -100)."""
-    samples = np.frombuffer(pcm, dtype="<i2")
-    if samples.size == 0:
-        return SILENCE_DBFS
-    # one conversion and a dot product: a third of np.mean(np.square(...))'s time, and
-    # it runs for every captured frame
-    wide = samples.astype(np.float64)
-    mean_square = float(np.dot(wide, wide)) / samples.size
-    if mean_square <= 0.0:
-        return SILENCE_DBFS
-    return max(SILENCE_DBFS, 10.0 * math.log10(mean_square / (32768.0 * 32768.0)))
 
 
 @dataclass(frozen=True)
