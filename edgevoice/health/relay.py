@@ -106,6 +106,15 @@ class RelaySnapshot:
     #: TCP connections open now, and those of them still before their hello
     connections_open: int = 0
     connections_pending: int = 0
+    #: sessions in a turn or a reply now
+    turns_active: int = 0
+    #: turns refused with a retryable relay_busy error, by reason (capacity: the
+    #: max_active_turns count; load: the event loop was overloaded)
+    turns_refused: Mapping[str, int] = field(default_factory=dict)
+    #: the event loop's last measured second (while turns are active): overloaded or
+    #: not, and the share of a core its thread used
+    overloaded: bool = False
+    loop_cpu_ratio: float = 0.0
     system: SystemStats = field(default_factory=SystemStats)
 
 
@@ -327,6 +336,22 @@ def relay_metrics(
         *gauge("edgevoice_relay_connections_pending",
                "Connections that have not finished their handshake and hello.",
                snapshot.connections_pending),
+        *gauge("edgevoice_relay_turns_active", "Devices in a turn or being answered now.",
+               snapshot.turns_active),
+        exposition.labelled_counter(
+            "edgevoice_relay_turns_refused",
+            "Turns refused with a retryable relay_busy error, by reason (capacity: "
+            "max_active_turns; load: the event loop was overloaded).",
+            "reason",
+            snapshot.turns_refused,
+        ),
+        *gauge("edgevoice_relay_overloaded",
+               "1 while the event loop counts as overloaded (new turns are refused).",
+               float(snapshot.overloaded)),
+        *gauge("edgevoice_relay_loop_cpu_ratio",
+               "Share of one core the event loop's thread used in its last measured "
+               "second (measured while turns are active).",
+               snapshot.loop_cpu_ratio),
         tokens_in,
         tokens_out,
         upstream_audio,

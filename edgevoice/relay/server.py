@@ -82,6 +82,7 @@ from edgevoice.protocol.session import (
     replay_for,
 )
 from edgevoice.queues import NOTHING_YET, Flag, owned
+from edgevoice.relay.admission import REFUSAL_TEXT, LoadLimits, Refusal, TurnAdmission
 from edgevoice.relay.auth import FailureLimiter, GuessThrottle
 from edgevoice.relay.devicecalls import DeviceCalls
 from edgevoice.relay.pacing import SharedTick
@@ -536,14 +537,14 @@ class DeviceSession:
             now_ms = int(self.relay.clock.now() * 1000)
             await self._send_bytes(ws, conn.send(Pong(message.id, message.sent_ms, now_ms)))
         elif isinstance(message, TurnStart):
-            if not self.relay.admit_turn(self):
+            refusal = self.relay.admit_turn(self)
+            if refusal is not None:
                 # At capacity: refuse this turn rather than slow every admitted one
                 # down; its audio is dropped until its turn_end.
                 self._refused_turn = message.turn_id
                 self.relay.counters.turns_refused += 1
                 await self._send_soon(Error(
-                    TURN_REFUSED_CODE, "the relay is at capacity: try again in a few seconds",
-                    True))
+                    TURN_REFUSED_CODE, REFUSAL_TEXT[refusal], True))
                 return
             self._refused_turn = None
             self.turn_id = self.answer_turn_id = message.turn_id
@@ -960,6 +961,11 @@ class RelayServer:
         self._quiet = asyncio.Event()
         #: paces every session's reply frames on one timer (relay/pacing.py)
         self.tick = SharedTick(self.clock.now)
+        #: whether a new turn fits: the count limit and the loop's measured load
+        self.admission = TurnAdmission(
+            limits.max_active_turns,
+            LoadLimits(limits.overload_lag_ms, limits.overload_cpu_pct / 100),
+            self._any_busy, ramp_s=limits.turn_ramp_ms / 1000, now=self.clock.now())
         self._background: set[asyncio.Task[None]] = set()
         self._context_factory = context_factory or (
             lambda device_id, session_id: DeviceContext(device_id, session_id))
@@ -1042,6 +1048,7 @@ class RelayServer:
         or the upstream do: then what is left is dropped.
         """
         server = self._server
+        self.admission.close()
         if server is None:
             return
         self._closing = True
@@ -1078,20 +1085,23 @@ class RelayServer:
         """A session finished a reply: a drain may close it now."""
         self._quiet.set()
 
-    def admit_turn(self, session: DeviceSession) -> bool:
-        """Whether ``session`` may start a turn now: fewer than ``max_active_turns``
-        other sessions are in a turn or a reply. Beyond capacity every reply would
-        stutter; refusing the newcomer (retryable) keeps the admitted ones whole."""
+    def admit_turn(self, session: DeviceSession) -> Refusal | None:
+        """None when ``session`` may start a turn now; else why not (relay/admission.py):
+        ``max_active_turns`` other sessions are in a turn or a reply, or the event
+        loop is overloaded. Beyond capacity every reply would stutter; refusing the
+        newcomer (retryable) keeps the admitted ones whole."""
         limit = self.limits.max_active_turns
-        if not limit:
-            return True
         active = 0
-        for other in self.sessions.values():
-            if other is not session and other.busy:
-                active += 1
-                if active >= limit:
-                    return False
-        return True
+        if limit:
+            for other in self.sessions.values():
+                if other is not session and other.busy:
+                    active += 1
+                    if active >= limit:
+                        break
+        return self.admission.decide(active, self.clock.now())
+
+    def _any_busy(self) -> bool:
+        return any(s.busy for s in self.sessions.values())
 
     async def drain(self, timeout_s: float) -> tuple[int, int]:
         """Stop accepting; close each device with 4004 once its turn and reply are done.

@@ -90,6 +90,21 @@ class LimitsSettings:
     """Devices in a turn or being answered at once; a turn beyond it is refused with a
     retryable ``relay_busy`` error instead of making every reply stutter (measure yours
     with `edgevoice bench`: conversational capacity). 0: no limit."""
+    turn_ramp_ms: int = 6_000
+    """Past half of ``max_active_turns``, new turns are admitted at most
+    ``max_active_turns`` per this many milliseconds (bursts of a second's worth), so
+    turns that would all start together (a wave of replies ending, devices retrying
+    after a refusal) are spread out instead of having their replies all encoded at
+    once. 0: no ramp."""
+    overload_lag_ms: int = 10
+    """Load-based admission: a turn is also refused (``relay_busy``, retryable) while the
+    relay's event loop is overloaded, measured once a second while turns are active: a
+    fifth of its probes ran more than this many milliseconds late, or its thread used
+    ``overload_cpu_pct`` of a core. Catches a ``max_active_turns`` set for a faster
+    machine, and a core shared with other work. 0: count limit only."""
+    overload_cpu_pct: int = 85
+    """See ``overload_lag_ms``: the share of one core, in percent, at which the event
+    loop counts as overloaded."""
 
     def __post_init__(self) -> None:
         require(self.handshake_timeout_ms >= 100, "handshake_timeout_ms", "must be >= 100")
@@ -113,3 +128,6 @@ class LimitsSettings:
         require(1_000 <= self.resume_buffer_ms <= 120_000, "resume_buffer_ms",
                 "must be 1000..120000")
         require(self.max_active_turns >= 0, "max_active_turns", "must be >= 0 (0: no limit)")
+        require(0 <= self.turn_ramp_ms <= 600_000, "turn_ramp_ms", "must be 0..600000")
+        require(self.overload_lag_ms >= 0, "overload_lag_ms", "must be >= 0 (0: off)")
+        require(10 <= self.overload_cpu_pct <= 100, "overload_cpu_pct", "must be 10..100")

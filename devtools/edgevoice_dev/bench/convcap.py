@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,13 @@ class ConvStep:
     core_busy_pct: float = math.nan
     #: share of the window the relay was runnable but waiting for its core, %
     waited_pct: float = math.nan
+    #: the load generator's CPU, % of its own core, and the share of the window it was
+    #: runnable but waiting for that core: a generator that cannot keep up records
+    #: late arrivals the relay did not cause
+    loadgen_cpu_pct: float = math.nan
+    loadgen_waited_pct: float = math.nan
+    #: turns the relay refused, by reason (relay/admission.py), over the whole run
+    refused_by_reason: dict[str, int] = field(default_factory=dict)
 
     @property
     def others_pct(self) -> float:
@@ -77,7 +84,10 @@ class ConvStep:
                 "relay_cpu_per_session_pct": round(self.cpu_per_session_pct, 4),
                 "loop_stall": self.stall.as_dict(), "passed": self.passed,
                 "relay_core_busy_pct": round(self.core_busy_pct, 1),
-                "relay_waited_for_core_pct": round(self.waited_pct, 1)}
+                "relay_waited_for_core_pct": round(self.waited_pct, 1),
+                "loadgen_cpu_pct_of_core": round(self.loadgen_cpu_pct, 1),
+                "loadgen_waited_for_core_pct": round(self.loadgen_waited_pct, 1),
+                "refused_by_reason": self.refused_by_reason}
 
 
 def runqueue_wait_s(pid: int) -> float:
@@ -98,14 +108,17 @@ def glitched(arrivals: list[float], prefill_s: float = PREFILL_S) -> bool:
     return any(t > start + i * 0.02 for i, t in enumerate(arrivals))
 
 
-async def _step(ws: Workspace, n: int, limit: int) -> ConvStep:
+async def _step(ws: Workspace, n: int, limit: int, admission: str = "off") -> ConvStep:
+    """``n`` conversing devices against one relay core; ``limit`` its max_active_turns,
+    ``admission`` its ramp and load-based admission (relay_runner --admission)."""
     plan = ws.plan
     tokens = ws.tokens_json([f"conv-{i:04d}" for i in range(n)], f"conv-{n}.json")
     lag_path = ws.root / f"conv-loop-{n}-{limit}.json"
     load_path = ws.root / f"conv-load-{n}-{limit}.json"
     relay = await ws.relay(f"conv-relay-{n}-{limit}", "reply", "--reply-ms",
                            str(int(REPLY_S * 1000)), "--cpu", str(RELAY_CPU),
-                           "--max-active-turns", str(limit), "--loop-lag", str(lag_path))
+                           "--max-active-turns", str(limit), "--admission", admission,
+                           "--loop-lag", str(lag_path))
     load: Child | None = None
     try:
         port = int(relay.events[0]["port"])
@@ -120,12 +133,17 @@ async def _step(ws: Workspace, n: int, limit: int) -> ConvStep:
         start = await load.event("measure_start", 30 + plan.conv_warmup_s)
         cpu0, t0, ticks0 = cpu_seconds(relay.pid), time.monotonic(), cpu_busy_ticks()
         wait0 = runqueue_wait_s(relay.pid)
+        gen_cpu0, gen_wait0 = cpu_seconds(load.pid), runqueue_wait_s(load.pid)
         end = await load.event("measure_end", 30 + plan.conv_measure_s)
         cpu1, t1, ticks1 = cpu_seconds(relay.pid), time.monotonic(), cpu_busy_ticks()
         waited = 100 * (runqueue_wait_s(relay.pid) - wait0) / (t1 - t0)
+        gen_cpu = 100 * (cpu_seconds(load.pid) - gen_cpu0) / (t1 - t0)
+        gen_waited = 100 * (runqueue_wait_s(load.pid) - gen_wait0) / (t1 - t0)
         await load.event("done", 120)
         await load.wait(60)
         await relay.stop(30)
+        by_reason: dict[str, int] = next((e.get("counters", {}).get("turns_refused_by_reason", {})
+                          for e in relay.events if e.get("event") == "stopped"), {})
     finally:
         if load is not None:
             await load.stop()
@@ -146,10 +164,12 @@ async def _step(ws: Workspace, n: int, limit: int) -> ConvStep:
     step = ConvStep(n, int(data["clients"]), limit, replies, glitches, turns, refused,
                     unanswered, 100 * (cpu1 - cpu0) / (t1 - t0), Spread.of(lags),
                     busy_pct(ticks0, ticks1, f"cpu{RELAY_CPU}")
-                    if f"cpu{RELAY_CPU}" in ticks1 else math.nan, waited)
+                    if f"cpu{RELAY_CPU}" in ticks1 else math.nan, waited, gen_cpu, gen_waited,
+                    by_reason)
     logger.info("conversation %d (limit %d): %d replies, %d glitched, %d refused, relay "
-                "%.0f %% CPU, loop stall p99 %.1f ms", n, limit, replies, glitches, refused,
-                step.relay_cpu_pct, step.stall.p99_ms)
+                "%.0f %% CPU, loop stall p99 %.1f ms; load generator %.0f %% CPU, waited "
+                "%.0f %%", n, limit, replies, glitches, refused, step.relay_cpu_pct,
+                step.stall.p99_ms, gen_cpu, gen_waited)
     return step
 
 
@@ -228,7 +248,7 @@ async def run_rows(ws: Workspace) -> list[RowResult]:
     held = largest or ws.plan.conv_steps[0] // 2
     active = max(1, round(held * busy_share))
     n_over = max(2 * held, 2)
-    step = await _step(ws, n_over, active)
+    step = await _step(ws, n_over, active, "shipped")
     admitted_ok = step.replies > 0 and step.glitched == 0
     over.lines.append(Line("admitted replies that glitched", f"{step.glitched} of {step.replies}",
                            f"{n_over} devices, limit {active} active turns", "0",
@@ -236,16 +256,27 @@ async def run_rows(ws: Workspace) -> list[RowResult]:
     over.lines.append(Line("  turns refused with a retryable relay_busy error",
                            f"{step.refused} of {step.turns}", "", "> 0 (shed, not degraded)",
                            verdict(step.refused > 0)))
+    reasons = step.refused_by_reason
+    over.lines.append(Line("  refused by reason: capacity / ramp / load",
+                           " / ".join(str(reasons.get(k, 0)) for k in ("capacity", "ramp", "load")),
+                           "whole run", "", INFO))
     over.lines.append(Line("  relay event-loop stall, p99", fmt_ms(step.stall.p99_ms), "", "",
                            INFO))
     over.data = {"step": step.as_dict(), "limit": active}
     over.notes.append(
         f"{n_over} conversing devices against one relay core whose limits.max_active_turns "
-        f"is {active} (the turns and replies in flight when {held} devices converse); "
-        "the shipped default is 150 for a relay with a core to itself.")
+        f"is {active} (the turns and replies in flight when {held} devices converse), with "
+        "the ramp (limits.turn_ramp_ms) and load-based admission (limits.overload_*) as "
+        "shipped; the shipped max_active_turns is 150 for a relay with a core to itself. "
+        "A refused device stops streaming, waits out the rest of its turn and its pause, "
+        "and tries again: refused turns come back together, as people would.")
     if not admitted_ok:
         over.findings.append(
             f"{step.glitched} of {step.replies} admitted replies glitched with the limit at "
-            f"{active}: the limit must sit below the measured capacity.")
+            f"{active} (refused: {reasons.get('capacity', 0)} at the count, "
+            f"{reasons.get('ramp', 0)} by the ramp, {reasons.get('load', 0)} for load; "
+            f"relay {step.relay_cpu_pct:.0f} % of its core, loop stall p99 "
+            f"{fmt_ms(step.stall.p99_ms)}, load generator {step.loadgen_cpu_pct:.0f} % of "
+            "its core).")
     cap.seconds = over.seconds = time.monotonic() - started
     return [cap, over]

@@ -18,7 +18,7 @@ import logging
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="write a cProfile (CPU time) of the run here")
     p.add_argument("--max-active-turns", type=int, default=0,
                    help="the relay's admission limit (0: none, to measure the engine alone)")
+    p.add_argument("--admission", choices=("off", "shipped"), default="off",
+                   help="the ramp and load-based admission (relay/admission.py): off (the "
+                   "engine alone) or as shipped (limits.turn_ramp_ms, overload_*)")
     p.add_argument("--tls-dir", help="serve wss:// with a throwaway CA written here")
     p.add_argument("--loop-lag", help="write the event loop's lateness samples here (JSON "
                    "list of [monotonic s, late ms], one per 10 ms)")
@@ -85,6 +88,8 @@ async def serve(args: argparse.Namespace, reply: bytes) -> dict[str, Any]:
     else:
         upstream = BargeInUpstream(reply, args.trials, notify=emit)
     limits = LimitsSettings(max_active_turns=args.max_active_turns, max_devices=100_000)
+    if args.admission == "off":
+        limits = replace(limits, turn_ramp_ms=0, overload_lag_ms=0)
     listen = ListenSettings(host="127.0.0.1", port=args.port)
     if args.tls_dir:
         from edgevoice_dev.testing.tls import make_test_ca
@@ -108,6 +113,7 @@ async def serve(args: argparse.Namespace, reply: bytes) -> dict[str, Any]:
     loop_lag = lag.stop() if lag is not None else []
     await server.close()
     counters = asdict(server.counters)
+    counters["turns_refused_by_reason"] = dict(server.admission.refused)
     counters.pop("upstream_latency_s", None)
     return {"record": upstream.dump(), "counters": counters, "loop_lag_ms": loop_lag}
 
