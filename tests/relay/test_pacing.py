@@ -17,6 +17,7 @@ from edgevoice_dev.testing.timeouts import scaled
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
+from edgevoice.audio.resample import FrameFifo
 from edgevoice.protocol.connection import Connection, Role
 from edgevoice.protocol.messages import (
     AudioFlags,
@@ -219,5 +220,38 @@ def test_a_burst_of_upstream_events_that_never_suspends_lets_other_sessions_run(
         await within(scaled(5), lambda: relay.counters.tool_calls == 10 * EVENTS_PER_YIELD)
         assert relay.counters.tool_calls == 10 * EVENTS_PER_YIELD
         assert seen and seen[0] <= EVENTS_PER_YIELD, f"the loop waited for {seen} events"
+        await session.close()
+    run(scenario(), timeout=scaled(10))
+
+
+def test_reply_audio_is_cut_into_the_same_frames_whatever_the_upstream_hands_over(
+        tmp_path: Path) -> None:
+    async def scenario() -> None:
+        relay = relay_for(tmp_path)
+        session, wire, _ = attached_session(relay, "cuts")
+        wire.paused = True  # keep everything queued, to read it back
+        pcm = reply_pcm(12)
+        step = FRAME_BYTES
+        # whole frames, several at once, nothing, a ragged piece, whole frames again
+        # (held behind the ragged rest), and the tail
+        sizes = [step, 3 * step, 0, step + 100, step, step - 100, 2 * step, 3 * step + 8]
+        chunks, at = [], 0
+        for size in sizes:
+            chunks.append(pcm[at:at + size])
+            at += size
+        assert at == len(pcm) + 8 and len(chunks[-1]) == 3 * step
+        for chunk in chunks:
+            session._queue_audio(chunk)
+        reference = FrameFifo(FRAME_BYTES // 2)
+        reference.push(pcm)
+        expected = list(iter(reference.pop, None))
+        queued = []
+        while len(session.downlink):
+            item = session.downlink.get_nowait()
+            assert isinstance(item, tuple)
+            queued.append(item)
+        assert [frame for frame, _ in queued] == expected
+        assert [flags for _, flags in queued] == [AudioFlags.START] + [AudioFlags.NONE] * 11
+        assert len(session.fifo) == 0
         await session.close()
     run(scenario(), timeout=scaled(10))
