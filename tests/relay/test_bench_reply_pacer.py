@@ -55,3 +55,31 @@ def test_a_late_timer_catches_up_frame_by_frame() -> None:
         await asyncio.wait_for(session._stream(10), scaled(5))
         assert len(session.log.responses[0]) == 10
     run(scenario(), timeout=scaled(10))
+
+
+def test_many_streams_each_get_every_frame_once_and_a_restart_replaces_only_its_own(
+        ) -> None:
+    async def scenario() -> None:
+        upstream = ReplyUpstream(b"", reply_ms=100)  # 5 frames
+        sessions = [await upstream.open_session(DeviceContext(f"d{i}", f"s{i}"))
+                    for i in range(20)]
+        for i, session in enumerate(sessions):
+            await session.end_turn()
+            if i % 5 == 0:
+                await asyncio.sleep(0.003)  # spread their phases
+        await sessions[0].end_turn()  # a new turn at once: the first reply is cut
+        for session in sessions:
+            async for event in session.events():
+                if isinstance(event, ResponseEnded):
+                    break
+        for i, session in enumerate(sessions):
+            counts = [len(times) for times in session.log.responses]
+            if i == 0:  # the cut reply, then a whole one
+                assert len(counts) == 2 and counts[0] < 5 and counts[1] == 5, counts
+            else:
+                assert counts == [5], counts
+        await asyncio.sleep(0.05)
+        assert not upstream.pacer._streams and upstream.pacer._handle is None
+        for session in sessions:
+            await session.close()
+    run(scenario(), timeout=scaled(10))

@@ -18,6 +18,7 @@ process on the machine, so a device process can be compared with it).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import random
 import time
@@ -69,46 +70,65 @@ class ReplyPacer:
     process wakes per frame per session to produce it. A task sleeping 20 ms per frame
     per session did, and that was the bench's cost counted as the relay's (2 % of the
     relay profile, bench row 14). Each frame is still handed to the relay as its own
-    event, at most ``period_s`` after it is due, so the relay does the same work.
+    event, at most ``period_s`` after it is due, so the relay does the same work. The
+    streams wait in a heap by their next frame's due time: a tick touches only the
+    streams that are due, and the timer runs only while a stream is.
     """
 
     def __init__(self, period_s: float = 0.005) -> None:
         self.period_s = period_s
-        #: session -> [next frame due (monotonic s), frames left, done]
+        #: session -> (its state: [next frame due (monotonic s), frames left], done)
         self._streams: dict[_RecordingSession, tuple[list[float], asyncio.Future[None]]] = {}
+        #: (due, tie-break, session, its state when pushed); stale entries are skipped
+        self._due: list[tuple[float, int, _RecordingSession, list[float]]] = []
+        self._pushed = 0
         self._handle: asyncio.TimerHandle | None = None
 
     def start(self, session: _RecordingSession, frames: int) -> asyncio.Future[None]:
         """Stream ``frames`` frames of ``session``'s reply from now; done when sent."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        self._streams[session] = ([time.monotonic(), float(frames)], done)
-        self._fire_one(session)  # the first frame is due now
-        if self._handle is None and self._streams:
-            self._handle = loop.call_later(self.period_s, self._fire)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        state = [time.monotonic(), float(frames)]
+        self._streams[session] = (state, done)
+        self._advance(session, state, done, state[0])  # the first frame is due now
+        self._arm()
         return done
 
-    def cancel(self, session: _RecordingSession) -> None:
-        self._streams.pop(session, None)
+    def cancel(self, session: _RecordingSession, done: asyncio.Future[None]) -> None:
+        """Stop the stream that ``done`` belongs to (not a newer one of ``session``)."""
+        current = self._streams.get(session)
+        if current is not None and current[1] is done:
+            del self._streams[session]
 
-    def _fire_one(self, session: _RecordingSession) -> None:
-        state, done = self._streams[session]
-        now = time.monotonic()
+    def _advance(self, session: _RecordingSession, state: list[float],
+                 done: asyncio.Future[None], now: float) -> None:
+        """Emit what is due of one stream; queue it again for its next frame."""
         while state[1] > 0 and state[0] <= now:
             session._emit_frame()
             state[0] += FRAME_S
             state[1] -= 1
-        if state[1] <= 0:
-            del self._streams[session]
-            if not done.done():
-                done.set_result(None)
+        if state[1] > 0:
+            self._pushed += 1
+            heapq.heappush(self._due, (state[0], self._pushed, session, state))
+            return
+        del self._streams[session]
+        if not done.done():
+            done.set_result(None)
+
+    def _arm(self) -> None:
+        if self._handle is None and self._due:
+            delay = max(self.period_s, self._due[0][0] - time.monotonic())
+            self._handle = asyncio.get_running_loop().call_later(delay, self._fire)
 
     def _fire(self) -> None:
         self._handle = None
-        for session in list(self._streams):
-            self._fire_one(session)
-        if self._streams:
-            self._handle = asyncio.get_running_loop().call_later(self.period_s, self._fire)
+        now = time.monotonic()
+        due = self._due
+        while due and due[0][0] <= now:
+            _, _, session, state = heapq.heappop(due)
+            current = self._streams.get(session)
+            if current is not None and current[0] is state:  # not cancelled or restarted
+                self._advance(session, state, current[1], now)
+        self._arm()
 
 
 class _Closed:
@@ -149,10 +169,11 @@ class _RecordingSession:
 
     async def _stream(self, frames: int) -> None:
         """Emit ``frames`` reply frames at real time (due times from the start)."""
+        done = self._pacer.start(self, frames)
         try:
-            await self._pacer.start(self, frames)
+            await done
         finally:
-            self._pacer.cancel(self)
+            self._pacer.cancel(self, done)
 
     def _cancel_task(self) -> None:
         if self._task is not None:
