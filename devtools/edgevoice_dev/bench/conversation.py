@@ -176,6 +176,13 @@ async def _conversation(ws: Workspace, fixture: SpeechFixture | None = None,
         t1 = time.monotonic()
         threads = sorted(((k, 100 * (v - threads0.get(k, 0.0)) / (t1 - t0))
                           for k, v in threads1.items()), key=lambda kv: -kv[1])
+        # CPU of threads that ended within the window: the speaker's stream parks after
+        # each reply and reopens at the next turn, with new PortAudio and sound-server
+        # threads (as row 11 counts them)
+        ended = 100 * (cpu1 - cpu0) / (t1 - t0) - sum(p for _, p in threads)
+        if ended >= 0.01:
+            threads.append(("- threads-that-ended", ended))
+            threads.sort(key=lambda kv: -kv[1])
         hwm = memory_kib(device.pid).get("VmHWM", 0)
         up_frames = sum(c.up.binary_frames_between(t0, t1)
                         for c in proxy.connections if c.up is not None)
