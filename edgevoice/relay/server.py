@@ -275,11 +275,13 @@ class DeviceSession:
         self._pumping = False
         self._expiry: asyncio.Task[None] | None = None
         self._finished = False
-        #: uplink audio taken where its frame was parsed (:meth:`_take_audio`): whether
-        #: the receive task waits in recv() with nothing in hand; what went wrong with a
-        #: frame taken there, for the receive task to act on as it always has; and an
-        #: upstream send that did not finish at once (later messages wait for it)
-        self._reading = False
+        #: uplink audio taken where its frame was parsed (:meth:`_take_audio`): the
+        #: connection whose receive task waits in recv() with nothing in hand (a
+        #: connection being replaced by a resume has its own task, so this names it);
+        #: what went wrong with a frame taken there, for the receive task to act on as
+        #: it always has; and an upstream send that did not finish at once (later
+        #: messages wait for it)
+        self._reading: ServerConnection | None = None
         self._uplink_failure: ProtocolError | str | None = None
         self._uplink_sending: asyncio.Task[None] | None = None
 
@@ -457,7 +459,8 @@ class DeviceSession:
             await self._receive_until_closed(ws, conn, idle, clock)
         finally:
             idle.cancel()
-            self._reading = False
+            if self._reading is ws:
+                self._reading = None
             if guarded is not None:
                 guarded.on_text = None
                 guarded.on_binary = None
@@ -516,7 +519,7 @@ class DeviceSession:
         behind it. An upstream send that suspends is finished by a task, and later
         messages wait for it.
         """
-        if (not self._reading or self._uplink_failure is not None
+        if (self._reading is not ws or self._uplink_failure is not None
                 or self._uplink_sending is not None or self.owner is not ws
                 or self.end_reason is not None or idle.expired
                 or ws.protocol.state is not State.OPEN):
@@ -594,13 +597,14 @@ class DeviceSession:
     async def _receive_until_closed(self, ws: ServerConnection, conn: Connection,
                                     idle: IdleWatch, clock: Clock) -> None:
         while True:
-            self._reading = True
+            self._reading = ws
             try:
                 data = await ws.recv()
             except ConnectionClosed:
                 return
             finally:
-                self._reading = False
+                if self._reading is ws:
+                    self._reading = None
             if self.owner is not ws or idle.expired:
                 return  # a resume moved the session to a newer connection, or it idled
             failure, self._uplink_failure = self._uplink_failure, None

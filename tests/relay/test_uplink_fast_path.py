@@ -10,11 +10,14 @@ import contextlib
 import struct
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 from edgevoice_dev.testing.harness import hello_device, run
 from edgevoice_dev.testing.timeouts import scaled
+from test_pacing import FakeWire, attached_session
 from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from edgevoice.audio.opus import OpusEncoder, OpusSettings
@@ -29,7 +32,7 @@ from edgevoice.protocol.messages import (
     TurnStart,
 )
 from edgevoice.relay.auth import TokenStore
-from edgevoice.relay.server import RelayServer
+from edgevoice.relay.server import IdleWatch, RelayServer
 from edgevoice.relay.settings import LimitsSettings, ListenSettings
 from edgevoice.upstream.base import DeviceContext, UpstreamEvent
 
@@ -280,3 +283,31 @@ def test_duplicates_are_counted_and_an_audio_flood_is_closed_for_policy(
         finally:
             await relay.close()
     run(scenario(), timeout=scaled(30))
+
+
+def test_only_the_connection_whose_receive_task_waits_has_frames_taken_early(
+        tmp_path: Path) -> None:
+    """A resume can leave an older connection's receive task waiting in recv() while
+    the new connection's task is busy with a message: a frame on the new connection must
+    then wait its turn, not be taken because *a* task of the session is reading."""
+
+    async def scenario() -> None:
+        relay = RelayServer(ListenSettings(host="127.0.0.1", port=0), LimitsSettings(),
+                            TokenStore(tmp_path / "tokens.json"), RecordingUpstream())
+        session, wire, device_conn = attached_session(relay, "moved")
+        seen: Seen = []
+        session._upstream = RecordingSession(seen, suspend=False)
+        session.owner = cast(ServerConnection, wire)
+        session.turn_id = 1
+        idle = IdleWatch(asyncio.get_running_loop(), 60, lambda: None)
+        assert session.conn is not None
+        frames = [device_conn.send_audio(p, 0)[1] for p in packets(2)]
+        older = cast(ServerConnection, FakeWire())
+        session._reading = older  # the replaced connection's task, still in recv()
+        assert not session._take_audio(session.owner, session.conn, idle, frames[0])
+        assert seen == [] and relay.counters.frames_in == 0
+        session._reading = session.owner  # the current connection's task waits
+        assert session._take_audio(session.owner, session.conn, idle, frames[0])
+        assert [kind for kind, _, _ in seen] == ["audio"] and relay.counters.frames_in == 1
+        idle.cancel()
+    run(scenario(), timeout=scaled(10))
