@@ -1136,7 +1136,7 @@ class RelayServer:
         self.admission = TurnAdmission(
             limits.max_active_turns,
             LoadLimits(limits.overload_lag_ms, limits.overload_cpu_pct / 100),
-            self._any_busy, ramp_s=limits.turn_ramp_ms / 1000, now=self.clock.now())
+            self.any_busy, ramp_s=limits.turn_ramp_ms / 1000, now=self.clock.now())
         self._background: set[asyncio.Task[None]] = set()
         self._context_factory = context_factory or (
             lambda device_id, session_id: DeviceContext(device_id, session_id))
@@ -1271,7 +1271,8 @@ class RelayServer:
                         break
         return self.admission.decide(active, self.clock.now())
 
-    def _any_busy(self) -> bool:
+    def any_busy(self) -> bool:
+        """Whether any session is in a turn or a reply."""
         return any(s.busy for s in self.sessions.values())
 
     async def drain(self, timeout_s: float) -> tuple[int, int]:

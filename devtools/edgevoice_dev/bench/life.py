@@ -49,6 +49,9 @@ WAKE_TARGET_PCT = 1.5
 RSS_TARGET_MB = 55.0
 FLEET_KIB_TARGET = 24.0
 FLEET_CPU_TARGET_PCT = 0.001
+#: Seconds between the last device connecting and the window: what a fleet does once
+#: after it connects (the relay's heap pass, relay/loop.py) is not its idle cost.
+FLEET_WARMUP_S = 10.0
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -333,13 +336,14 @@ async def run_fleet_row(ws: Workspace) -> RowResult:
         load = await ws.spawn("fleet-load", python_module(
             "edgevoice_dev.bench.loadgen", "--url", f"ws://127.0.0.1:{port}/", "--tokens",
             str(tokens), "--clients", str(n), "--speech", str(ws.fixture.path), "--idle",
-            "--warmup", "3", "--measure", str(ws.plan.fleet_measure_s),
+            "--warmup", str(FLEET_WARMUP_S), "--measure", str(ws.plan.fleet_measure_s),
             "--record", str(ws.root / "fleet-load.json"), "--cpu", "1"))
         streaming = await load.event("streaming", 120 + n / 20)
-        await load.event("measure_start", 30)
+        started = await load.event("measure_start", 30)
         cpu0, t0 = cpu_seconds(relay.pid), time.monotonic()
-        await load.event("measure_end", 30 + ws.plan.fleet_measure_s)
+        ended = await load.event("measure_end", 30 + ws.plan.fleet_measure_s)
         cpu1, t1 = cpu_seconds(relay.pid), time.monotonic()
+        t0_mono, t1_mono = float(started["t"]), float(ended["t"])
         held_kib = memory_kib(relay.pid).get("VmRSS", 0)
         await load.event("done", 120)
         await load.wait(60)
@@ -360,6 +364,14 @@ async def run_fleet_row(ws: Workspace) -> RowResult:
                           f"all {connected} ({cpu1 - cpu0:.2f} CPU-s in {t1 - t0:.0f} s)",
                           f"<= {FLEET_CPU_TARGET_PCT:g} %",
                           verdict(cpu_each <= FLEET_CPU_TARGET_PCT)))
+    # the relay's heap passes (relay/loop.py HeapKeeper): one is expected once the fleet
+    # has connected, before the window; any in the window is in the figure above
+    passes = [e for e in relay.events if e.get("event") == "heap"]
+    inside = [e for e in passes if t0_mono <= float(e["t"]) <= t1_mono]
+    row.lines.append(Line(
+        "  relay heap passes (collect and freeze, when quiet)",
+        ", ".join(f"{e['pass']} {float(e['pause_ms']):.0f} ms" for e in passes) or "none",
+        f"{len(inside)} in the window", "", INFO))
     row.data = {"devices": connected, "relay_rss_kib_empty": base_kib,
                 "relay_rss_kib_connected": held_kib, "kib_per_device": round(per_kib, 2),
                 "cpu_pct_per_device": round(cpu_each, 5),
@@ -368,7 +380,9 @@ async def run_fleet_row(ws: Workspace) -> RowResult:
     row.notes.append(
         f"One relay process (pinned to CPU 0) and {n} protocol clients (CPU 1) that connect "
         f"in batches of 20, say hello and then live as an idle daemon does: {schedule}; RSS "
-        f"of the relay before connecting and after, CPU over {ws.plan.fleet_measure_s:g} s.")
+        f"of the relay before connecting and after, CPU over {ws.plan.fleet_measure_s:g} s "
+        f"starting {FLEET_WARMUP_S:g} s after the last device connected (the relay's one "
+        "heap pass after a fleet connects falls in between, and is shown on its own).")
     if per_kib > FLEET_KIB_TARGET:
         row.findings.append(
             f"{per_kib:.1f} KiB per idle device. No codec state is held for a quiet session "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import json
 import logging
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edgevoice.relay.auth import TokenStore
+from edgevoice.relay.loop import HeapKeeper
 from edgevoice.relay.loop import run as run_on_relay_loop
 from edgevoice.relay.server import RelayServer
 from edgevoice.relay.settings import LimitsSettings, ListenSettings
@@ -109,11 +111,21 @@ async def serve(args: argparse.Namespace, reply: bytes) -> dict[str, Any]:
     # relay's own in the idle-fleet row
     lag = LoopLag() if args.loop_lag else None
     emit({"event": "listening", "port": server.port, "t": time.monotonic()})
-    await stop.wait()
+    # as `edgevoice relay` does every 5 s (relay/app.py): collect and freeze when quiet
+    heap = HeapKeeper()
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 5.0)
+        done = heap.check(quiet=not server.any_busy())
+        if done is not None:
+            emit({"event": "heap", "pass": done.value, "t": time.monotonic(),
+                  "pause_ms": round(1000 * heap.last_pause_s, 1), "freed": heap.freed})
     loop_lag = lag.stop() if lag is not None else []
     await server.close()
     counters = asdict(server.counters)
     counters["turns_refused_by_reason"] = dict(server.admission.refused)
+    counters["heap_collections"] = heap.runs
+    counters["heap_last_pause_ms"] = round(1000 * heap.last_pause_s, 1)
     counters.pop("upstream_latency_s", None)
     return {"record": upstream.dump(), "counters": counters, "loop_lag_ms": loop_lag}
 
