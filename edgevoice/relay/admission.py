@@ -26,16 +26,20 @@ a turn or a reply (an idle relay gets no wake-ups from it).
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from edgevoice.clock import MonotonicClock
 from edgevoice.protocol.limits import TokenBucket
+from edgevoice.service.notify import LoopLagProbe
 
 logger = logging.getLogger(__name__)
+
+#: The clock the probe's due and run times are read from (monotonic, as the loop's).
+LOOP_CLOCK = MonotonicClock()
 
 #: How often the probe runs while turns are active, in seconds.
 PROBE_PERIOD_S = 0.05
@@ -185,52 +189,41 @@ class TurnAdmission:
 
 
 class LoadProbe:
-    """The timer that feeds a :class:`LoadGauge`: every ``period_s`` while
-    ``any_active()`` says a session is in a turn or a reply; asked once per window."""
+    """The timer that feeds a :class:`LoadGauge`: a :class:`LoopLagProbe` run every
+    ``period_s`` while ``any_active()`` says a session is in a turn or a reply (asked
+    once per window), with the loop thread's CPU time read at each run."""
 
-    __slots__ = ("_any_active", "_due", "_gauge", "_handle", "_next_check", "_period_s")
+    __slots__ = ("_any_active", "_gauge", "_next_check", "_timer")
 
     def __init__(self, gauge: LoadGauge, any_active: Callable[[], bool],
                  period_s: float = PROBE_PERIOD_S) -> None:
         self._gauge = gauge
         self._any_active = any_active
-        self._period_s = period_s
-        self._handle: asyncio.TimerHandle | None = None
-        self._due = 0.0
         self._next_check = 0.0
+        self._timer = LoopLagProbe(period_s=period_s, clock=LOOP_CLOCK, observer=self._ran)
 
     @property
     def running(self) -> bool:
-        return self._handle is not None
+        return self._timer.running
 
     def start(self) -> None:
         """Run from now on (idempotent); called at each turn start."""
-        if self._handle is not None:
+        if self._timer.running:
             return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = LOOP_CLOCK.now()
         self._gauge.begin(now, time.thread_time())
         self._next_check = now + WINDOW_S
-        self._schedule(loop, now)
+        self._timer.start()
 
     def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        self._timer.stop()
         self._gauge.pause()
 
-    def _schedule(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
-        self._due = now + self._period_s
-        self._handle = loop.call_at(self._due, self._run)
-
-    def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        self._gauge.sample(self._due, now, time.thread_time())
-        if now >= self._next_check:
-            self._next_check = now + WINDOW_S
+    def _ran(self, due_s: float, ran_s: float) -> bool:
+        self._gauge.sample(due_s, ran_s, time.thread_time())
+        if ran_s >= self._next_check:
+            self._next_check = ran_s + WINDOW_S
             if not self._any_active():
-                self._handle = None
                 self._gauge.pause()
-                return
-        self._schedule(loop, now)
+                return False
+        return True

@@ -226,16 +226,26 @@ class LoopLagProbe:
     Each run records how late it ran. Calling the probe returns the last time the
     loop ran it no later than ``max_lag_s`` after it was due: a blocked loop, or one
     so busy that every turn is late, stops advancing that time.
+
+    ``observer``, if given, is told each run's due and actual time (the probe's
+    clock, seconds) and returns whether the probe goes on; False stops it until the
+    next :meth:`start` (the relay's admission gauge samples the loop only while
+    turns are active, so an idle relay gets no wake-ups from it).
     """
 
+    __slots__ = ("_clock", "_handle", "_observer", "_on_time_at", "lag_s", "max_lag_s",
+                 "period_s", "turns", "worst_lag_s")
+
     def __init__(
-        self, *, period_s: float = 0.5, max_lag_s: float = 1.0, clock: Clock | None = None
+        self, *, period_s: float = 0.5, max_lag_s: float = 1.0, clock: Clock | None = None,
+        observer: Callable[[float, float], bool] | None = None,
     ) -> None:
         if period_s <= 0 or max_lag_s <= 0:
             raise ValueError("period_s and max_lag_s must be > 0")
         self.period_s = period_s
         self.max_lag_s = max_lag_s
         self._clock = clock or MonotonicClock()
+        self._observer = observer
         self._handle: asyncio.TimerHandle | None = None
         self._on_time_at = 0.0
         #: lag of the most recent run, seconds
@@ -278,6 +288,9 @@ class LoopLagProbe:
             self._on_time_at = now
         else:
             logger.debug("event loop ran %.3f s late", self.lag_s)
+        if self._observer is not None and not self._observer(due_at, now):
+            self._handle = None
+            return
         self._schedule(loop)
 
 

@@ -452,6 +452,35 @@ def test_a_chronically_late_loop_withholds_keepalives(
     assert [t for t in pings if t > marks["calm"]], (marks, pings)
 
 
+def test_an_observer_sees_each_run_late_or_not_and_can_stop_the_probe() -> None:
+    """The observer is told when each run was due and when it ran; False stops the
+    timer (no more wake-ups) until the probe is started again."""
+    seen: list[tuple[float, float]] = []
+    keep_going = [True, True, False]
+
+    def observe(due: float, ran: float) -> bool:
+        seen.append((due, ran))
+        return keep_going[len(seen) - 1] if len(seen) <= len(keep_going) else True
+
+    async def scenario() -> LoopLagProbe:
+        probe = LoopLagProbe(period_s=0.02, observer=observe)
+        probe.start()
+        await asyncio.sleep(0.03)
+        time.sleep(0.06)  # noqa: ASYNC251 - the second run is late by this much
+        await asyncio.sleep(0.2)
+        assert not probe.running and len(seen) == 3  # stopped by the third answer
+        probe.start()
+        await asyncio.sleep(0.05)
+        probe.stop()
+        return probe
+
+    probe = asyncio.run(scenario())
+    assert len(seen) >= 4 and probe.turns == len(seen)
+    assert all(ran >= due for due, ran in seen)
+    assert seen[1][1] - seen[1][0] >= 0.03  # the late run was seen late
+    assert probe.worst_lag_s >= 0.03
+
+
 def test_a_full_notify_queue_never_blocks_the_caller(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Nobody reads the socket: sends must drop, not block (the queue holds ~10)."""
