@@ -21,7 +21,6 @@ from edgevoice.relay.announce import Announcer, announce_routes
 from edgevoice.relay.auth import TokenStore
 from edgevoice.relay.devicecalls import DeviceCallError, DeviceCalls
 from edgevoice.relay.health_source import RelayHealth
-from edgevoice.relay.loop import HeapKeeper
 from edgevoice.relay.server import RelayServer
 from edgevoice.relay.shared import HistoryKeepingUpstream, RedisState, default_relay_id
 from edgevoice.service.notify import LoopLagProbe, SystemdNotifier
@@ -167,7 +166,6 @@ async def run_relay(config: RelayConfig, config_file: str = "config") -> None:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     probe = LoopLagProbe()
     probe.start()
-    heap = HeapKeeper()
     watchdog = notifier.watchdog_task(probe)
     notifier.ready(f"listening on {config.listen.host}:{server.port}")
     try:
@@ -177,7 +175,7 @@ async def run_relay(config: RelayConfig, config_file: str = "config") -> None:
                 f"; shared store unreachable, {shared.writes_dropped} writes dropped"
             notifier.status(f"{count} device{'' if count == 1 else 's'} connected "
                             f"({server.upstream.name} upstream{store})")
-            heap.check(quiet=not server.any_busy())
+            server.keep_heap()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 5.0)
         if drain.is_set():

@@ -43,7 +43,7 @@ class RelayHealth:
             slow_readers=c.slow_readers,
             connections_open=s.connections_open,
             connections_pending=s.connections_pending,
-            turns_active=sum(1 for session in s.sessions.values() if session.busy),
+            turns_active=s.busy_count(),
             turns_refused=dict(s.admission.refused),
             overloaded=s.admission.gauge.overloaded,
             loop_cpu_ratio=round(s.admission.gauge.cpu_share, 3),

@@ -85,6 +85,7 @@ from edgevoice.queues import NOTHING_YET, Flag, owned
 from edgevoice.relay.admission import REFUSAL_TEXT, LoadLimits, Refusal, TurnAdmission
 from edgevoice.relay.auth import FailureLimiter, GuessThrottle
 from edgevoice.relay.devicecalls import DeviceCalls
+from edgevoice.relay.loop import HeapKeeper, HeapPass
 from edgevoice.relay.pacing import SharedTick
 from edgevoice.relay.refusals import QuietFilter, RefusalLog
 from edgevoice.relay.settings import DOWNLINK_OPUS, LimitsSettings, ListenSettings
@@ -1137,6 +1138,8 @@ class RelayServer:
             limits.max_active_turns,
             LoadLimits(limits.overload_lag_ms, limits.overload_cpu_pct / 100),
             self.any_busy, ramp_s=limits.turn_ramp_ms / 1000, now=self.clock.now())
+        #: the process's heap, collected and frozen when no turn is in progress
+        self.heap = HeapKeeper()
         self._background: set[asyncio.Task[None]] = set()
         self._context_factory = context_factory or (
             lambda device_id, session_id: DeviceContext(device_id, session_id))
@@ -1262,18 +1265,28 @@ class RelayServer:
         loop is overloaded. Beyond capacity every reply would stutter; refusing the
         newcomer (retryable) keeps the admitted ones whole."""
         limit = self.limits.max_active_turns
-        active = 0
-        if limit:
-            for other in self.sessions.values():
-                if other is not session and other.busy:
-                    active += 1
-                    if active >= limit:
-                        break
+        active = self.busy_count(limit, excluding=session) if limit else 0
         return self.admission.decide(active, self.clock.now())
+
+    def busy_count(self, limit: int = 0, *, excluding: DeviceSession | None = None) -> int:
+        """How many sessions (but ``excluding``) are in a turn or a reply; counting
+        stops at ``limit`` when it is > 0 (all admission needs to know)."""
+        count = 0
+        for session in self.sessions.values():
+            if session.busy and session is not excluding:
+                count += 1
+                if count == limit:
+                    break
+        return count
 
     def any_busy(self) -> bool:
         """Whether any session is in a turn or a reply."""
-        return any(s.busy for s in self.sessions.values())
+        return self.busy_count(1) > 0
+
+    def keep_heap(self) -> HeapPass | None:
+        """Called every few seconds by the process's main loop: a collection, if one
+        is due (relay/loop.py), where no reply waits for it. What it did."""
+        return self.heap.check(quiet=not self.any_busy())
 
     async def drain(self, timeout_s: float) -> tuple[int, int]:
         """Stop accepting; close each device with 4004 once its turn and reply are done.
@@ -1290,7 +1303,7 @@ class RelayServer:
             await self.forget(session)
         deadline = self.clock.now() + timeout_s
         logger.info("draining: %d devices, %d busy; waiting up to %.1f s for their replies",
-                    len(self.sessions), sum(s.busy for s in self.sessions.values()), timeout_s)
+                    len(self.sessions), self.busy_count(), timeout_s)
         closing: list[asyncio.Task[None]] = []
         sent: set[DeviceSession] = set()
         while True:

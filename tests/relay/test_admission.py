@@ -256,3 +256,41 @@ def test_an_idle_relay_runs_no_probe(tmp_path: Path) -> None:
             await ws.close()
 
     run(scenario())
+
+
+def test_the_heap_is_kept_only_when_no_session_is_in_a_turn(tmp_path: Path) -> None:
+    """The relay's 5 s tick asks ``keep_heap``: a collection that is due waits while
+    any session is in a turn (its stall would land on a reply), and runs once the
+    relay is quiet. ``busy_count`` is what admission, /metrics and the drain count."""
+    import gc
+
+    from edgevoice.relay.loop import HeapKeeper, HeapPass
+
+    async def scenario() -> None:
+        async with running_relay(tmp_path) as relay:
+            clock = [0.0]
+            relay.heap = HeapKeeper(max_age_s=60.0, now=lambda: clock[0])
+            ws_a, conn_a = await hello_device(relay.port, relay.tokens.add("a"), "a")
+            ws_b, conn_b = await hello_device(relay.port, relay.tokens.add("b"), "b")
+            await ws_a.send(conn_a.send(TurnStart(1)))
+            await ws_b.send(conn_b.send(TurnStart(1)))
+            await asyncio.sleep(0.3)
+            assert relay.busy_count() == 2 and relay.busy_count(1) == 1
+            assert relay.busy_count(excluding=relay.sessions["a"]) == 1
+            clock[0] = 61.0  # a whole pass is due by age
+            assert relay.keep_heap() is None and relay.heap.runs == 0
+            for ws, conn in ((ws_a, conn_a), (ws_b, conn_b)):
+                await ws.send(conn.send(TurnEnd(1, "silence")))
+            for _ in range(20):
+                await asyncio.sleep(0.1)
+                if relay.busy_count() == 0:
+                    break
+            assert relay.busy_count() == 0
+            assert relay.keep_heap() is HeapPass.ALL and relay.heap.runs == 1
+            await ws_a.close()
+            await ws_b.close()
+
+    try:
+        run(scenario())
+    finally:
+        gc.unfreeze()

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from edgevoice.relay.auth import TokenStore
-from edgevoice.relay.loop import HeapKeeper
 from edgevoice.relay.loop import run as run_on_relay_loop
 from edgevoice.relay.server import RelayServer
 from edgevoice.relay.settings import LimitsSettings, ListenSettings
@@ -112,11 +111,11 @@ async def serve(args: argparse.Namespace, reply: bytes) -> dict[str, Any]:
     lag = LoopLag() if args.loop_lag else None
     emit({"event": "listening", "port": server.port, "t": time.monotonic()})
     # as `edgevoice relay` does every 5 s (relay/app.py): collect and freeze when quiet
-    heap = HeapKeeper()
+    heap = server.heap
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 5.0)
-        done = heap.check(quiet=not server.any_busy())
+        done = server.keep_heap()
         if done is not None:
             emit({"event": "heap", "pass": done.value, "t": time.monotonic(),
                   "pause_ms": round(1000 * heap.last_pause_s, 1), "freed": heap.freed})
