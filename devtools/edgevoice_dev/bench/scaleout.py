@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import resource
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from edgevoice.tokens import hash_token
 from edgevoice_dev.bench import loadgen
 from edgevoice_dev.bench.life import idle_device_schedule
 from edgevoice_dev.bench.plan import Workspace
+from edgevoice_dev.bench.proc import cpu_seconds, memory_kib
 from edgevoice_dev.bench.results import INFO, Line, RowResult, verdict
 from edgevoice_dev.testing.cluster import (
     KEY_PREFIX,
@@ -44,20 +44,6 @@ from edgevoice_dev.testing.cluster import (
     running_cluster,
     speech_packets,
 )
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def raise_fd_limit() -> None:
@@ -115,7 +101,7 @@ async def measure_idle(cluster: Cluster, devices: int, window_s: float) -> dict[
     tokens = await asyncio.to_thread(bulk_tokens, cluster, devices, "idle")
     await asyncio.sleep(1.0)
     pids = processes(cluster)
-    rss_before = {k: rss_kib(p) for k, p in pids.items()}
+    rss_before = {k: memory_kib(p)["VmRSS"] for k, p in pids.items()}
     stop = asyncio.Event()
     tasks = []
     # heartbeats spread over one interval, as devices coming online at random times
@@ -129,12 +115,12 @@ async def measure_idle(cluster: Cluster, devices: int, window_s: float) -> dict[
         if k % 50 == 49:
             await asyncio.sleep(0.1)  # a ramp, not a storm
     await asyncio.sleep(10)  # every device said hello and settled
-    cpu0 = {k: cpu_s(p) for k, p in pids.items()}
+    cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
     t0 = time.monotonic()
     await asyncio.sleep(window_s)
     elapsed = time.monotonic() - t0
-    cpu1 = {k: cpu_s(p) for k, p in pids.items()}
-    rss_after = {k: rss_kib(p) for k, p in pids.items()}
+    cpu1 = {k: cpu_seconds(p) for k, p in pids.items()}
+    rss_after = {k: memory_kib(p)["VmRSS"] for k, p in pids.items()}
     connected = sum(1 for t in tasks if not t.done())
     on = {r.name: sum(1 for n in tokens if cluster.relay_of(n) == r.name)
           for r in cluster.relays}
@@ -183,11 +169,11 @@ async def measure_talk(cluster: Cluster, count: int, window_s: float) -> dict[st
     await asyncio.gather(*(d.up.wait() for d in devices))
     await talk(devices, 3)  # warm up
     pids = processes(cluster)
-    cpu0 = {k: cpu_s(p) for k, p in pids.items()}
+    cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
     t0 = time.monotonic()
     turns = await talk(devices, window_s)
     elapsed = time.monotonic() - t0
-    cpu1 = {k: cpu_s(p) for k, p in pids.items()}
+    cpu1 = {k: cpu_seconds(p) for k, p in pids.items()}
     for d in devices:
         await d.stop()
     audio_s = turns * 2.0  # 1 s up + 1 s down per turn
