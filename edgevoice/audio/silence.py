@@ -218,6 +218,12 @@ class IdleGate:
     or cut anything: the frame still reaches the detector, only later (at the next
     batch); a wrong "yes" only costs a wake-up.
 
+    An audio trigger may listen closer to the floor than the detector's onset: the wake
+    word's quiet gate (triggers/quietgate.py) runs its models on frames ``margin_db``
+    above the same floor. :meth:`arm` then takes that margin as ``listen_margin_db``, and
+    a block with a frame that reaches it (less this gate's ``margin_db``, over the same
+    lowest floor) is let through at once too: a trigger's models never start late.
+
     The event loop arms it (:meth:`arm`, with the current floor) after each frame while
     batching is safe and disarms it otherwise; the capture thread reads it. Plain
     float and bool attributes: a read racing a write sees the old or the new value,
@@ -227,10 +233,12 @@ class IdleGate:
     __slots__ = (
         "_batch_min",
         "_floor",
+        "_listen_factor",
         "_min_speech",
         "_onset_factor",
         "armed",
         "floor_dbfs",
+        "listen_margin_db",
         "margin_db",
         "min_speech_dbfs",
         "onset_db",
@@ -247,14 +255,24 @@ class IdleGate:
         self._onset_factor = _power(settings.onset_db - margin_db)
         self._min_speech = _power(settings.min_speech_dbfs - margin_db)
         self._floor = _power(self.floor_dbfs)
+        # a trigger listens this far above the floor (None: none closer than the onset)
+        self.listen_margin_db: float | None = None
+        self._listen_factor: float | None = None
         # lowest frame mean square since the batch began (capture thread only)
         self._batch_min = math.inf
 
-    def arm(self, floor_dbfs: float) -> None:
-        """Batching is safe now (the detector is QUIET); ``floor_dbfs`` is its floor."""
+    def arm(self, floor_dbfs: float, listen_margin_db: float | None = None) -> None:
+        """Batching is safe now (the detector is QUIET); ``floor_dbfs`` is its floor.
+        ``listen_margin_db``: an audio trigger needs at once any frame this far above
+        that floor (None: no trigger listens below the detector's onset)."""
         if floor_dbfs != self.floor_dbfs:
             self.floor_dbfs = floor_dbfs
             self._floor = _power(floor_dbfs)
+        if listen_margin_db != self.listen_margin_db:
+            # (set before ``armed``: a block never sees the gate armed without it)
+            self._listen_factor = (None if listen_margin_db is None
+                                   else _power(listen_margin_db - self.margin_db))
+            self.listen_margin_db = listen_margin_db
         self.armed = True
 
     def disarm(self) -> None:
@@ -266,7 +284,8 @@ class IdleGate:
 
     def may_start(self, block: bytes, frames: int) -> bool:
         """Whether any of the ``frames`` frames of ``block`` (s16le, any channel count)
-        could start an utterance; True whenever the gate is not armed.
+        could start an utterance or reach a listening trigger (``listen_margin_db``);
+        True whenever the gate is not armed.
 
         Runs on PortAudio's thread once per block, where every cache is cold: numpy
         costs ~150 us a block there (measured on the virtual card, thread CPU time),
@@ -280,13 +299,21 @@ class IdleGate:
         per_frame = step * _FULL_SCALE_SQUARED
         lowest, floor = self._batch_min, self._floor
         onset_factor, min_speech = self._onset_factor, self._min_speech
+        listen_factor = self._listen_factor
         for start in range(0, step * frames, step):
             root = math.hypot(*samples[start:start + step])  # sqrt of the sum of squares
             mean_square = root * root / per_frame
             if mean_square < lowest:
                 lowest = mean_square
-            threshold = (floor if floor < lowest else lowest) * onset_factor
-            if mean_square >= (threshold if threshold > min_speech else min_speech):
+            base = floor if floor < lowest else lowest
+            if base < _SILENCE_POWER:  # levels are floored there (to_dbfs)
+                base = _SILENCE_POWER
+            threshold = base * onset_factor
+            if threshold < min_speech:
+                threshold = min_speech
+            if listen_factor is not None and base * listen_factor < threshold:
+                threshold = base * listen_factor
+            if mean_square >= threshold:
                 self._batch_min = lowest
                 return True
         self._batch_min = lowest
@@ -296,6 +323,9 @@ class IdleGate:
 def _power(dbfs: float) -> float:
     """A level in dB as a power ratio (a mean square relative to full scale)."""
     return math.pow(10.0, dbfs / 10.0)
+
+
+_SILENCE_POWER = _power(SILENCE_DBFS)
 
 
 class SilenceDetector:

@@ -4,8 +4,8 @@
 (16 kHz when it can) and delivers 20 ms frames of 16 kHz mono. Its PortAudio callback
 does little on the audio thread: copy the block, hold it in a bounded list (the oldest
 dropped and counted when the loop stalls) and wake the event loop -- per block, or,
-while the daemon only waits for speech to start, per batch of quiet blocks (see
-:class:`SoundDeviceSource`). Down-mixing, resampling and re-framing happen on the
+while the daemon only waits for speech (or its wake word) to start, per batch of quiet
+blocks (see :class:`SoundDeviceSource`). Down-mixing, resampling and re-framing happen on the
 event loop, in :meth:`SoundDeviceSource.read`.
 The device is asked for ``block_ms`` blocks (60 ms by default: three frames per
 callback): each block costs a PortAudio wake-up, a sound-server round trip and an
@@ -226,7 +226,8 @@ class SoundDeviceSource:
     Idle batching: while an :class:`~edgevoice.audio.silence.IdleGate` is set and
     armed (the daemon arms it while it only listens for speech to start), the callback
     holds quiet blocks and wakes the event loop once per ``idle_batch_ms`` instead of
-    once per block; a block the gate says may start an utterance wakes it at once.
+    once per block; a block the gate says may start an utterance (or reach the wake
+    word's models) wakes it at once.
     Every block still reaches :meth:`read`, in order: batching delays only frames that
     cannot start anything, and none is lost unless the loop stalls for longer than the
     bounded hold (``queue_frames``), which drops the oldest blocks and counts them.

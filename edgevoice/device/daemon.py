@@ -235,8 +235,9 @@ class DeviceDaemon(LinkListener):
             source, self.clock, self.status_board, self.counters, self._on_frame,
             reopen_max_ms=config.audio.reopen_max_ms, on_eof=self._source_ended,
             start_after=self._connected if capture_after_link else None)
-        # While the device only waits for speech to start, a batching source (the sound
-        # card's) may hold quiet frames back: fewer event-loop wake-ups (issue 15).
+        # While the device only waits for speech (or a wake word) to start, a batching
+        # source (the sound card's) may hold quiet frames back: fewer event-loop
+        # wake-ups (issue 15).
         self.idle_gate: IdleGate | None = None
         if isinstance(source, BatchingSource):
             self.idle_gate = IdleGate(config.silence)
@@ -289,7 +290,7 @@ class DeviceDaemon(LinkListener):
         gate = self.idle_gate
         if gate is not None:
             if turn_taking.only_awaiting_speech():
-                gate.arm(self.detector.noise_floor_dbfs)
+                gate.arm(self.detector.noise_floor_dbfs, turn_taking.listen_margin_db())
             else:
                 gate.disarm()
         now = self._frame_at = self.clock.now()

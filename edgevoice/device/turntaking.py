@@ -51,6 +51,7 @@ from edgevoice.triggers.base import (
     AudioTrigger,
     InterruptRequested,
     MuteToggled,
+    QuietListener,
     TriggerEvent,
     TurnEndRequested,
     TurnStartRequested,
@@ -94,6 +95,12 @@ class TurnTaking:
         self.counters = counters
         self.observer = observer
         self.audio_triggers = list(audio_triggers)
+        # the audio triggers that may take a quiet room's frames late (all, or batching
+        # stops at the first one that cannot)
+        self._quiet_listeners: list[QuietListener] | None = [
+            t for t in self.audio_triggers if isinstance(t, QuietListener)]
+        if len(self._quiet_listeners) != len(self.audio_triggers):
+            self._quiet_listeners = None
         self.barge_in = barge_in
         self._frame_index = 0
         self._wake_frame_index: int | None = None
@@ -144,12 +151,29 @@ class TurnTaking:
 
     def only_awaiting_speech(self) -> bool:
         """Whether the last frame left the device waiting for nothing but a speech
-        onset: idle, the detector settled in QUIET, nothing playing, no wake word
-        listening. Then quiet frames may reach :meth:`on_frame` in batches (they change
-        only the detector's floor and pre-roll), which the idle gate allows."""
+        onset or a louder frame for an audio trigger: idle, the detector settled in
+        QUIET, nothing playing, every audio trigger only storing frames (the wake
+        word's quiet gate closed). Then quiet frames may reach :meth:`on_frame` in
+        batches (they change only the detector's floor and pre-roll and the triggers'
+        rings), which the idle gate allows; :meth:`listen_margin_db` says how far above
+        the floor a trigger needs a frame at once."""
         playback = self.downlink.playback
-        return (self.machine.state is TurnState.IDLE and self.detector.settled_quiet
-                and not self.audio_triggers and not playback.busy)
+        if not (self.machine.state is TurnState.IDLE and self.detector.settled_quiet
+                and not playback.busy):
+            return False
+        listeners = self._quiet_listeners
+        if listeners is None:
+            return False
+        return all(t.listen_margin_db() is not None for t in listeners)
+
+    def listen_margin_db(self) -> float | None:
+        """The smallest margin over the noise floor at which an audio trigger needs a
+        frame at once (None: no trigger, or one that needs every frame now)."""
+        listeners = self._quiet_listeners
+        if not listeners:
+            return None
+        margins = [t.listen_margin_db() for t in listeners]
+        return None if None in margins else min(m for m in margins if m is not None)
 
     def _echo_reference_dbfs(self, now: float) -> float | None:
         """The level our own playback is expected to reach in the microphone now."""

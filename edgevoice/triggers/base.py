@@ -126,6 +126,21 @@ class AudioTrigger(Trigger, Protocol):
         trigger measures what it needs itself."""
 
 
+@runtime_checkable
+class QuietListener(Protocol):
+    """An audio trigger that, at times, only stores the frames of a quiet room.
+
+    A device waiting in a quiet room may then hand it those frames late, in batches
+    (fewer event-loop wake-ups, issue 15): every frame still arrives, in order, so
+    what it decides is the same; only a frame that it would act on must come at once.
+    """
+
+    def listen_margin_db(self) -> float | None:
+        """Now, how far above the room's noise floor (dB, the silence detector's) a
+        frame must be for this trigger to need it at once; None: it needs every frame
+        at once (it is working on the audio)."""
+
+
 def import_extra(module: str, extra: str, purpose: str) -> ModuleType:
     """Import an optional dependency, or say which ``edgevoice[extra]`` provides it.
 

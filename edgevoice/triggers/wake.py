@@ -54,7 +54,7 @@ from edgevoice.triggers.microwake import (
     library_path,
     wheel_dir,
 )
-from edgevoice.triggers.quietgate import FrameRing, QuietGate
+from edgevoice.triggers.quietgate import FrameRing, GateState, QuietGate
 
 logger = logging.getLogger(__name__)
 
@@ -368,6 +368,15 @@ class WakeWordTrigger:
         return {"frames": self.frames_processed, "detections": self.detections,
                 "frames_gated": self.frames_gated, "frames_replayed": self.frames_replayed,
                 "gate_openings": self.gate_openings}
+
+    def listen_margin_db(self) -> float | None:
+        """While the quiet gate is closed, frames only go to its ring: those below its
+        margin may come late, in order (a :class:`~edgevoice.triggers.base.QuietListener`);
+        None while it is open (the models run) or without a gate."""
+        gate = self._gate
+        if gate is None or gate.state is not GateState.CLOSED:
+            return None
+        return gate.margin_db
 
     async def stop(self) -> None:
         """Nothing to release until :meth:`close`: the models are kept for a restart."""

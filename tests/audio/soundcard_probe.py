@@ -7,6 +7,7 @@ passes its environment to this process, which imports sounddevice only then.
     python soundcard_probe.py devices
     python soundcard_probe.py capture SECONDS OUT.raw      (prints "ready" once capturing)
     python soundcard_probe.py capture-idle SECONDS OUT.raw (the same, with an idle gate)
+    python soundcard_probe.py capture-wake SECONDS OUT.raw (the same, with the wake word)
     python soundcard_probe.py play WAV [RATE_HZ]
     python soundcard_probe.py unplug                       (prints "ready" once capturing)
 
@@ -74,6 +75,45 @@ async def capture_idle(seconds: float, out: Path) -> None:
     await asyncio.to_thread(out.write_bytes, b"".join(frames))
     report(stats=dataclasses.asdict(src.stats), wakeups=wakeups,
            blocks=(len(frames) - 1) * 20 // src.block_ms, onsets_while_armed=onsets)
+
+
+async def capture_wake(seconds: float, out: Path) -> None:
+    """As :func:`capture_idle`, with the wake word (real models) listening: the idle
+    gate is armed as the daemon arms it (device/daemon.py), with the margin at which
+    the wake word's quiet gate opens, while that gate is closed."""
+    from edgevoice.triggers.wake import WakeSettings, WakeWordTrigger
+
+    src = SoundDeviceSource("default", queue_frames=100)
+    detector = SilenceDetector()
+    gate = IdleGate(detector.settings)
+    trigger = WakeWordTrigger(WakeSettings())
+    src.set_idle_gate(gate)
+    await src.open()
+    frames = [await src.read()]
+    print("ready", flush=True)
+    wakeups_before, openings_while_armed, detections, armed_frames = src.wakeups, [], [], 0
+    for index in range(int(seconds * 50)):
+        frame = await src.read()
+        frames.append(frame)
+        armed, openings = gate.armed, trigger.gate_openings
+        armed_frames += armed
+        detector.process(frame)
+        if trigger.process(frame, detector.level_dbfs, detector.noise_floor_dbfs):
+            detections.append(index)
+        if trigger.gate_openings > openings:
+            openings_while_armed.append(armed)
+        margin = trigger.listen_margin_db()
+        if detector.settled_quiet and margin is not None:
+            gate.arm(detector.noise_floor_dbfs, margin)
+        else:
+            gate.disarm()
+    wakeups = src.wakeups - wakeups_before
+    await src.close()
+    trigger.close()
+    await asyncio.to_thread(out.write_bytes, b"".join(frames[1:]))
+    report(stats=dataclasses.asdict(src.stats), wakeups=wakeups,
+           blocks=(len(frames) - 1) * 20 // src.block_ms, detections=detections,
+           openings_while_armed=openings_while_armed, armed_frames=armed_frames)
 
 
 async def play(wav: Path, rate_hz: int | None) -> None:
@@ -157,6 +197,8 @@ def main(argv: list[str]) -> None:
         asyncio.run(capture(float(argv[1]), Path(argv[2])))
     elif command == "capture-idle":
         asyncio.run(capture_idle(float(argv[1]), Path(argv[2])))
+    elif command == "capture-wake":
+        asyncio.run(capture_wake(float(argv[1]), Path(argv[2])))
     elif command == "play":
         asyncio.run(play(Path(argv[1]), int(argv[2]) if len(argv) > 2 else None))
     elif command == "park":

@@ -328,6 +328,74 @@ def test_the_idle_gate_never_holds_back_a_frame_that_moves_the_detector(
         held, urgent_seen = [], False
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    levels=st.lists(st.sampled_from([-100.0, -80.0, -75.0, -72.0, -70.0, -68.0, -66.0, -62.0,
+                                     -60.0, -54.0, -40.0]), min_size=12, max_size=90),
+    batch_blocks=st.integers(1, 5),
+    seed=st.integers(0, 1000),
+)
+def test_the_idle_gate_never_holds_back_a_frame_a_listening_trigger_needs(
+    levels: list[float], batch_blocks: int, seed: int
+) -> None:
+    """The wake word's quiet gate (triggers/quietgate.py) opens 6 dB over the floor,
+    below the detector's onset: armed with that margin, the idle gate lets through at
+    once every block with a frame that opens it, as the floor moves with held frames,
+    and holds only while the quiet gate is closed (as the daemon arms it)."""
+    from edgevoice.triggers.quietgate import GateState, QuietGate
+
+    detector = SilenceDetector(SilenceSettings(warmup_ms=0))
+    wake_gate = QuietGate(6.0, hold_frames=4)
+    gate = IdleGate(detector.settings)
+    frame_list = _levelled_frames(levels, seed)
+    blocks = [frame_list[i:i + 3] for i in range(0, len(frame_list) - 2, 3)]
+    held: list[list[bytes]] = []
+    urgent_seen = False
+    for block in blocks:
+        if not held:
+            gate.batch_began()
+        urgent = gate.may_start(b"".join(block), 3)
+        held.append(block)
+        urgent_seen = urgent_seen or urgent
+        if not (urgent or len(held) >= batch_blocks):
+            continue
+        for b in held:
+            for frame in b:
+                was_armed = gate.armed
+                detector.process(frame)
+                if wake_gate.update(detector.level_dbfs, detector.noise_floor_dbfs):
+                    assert not was_armed or urgent_seen, "a frame the wake word needs was held"
+                if detector.settled_quiet and wake_gate.state is GateState.CLOSED:
+                    gate.arm(detector.noise_floor_dbfs, listen_margin_db=wake_gate.margin_db)
+                else:
+                    gate.disarm()
+        held, urgent_seen = [], False
+
+
+def test_a_listening_trigger_lowers_what_the_idle_gate_lets_through() -> None:
+    """A frame 8 dB over a -75 dBFS floor is not speech to the detector (under its
+    minimum level) but is what the wake word's gate opens on."""
+    gate = IdleGate(SilenceSettings())
+    quiet = to_pcm_frame(noise(-75.0, 960, seed=3))
+    louder_last = quiet[:1280] + to_pcm_frame(noise(-67.0, 320, seed=4))
+    gate.arm(-75.0)
+    assert not gate.may_start(louder_last, 3)
+    gate.batch_began()
+    gate.arm(-75.0, listen_margin_db=6.0)
+    assert gate.may_start(louder_last, 3)
+    gate.batch_began()
+    assert not gate.may_start(quiet, 3)
+    # digital zeros read -100 dBFS, not minus infinity: they are not "above" them
+    zeros = bytes(1920)
+    gate.batch_began()
+    gate.arm(-100.0, listen_margin_db=6.0)
+    assert not gate.may_start(zeros, 3)
+    assert gate.may_start(zeros[:1280] + to_pcm_frame(noise(-85.0, 320, seed=5)), 3)
+    gate.arm(-75.0)  # the trigger needs nothing below the onset again
+    gate.batch_began()
+    assert not gate.may_start(louder_last, 3)
+
+
 def test_an_unarmed_gate_lets_every_block_through() -> None:
     gate = IdleGate(SilenceSettings())
     quiet = to_pcm_frame(noise(-90.0, 960, seed=3))

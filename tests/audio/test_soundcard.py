@@ -122,6 +122,52 @@ def test_an_idle_gate_batches_the_quiet_but_cuts_nothing_of_speech(
     assert result["wakeups"] < 0.8 * result["blocks"]
 
 
+def test_the_wake_word_is_heard_through_the_idle_gate_as_without_it(
+    card: VirtualSoundCard, tmp_path: Path
+) -> None:
+    """The real PortAudio callback thread, the idle gate and the wake word (real
+    models): while the room is quiet and the wake word's quiet gate closed, quiet
+    blocks reach the loop in batches; "hey jarvis" said into the room still wakes it,
+    on the very frame a trigger fed every captured frame one by one wakes on (no frame
+    lost or reordered by the batching)."""
+    from edgevoice.audio.silence import SilenceDetector
+    from edgevoice.triggers.wake import WakeSettings, WakeWordTrigger
+
+    pytest.importorskip("pymicro_wakeword")
+    rng = np.random.default_rng(7)
+    room = rng.standard_normal(16_000 * 20) * (32768 * 10 ** (-60 / 20))  # a quiet room
+    write_wav(tmp_path / "room.wav", to_pcm(room), 16_000)
+    phrase = synthesize("hey jarvis, what time is it", voice="slt", path=tmp_path / "s.wav")
+    room_player = card.play_into_mic(tmp_path / "room.wav", wait=False)
+    try:
+        proc = probe(card, "capture-wake", "8", str(tmp_path / "captured.raw"))
+        wait_ready(proc)
+        time.sleep(3.0)  # the wake word's gate closes after its hold: batching
+        card.play_into_mic(phrase)  # said into the room (the sound server mixes them)
+        result = finish(proc)
+    finally:
+        room_player.terminate()
+        room_player.wait(10)
+    assert result["stats"]["overflows"] == 0 and result["stats"]["frames_dropped"] == 0
+    assert len(result["detections"]) == 1, result["detections"]
+    # the gate was batching when the phrase began, and fewer wake-ups than blocks
+    assert result["openings_while_armed"][-1:] == [True] and result["armed_frames"] > 100
+    assert result["wakeups"] < 0.8 * result["blocks"]
+    # the same frames, one by one and never batched: the same detection frame
+    captured = (tmp_path / "captured.raw").read_bytes()
+    detector, trigger = SilenceDetector(), WakeWordTrigger(WakeSettings())
+    try:
+        replayed = []
+        for index in range(len(captured) // 640):
+            frame = captured[index * 640:(index + 1) * 640]
+            detector.process(frame)
+            if trigger.process(frame, detector.level_dbfs, detector.noise_floor_dbfs):
+                replayed.append(index)
+    finally:
+        trigger.close()
+    assert replayed == result["detections"]
+
+
 @pytest.mark.parametrize("rate_hz", [None, 48_000])
 def test_a_tone_played_through_the_sink_reaches_the_speaker(
     card: VirtualSoundCard, tmp_path: Path, rate_hz: int | None

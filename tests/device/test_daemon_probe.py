@@ -171,3 +171,71 @@ def test_quiet_frames_are_batched_only_while_idle_and_a_request_comes_after_them
     assert source.held == [] and d.counters.frames_captured == captured + 7
     d._on_frame(quiet)
     assert not gate.armed  # a turn is open: no batching
+
+
+def test_with_the_wake_word_quiet_frames_are_batched_only_while_its_gate_is_closed(
+        tmp_path: Path) -> None:
+    """The wake word's models (real ones) run only on frames 6 dB over the room's floor
+    and for a hold after: while its quiet gate is closed the idle gate is armed with that
+    margin (a frame the models need comes at once), and a frame too quiet to start
+    speech but loud enough for the models disarms it until the gate closes again."""
+    pytest.importorskip("pymicro_wakeword")
+    from device_support import tone
+
+    from edgevoice.audio.silence import IdleGate
+    from edgevoice.device.turn import TurnSettings
+    from edgevoice.triggers.settings import TriggerSettings
+    from edgevoice.triggers.wake import WakeSettings, WakeWordTrigger
+
+    wake = WakeSettings(gate_hold_ms=300)
+    source = HeldFrames()
+    trigger = WakeWordTrigger(wake)
+    d = DeviceDaemon(DeviceConfig(turn=TurnSettings(start="wake"),
+                                  triggers=TriggerSettings(wake=wake)),
+                     "kitchen.secret", source,  # type: ignore[arg-type]
+                     WavSink(tmp_path / "out.wav"), triggers=[trigger])
+    try:
+        d.link_up(Welcome(session_id="s1"))
+        assert d.audio_triggers == [trigger]
+        gate = d.idle_gate
+        assert isinstance(gate, IdleGate) and source.gate is gate
+        quiet = tone(-60.0)
+        for _ in range(60):  # past the detector's warm-up and the wake gate's hold
+            d._on_frame(quiet)
+        assert gate.armed and gate.listen_margin_db == wake.gate_margin_db
+        frames_before = trigger.counters()["frames_gated"]
+        d._on_frame(tone(-52.0))  # 8 dB up: not speech to the detector, but the models'
+        assert d.detector.settled_quiet and not gate.armed
+        assert trigger.counters()["gate_openings"] == 1
+        for _ in range(wake.gate_hold_ms // 20):  # the models finish deciding
+            d._on_frame(quiet)
+            assert not gate.armed
+        d._on_frame(quiet)
+        assert gate.armed and trigger.counters()["frames_gated"] == frames_before + 1
+        assert trigger.detections == 0 and d.machine.state.value == "idle"
+    finally:
+        trigger.close()
+
+
+def test_with_an_ungated_wake_word_quiet_frames_are_never_batched(tmp_path: Path) -> None:
+    """Without the quiet gate the models run on every frame: none may come late."""
+    pytest.importorskip("pymicro_wakeword")
+    from device_support import tone
+
+    from edgevoice.device.turn import TurnSettings
+    from edgevoice.triggers.settings import TriggerSettings
+    from edgevoice.triggers.wake import WakeSettings, WakeWordTrigger
+
+    wake = WakeSettings(gate_margin_db=None)
+    trigger = WakeWordTrigger(wake)
+    d = DeviceDaemon(DeviceConfig(turn=TurnSettings(start="wake"), triggers=TriggerSettings(
+        wake=wake)), "kitchen.secret", HeldFrames(),  # type: ignore[arg-type]
+        WavSink(tmp_path / "out.wav"), triggers=[trigger])
+    try:
+        d.link_up(Welcome(session_id="s1"))
+        assert d.idle_gate is not None and d.audio_triggers == [trigger]
+        for _ in range(80):
+            d._on_frame(tone(-60.0))
+            assert not d.idle_gate.armed
+    finally:
+        trigger.close()
