@@ -199,6 +199,11 @@ def test_the_bench_runs_every_row_with_both_peers_and_the_floor(tmp_path: Path) 
             assert run["cpu_pct"] > 0 and run["rss_mb"] > 20 and run["threads"]
     assert rows[4]["data"]["steps"][0]["loop_stall"]["n"] > 0
     assert rows[14]["data"]["steps"][0]["replies"] > 0
+    # the relay's single steps were timed over the window (thousands of them), and the
+    # timed run served its devices as the untimed one did
+    timed = rows[14]["data"]["timed"]
+    assert timed["replies"] > 0 and timed["single_steps"]["n"] > 1000
+    assert 0 < timed["single_steps"]["p50_ms"] <= timed["single_steps"]["max_ms"]
     assert rows[15]["data"]["step"]["refused"] > 0  # beyond the limit, turns are shed
     assert rows[16]["data"]["tcp"]["segs_out"] > 0 and rows[16]["data"]["ratio"] > 1
     # the Nova day: audio counted upstream is what the fake received, under the target

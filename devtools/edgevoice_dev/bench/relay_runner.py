@@ -14,10 +14,12 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import gc
 import json
 import logging
 import signal
 import time
+from array import array
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -52,7 +54,73 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-dir", help="serve wss:// with a throwaway CA written here")
     p.add_argument("--loop-lag", help="write the event loop's lateness samples here (JSON "
                    "list of [monotonic s, late ms], one per 10 ms)")
+    p.add_argument("--step-times", help="time every step the event loop runs and write them "
+                   "here (StepTimes.write); runs on asyncio's loop, not uvloop")
     return p
+
+
+def _step_name(handle: asyncio.events.Handle) -> str:
+    """What a step ran: a task's coroutine, or the callback's qualified name."""
+    callback = getattr(handle, "_callback", None)
+    owner = getattr(callback, "__self__", None)
+    if isinstance(owner, asyncio.Task):
+        coro = owner.get_coro()
+        return f"task {getattr(coro, '__qualname__', repr(coro))}"
+    return str(getattr(callback, "__qualname__", repr(callback)))[:120]
+
+
+class StepTimes:
+    """How long each step the event loop runs holds it: every callback, task step and
+    I/O callback, timed where asyncio runs it (``Handle._run``), and every collector
+    pass (``gc.callbacks``).
+
+    uvloop runs its steps in C where Python cannot time them, so a run with this on uses
+    asyncio's loop: the steps are the relay's same code, with asyncio's slightly slower
+    loop around them (an upper bound for uvloop's). Costs two clock reads per step.
+    """
+
+    #: steps longer than this are kept with the callback's name (at most ``KEEP``)
+    SLOW_S = 0.002
+    KEEP = 200
+
+    def __init__(self) -> None:
+        self.ended = array("d")  # monotonic time each step ended
+        self.held = array("d")  # how long it held the loop, seconds
+        self.slow: list[tuple[float, float, str]] = []
+        self.collections: list[tuple[float, float, int]] = []  # (start, seconds, generation)
+        self._gc_started = 0.0
+
+    def install(self) -> None:
+        timed = asyncio.events.Handle._run
+        clock, ended, held, slow = time.monotonic, self.ended, self.held, self.slow
+
+        def run(handle: asyncio.events.Handle) -> None:
+            start = clock()
+            timed(handle)
+            end = clock()
+            ended.append(end)
+            held.append(end - start)
+            if end - start > StepTimes.SLOW_S and len(slow) < StepTimes.KEEP:
+                slow.append((end, end - start, _step_name(handle)))
+
+        asyncio.events.Handle._run = run  # type: ignore[method-assign,assignment]
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.monotonic()
+        else:
+            self.collections.append((self._gc_started, time.monotonic() - self._gc_started,
+                                     info["generation"]))
+
+    def write(self, path: Path) -> None:
+        """``path`` (JSON: the slow steps and the collections) and ``path``.bin (the
+        end times, then the durations, as doubles)."""
+        with open(f"{path}.bin", "wb") as out:
+            self.ended.tofile(out)
+            self.held.tofile(out)
+        path.write_text(json.dumps({"steps": len(self.held), "slow": self.slow,
+                                    "collections": self.collections}))
 
 
 class LoopLag:
@@ -135,14 +203,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     pin_to_cpu(args.cpu)
     reply = Path(args.reply).read_bytes() if args.reply else b""
     profile = cProfile.Profile(time.process_time) if args.profile else None
+    steps = StepTimes() if args.step_times else None
     if profile is not None:
         profile.enable()
     try:
-        outcome = run_on_relay_loop(serve(args, reply))  # the loop `edgevoice relay` runs on
+        if steps is not None:
+            steps.install()
+            outcome = asyncio.run(serve(args, reply))
+        else:
+            outcome = run_on_relay_loop(serve(args, reply))  # the loop `edgevoice relay` runs on
     finally:
         if profile is not None:
             profile.disable()
             profile.dump_stats(args.profile)
+    if steps is not None:
+        steps.write(Path(args.step_times))
     if args.record:
         Path(args.record).write_text(json.dumps(outcome["record"]))
     if args.loop_lag:
