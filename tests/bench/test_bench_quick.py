@@ -191,6 +191,8 @@ def test_the_bench_runs_every_row_with_both_peers_and_the_floor(tmp_path: Path) 
     assert rows[8]["data"]["aec_cpu_s"] > 0 and rows[8]["data"]["echo_reduction_db"] > 10
     if not missing_tools():  # rows 9 and 10 need haproxy and redis-server
         assert rows[9]["data"]["relays_2"]["turns"] > 0 and rows[9]["data"]["ratio"] > 0
+        # each relay's cost with its devices silent was measured, not assumed
+        assert len(rows[9]["data"]["relays_2"]["relay_fixed_cpu_pct_each"]) == 2
         assert rows[10]["data"]["connected"] == rows[10]["data"]["devices"] > 0
     assert rows[3]["data"]["answer_after_hangover"]["n"] > 0
     for number in (11, 12):  # idle device, with and without the wake word, on both paths
