@@ -299,11 +299,13 @@ async def run_rows(ws: Workspace) -> list[RowResult]:
                and failed.relay_cpu_pct < 80 else "")
             + f". Each session costs {ref.cpu_per_session_pct:.3f} % of a core, "
             f"{ratio:.1f}x what libopus alone needs ({floor:.3f} %). Reply frames are "
-            "paced by one shared tick and written without a coroutine, and the relay runs "
-            "on uvloop when installed; what is left beyond the codec is, per frame each "
-            "way, a wake-up, websockets' frame parser and message assembler (Python), the "
-            "protocol's header and budget checks and a socket write, plus the bench "
-            "upstream's own pacing, which runs in the relay process.")
+            "paced by one shared tick and written without a coroutine, uplink frames are "
+            "taken in the connection's data callback, and the relay runs on uvloop when "
+            "installed; what is left beyond the codec is, per frame each way, a socket "
+            "read or write, websockets' frame parser or serializer (Python), the "
+            "protocol's header and budget checks and the downlink queue, plus the bench "
+            "upstream's own pacing, which runs in the relay process (row 4's profile "
+            "names each).")
     if single.held.p99_ms > TARGET_STALL_P99_MS:
         cap.findings.append(
             f"Single steps of the relay's loop at N={timed.clients}: p99 "
