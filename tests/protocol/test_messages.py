@@ -194,3 +194,30 @@ def test_a_short_text_of_wide_characters_is_measured_in_bytes() -> None:
     assert len(wide) < MAX_TEXT_BYTES < len(wide.encode())
     with pytest.raises(RemoteProtocolError, match="too large"):
         decode_message(wide)
+
+
+_JSON_ISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12)
+
+
+@given(st.one_of(
+    _JSON_ISH.map(lambda v: json.dumps(v, separators=(",", ":"))),
+    st.tuples(_JSON_ISH, st.sampled_from(["", " ", "\n", "x", "}", ",1"]),
+              st.sampled_from(["", " ", "\t"])).map(
+        lambda t: t[2] + json.dumps(t[0]) + t[1]),
+    st.text(max_size=40)))
+def test_control_text_is_parsed_as_json_loads_would(text: str) -> None:
+    # the relay scans a message directly (messages._parse_json); what it accepts, and
+    # the error it gives, are json.loads's
+    from edgevoice.protocol.messages import _parse_json
+    try:
+        expected: object = json.loads(text)
+    except ValueError as exc:
+        expected = f"error {exc}"
+    try:
+        got: object = _parse_json(text)
+    except ValueError as exc:
+        got = f"error {exc}"
+    assert got == expected
