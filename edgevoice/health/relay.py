@@ -183,9 +183,11 @@ class FleetTracker:
         """The device sent a ``stats`` message."""
         record = self._records.get(device_id)
         if record is not None:
-            self._records[device_id] = replace(
-                record, last_stats=dict(stats), last_seen=self._seen(at)
-            )
+            # what replace() makes, built directly: every idle device sends its stats
+            # once a heartbeat, and replace() walks the dataclass's fields to copy each
+            # (bench row 13)
+            self._records[device_id] = DeviceRecord(**{
+                **record.__dict__, "last_stats": dict(stats), "last_seen": self._seen(at)})
 
     def tokens_used(self, device_id: str, *, input_tokens: int, output_tokens: int,
                     upstream_audio_s: float = 0.0) -> None:
