@@ -37,6 +37,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+from websockets.streams import StreamReader
 
 from edgevoice import __version__
 from edgevoice.audio.opus import OpusDecodeError, OpusDecoder, OpusEncoder, OpusSettings
@@ -81,6 +82,7 @@ from edgevoice.protocol.session import (
     close_ends_session,
     replay_for,
 )
+from edgevoice.protocol.wsframes import FIN_BINARY, FIN_TEXT, unmasked_frame, whole_text_frames
 from edgevoice.queues import NOTHING_YET, Flag, owned
 from edgevoice.relay.admission import REFUSAL_TEXT, LoadLimits, Refusal, TurnAdmission
 from edgevoice.relay.auth import FailureLimiter, GuessThrottle
@@ -477,7 +479,9 @@ class DeviceSession:
         connection closing or not writable), goes the usual way: False, the frame is
         queued, and :meth:`_receive_until_closed` parses it again and acts as it always
         has. Pings and stats need no order with other messages, but one queued before
-        them keeps them behind it (GuardedConnection.process_event checks).
+        them keeps them behind it (GuardedConnection.process_event checks). A whole
+        heartbeat write reaches this without websockets' frame parser
+        (GuardedConnection._take_text_frames); a frame declined here goes to it.
         """
         if (self.owner is not ws or self.end_reason is not None or idle.expired
                 or self._uplink_failure is not None
@@ -972,11 +976,20 @@ def _write_now(ws: ServerConnection, data: str | bytes) -> None:
     coroutine: what ``ws.send`` does on its fast path (no fragmented send is ever in
     progress on a relay connection), minus its async context manager and wait. Per reply
     frame per session this was a tenth of the relay's CPU (py-spy, 100 sessions)."""
+    protocol = ws.protocol
     try:
+        if (protocol.state is State.OPEN and not protocol.expect_continuation_frame
+                and not protocol.writes and not protocol.extensions and not protocol.debug):
+            # what send_text/send_binary then send_data write, framed here directly: a
+            # frame object, its checks and an output buffer per message were most of an
+            # idle device's pong (bench row 13) and of each reply frame
+            ws.transport.write(unmasked_frame(FIN_TEXT, data.encode()) if isinstance(data, str)
+                               else unmasked_frame(FIN_BINARY, data))
+            return
         if isinstance(data, str):
-            ws.protocol.send_text(data.encode())
+            protocol.send_text(data.encode())
         else:
-            ws.protocol.send_binary(data)
+            protocol.send_binary(data)
         ws.send_data()
     except Exception:  # as ws.send does: a failed write ends the connection
         logger.debug("write failed on %s; closing it", ws.id, exc_info=True)
@@ -1021,6 +1034,28 @@ class IdleWatch:
             self._handle = None
 
 
+#: Where websockets' frame parser waits while it is between two frames with nothing
+#: buffered (Protocol.parse asks ``reader.at_eof()`` before each frame); elsewhere it is
+#: inside a frame whose header it has read, and only it may take what follows.
+_BETWEEN_FRAMES = StreamReader.at_eof.__code__
+
+
+def _between_frames(parser: Generator[None]) -> bool:
+    """Whether websockets' parser waits for the next frame with nothing of it read.
+
+    The server's parser runs the handshake's, which goes on in Protocol.parse, which
+    asks ``at_eof()`` before each frame: the innermost generator it waits in says where
+    it is. Anything else (a websockets that parses otherwise) is "no": the cheap path is
+    then never taken, and websockets parses everything."""
+    inner: object = parser
+    for _ in range(4):
+        waiting = getattr(inner, "gi_yieldfrom", None)
+        if waiting is None:
+            break
+        inner = waiting
+    return getattr(inner, "gi_code", None) is _BETWEEN_FRAMES
+
+
 class GuardedConnection(ServerConnection):
     """A device connection that enforces the relay's limits below the protocol.
 
@@ -1055,13 +1090,42 @@ class GuardedConnection(ServerConnection):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
+        taken = self._take_text_frames(data) if self.on_text is not None else 0
+        if taken < len(data):
+            super().data_received(data[taken:] if taken else data)
         if self._dropped:
             return
         limit = self.relay.limits.max_write_buffer_bytes
         if self.transport.get_write_buffer_size() > limit:
             self.relay.counters.slow_readers += 1
             self.drop("slow_reader", f"send buffer over {limit} bytes: the peer is not reading")
+
+    def _take_text_frames(self, data: bytes) -> int:
+        """Hand the whole text frames ``data`` starts with to :attr:`on_text` without
+        websockets' frame parser (protocol/wsframes.py); how many bytes were taken.
+
+        Only where websockets' parser would take them exactly so: the connection open,
+        its parser waiting between two frames with nothing buffered, no fragmented
+        message under way, no extension, nothing queued for the receive task (order is
+        kept). The first frame that is not a plain text frame, or that ``on_text``
+        declines (anything but a well-formed ping or stats within the limits), and all
+        that follows it go to websockets as they came, which parses them as before.
+        """
+        if not data or data[0] != FIN_TEXT:
+            return 0  # uplink audio, a control frame, the rest of a frame: at once
+        protocol = self.protocol
+        on_text = self.on_text
+        if (on_text is None or self._dropped or protocol.state is not State.OPEN
+                or protocol.current_size is not None or protocol.extensions
+                or protocol.reader.buffer or self.recv_messages.frames
+                or not _between_frames(protocol.parser)):
+            return 0
+        taken = 0
+        for end, payload in whole_text_frames(data, protocol.max_message_size):
+            if not on_text(payload):
+                break
+            taken = end
+        return taken
 
     def process_event(self, event: Any) -> None:
         if isinstance(event, Frame):

@@ -14,6 +14,7 @@ from edgevoice_dev.testing.harness import hello_device, run, running_relay
 from edgevoice_dev.testing.timeouts import scaled
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 
 from edgevoice.protocol.connection import Connection, Role
 from edgevoice.protocol.messages import (
@@ -171,5 +172,141 @@ def test_by_default_devices_heartbeat_every_minute_with_their_stats(tmp_path: Pa
             device = RelaySettings()
             assert stats_every(welcome.heartbeat_interval_ms, device.stats_interval_s) == 1
             assert (welcome.heartbeat_interval_ms + device.ping_timeout_ms) / 1000 == 80
+            await ws.close()
+    run(scenario(), timeout=scaled(30))
+
+
+# --- heartbeats taken without websockets' frame parser (GuardedConnection._take_text_frames)
+
+
+def _raw(ws: ClientConnection, *texts: str | bytes) -> bytes:
+    """Masked text frames as a device's websockets would write them (not sent)."""
+    out = b""
+    for text in texts:
+        payload = text.encode() if isinstance(text, str) else text
+        out += Frame(Opcode.TEXT, payload).serialize(mask=True, extensions=[])
+    return out
+
+
+async def _pong(ws: ClientConnection, conn: Connection, ping_id: int) -> None:
+    pong = conn.receive_text(await asyncio.wait_for(ws.recv(), scaled(10)))
+    assert isinstance(pong, Pong) and pong.id == ping_id
+
+
+async def _closed_with(ws: ClientConnection) -> int | None:
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            await asyncio.wait_for(ws.recv(), scaled(10))
+    return ws.protocol.close_rcvd.code if ws.protocol.close_rcvd is not None else None
+
+
+def test_a_heartbeat_cut_across_writes_is_parsed_whole(tmp_path: Path) -> None:
+    # The relay's parser is inside a frame after the first piece: what follows must
+    # go to it, not be taken as the start of a frame.
+    async def scenario() -> None:
+        async with running_relay(tmp_path) as relay:
+            ws, conn = await _hello(relay.port, relay.tokens.add("d1"), "d1")
+            data = _raw(ws, conn.send(Stats({"rtt_ms": 3.0})), conn.send(Ping(1, 0)))
+            for cut in (1, 2, 5, 6, 7):  # 2 and 6: the parser waits with nothing buffered
+                ws.transport.write(data[:cut])
+                await asyncio.sleep(0.05)
+                ws.transport.write(data[cut:])
+                await _pong(ws, conn, 1)
+                data = _raw(ws, conn.send(Stats({"rtt_ms": float(cut)})), conn.send(Ping(1, 0)))
+            record = relay.fleet.record("d1")
+            assert record is not None and record.last_stats == {"rtt_ms": 6.0}
+            assert relay.counters.protocol_errors == 0
+            await ws.close()
+    run(scenario(), timeout=scaled(30))
+
+
+def test_a_malformed_message_after_a_heartbeat_in_the_same_write_closes_only_it(
+        tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_relay(tmp_path) as relay:
+            good, good_conn = await _hello(relay.port, relay.tokens.add("good"), "good")
+            bad, bad_conn = await _hello(relay.port, relay.tokens.add("bad"), "bad")
+            bad.transport.write(_raw(bad, bad_conn.send(Stats({"rtt_ms": 7.0})),
+                                     bad_conn.send(Ping(1, 0)), "{not json",
+                                     bad_conn.send(Ping(2, 0))))
+            await _pong(bad, bad_conn, 1)  # what came before it was answered
+            error = bad_conn.receive_text(await asyncio.wait_for(bad.recv(), scaled(10)))
+            assert isinstance(error, Error) and error.code == "protocol_error"
+            assert await _closed_with(bad) == CloseCode.PROTOCOL_ERROR  # no pong 2
+            record = relay.fleet.record("bad")
+            assert record is not None and record.last_stats == {"rtt_ms": 7.0}
+            _heartbeat(good, good_conn, 1, good_conn.send(Stats({})))
+            await _pong(good, good_conn, 1)
+            await good.close()
+    run(scenario(), timeout=scaled(30))
+
+
+def test_frames_websockets_must_judge_still_reach_it(tmp_path: Path) -> None:
+    # an oversized text frame (1009), an unmasked one (1002), a fragmented message (taken
+    # whole by websockets, in order), each behind a ping the cheap path may take
+    async def scenario() -> None:
+        async with running_relay(tmp_path) as relay:
+            big, big_conn = await _hello(relay.port, relay.tokens.add("big"), "big")
+            big.transport.write(_raw(big, big_conn.send(Ping(1, 0)),
+                                     b'{"type":"stats","values":{"x":"' +
+                                     b"a" * MAX_TEXT_BYTES + b'"}}'))
+            assert await _closed_with(big) == CloseCode.MESSAGE_TOO_BIG
+
+            bare, bare_conn = await _hello(relay.port, relay.tokens.add("bare"), "bare")
+            bare.transport.write(_raw(bare, bare_conn.send(Ping(1, 0))) + Frame(
+                Opcode.TEXT, bare_conn.send(Ping(2, 0)).encode()).serialize(
+                    mask=False, extensions=[]))
+            assert await _closed_with(bare) == CloseCode.PROTOCOL_ERROR
+
+            parts, parts_conn = await _hello(relay.port, relay.tokens.add("parts"), "parts")
+            stats = parts_conn.send(Stats({"rtt_ms": 9.0})).encode()
+            parts.transport.write(
+                Frame(Opcode.TEXT, stats[:10], fin=False).serialize(mask=True, extensions=[])
+                + Frame(Opcode.CONT, stats[10:]).serialize(mask=True, extensions=[])
+                + _raw(parts, parts_conn.send(Ping(1, 0))))
+            await _pong(parts, parts_conn, 1)
+            record = relay.fleet.record("parts")
+            assert record is not None and record.last_stats == {"rtt_ms": 9.0}
+            await parts.close()
+    run(scenario(), timeout=scaled(30))
+
+
+def test_the_rest_of_a_frame_is_never_taken_for_a_frame_of_its_own(tmp_path: Path) -> None:
+    # A text frame whose payload holds the bytes of a whole ping frame, sent in two
+    # pieces cut where the relay's parser waits for the payload with nothing buffered:
+    # the second piece starts like a frame but is payload. The message is not UTF-8, so
+    # the device is closed (1007), and the ping inside it is never answered.
+    async def scenario() -> None:
+        async with running_relay(tmp_path) as relay:
+            ws, conn = await _hello(relay.port, relay.tokens.add("d1"), "d1")
+            inner = _raw(ws, conn.send(Ping(1, 0)))
+            assert inner[0] == 0x81
+            outer = bytes([0x81, 0x80 | len(inner)]) + b"\0\0\0\0" + inner  # mask 0
+            ws.transport.write(outer[:6])
+            await asyncio.sleep(0.1)
+            ws.transport.write(outer[6:])
+            assert await _closed_with(ws) == 1007  # invalid frame payload data (RFC 6455)
+    run(scenario(), timeout=scaled(30))
+
+
+def test_a_whole_heartbeat_is_taken_without_websockets_parser(tmp_path: Path) -> None:
+    # Fails if a websockets release parses otherwise (the cheap path is then never
+    # taken, silently: bench row 13 would show it, this says why).
+    async def scenario() -> None:
+        async with running_relay(tmp_path) as relay:
+            ws, conn = await _hello(relay.port, relay.tokens.add("d1"), "d1")
+            await asyncio.sleep(0.1)  # the relay has taken the hello and serves
+            (server_side,) = relay._connections.values()
+            data = _raw(ws, conn.send(Stats({"rtt_ms": 2.0})), conn.send(Ping(1, 0)))
+            assert server_side._take_text_frames(data) == len(data)
+            await _pong(ws, conn, 1)
+            record = relay.fleet.record("d1")
+            assert record is not None and record.last_stats == {"rtt_ms": 2.0}
+            # a cut frame is not taken; with its rest, websockets completes it
+            assert server_side._take_text_frames(data[:3]) == 0
+            server_side.data_received(data[:3])
+            assert server_side._take_text_frames(data[3:]) == 0
+            server_side.data_received(data[3:])
+            await _pong(ws, conn, 1)
             await ws.close()
     run(scenario(), timeout=scaled(30))

@@ -15,7 +15,10 @@ from typing import Any, cast
 from edgevoice_dev.testing.harness import run
 from edgevoice_dev.testing.timeouts import scaled
 from websockets.asyncio.server import ServerConnection
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
+from websockets.uri import parse_uri
 
 from edgevoice.audio.resample import FrameFifo
 from edgevoice.protocol.connection import Connection, Role
@@ -53,15 +56,31 @@ class FakeWire:
         self.paused = False
         self.state = State.OPEN
         self.protocol = self
+        self.transport = self
+        # what the session may check before framing a message itself (_write_now)
+        self.expect_continuation_frame = False
+        self.writes: list[bytes] = []
+        self.extensions: list[Any] = []
+        self.debug = False
         self.id = uuid.uuid4()
         self.written: list[bytes | str] = []
         self.closed_with: tuple[int, str] | None = None
+        # the device's end of the wire: what is written is parsed as a client would
+        self._device = ClientProtocol(parse_uri("ws://relay/"), state=State.OPEN)
 
     def send_binary(self, data: bytes) -> None:
         self.written.append(bytes(data))
 
     def send_text(self, data: bytes) -> None:
         self.written.append(data.decode())
+
+    def write(self, data: bytes) -> None:
+        """The transport: whole frames, as the device receives them."""
+        self._device.receive_data(data)
+        for frame in self._device.events_received():
+            assert isinstance(frame, Frame) and frame.fin
+            self.written.append(frame.data.decode() if frame.opcode is Opcode.TEXT
+                                else bytes(frame.data))
 
     def send_data(self) -> None:
         pass
