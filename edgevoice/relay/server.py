@@ -1116,8 +1116,11 @@ class GuardedConnection(ServerConnection):
         protocol = self.protocol
         on_text = self.on_text
         if (on_text is None or self._dropped or protocol.state is not State.OPEN
-                or protocol.current_size is not None or protocol.extensions
-                or protocol.reader.buffer or self.recv_messages.frames
+                # websockets' internals, read defensively: a release without one of
+                # them (the range allows 14-17) takes websockets' own path every time
+                or getattr(protocol, "current_size", 0) is not None or protocol.extensions
+                or getattr(protocol.reader, "buffer", True)
+                or getattr(self.recv_messages, "frames", True)
                 or not _between_frames(protocol.parser)):
             return 0
         taken = 0
