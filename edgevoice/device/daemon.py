@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -289,10 +290,12 @@ class DeviceDaemon(LinkListener):
         turn_taking.on_frame(frame)
         gate = self.idle_gate
         if gate is not None:
-            if turn_taking.only_awaiting_speech():
-                gate.arm(self.detector.noise_floor_dbfs, turn_taking.listen_margin_db())
-            else:
+            margin = turn_taking.quiet_margin_db()
+            if margin is None:
                 gate.disarm()
+            else:
+                gate.arm(self.detector.noise_floor_dbfs,
+                         None if margin == math.inf else margin)
         now = self._frame_at = self.clock.now()
         if now >= self._tick_due:
             self._tick(now)

@@ -12,6 +12,7 @@ the link (turn end, interrupt).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 from edgevoice.audio.aec import EchoCanceller, ReferenceFifo
@@ -149,31 +150,31 @@ class TurnTaking:
         for trigger_event in trigger_events:
             self.on_trigger_event(trigger_event)
 
-    def only_awaiting_speech(self) -> bool:
-        """Whether the last frame left the device waiting for nothing but a speech
+    def quiet_margin_db(self) -> float | None:
+        """None unless the last frame left the device waiting for nothing but a speech
         onset or a louder frame for an audio trigger: idle, the detector settled in
         QUIET, nothing playing, every audio trigger only storing frames (the wake
         word's quiet gate closed). Then quiet frames may reach :meth:`on_frame` in
         batches (they change only the detector's floor and pre-roll and the triggers'
-        rings), which the idle gate allows; :meth:`listen_margin_db` says how far above
-        the floor a trigger needs a frame at once."""
-        playback = self.downlink.playback
+        rings), which the idle gate allows, and this says how far above the noise floor
+        an audio trigger needs a frame at once: the smallest margin of them,
+        ``math.inf`` when none listens below the detector's onset.
+
+        Called after every frame: one pass over the triggers, nothing allocated."""
         if not (self.machine.state is TurnState.IDLE and self.detector.settled_quiet
-                and not playback.busy):
-            return False
+                and not self.downlink.playback.busy):
+            return None
         listeners = self._quiet_listeners
         if listeners is None:
-            return False
-        return all(t.listen_margin_db() is not None for t in listeners)
-
-    def listen_margin_db(self) -> float | None:
-        """The smallest margin over the noise floor at which an audio trigger needs a
-        frame at once (None: no trigger, or one that needs every frame now)."""
-        listeners = self._quiet_listeners
-        if not listeners:
             return None
-        margins = [t.listen_margin_db() for t in listeners]
-        return None if None in margins else min(m for m in margins if m is not None)
+        smallest = math.inf
+        for trigger in listeners:
+            margin = trigger.listen_margin_db()
+            if margin is None:
+                return None
+            if margin < smallest:
+                smallest = margin
+        return smallest
 
     def _echo_reference_dbfs(self, now: float) -> float | None:
         """The level our own playback is expected to reach in the microphone now."""

@@ -5,6 +5,7 @@ FakeClock for time; Opus, the resampler and the playback buffer are the real one
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, field
 
 import pytest
@@ -93,6 +94,7 @@ class Rig:
     settings: TurnSettings = field(default_factory=lambda: TurnSettings(start="button"))
     earcons_on: bool = False
     displays: list[DeviceState] = field(default_factory=list)
+    audio_triggers: list[object] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.counters = DeviceCounters()
@@ -119,7 +121,8 @@ class Rig:
             self.machine, SilenceDetector(SilenceSettings()), self.clock, link=self.link,
             uplink=self.uplink, downlink=self.downlink, records=self.records,
             earcons=self.earcons, presenter=self.presenter, status=self.status,
-            counters=self.counters, observer=self.observers)
+            counters=self.counters, observer=self.observers,
+            audio_triggers=self.audio_triggers)  # type: ignore[arg-type]
         self.turns.link_changed(True, self.clock.now())
 
 
@@ -512,3 +515,55 @@ def test_capture_reopens_a_failing_microphone_with_backoff_and_reports_it() -> N
     assert status.audio_problem is None  # reopened: no problem left
     assert any(t.startswith("microphone unavailable: unplugged; retrying in") for t in texts)
     assert clock.now() >= 0.2 * 3  # it waited between attempts (min 200 ms)
+
+
+class Deaf:
+    """An audio trigger that needs every frame at once (not a QuietListener)."""
+
+    name = "deaf"
+
+    def __init__(self) -> None:
+        self.frames = 0
+
+    def process(self, frame: bytes, level_dbfs: float | None = None,
+                noise_floor_dbfs: float | None = None) -> list[object]:
+        self.frames += 1
+        return []
+
+
+class Listener(Deaf):
+    """An audio trigger that may take a quiet room's frames late (a QuietListener)."""
+
+    def __init__(self, margin_db: float | None) -> None:
+        super().__init__()
+        self.margin_db = margin_db
+
+    def listen_margin_db(self) -> float | None:
+        return self.margin_db
+
+
+def test_quiet_margin_is_the_closest_listener_and_none_unless_every_one_can_wait() -> None:
+    """Quiet frames may be batched only while the detector is settled and every audio
+    trigger can wait; the margin is the smallest any of them needs (inf: none)."""
+    near, far = Listener(6.0), Listener(9.0)
+    rig = Rig(audio_triggers=[far, near])
+    assert rig.turns.quiet_margin_db() is None  # the detector has not settled yet
+    for _ in range(40):
+        rig.turns.on_frame(tone(-60.0))
+    assert rig.turns.quiet_margin_db() == 6.0
+    near.margin_db = None  # its models are running: every frame now
+    assert rig.turns.quiet_margin_db() is None
+    near.margin_db = 12.0
+    assert rig.turns.quiet_margin_db() == 9.0
+    assert far.frames == near.frames == 40  # batching or not, every frame arrives
+    assert Rig().turns.quiet_margin_db() is None  # unsettled, no trigger
+    bare = Rig()
+    for _ in range(40):
+        bare.turns.on_frame(tone(-60.0))
+    assert bare.turns.quiet_margin_db() == math.inf  # nobody listens below the onset
+    mixed = Rig(audio_triggers=[Listener(6.0), Deaf()])
+    for _ in range(40):
+        mixed.turns.on_frame(tone(-60.0))
+    assert mixed.turns.quiet_margin_db() is None  # one trigger cannot wait
+    bare.turns.on_frame(tone(-20.0))  # speech: the detector leaves QUIET
+    assert bare.turns.quiet_margin_db() is None
