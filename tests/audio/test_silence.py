@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -287,6 +289,31 @@ def to_pcm_frame(samples: np.ndarray) -> bytes:
     return np.clip(np.round(samples), -32768, 32767).astype("<i2").tobytes()
 
 
+def _drive_in_blocks(gate: IdleGate, frame_list: list[bytes], batch_blocks: int,
+                     on_frame: Callable[[bytes], bool], held_what: str) -> None:
+    """Drive ``gate`` as the sound card's path does: 60 ms blocks, held while it says
+    "cannot start speech" (at most ``batch_blocks``), handed over per batch. ``on_frame``
+    takes each frame in order (and re-arms the gate); it says whether that frame had to
+    come at once, which only a block the gate let through (or a batch one ended) may."""
+    blocks = [frame_list[i:i + 3] for i in range(0, len(frame_list) - 2, 3)]
+    held: list[list[bytes]] = []
+    urgent_seen = False
+    for block in blocks:
+        if not held:
+            gate.batch_began()
+        urgent = gate.may_start(b"".join(block), 3)
+        held.append(block)
+        urgent_seen = urgent_seen or urgent
+        if not (urgent or len(held) >= batch_blocks):
+            continue
+        for b in held:
+            for pcm in b:
+                was_armed = gate.armed
+                if on_frame(pcm):
+                    assert not was_armed or urgent_seen, held_what
+        held, urgent_seen = [], False
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     levels=st.lists(st.sampled_from([-100.0, -75.0, -62.0, -60.0, -58.0, -54.0, -51.0, -49.0,
@@ -303,29 +330,17 @@ def test_the_idle_gate_never_holds_back_a_frame_that_moves_the_detector(
     such block ended), even though the floor moves with the held frames."""
     detector = SilenceDetector(SilenceSettings(warmup_ms=0))
     gate = IdleGate(detector.settings)
-    frame_list = _levelled_frames(levels, seed)
-    blocks = [frame_list[i:i + 3] for i in range(0, len(frame_list) - 2, 3)]
-    held: list[list[bytes]] = []
-    urgent_seen = False
-    for block in blocks:
-        if not held:
-            gate.batch_began()
-        urgent = gate.may_start(b"".join(block), 3)
-        held.append(block)
-        urgent_seen = urgent_seen or urgent
-        if not (urgent or len(held) >= batch_blocks):
-            continue
-        for b in held:
-            for frame in b:
-                was_armed = gate.armed
-                detector.process(frame)
-                if detector.state is not SpeechState.QUIET:
-                    assert not was_armed or urgent_seen, "a frame that starts speech was held"
-                if detector.settled_quiet:
-                    gate.arm(detector.noise_floor_dbfs)
-                else:
-                    gate.disarm()
-        held, urgent_seen = [], False
+
+    def frame(pcm: bytes) -> bool:
+        detector.process(pcm)
+        if detector.settled_quiet:
+            gate.arm(detector.noise_floor_dbfs)
+        else:
+            gate.disarm()
+        return detector.state is not SpeechState.QUIET
+
+    _drive_in_blocks(gate, _levelled_frames(levels, seed), batch_blocks, frame,
+                     "a frame that starts speech was held")
 
 
 @settings(max_examples=150, deadline=None)
@@ -347,29 +362,18 @@ def test_the_idle_gate_never_holds_back_a_frame_a_listening_trigger_needs(
     detector = SilenceDetector(SilenceSettings(warmup_ms=0))
     wake_gate = QuietGate(6.0, hold_frames=4)
     gate = IdleGate(detector.settings)
-    frame_list = _levelled_frames(levels, seed)
-    blocks = [frame_list[i:i + 3] for i in range(0, len(frame_list) - 2, 3)]
-    held: list[list[bytes]] = []
-    urgent_seen = False
-    for block in blocks:
-        if not held:
-            gate.batch_began()
-        urgent = gate.may_start(b"".join(block), 3)
-        held.append(block)
-        urgent_seen = urgent_seen or urgent
-        if not (urgent or len(held) >= batch_blocks):
-            continue
-        for b in held:
-            for frame in b:
-                was_armed = gate.armed
-                detector.process(frame)
-                if wake_gate.update(detector.level_dbfs, detector.noise_floor_dbfs):
-                    assert not was_armed or urgent_seen, "a frame the wake word needs was held"
-                if detector.settled_quiet and wake_gate.state is GateState.CLOSED:
-                    gate.arm(detector.noise_floor_dbfs, listen_margin_db=wake_gate.margin_db)
-                else:
-                    gate.disarm()
-        held, urgent_seen = [], False
+
+    def frame(pcm: bytes) -> bool:
+        detector.process(pcm)
+        needed = wake_gate.update(detector.level_dbfs, detector.noise_floor_dbfs)
+        if detector.settled_quiet and wake_gate.state is GateState.CLOSED:
+            gate.arm(detector.noise_floor_dbfs, listen_margin_db=wake_gate.margin_db)
+        else:
+            gate.disarm()
+        return needed
+
+    _drive_in_blocks(gate, _levelled_frames(levels, seed), batch_blocks, frame,
+                     "a frame the wake word needs was held")
 
 
 def test_a_listening_trigger_lowers_what_the_idle_gate_lets_through() -> None:

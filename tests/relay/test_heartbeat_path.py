@@ -35,8 +35,9 @@ from edgevoice.upstream.base import DeviceContext
 from edgevoice.upstream.echo import EchoSession, EchoSettings, EchoUpstream
 
 
-async def _hello(port: int, token: str, device: str) -> tuple[ClientConnection, Connection]:
-    return await hello_device(port, token, device, scaled(10))
+async def _hello(relay: RelayServer, device: str) -> tuple[ClientConnection, Connection]:
+    """``device`` connected with a token of its own, past hello/welcome."""
+    return await hello_device(relay.port, relay.tokens.add(device), device, scaled(10))
 
 
 def _heartbeat(ws: ClientConnection, conn: Connection, ping_id: int,
@@ -51,8 +52,8 @@ def _heartbeat(ws: ClientConnection, conn: Connection, ping_id: int,
 def test_malformed_stats_close_only_that_device_with_one_clear_error(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_relay(tmp_path) as relay:
-            good, good_conn = await _hello(relay.port, relay.tokens.add("good"), "good")
-            bad, bad_conn = await _hello(relay.port, relay.tokens.add("bad"), "bad")
+            good, good_conn = await _hello(relay, "good")
+            bad, bad_conn = await _hello(relay, "bad")
             _heartbeat(good, good_conn, 1, good_conn.send(Stats({"rtt_ms": 1.5})))
             pong = good_conn.receive_text(await asyncio.wait_for(good.recv(), scaled(10)))
             assert isinstance(pong, Pong) and pong.id == 1
@@ -109,7 +110,7 @@ def test_a_heartbeat_is_answered_while_the_session_waits_on_its_upstream(
                             TokenStore(tmp_path / "tokens.json"), upstream)
         await relay.start()
         try:
-            ws, conn = await _hello(relay.port, relay.tokens.add("d1"), "d1")
+            ws, conn = await _hello(relay, "d1")
             await ws.send(conn.send(TurnStart(1)))
             await asyncio.sleep(0.2)  # the receive task is now waiting in start_turn
             _heartbeat(ws, conn, 1, conn.send(Stats({"rtt_ms": 4.0})))
@@ -128,8 +129,8 @@ def test_a_heartbeat_is_answered_while_the_session_waits_on_its_upstream(
 def test_pings_over_the_limit_close_only_that_device(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_relay(tmp_path, max_pings_per_s=2) as relay:
-            good, good_conn = await _hello(relay.port, relay.tokens.add("good"), "good")
-            flood, flood_conn = await _hello(relay.port, relay.tokens.add("flood"), "flood")
+            good, good_conn = await _hello(relay, "good")
+            flood, flood_conn = await _hello(relay, "flood")
             for ping_id in range(1, 40):  # the burst is 10 pings
                 flood.protocol.send_text(flood_conn.send(Ping(ping_id, 0)).encode())
             flood.send_data()
@@ -188,6 +189,11 @@ def _raw(ws: ClientConnection, *texts: str | bytes) -> bytes:
     return out
 
 
+def _write(ws: ClientConnection, *texts: str | bytes) -> None:
+    """Write masked text frames in one piece, under websockets' writer."""
+    ws.transport.write(_raw(ws, *texts))
+
+
 async def _pong(ws: ClientConnection, conn: Connection, ping_id: int) -> None:
     pong = conn.receive_text(await asyncio.wait_for(ws.recv(), scaled(10)))
     assert isinstance(pong, Pong) and pong.id == ping_id
@@ -205,7 +211,7 @@ def test_a_heartbeat_cut_across_writes_is_parsed_whole(tmp_path: Path) -> None:
     # go to it, not be taken as the start of a frame.
     async def scenario() -> None:
         async with running_relay(tmp_path) as relay:
-            ws, conn = await _hello(relay.port, relay.tokens.add("d1"), "d1")
+            ws, conn = await _hello(relay, "d1")
             data = _raw(ws, conn.send(Stats({"rtt_ms": 3.0})), conn.send(Ping(1, 0)))
             for cut in (1, 2, 5, 6, 7):  # 2 and 6: the parser waits with nothing buffered
                 ws.transport.write(data[:cut])
@@ -224,11 +230,10 @@ def test_a_malformed_message_after_a_heartbeat_in_the_same_write_closes_only_it(
         tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_relay(tmp_path) as relay:
-            good, good_conn = await _hello(relay.port, relay.tokens.add("good"), "good")
-            bad, bad_conn = await _hello(relay.port, relay.tokens.add("bad"), "bad")
-            bad.transport.write(_raw(bad, bad_conn.send(Stats({"rtt_ms": 7.0})),
-                                     bad_conn.send(Ping(1, 0)), "{not json",
-                                     bad_conn.send(Ping(2, 0))))
+            good, good_conn = await _hello(relay, "good")
+            bad, bad_conn = await _hello(relay, "bad")
+            _write(bad, bad_conn.send(Stats({"rtt_ms": 7.0})), bad_conn.send(Ping(1, 0)),
+                   "{not json", bad_conn.send(Ping(2, 0)))
             await _pong(bad, bad_conn, 1)  # what came before it was answered
             error = bad_conn.receive_text(await asyncio.wait_for(bad.recv(), scaled(10)))
             assert isinstance(error, Error) and error.code == "protocol_error"
@@ -246,19 +251,18 @@ def test_frames_websockets_must_judge_still_reach_it(tmp_path: Path) -> None:
     # whole by websockets, in order), each behind a ping the cheap path may take
     async def scenario() -> None:
         async with running_relay(tmp_path) as relay:
-            big, big_conn = await _hello(relay.port, relay.tokens.add("big"), "big")
-            big.transport.write(_raw(big, big_conn.send(Ping(1, 0)),
-                                     b'{"type":"stats","values":{"x":"' +
-                                     b"a" * MAX_TEXT_BYTES + b'"}}'))
+            big, big_conn = await _hello(relay, "big")
+            _write(big, big_conn.send(Ping(1, 0)),
+                   b'{"type":"stats","values":{"x":"' + b"a" * MAX_TEXT_BYTES + b'"}}')
             assert await _closed_with(big) == CloseCode.MESSAGE_TOO_BIG
 
-            bare, bare_conn = await _hello(relay.port, relay.tokens.add("bare"), "bare")
+            bare, bare_conn = await _hello(relay, "bare")
             bare.transport.write(_raw(bare, bare_conn.send(Ping(1, 0))) + Frame(
                 Opcode.TEXT, bare_conn.send(Ping(2, 0)).encode()).serialize(
                     mask=False, extensions=[]))
             assert await _closed_with(bare) == CloseCode.PROTOCOL_ERROR
 
-            parts, parts_conn = await _hello(relay.port, relay.tokens.add("parts"), "parts")
+            parts, parts_conn = await _hello(relay, "parts")
             stats = parts_conn.send(Stats({"rtt_ms": 9.0})).encode()
             parts.transport.write(
                 Frame(Opcode.TEXT, stats[:10], fin=False).serialize(mask=True, extensions=[])
@@ -278,7 +282,7 @@ def test_the_rest_of_a_frame_is_never_taken_for_a_frame_of_its_own(tmp_path: Pat
     # the device is closed (1007), and the ping inside it is never answered.
     async def scenario() -> None:
         async with running_relay(tmp_path) as relay:
-            ws, conn = await _hello(relay.port, relay.tokens.add("d1"), "d1")
+            ws, conn = await _hello(relay, "d1")
             inner = _raw(ws, conn.send(Ping(1, 0)))
             assert inner[0] == 0x81
             outer = bytes([0x81, 0x80 | len(inner)]) + b"\0\0\0\0" + inner  # mask 0
@@ -294,7 +298,7 @@ def test_a_whole_heartbeat_is_taken_without_websockets_parser(tmp_path: Path) ->
     # taken, silently: bench row 13 would show it, this says why).
     async def scenario() -> None:
         async with running_relay(tmp_path) as relay:
-            ws, conn = await _hello(relay.port, relay.tokens.add("d1"), "d1")
+            ws, conn = await _hello(relay, "d1")
             await asyncio.sleep(0.1)  # the relay has taken the hello and serves
             (server_side,) = relay._connections.values()
             data = _raw(ws, conn.send(Stats({"rtt_ms": 2.0})), conn.send(Ping(1, 0)))
