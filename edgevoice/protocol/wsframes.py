@@ -17,6 +17,7 @@ websockets, which parses it, and rejects what is wrong, as it always has.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
 try:  # websockets' C helper, as its own frame parser uses
     from websockets.speedups import apply_mask
@@ -32,11 +33,14 @@ _LENGTH_16 = 126
 _LENGTH_64 = 127
 
 
-def whole_text_frames(data: bytes, max_size: int | None) -> list[tuple[int, bytes]]:
+def whole_text_frames(data: bytes, max_size: int | None) -> Iterator[tuple[int, bytes]]:
     """The plain text frames ``data`` starts with, as (offset just past the frame,
-    unmasked payload), in order; empty when the first is not one. ``max_size``: the
-    largest payload taken (a larger frame is left to websockets, which refuses it)."""
-    frames: list[tuple[int, bytes]] = []
+    unmasked payload), in order; nothing when the first is not one. ``max_size``: the
+    largest payload taken (a larger frame is left to websockets, which refuses it).
+
+    Lazy: a frame is unmasked only when the caller asks for it, so a caller that stops
+    at a frame it will not take (and hands the rest to websockets) unmasks nothing
+    after it."""
     pos, end_of_data = 0, len(data)
     while end_of_data - pos >= 6:  # 2 header bytes and the 4-byte mask, at least
         if data[pos] != FIN_TEXT:
@@ -58,9 +62,8 @@ def whole_text_frames(data: bytes, max_size: int | None) -> list[tuple[int, byte
         end = start + length
         if end > end_of_data:
             break
-        frames.append((end, apply_mask(data[start:end], data[start - 4:start])))
+        yield end, apply_mask(data[start:end], data[start - 4:start])
         pos = end
-    return frames
 
 
 _HEAD_16 = struct.Struct("!BBH")
