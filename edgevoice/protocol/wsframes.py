@@ -1,17 +1,19 @@
-"""Whole masked WebSocket text frames at the start of received bytes (RFC 6455 §5.2).
+"""Whole masked WebSocket data frames at the start of received bytes (RFC 6455 §5.2).
 
 Pure: bytes in, the frames' payloads out. The relay (``relay/server.py``
 GuardedConnection) uses it to take an idle device's heartbeat (its ``stats`` and
-``ping``, two small text frames in one write) without waking websockets' generator
-based frame parser, which was a third of the relay's CPU per heartbeat (bench row 13).
+``ping``, two small text frames in one write) and each uplink audio frame (one binary
+frame a write, 50 a second while a device talks) without waking websockets' generator
+based frame parser, which was a third of the relay's CPU per heartbeat (bench row 13)
+and its largest cost per uplink frame after the codec (bench row 4's profile).
 
 It also frames what the relay writes (:func:`unmasked_frame`), as websockets would.
 
 Only the plainest frames are taken: final (not fragmented), no reserved bits (no
-extension), text, masked (a client's frames must be), a 7- or 16-bit length no larger
-than the connection's limit, all of it present. Scanning stops at the first frame that
-is anything else (or is cut short); the caller hands that frame and what follows to
-websockets, which parses it, and rejects what is wrong, as it always has.
+extension), text or binary, masked (a client's frames must be), a 7- or 16-bit length
+no larger than the connection's limit, all of it present. Scanning stops at the first
+frame that is anything else (or is cut short); the caller hands that frame and what
+follows to websockets, which parses it, and rejects what is wrong, as it always has.
 """
 
 from __future__ import annotations
@@ -33,17 +35,19 @@ _LENGTH_16 = 126
 _LENGTH_64 = 127
 
 
-def whole_text_frames(data: bytes, max_size: int | None) -> Iterator[tuple[int, bytes]]:
-    """The plain text frames ``data`` starts with, as (offset just past the frame,
-    unmasked payload), in order; nothing when the first is not one. ``max_size``: the
-    largest payload taken (a larger frame is left to websockets, which refuses it).
+def whole_frames(data: bytes, max_size: int | None) -> Iterator[tuple[int, int, bytes]]:
+    """The plain text and binary frames ``data`` starts with, as (offset just past the
+    frame, its first header byte: :data:`FIN_TEXT` or :data:`FIN_BINARY`, unmasked
+    payload), in order; nothing when the first is not one. ``max_size``: the largest
+    payload taken (a larger frame is left to websockets, which refuses it).
 
     Lazy: a frame is unmasked only when the caller asks for it, so a caller that stops
     at a frame it will not take (and hands the rest to websockets) unmasks nothing
     after it."""
     pos, end_of_data = 0, len(data)
     while end_of_data - pos >= 6:  # 2 header bytes and the 4-byte mask, at least
-        if data[pos] != FIN_TEXT:
+        first = data[pos]
+        if first != FIN_BINARY and first != FIN_TEXT:
             break
         second = data[pos + 1]
         if not second & _MASKED:
@@ -56,13 +60,13 @@ def whole_text_frames(data: bytes, max_size: int | None) -> Iterator[tuple[int, 
                 break
             length = (data[pos + 2] << 8) | data[pos + 3]
         elif length == _LENGTH_64:
-            break  # far beyond any control message
+            break  # far beyond any message of the protocol (websockets refuses it)
         if max_size is not None and length > max_size:
             break
         end = start + length
         if end > end_of_data:
             break
-        yield end, apply_mask(data[start:end], data[start - 4:start])
+        yield end, first, apply_mask(data[start:end], data[start - 4:start])
         pos = end
 
 

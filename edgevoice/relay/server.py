@@ -82,7 +82,7 @@ from edgevoice.protocol.session import (
     close_ends_session,
     replay_for,
 )
-from edgevoice.protocol.wsframes import FIN_BINARY, FIN_TEXT, unmasked_frame, whole_text_frames
+from edgevoice.protocol.wsframes import FIN_BINARY, FIN_TEXT, unmasked_frame, whole_frames
 from edgevoice.queues import NOTHING_YET, Flag, owned
 from edgevoice.relay.admission import REFUSAL_TEXT, LoadLimits, Refusal, TurnAdmission
 from edgevoice.relay.auth import FailureLimiter, GuessThrottle
@@ -481,7 +481,7 @@ class DeviceSession:
         has. Pings and stats need no order with other messages, but one queued before
         them keeps them behind it (GuardedConnection.process_event checks). A whole
         heartbeat write reaches this without websockets' frame parser
-        (GuardedConnection._take_text_frames); a frame declined here goes to it.
+        (GuardedConnection._take_frames); a frame declined here goes to it.
         """
         if (self.owner is not ws or self.end_reason is not None or idle.expired
                 or self._uplink_failure is not None
@@ -1090,7 +1090,7 @@ class GuardedConnection(ServerConnection):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        taken = self._take_text_frames(data) if self.on_text is not None else 0
+        taken = self._take_frames(data) if self.on_binary is not None else 0
         if taken < len(data):
             super().data_received(data[taken:] if taken else data)
         if self._dropped:
@@ -1100,32 +1100,40 @@ class GuardedConnection(ServerConnection):
             self.relay.counters.slow_readers += 1
             self.drop("slow_reader", f"send buffer over {limit} bytes: the peer is not reading")
 
-    def _take_text_frames(self, data: bytes) -> int:
-        """Hand the whole text frames ``data`` starts with to :attr:`on_text` without
-        websockets' frame parser (protocol/wsframes.py); how many bytes were taken.
+    def _take_frames(self, data: bytes) -> int:
+        """Hand the whole text and binary frames ``data`` starts with to :attr:`on_text`
+        and :attr:`on_binary` without websockets' frame parser (protocol/wsframes.py);
+        how many bytes were taken.
 
         Only where websockets' parser would take them exactly so: the connection open,
         its parser waiting between two frames with nothing buffered, no fragmented
         message under way, no extension, nothing queued for the receive task (order is
-        kept). The first frame that is not a plain text frame, or that ``on_text``
-        declines (anything but a well-formed ping or stats within the limits), and all
-        that follows it go to websockets as they came, which parses them as before.
+        kept). The first frame that is not a plain text or binary frame, or that its
+        callback declines (text: anything but a well-formed ping or stats within the
+        limits; binary: audio the receive task must see or judge), and all that follows
+        it go to websockets as they came, which parses them as before (and offers a
+        declined frame to the callback again, which declines it again).
         """
-        if not data or data[0] != FIN_TEXT:
-            return 0  # uplink audio, a control frame, the rest of a frame: at once
+        if not data:
+            return 0
+        first = data[0]
+        if first != FIN_BINARY and first != FIN_TEXT:
+            return 0  # a control frame, the rest of a frame: at once
         protocol = self.protocol
-        on_text = self.on_text
-        if (on_text is None or self._dropped or protocol.state is not State.OPEN
+        on_text, on_binary = self.on_text, self.on_binary
+        if (on_text is None or on_binary is None or self._dropped
+                or protocol.state is not State.OPEN
                 # websockets' internals, read defensively: a release without one of
                 # them (the range allows 14-17) takes websockets' own path every time
                 or getattr(protocol, "current_size", 0) is not None or protocol.extensions
+                or getattr(protocol, "max_fragment_size", None) is not None
                 or getattr(protocol.reader, "buffer", True)
                 or getattr(self.recv_messages, "frames", True)
                 or not _between_frames(protocol.parser)):
             return 0
         taken = 0
-        for end, payload in whole_text_frames(data, protocol.max_message_size):
-            if not on_text(payload):
+        for end, first, payload in whole_frames(data, protocol.max_message_size):
+            if not (on_binary(payload) if first == FIN_BINARY else on_text(payload)):
                 break
             taken = end
         return taken

@@ -177,7 +177,7 @@ def test_by_default_devices_heartbeat_every_minute_with_their_stats(tmp_path: Pa
     run(scenario(), timeout=scaled(30))
 
 
-# --- heartbeats taken without websockets' frame parser (GuardedConnection._take_text_frames)
+# --- heartbeats taken without websockets' frame parser (GuardedConnection._take_frames)
 
 
 def _raw(ws: ClientConnection, *texts: str | bytes) -> bytes:
@@ -302,14 +302,14 @@ def test_a_whole_heartbeat_is_taken_without_websockets_parser(tmp_path: Path) ->
             await asyncio.sleep(0.1)  # the relay has taken the hello and serves
             (server_side,) = relay._connections.values()
             data = _raw(ws, conn.send(Stats({"rtt_ms": 2.0})), conn.send(Ping(1, 0)))
-            assert server_side._take_text_frames(data) == len(data)
+            assert server_side._take_frames(data) == len(data)
             await _pong(ws, conn, 1)
             record = relay.fleet.record("d1")
             assert record is not None and record.last_stats == {"rtt_ms": 2.0}
             # a cut frame is not taken; with its rest, websockets completes it
-            assert server_side._take_text_frames(data[:3]) == 0
+            assert server_side._take_frames(data[:3]) == 0
             server_side.data_received(data[:3])
-            assert server_side._take_text_frames(data[3:]) == 0
+            assert server_side._take_frames(data[3:]) == 0
             server_side.data_received(data[3:])
             await _pong(ws, conn, 1)
             await ws.close()

@@ -19,11 +19,13 @@ from test_pacing import FakeWire, attached_session
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 
 from edgevoice.audio.opus import OpusEncoder, OpusSettings
 from edgevoice.protocol.connection import Connection
 from edgevoice.protocol.messages import (
     AUDIO_HEADER,
+    MAX_TEXT_BYTES,
     PROTOCOL_VERSION,
     AudioKind,
     CloseCode,
@@ -311,3 +313,150 @@ def test_only_the_connection_whose_receive_task_waits_has_frames_taken_early(
         assert [kind for kind, _, _ in seen] == ["audio"] and relay.counters.frames_in == 1
         idle.cancel()
     run(scenario(), timeout=scaled(10))
+
+
+# --- audio frames taken without websockets' frame parser (GuardedConnection._take_frames)
+
+
+def _binary(*payloads: bytes, fin: bool = True, opcode: Opcode = Opcode.BINARY) -> bytes:
+    """Masked frames as a device's websockets would write them (not sent)."""
+    return b"".join(Frame(opcode, p, fin).serialize(mask=True, extensions=[])
+                    for p in payloads)
+
+
+async def _talking(relay: RelayServer, device: str) -> tuple[ClientConnection, Connection]:
+    ws, conn = await hello_device(relay.port, relay.tokens.add(device), device, scaled(10))
+    await ws.send(conn.send(TurnStart(1)))
+    await asyncio.sleep(0.05)  # the turn has started, the receive task waits in recv()
+    return ws, conn
+
+
+def _audio_seen(upstream: RecordingUpstream, device: str) -> list[int]:
+    return [n for kind, n, _ in upstream.seen.get(device, []) if kind == "audio"]
+
+
+def test_whole_audio_frames_are_taken_without_websockets_parser(tmp_path: Path) -> None:
+    # Fails if a websockets release parses otherwise (the cheap path is then never
+    # taken, silently: bench rows 4 and 14 would show it, this says why).
+    async def scenario() -> None:
+        upstream = RecordingUpstream()
+        relay = await started_relay(tmp_path, upstream)
+        try:
+            ws, conn = await _talking(relay, "d1")
+            (server_side,) = relay._connections.values()
+            good = packets(4)
+            data = _binary(*(conn.send_audio(p, 0)[1] for p in good[:2]))
+            assert server_side._take_frames(data) == len(data)
+            assert _audio_seen(upstream, "d1") == [640, 640]
+            # a cut frame is not taken; with its rest, websockets completes it
+            data = _binary(*(conn.send_audio(p, 0)[1] for p in good[2:]))
+            assert server_side._take_frames(data[:3]) == 0
+            server_side.data_received(data[:3])
+            assert server_side._take_frames(data[3:]) == 0
+            server_side.data_received(data[3:])
+            await until(lambda: len(_audio_seen(upstream, "d1")) == 4, "audio lost")
+            assert relay.counters.frames_in == 4 and relay.counters.protocol_errors == 0
+            await ws.close()
+        finally:
+            await relay.close()
+    run(scenario(), timeout=scaled(30))
+
+
+def test_audio_cut_across_writes_reaches_the_upstream_whole_and_in_order(
+        tmp_path: Path) -> None:
+    # The relay's parser is inside a frame after the first piece: what follows must
+    # go to it, not be taken as the start of a frame.
+    async def scenario() -> None:
+        upstream = RecordingUpstream()
+        relay = await started_relay(tmp_path, upstream)
+        try:
+            ws, conn = await _talking(relay, "d1")
+            good = packets(2)
+            cuts = (1, 2, 5, 6, 7, 20)  # 2 and 6: the parser waits with nothing buffered
+            for i, cut in enumerate(cuts):
+                data = _binary(*(conn.send_audio(p, 0)[1] for p in good))
+                ws.transport.write(data[:cut])
+                await asyncio.sleep(0.05)
+                ws.transport.write(data[cut:])
+                want = 2 * (i + 1)
+                await until(lambda: len(_audio_seen(upstream, "d1")) == want,  # noqa: B023
+                            f"audio cut at {cut} lost")
+            assert relay.counters.frames_in == 2 * len(cuts)
+            assert relay.counters.frames_duplicate == 0
+            assert relay.counters.protocol_errors == 0
+            await ws.close()
+        finally:
+            await relay.close()
+    run(scenario(), timeout=scaled(30))
+
+
+def test_the_rest_of_a_binary_frame_is_never_taken_for_a_frame_of_its_own(
+        tmp_path: Path) -> None:
+    # A binary frame whose payload holds the bytes of a whole audio frame, sent in two
+    # pieces cut where the relay's parser waits for the payload with nothing buffered:
+    # the second piece starts like a frame but is payload. As a message it is no audio
+    # frame (its version byte is 0x82), so the device is closed (1002) and the audio
+    # inside it never reaches the upstream.
+    async def scenario() -> None:
+        upstream = RecordingUpstream()
+        relay = await started_relay(tmp_path, upstream)
+        try:
+            ws, conn = await _talking(relay, "d1")
+            inner = _binary(conn.send_audio(packets(1)[0], 0)[1])
+            assert inner[0] == 0x82 and len(inner) < 126
+            outer = bytes([0x82, 0x80 | len(inner)]) + b"\0\0\0\0" + inner  # mask 0
+            ws.transport.write(outer[:6])
+            await asyncio.sleep(0.1)
+            ws.transport.write(outer[6:])
+            closed, errors = await closed_with(ws, conn)
+            assert closed == CloseCode.PROTOCOL_ERROR and errors == ["protocol_error"]
+            assert _audio_seen(upstream, "d1") == []
+        finally:
+            await relay.close()
+    run(scenario(), timeout=scaled(30))
+
+
+def test_binary_frames_websockets_must_judge_still_reach_it(tmp_path: Path) -> None:
+    # each behind an audio frame the cheap path takes: an oversized binary frame (1009),
+    # an unmasked one (1002), one with a reserved bit (1002); a fragmented audio message
+    # and a ping between two audio frames are taken by websockets, in order
+    async def scenario() -> None:
+        upstream = RecordingUpstream()
+        relay = await started_relay(tmp_path, upstream)
+        try:
+            good = packets(3)
+            big, big_conn = await _talking(relay, "big")
+            big.transport.write(_binary(big_conn.send_audio(good[0], 0)[1],
+                                        bytes(MAX_TEXT_BYTES + 1)))
+            assert (await closed_with(big, big_conn))[0] == CloseCode.MESSAGE_TOO_BIG
+
+            bare, bare_conn = await _talking(relay, "bare")
+            bare.transport.write(_binary(bare_conn.send_audio(good[0], 0)[1]) + Frame(
+                Opcode.BINARY, bare_conn.send_audio(good[1], 0)[1]).serialize(
+                    mask=False, extensions=[]))
+            assert (await closed_with(bare, bare_conn))[0] == CloseCode.PROTOCOL_ERROR
+
+            rsv, rsv_conn = await _talking(relay, "rsv")
+            odd = bytearray(_binary(rsv_conn.send_audio(good[1], 0)[1]))
+            odd[0] |= 0x40  # RSV1: an extension nobody negotiated
+            rsv.transport.write(_binary(rsv_conn.send_audio(good[0], 0)[1]) + bytes(odd))
+            assert (await closed_with(rsv, rsv_conn))[0] == CloseCode.PROTOCOL_ERROR
+            for device in ("big", "bare", "rsv"):  # only what came before the bad frame
+                assert _audio_seen(upstream, device) == [640], device
+
+            parts, parts_conn = await _talking(relay, "parts")
+            first, second, third = (parts_conn.send_audio(p, 0)[1] for p in good)
+            parts.transport.write(
+                _binary(first)
+                + _binary(second[:10], fin=False)
+                + _binary(second[10:], opcode=Opcode.CONT)
+                + _binary(b"are you there?", opcode=Opcode.PING)
+                + _binary(third))
+            await until(lambda: len(_audio_seen(upstream, "parts")) == 3, "audio lost")
+            assert relay.counters.protocol_errors == 0
+            assert await parts.ping() is not None  # still open, answering
+            await parts.close()
+            assert "parts" in relay.sessions or "parts" in relay.held
+        finally:
+            await relay.close()
+    run(scenario(), timeout=scaled(30))
