@@ -22,6 +22,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import gc
 import http
 import logging
 import ssl
@@ -1266,6 +1267,8 @@ class RelayServer:
     async def start(self) -> None:
         limits = self.limits
         self._closing = False
+        if self._after_full_pass not in gc.callbacks:
+            gc.callbacks.append(self._after_full_pass)
         connection_class = type("RelayConnection", (GuardedConnection,), {"relay": self})
         self._server = await serve(
             self._handle,
@@ -1298,6 +1301,8 @@ class RelayServer:
         """
         server = self._server
         self.admission.close()
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._after_full_pass)
         if server is None:
             return
         self._closing = True
@@ -1357,6 +1362,10 @@ class RelayServer:
     def any_busy(self) -> bool:
         """Whether any session is in a turn or a reply."""
         return self.busy_count(1) > 0
+
+    def _after_full_pass(self, phase: str, info: dict[str, int]) -> None:
+        # through the relay, not the keeper itself: a test may swap the keeper
+        self.heap.after_full_pass(phase, info)
 
     def keep_heap(self) -> HeapPass | None:
         """Called every few seconds by the process's main loop: a collection, if one

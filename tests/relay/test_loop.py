@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
+from pathlib import Path
 
 import pytest
 
+from edgevoice.relay.auth import TokenStore
 from edgevoice.relay.loop import HeapKeeper, HeapPass, heap_due, loop_factory, run
+from edgevoice.relay.server import RelayServer
+from edgevoice.relay.settings import LimitsSettings, ListenSettings
+from edgevoice.upstream.echo import EchoUpstream
 
 
 def test_the_relay_runs_on_uvloop_when_it_is_installed_with_its_startup_objects_frozen(
@@ -95,5 +100,46 @@ def test_the_keeper_collects_when_quiet_after_a_full_pass() -> None:
         assert keeper.check(quiet=True) is HeapPass.YOUNG
         assert keeper.runs == 1
         assert keeper.check(quiet=True) is None  # its own collection does not count
+    finally:
+        gc.unfreeze()
+
+
+def test_what_survives_the_collectors_own_full_pass_is_frozen() -> None:
+    # A relay at capacity is never quiet: its keeper freezes right after each full
+    # pass the collector makes on its own, so the next one walks only what came since.
+    keeper = HeapKeeper()
+    gc.callbacks.append(keeper.after_full_pass)
+    try:
+        alive, dead = Cycle(), Cycle()
+        gone = weakref.ref(dead)
+        del dead
+        gc.collect(1)  # not a full pass: nothing frozen
+        assert keeper.frozen_after_passes == 0
+        assert any(o is alive for o in gc.get_objects())
+        gc.collect()  # a full pass, as the collector's thresholds would make
+        assert gone() is None  # what was garbage was freed first
+        assert keeper.frozen_after_passes == 1
+        assert all(o is not alive for o in gc.get_objects())  # frozen: out of every pass
+    finally:
+        gc.callbacks.remove(keeper.after_full_pass)
+        gc.unfreeze()
+
+
+def test_a_running_relay_freezes_after_full_passes_and_stops_when_closed(
+        tmp_path: Path) -> None:
+    async def scenario() -> int:
+        relay = RelayServer(ListenSettings(host="127.0.0.1", port=0), LimitsSettings(),
+                            TokenStore(tmp_path / "tokens.json"), EchoUpstream())
+        await relay.start()
+        try:
+            gc.collect()
+            assert relay.heap.frozen_after_passes == 1
+        finally:
+            await relay.close()
+        gc.collect()
+        return relay.heap.frozen_after_passes
+
+    try:
+        assert asyncio.run(scenario()) == 1  # closed: no longer called
     finally:
         gc.unfreeze()
