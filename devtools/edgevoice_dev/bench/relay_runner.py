@@ -209,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if steps is not None:
             steps.install()
+            gc.freeze()  # as relay/loop.py run() does before its loop starts
             outcome = asyncio.run(serve(args, reply))
         else:
             outcome = run_on_relay_loop(serve(args, reply))  # the loop `edgevoice relay` runs on
