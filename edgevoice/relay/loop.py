@@ -28,7 +28,11 @@ after each of the collector's own full passes (:meth:`HeapKeeper.after_full_pass
 ``gc.callbacks``): what survived a full pass is long-lived (sessions, connections,
 codecs), it costs nothing to freeze (the collector's lists are moved, not walked), and
 the next full pass walks only what was promoted since. Its cycles are freed by the
-pass over all, as those of the quiet moments' freezes are.
+pass over all, as those of the quiet moments' freezes are. Measured (bench row 14's
+single steps, a loaded machine): the collector's second full pass held the loop
+42.1 ms at 100 sessions before, 1.6 ms at 50 with this; the first still walks
+everything the sessions made since the start. Echo conversations left about one
+object of frozen cyclic garbage per turn for the pass over all to free.
 """
 
 from __future__ import annotations
