@@ -28,15 +28,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import ssl
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.protocol import State
+
+try:  # websockets' C masking, as its own frames use
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - a build without the extension
+    from websockets.utils import apply_mask
 
 from edgevoice import __version__
 from edgevoice.backoff import Backoff, BackoffSettings
@@ -77,6 +84,7 @@ from edgevoice.protocol.session import (
     close_ends_session,
     replay_for,
 )
+from edgevoice.protocol.wsframes import FIN_BINARY, FIN_TEXT
 
 logger = logging.getLogger(__name__)
 
@@ -185,16 +193,69 @@ class LinkListener(Protocol):
 SEND_BATCH_ITEMS = 32
 
 
+#: The second header byte's MASK bit: a client masks every frame (RFC 6455 §5.3).
+_MASKED = 0x80
+
+
+def client_frames(messages: Sequence[str | bytes], masks: bytes) -> bytes:
+    """``messages`` as unfragmented, masked client WebSocket frames, back to back: the
+    bytes websockets' protocol writes for each (RFC 6455 §5.2), without its frame
+    objects. ``masks`` holds 4 random bytes per message, each frame's masking key."""
+    out = bytearray()
+    for i, message in enumerate(messages):
+        if isinstance(message, str):
+            data = message.encode()
+            out.append(FIN_TEXT)
+        else:
+            data = message
+            out.append(FIN_BINARY)
+        n = len(data)
+        if n < 126:
+            out.append(_MASKED | n)
+        elif n < 65536:
+            out.append(_MASKED | 126)
+            out += n.to_bytes(2, "big")
+        else:
+            out.append(_MASKED | 127)
+            out += n.to_bytes(8, "big")
+        mask = masks[4 * i:4 * i + 4]
+        out += mask
+        out += apply_mask(data, mask)
+    return bytes(out)
+
+
+def _writable_now(ws: ClientConnection) -> bool:
+    """Whether a batch may be written straight to the transport: the connection is open,
+    no extension rewrites frames, no fragmented message is in progress, nothing else
+    waits to be written and the transport takes data without waiting (flow control).
+    Read defensively: any surprise in websockets' internals means websockets' own path."""
+    try:
+        protocol = ws.protocol
+        return (protocol.state is State.OPEN and not protocol.extensions
+                and not protocol.expect_continuation_frame and not protocol.writes
+                and ws.paused is False and not ws.transport.is_closing())
+    except AttributeError:  # pragma: no cover - another websockets version
+        return False
+
+
 async def send_together(ws: ClientConnection, messages: list[str | bytes]) -> None:
     """Send ``messages`` (text and binary WebSocket messages, in order) with one write.
 
     ``ws.send`` writes each message to the transport on its own, and asyncio's TLS
     transport seals every write into its own record, sent at once (TCP_NODELAY): one
-    record and one TCP segment per message. Here each message is framed by the
-    connection's own protocol (the wire is unchanged: the same WebSocket messages) and
-    the frames are handed to the transport joined, as one record and, when they fit,
-    one segment.
+    record and one TCP segment per message. Here the messages are framed together (the
+    wire is unchanged: the same WebSocket messages) and handed to the transport joined,
+    as one record and, when they fit, one segment.
+
+    Most batches (a capture block's frames, issue 15) are framed by
+    :func:`client_frames`, without websockets' per-frame objects and its send context:
+    when the connection is open and the transport is not holding data back. Otherwise
+    websockets' protocol frames them and its send context waits for the buffer and
+    raises :class:`ConnectionClosed` as ``ws.send`` would.
     """
+    if _writable_now(ws):
+        ws.transport.write(client_frames(messages, os.urandom(4 * len(messages))))
+        return
     if len(messages) == 1:
         await ws.send(messages[0])
         return

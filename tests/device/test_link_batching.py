@@ -13,6 +13,7 @@ import math
 import struct
 from pathlib import Path
 
+import pytest
 from edgevoice_dev.testing.harness import run, running_relay
 from edgevoice_dev.testing.timeouts import scaled
 
@@ -82,6 +83,101 @@ def test_a_capture_blocks_frames_go_out_in_one_write_and_arrive_in_order(
                     await asyncio.sleep(0.01)
                 assert relay.counters.frames_in == 6
                 assert link.stats.writes - writes_before == 2
+                session = relay.sessions["d1"]
+                assert session.conn is not None and session.conn.last_received_seq == 5
+                assert session.conn.missing == 0
+            finally:
+                await link.stop()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    run(scenario(), timeout=scaled(30))
+
+
+def test_client_frames_are_what_a_server_parses_back() -> None:
+    """The device frames its batches itself: each must read back, as the relay's
+    websockets reads it, as the same message (masked, every length encoding)."""
+    from websockets.frames import Frame, Opcode
+    from websockets.streams import StreamReader
+
+    from edgevoice.device.link import client_frames
+
+    messages: list[str | bytes] = ['{"type":"turn.start"}', b"", bytes(range(125)) * 1,
+                                   b"\x01" * 126, b"\x02" * 65535, b"\x03" * 65536]
+    masks = bytes(range(1, 4 * len(messages) + 1))
+    wire = client_frames(messages, masks)
+    reader = StreamReader()
+    reader.feed_data(wire)
+    reader.feed_eof()
+    for message in messages:
+        parser = Frame.parse(reader.read_exact, mask=True, max_size=None)
+        try:
+            next(parser)
+            raise AssertionError("a frame was cut short")
+        except StopIteration as done:
+            frame = done.value
+        assert frame.fin and not (frame.rsv1 or frame.rsv2 or frame.rsv3)
+        if isinstance(message, str):
+            assert frame.opcode is Opcode.TEXT and frame.data.decode() == message
+        else:
+            assert frame.opcode is Opcode.BINARY and frame.data == message
+    assert not reader.buffer  # nothing more than the frames
+
+
+def test_a_batch_skips_websockets_frames_unless_the_transport_holds_data_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fast path: an open connection's batch is framed without websockets' Frame
+    objects; a paused transport (flow control) goes through websockets' send context,
+    which waits for the buffer to drain, and still delivers everything in order."""
+    from websockets.frames import Frame
+
+    serialized: list[int] = []
+    original = Frame.serialize
+
+    def counting(self: Frame, **kwargs: object) -> bytes:
+        serialized.append(self.opcode.value)
+        return original(self, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Frame, "serialize", counting)
+
+    async def scenario() -> None:
+        async with running_relay(tmp_path) as relay:
+            token = relay.tokens.add("d1")
+            listener = Listener()
+            link = DeviceLink(RelaySettings(url=f"ws://127.0.0.1:{relay.port}/",
+                                            backoff=BackoffSettings(initial_ms=100)),
+                              "d1", token, listener)  # type: ignore[arg-type]
+            task = asyncio.create_task(link.run())
+            try:
+                await asyncio.wait_for(listener.up.wait(), scaled(10))
+                await asyncio.sleep(0.2)  # the hello's heartbeat ping has gone out
+                frames = packets(6)
+                serialized.clear()
+                link.send(TurnStart(1))
+                for k in range(3):
+                    link.send_audio(frames[k], k * 20,
+                                    AudioFlags.START if k == 0 else AudioFlags.NONE)
+                for _ in range(int(scaled(5) / 0.01)):
+                    if relay.counters.frames_in >= 3:
+                        break
+                    await asyncio.sleep(0.01)
+                assert relay.counters.frames_in == 3
+                assert serialized == []  # no websockets Frame for an open connection
+                ws = link._ws
+                assert ws is not None
+                ws.pause_writing()  # the transport's buffer is full: flow control
+                writes = link.stats.writes
+                for k in range(3, 6):
+                    link.send_audio(frames[k], k * 20)
+                await asyncio.sleep(0.2)
+                assert serialized == [2, 2, 2]  # websockets' own path framed them ...
+                assert link.stats.writes == writes  # ... and waits for the buffer to drain
+                ws.resume_writing()
+                for _ in range(int(scaled(5) / 0.01)):
+                    if relay.counters.frames_in >= 6:
+                        break
+                    await asyncio.sleep(0.01)
+                assert relay.counters.frames_in == 6
                 session = relay.sessions["d1"]
                 assert session.conn is not None and session.conn.last_received_seq == 5
                 assert session.conn.missing == 0
