@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import struct
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
+from edgevoice.backoff import BackoffSettings
+from edgevoice.device.link import DeviceLink, LinkListener, RelaySettings, StatsProvider
 from edgevoice.device.observer import DeviceObserver
 from edgevoice.device.records import TurnTimeline
 from edgevoice.protocol.messages import AudioFlags, Message, Welcome
@@ -81,3 +87,24 @@ class RecordingObserver(DeviceObserver):
 
     def names(self) -> list[object]:
         return [e[0] for e in self.events]
+
+
+#: reconnect quickly in tests
+FAST_BACKOFF = BackoffSettings(initial_ms=50, max_ms=200)
+
+
+@contextlib.asynccontextmanager
+async def running_link(url: str, token: str, listener: LinkListener, *,
+                       stats: StatsProvider | None = None,
+                       **settings: Any) -> AsyncIterator[DeviceLink]:
+    """A real DeviceLink for device ``d1`` running against ``url``; stopped after."""
+    link = DeviceLink(RelaySettings(url=url, backoff=FAST_BACKOFF, **settings), "d1", token,
+                      listener, stats=stats)
+    task = asyncio.create_task(link.run())
+    try:
+        yield link
+    finally:
+        await link.stop()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -11,17 +11,19 @@ import asyncio
 import contextlib
 import math
 import struct
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from device_support import running_link
 from edgevoice_dev.testing.harness import run, running_relay
 from edgevoice_dev.testing.timeouts import scaled
 
 from edgevoice.audio.opus import OpusEncoder
-from edgevoice.backoff import BackoffSettings
-from edgevoice.device.link import DeviceLink, RelaySettings
+from edgevoice.device.link import DeviceLink
 from edgevoice.protocol.connection import AudioReceived
 from edgevoice.protocol.messages import AudioFlags, Message, TurnStart, Welcome
+from edgevoice.relay.server import RelayServer
 
 
 class Listener:
@@ -42,6 +44,25 @@ class Listener:
     def on_audio(self, received: AudioReceived) -> None: ...
 
 
+@contextlib.asynccontextmanager
+async def _linked(relay: RelayServer) -> AsyncIterator[DeviceLink]:
+    """A device link to ``relay``, up and past its first heartbeat; stopped after."""
+    listener = Listener()
+    async with running_link(f"ws://127.0.0.1:{relay.port}/", relay.tokens.add("d1"),
+                            listener) as link:  # type: ignore[arg-type]
+        await asyncio.wait_for(listener.up.wait(), scaled(10))
+        await asyncio.sleep(0.2)  # the hello's heartbeat ping has gone out
+        yield link
+
+
+async def _frames_in(relay: RelayServer, n: int) -> None:
+    """Until ``relay`` has taken ``n`` audio frames (or a while has passed)."""
+    for _ in range(int(scaled(5) / 0.01)):
+        if relay.counters.frames_in >= n:
+            return
+        await asyncio.sleep(0.01)
+
+
 def packets(n: int) -> list[bytes]:
     encoder = OpusEncoder()
     return [encoder.encode(struct.pack("<320h", *(int(6000 * math.sin(0.1 * (k * 320 + i)))
@@ -51,46 +72,26 @@ def packets(n: int) -> list[bytes]:
 def test_a_capture_blocks_frames_go_out_in_one_write_and_arrive_in_order(
         tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with running_relay(tmp_path) as relay:
-            token = relay.tokens.add("d1")
-            listener = Listener()
-            link = DeviceLink(RelaySettings(url=f"ws://127.0.0.1:{relay.port}/",
-                                            backoff=BackoffSettings(initial_ms=100)),
-                              "d1", token, listener)  # type: ignore[arg-type]
-            task = asyncio.create_task(link.run())
-            try:
-                await asyncio.wait_for(listener.up.wait(), scaled(10))
-                await asyncio.sleep(0.2)  # the hello's heartbeat ping has gone out
-                writes_before = link.stats.writes
-                frames = packets(6)
-                link.send(TurnStart(1))
-                for k in range(3):  # one capture block: queued in one go
-                    link.send_audio(frames[k], k * 20,
-                                    AudioFlags.START if k == 0 else AudioFlags.NONE)
-                for _ in range(int(scaled(5) / 0.01)):
-                    if relay.counters.frames_in >= 3:
-                        break
-                    await asyncio.sleep(0.01)
-                assert relay.counters.frames_in == 3
-                assert link.stats.frames_sent == 3
-                assert link.stats.writes - writes_before == 1  # TurnStart + 3 frames
-                # the next block, queued later, is its own write, frames still in order
-                for k in range(3, 6):
-                    link.send_audio(frames[k], k * 20)
-                for _ in range(int(scaled(5) / 0.01)):
-                    if relay.counters.frames_in >= 6:
-                        break
-                    await asyncio.sleep(0.01)
-                assert relay.counters.frames_in == 6
-                assert link.stats.writes - writes_before == 2
-                session = relay.sessions["d1"]
-                assert session.conn is not None and session.conn.last_received_seq == 5
-                assert session.conn.missing == 0
-            finally:
-                await link.stop()
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        async with running_relay(tmp_path) as relay, _linked(relay) as link:
+            writes_before = link.stats.writes
+            frames = packets(6)
+            link.send(TurnStart(1))
+            for k in range(3):  # one capture block: queued in one go
+                link.send_audio(frames[k], k * 20,
+                                AudioFlags.START if k == 0 else AudioFlags.NONE)
+            await _frames_in(relay, 3)
+            assert relay.counters.frames_in == 3
+            assert link.stats.frames_sent == 3
+            assert link.stats.writes - writes_before == 1  # TurnStart + 3 frames
+            # the next block, queued later, is its own write, frames still in order
+            for k in range(3, 6):
+                link.send_audio(frames[k], k * 20)
+            await _frames_in(relay, 6)
+            assert relay.counters.frames_in == 6
+            assert link.stats.writes - writes_before == 2
+            session = relay.sessions["d1"]
+            assert session.conn is not None and session.conn.last_received_seq == 5
+            assert session.conn.missing == 0
     run(scenario(), timeout=scaled(30))
 
 
@@ -141,49 +142,29 @@ def test_a_batch_skips_websockets_frames_unless_the_transport_holds_data_back(
     monkeypatch.setattr(Frame, "serialize", counting)
 
     async def scenario() -> None:
-        async with running_relay(tmp_path) as relay:
-            token = relay.tokens.add("d1")
-            listener = Listener()
-            link = DeviceLink(RelaySettings(url=f"ws://127.0.0.1:{relay.port}/",
-                                            backoff=BackoffSettings(initial_ms=100)),
-                              "d1", token, listener)  # type: ignore[arg-type]
-            task = asyncio.create_task(link.run())
-            try:
-                await asyncio.wait_for(listener.up.wait(), scaled(10))
-                await asyncio.sleep(0.2)  # the hello's heartbeat ping has gone out
-                frames = packets(6)
-                serialized.clear()
-                link.send(TurnStart(1))
-                for k in range(3):
-                    link.send_audio(frames[k], k * 20,
-                                    AudioFlags.START if k == 0 else AudioFlags.NONE)
-                for _ in range(int(scaled(5) / 0.01)):
-                    if relay.counters.frames_in >= 3:
-                        break
-                    await asyncio.sleep(0.01)
-                assert relay.counters.frames_in == 3
-                assert serialized == []  # no websockets Frame for an open connection
-                ws = link._ws
-                assert ws is not None
-                ws.pause_writing()  # the transport's buffer is full: flow control
-                writes = link.stats.writes
-                for k in range(3, 6):
-                    link.send_audio(frames[k], k * 20)
-                await asyncio.sleep(0.2)
-                assert serialized == [2, 2, 2]  # websockets' own path framed them ...
-                assert link.stats.writes == writes  # ... and waits for the buffer to drain
-                ws.resume_writing()
-                for _ in range(int(scaled(5) / 0.01)):
-                    if relay.counters.frames_in >= 6:
-                        break
-                    await asyncio.sleep(0.01)
-                assert relay.counters.frames_in == 6
-                session = relay.sessions["d1"]
-                assert session.conn is not None and session.conn.last_received_seq == 5
-                assert session.conn.missing == 0
-            finally:
-                await link.stop()
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        async with running_relay(tmp_path) as relay, _linked(relay) as link:
+            frames = packets(6)
+            serialized.clear()
+            link.send(TurnStart(1))
+            for k in range(3):
+                link.send_audio(frames[k], k * 20,
+                                AudioFlags.START if k == 0 else AudioFlags.NONE)
+            await _frames_in(relay, 3)
+            assert relay.counters.frames_in == 3
+            assert serialized == []  # no websockets Frame for an open connection
+            ws = link._ws
+            assert ws is not None
+            ws.pause_writing()  # the transport's buffer is full: flow control
+            writes = link.stats.writes
+            for k in range(3, 6):
+                link.send_audio(frames[k], k * 20)
+            await asyncio.sleep(0.2)
+            assert serialized == [2, 2, 2]  # websockets' own path framed them ...
+            assert link.stats.writes == writes  # ... and waits for the buffer to drain
+            ws.resume_writing()
+            await _frames_in(relay, 6)
+            assert relay.counters.frames_in == 6
+            session = relay.sessions["d1"]
+            assert session.conn is not None and session.conn.last_received_seq == 5
+            assert session.conn.missing == 0
     run(scenario(), timeout=scaled(30))

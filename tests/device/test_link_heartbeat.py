@@ -19,24 +19,23 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from device_support import running_link
 from edgevoice_dev.testing.harness import run, running_relay
 from edgevoice_dev.testing.netfault import FaultProxy
 from edgevoice_dev.testing.timeouts import scaled
 
-from edgevoice.backoff import BackoffSettings
-from edgevoice.device.link import DeviceLink, RelaySettings, ResumeSettings, StatsProvider
+from edgevoice.device.link import ResumeSettings
 from edgevoice.protocol.connection import AudioReceived
 from edgevoice.protocol.messages import Message, Welcome
 from edgevoice.relay.server import RelayServer
 
 HEARTBEAT_MS = 300
-FAST = BackoffSettings(initial_ms=50, max_ms=200)
 
 
 @dataclass
@@ -79,22 +78,6 @@ async def until(predicate: Callable[[], bool], within_s: float) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.01)
-
-
-@contextlib.asynccontextmanager
-async def running_link(url: str, token: str, events: Events, *,
-                       stats: StatsProvider | None = None,
-                       **settings: Any) -> AsyncIterator[DeviceLink]:
-    link = DeviceLink(RelaySettings(url=url, backoff=FAST, **settings), "d1", token, events,
-                      stats=stats)
-    task = asyncio.create_task(link.run())
-    try:
-        yield link
-    finally:
-        await link.stop()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 class CountingStats:

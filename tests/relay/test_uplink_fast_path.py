@@ -110,12 +110,18 @@ async def closed_with(ws: ClientConnection, conn: Connection) -> tuple[int | Non
     return ws.close_code, errors
 
 
-async def started_relay(tmp_path: Path, upstream: RecordingUpstream,
-                        **limits: int) -> RelayServer:
+@contextlib.asynccontextmanager
+async def started_relay(tmp_path: Path, upstream: RecordingUpstream | None = None,
+                        **limits: int) -> AsyncIterator[tuple[RelayServer, RecordingUpstream]]:
+    """A relay on 127.0.0.1 whose upstream records what reaches it; closed after."""
+    upstream = upstream if upstream is not None else RecordingUpstream()
     relay = RelayServer(ListenSettings(host="127.0.0.1", port=0), LimitsSettings(**limits),
                         TokenStore(tmp_path / "tokens.json"), upstream)
     await relay.start()
-    return relay
+    try:
+        yield relay, upstream
+    finally:
+        await relay.close()
 
 
 async def until(condition: Callable[[], object], what: str) -> None:
@@ -128,9 +134,7 @@ async def until(condition: Callable[[], object], what: str) -> None:
 
 def test_good_frames_are_taken_where_parsed_in_order_with_the_turn(tmp_path: Path) -> None:
     async def scenario() -> None:
-        upstream = RecordingUpstream()
-        relay = await started_relay(tmp_path, upstream)
-        try:
+        async with started_relay(tmp_path) as (relay, upstream):
             ws, conn = await hello_device(relay.port, relay.tokens.add("good"), "good",
                                           scaled(10))
             await ws.send(conn.send(TurnStart(1)))
@@ -146,8 +150,6 @@ def test_good_frames_are_taken_where_parsed_in_order_with_the_turn(tmp_path: Pat
             assert sum(outside for kind, _, outside in seen if kind == "audio") >= 15
             assert relay.counters.frames_in == 20 and relay.counters.protocol_errors == 0
             await ws.close()
-        finally:
-            await relay.close()
     run(scenario(), timeout=scaled(30))
 
 
@@ -155,8 +157,7 @@ def test_an_upstream_send_that_suspends_keeps_every_frame_and_the_order(
         tmp_path: Path) -> None:
     async def scenario() -> None:
         upstream = RecordingUpstream(suspend=True)
-        relay = await started_relay(tmp_path, upstream)
-        try:
+        async with started_relay(tmp_path, upstream) as (relay, _):
             ws, conn = await hello_device(relay.port, relay.tokens.add("slow"), "slow",
                                           scaled(10))
             await ws.send(conn.send(TurnStart(1)))
@@ -168,8 +169,6 @@ def test_an_upstream_send_that_suspends_keeps_every_frame_and_the_order(
             await until(lambda: seen and seen[-1][0] == "end", "the turn never ended")
             assert [kind for kind, _, _ in seen] == ["start"] + ["audio"] * 30 + ["end"]
             await ws.close()
-        finally:
-            await relay.close()
     run(scenario(), timeout=scaled(30))
 
 
@@ -198,9 +197,7 @@ def test_a_bad_frame_closes_only_its_connection_as_the_slow_path_did(
     make, code, counter = BAD[case]
 
     async def scenario() -> None:
-        upstream = RecordingUpstream()
-        relay = await started_relay(tmp_path, upstream)
-        try:
+        async with started_relay(tmp_path) as (relay, upstream):
             good, good_conn = await hello_device(relay.port, relay.tokens.add("good"),
                                                  "good", scaled(10))
             bad, bad_conn = await hello_device(relay.port, relay.tokens.add("bad"), "bad",
@@ -228,16 +225,12 @@ def test_a_bad_frame_closes_only_its_connection_as_the_slow_path_did(
             await until(lambda: len(upstream.seen.get("good", [])) == 2, "good frame lost")
             assert "good" in relay.sessions
             await good.close()
-        finally:
-            await relay.close()
     run(scenario(), timeout=scaled(30))
 
 
 def test_audio_outside_a_turn_is_refused_where_parsed(tmp_path: Path) -> None:
     async def scenario() -> None:
-        upstream = RecordingUpstream()
-        relay = await started_relay(tmp_path, upstream)
-        try:
+        async with started_relay(tmp_path) as (relay, upstream):
             ws, conn = await hello_device(relay.port, relay.tokens.add("early"), "early",
                                           scaled(10))
             await asyncio.sleep(0.05)
@@ -246,18 +239,14 @@ def test_audio_outside_a_turn_is_refused_where_parsed(tmp_path: Path) -> None:
             assert closed == CloseCode.PROTOCOL_ERROR and errors == ["protocol_error"]
             assert relay.counters.protocol_errors == 1 and relay.counters.frames_in == 1
             assert upstream.seen.get("early", []) == []
-        finally:
-            await relay.close()
     run(scenario(), timeout=scaled(30))
 
 
 def test_duplicates_are_counted_and_an_audio_flood_is_closed_for_policy(
         tmp_path: Path) -> None:
     async def scenario() -> None:
-        upstream = RecordingUpstream()
-        relay = await started_relay(tmp_path, upstream, max_audio_ms_per_s=1000,
-                                    max_messages_per_s=1000)
-        try:
+        async with started_relay(tmp_path, max_audio_ms_per_s=1000,
+                                 max_messages_per_s=1000) as (relay, upstream):
             ws, conn = await hello_device(relay.port, relay.tokens.add("flood"), "flood",
                                           scaled(10))
             await ws.send(conn.send(TurnStart(1)))
@@ -282,8 +271,6 @@ def test_duplicates_are_counted_and_an_audio_flood_is_closed_for_policy(
             # what the budget allowed reached the upstream; nothing after the refused one
             assert 100 <= len(audio) < min(sent, 200), (len(audio), sent)
             assert relay.refusals.counts.get("rate_limited") == 1
-        finally:
-            await relay.close()
     run(scenario(), timeout=scaled(30))
 
 
@@ -339,9 +326,7 @@ def test_whole_audio_frames_are_taken_without_websockets_parser(tmp_path: Path) 
     # Fails if a websockets release parses otherwise (the cheap path is then never
     # taken, silently: bench rows 4 and 14 would show it, this says why).
     async def scenario() -> None:
-        upstream = RecordingUpstream()
-        relay = await started_relay(tmp_path, upstream)
-        try:
+        async with started_relay(tmp_path) as (relay, upstream):
             ws, conn = await _talking(relay, "d1")
             (server_side,) = relay._connections.values()
             good = packets(4)
@@ -357,8 +342,6 @@ def test_whole_audio_frames_are_taken_without_websockets_parser(tmp_path: Path) 
             await until(lambda: len(_audio_seen(upstream, "d1")) == 4, "audio lost")
             assert relay.counters.frames_in == 4 and relay.counters.protocol_errors == 0
             await ws.close()
-        finally:
-            await relay.close()
     run(scenario(), timeout=scaled(30))
 
 
@@ -367,9 +350,7 @@ def test_audio_cut_across_writes_reaches_the_upstream_whole_and_in_order(
     # The relay's parser is inside a frame after the first piece: what follows must
     # go to it, not be taken as the start of a frame.
     async def scenario() -> None:
-        upstream = RecordingUpstream()
-        relay = await started_relay(tmp_path, upstream)
-        try:
+        async with started_relay(tmp_path) as (relay, upstream):
             ws, conn = await _talking(relay, "d1")
             good = packets(2)
             cuts = (1, 2, 5, 6, 7, 20)  # 2 and 6: the parser waits with nothing buffered
@@ -385,8 +366,6 @@ def test_audio_cut_across_writes_reaches_the_upstream_whole_and_in_order(
             assert relay.counters.frames_duplicate == 0
             assert relay.counters.protocol_errors == 0
             await ws.close()
-        finally:
-            await relay.close()
     run(scenario(), timeout=scaled(30))
 
 
@@ -398,9 +377,7 @@ def test_the_rest_of_a_binary_frame_is_never_taken_for_a_frame_of_its_own(
     # frame (its version byte is 0x82), so the device is closed (1002) and the audio
     # inside it never reaches the upstream.
     async def scenario() -> None:
-        upstream = RecordingUpstream()
-        relay = await started_relay(tmp_path, upstream)
-        try:
+        async with started_relay(tmp_path) as (relay, upstream):
             ws, conn = await _talking(relay, "d1")
             inner = _binary(conn.send_audio(packets(1)[0], 0)[1])
             assert inner[0] == 0x82 and len(inner) < 126
@@ -411,8 +388,6 @@ def test_the_rest_of_a_binary_frame_is_never_taken_for_a_frame_of_its_own(
             closed, errors = await closed_with(ws, conn)
             assert closed == CloseCode.PROTOCOL_ERROR and errors == ["protocol_error"]
             assert _audio_seen(upstream, "d1") == []
-        finally:
-            await relay.close()
     run(scenario(), timeout=scaled(30))
 
 
@@ -421,9 +396,7 @@ def test_binary_frames_websockets_must_judge_still_reach_it(tmp_path: Path) -> N
     # an unmasked one (1002), one with a reserved bit (1002); a fragmented audio message
     # and a ping between two audio frames are taken by websockets, in order
     async def scenario() -> None:
-        upstream = RecordingUpstream()
-        relay = await started_relay(tmp_path, upstream)
-        try:
+        async with started_relay(tmp_path) as (relay, upstream):
             good = packets(3)
             big, big_conn = await _talking(relay, "big")
             big.transport.write(_binary(big_conn.send_audio(good[0], 0)[1],
@@ -457,6 +430,4 @@ def test_binary_frames_websockets_must_judge_still_reach_it(tmp_path: Path) -> N
             assert await parts.ping() is not None  # still open, answering
             await parts.close()
             assert "parts" in relay.sessions or "parts" in relay.held
-        finally:
-            await relay.close()
     run(scenario(), timeout=scaled(30))
