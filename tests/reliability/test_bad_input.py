@@ -157,22 +157,28 @@ def live_fuzz(tmp_path: Path, speech: Path, messages: int, seed: int, turns_want
 
             per = -(-messages // len(fuzzers))
             await asyncio.gather(*(worker(d, t, per) for d, t in fuzzers))
+            def completed() -> int:
+                return sum(t.outcome == "completed" for t in turns)
+
             # the good device kept having complete turns throughout, on one session
-            await wait_until(lambda: len(turns) >= turns_wanted, within_s=30)
+            await wait_until(lambda: completed() >= turns_wanted, within_s=30)
             stop.set()
             daemon = await good_task
             assert not wrong, wrong[:10]
             assert sum(counts.values()) >= messages
             assert relay.counters.protocol_errors >= messages * 0.7
-            assert turns and all(t.outcome == "completed" for t in turns), \
-                [t.outcome for t in turns]
+            # Here the fuzzers share the relay's thread, so on a slow machine the relay
+            # is overloaded for real and may refuse a new turn (relay_busy, retryable):
+            # the designed answer. Nothing else may end the good device's turns.
+            assert completed() >= turns_wanted and all(
+                t.outcome in ("completed", "refused") for t in turns), [t.outcome for t in turns]
             assert daemon.link.stats.connects == 1  # never disturbed
             # nothing of the fuzzers is kept: no sessions, nothing held for a resume
             await wait_until(lambda: set(relay.sessions) <= {"good"} and not relay.held)
             record(f"live_fuzz_{messages}", {
                 "messages": sum(counts.values()), "by_kind": counts,
                 "protocol_errors": relay.counters.protocol_errors,
-                "good_turns_completed": len(turns), "good_device_connects": 1})
+                "good_turns_completed": completed(), "good_device_connects": 1})
     run(scenario(), timeout=scaled(120 + messages * 0.02))
 
 
