@@ -32,18 +32,13 @@ import os
 import random
 import ssl
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.protocol import State
-
-try:  # websockets' C masking, as its own frames use
-    from websockets.speedups import apply_mask
-except ImportError:  # pragma: no cover - a build without the extension
-    from websockets.utils import apply_mask
 
 from edgevoice import __version__
 from edgevoice.backoff import Backoff, BackoffSettings
@@ -84,7 +79,7 @@ from edgevoice.protocol.session import (
     close_ends_session,
     replay_for,
 )
-from edgevoice.protocol.wsframes import FIN_BINARY, FIN_TEXT
+from edgevoice.protocol.wsframes import masked_frames
 
 logger = logging.getLogger(__name__)
 
@@ -193,37 +188,6 @@ class LinkListener(Protocol):
 SEND_BATCH_ITEMS = 32
 
 
-#: The second header byte's MASK bit: a client masks every frame (RFC 6455 §5.3).
-_MASKED = 0x80
-
-
-def client_frames(messages: Sequence[str | bytes], masks: bytes) -> bytes:
-    """``messages`` as unfragmented, masked client WebSocket frames, back to back: the
-    bytes websockets' protocol writes for each (RFC 6455 §5.2), without its frame
-    objects. ``masks`` holds 4 random bytes per message, each frame's masking key."""
-    out = bytearray()
-    for i, message in enumerate(messages):
-        if isinstance(message, str):
-            data = message.encode()
-            out.append(FIN_TEXT)
-        else:
-            data = message
-            out.append(FIN_BINARY)
-        n = len(data)
-        if n < 126:
-            out.append(_MASKED | n)
-        elif n < 65536:
-            out.append(_MASKED | 126)
-            out += n.to_bytes(2, "big")
-        else:
-            out.append(_MASKED | 127)
-            out += n.to_bytes(8, "big")
-        mask = masks[4 * i:4 * i + 4]
-        out += mask
-        out += apply_mask(data, mask)
-    return bytes(out)
-
-
 def _writable_now(ws: ClientConnection) -> bool:
     """Whether a batch may be written straight to the transport: the connection is open,
     no extension rewrites frames, no fragmented message is in progress, nothing else
@@ -248,13 +212,13 @@ async def send_together(ws: ClientConnection, messages: list[str | bytes]) -> No
     as one record and, when they fit, one segment.
 
     Most batches (a capture block's frames, issue 15) are framed by
-    :func:`client_frames`, without websockets' per-frame objects and its send context:
-    when the connection is open and the transport is not holding data back. Otherwise
-    websockets' protocol frames them and its send context waits for the buffer and
-    raises :class:`ConnectionClosed` as ``ws.send`` would.
+    :func:`~edgevoice.protocol.wsframes.masked_frames`, without websockets' per-frame
+    objects and its send context: when the connection is open and the transport is not
+    holding data back. Otherwise websockets' protocol frames them and its send context
+    waits for the buffer and raises :class:`ConnectionClosed` as ``ws.send`` would.
     """
     if _writable_now(ws):
-        ws.transport.write(client_frames(messages, os.urandom(4 * len(messages))))
+        ws.transport.write(masked_frames(messages, os.urandom(4 * len(messages))))
         return
     if len(messages) == 1:
         await ws.send(messages[0])

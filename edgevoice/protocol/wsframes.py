@@ -19,7 +19,7 @@ follows to websockets, which parses it, and rejects what is wrong, as it always 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 try:  # websockets' C helper, as its own frame parser uses
     from websockets.speedups import apply_mask
@@ -30,7 +30,8 @@ except ImportError:  # pragma: no cover - websockets built without its C extensi
 FIN_TEXT = 0x81
 #: the same for a binary frame (opcode 2)
 FIN_BINARY = 0x82
-_MASKED = 0x80
+#: the second header byte's MASK bit: a client masks every frame (RFC 6455 §5.3)
+MASKED = 0x80
 _LENGTH_16 = 126
 _LENGTH_64 = 127
 
@@ -50,7 +51,7 @@ def whole_frames(data: bytes, max_size: int | None) -> Iterator[tuple[int, int, 
         if first != FIN_BINARY and first != FIN_TEXT:
             break
         second = data[pos + 1]
-        if not second & _MASKED:
+        if not second & MASKED:
             break
         length = second & 0x7F
         start = pos + 6
@@ -74,13 +75,36 @@ _HEAD_16 = struct.Struct("!BBH")
 _HEAD_64 = struct.Struct("!BBQ")
 
 
+def frame_header(first_byte: int, length: int, mask_bit: int = 0) -> bytes:
+    """A frame's header up to its masking key: ``first_byte`` (FIN_TEXT, FIN_BINARY),
+    then the shortest length encoding that fits ``length``, with ``mask_bit`` (0 for a
+    server's frames, :data:`MASKED` for a client's) in the second byte."""
+    if length < _LENGTH_16:
+        return bytes((first_byte, mask_bit | length))
+    if length < 65536:
+        return _HEAD_16.pack(first_byte, mask_bit | _LENGTH_16, length)
+    return _HEAD_64.pack(first_byte, mask_bit | _LENGTH_64, length)
+
+
 def unmasked_frame(first_byte: int, payload: bytes) -> bytes:
     """One whole frame as a server sends it (not masked): ``first_byte`` (FIN_TEXT,
     FIN_BINARY), the shortest length that fits, ``payload``; the bytes websockets'
     ``Frame.serialize`` makes for it, without its frame object, checks and buffer."""
-    length = len(payload)
-    if length < _LENGTH_16:
-        return bytes((first_byte, length)) + payload
-    if length < 65536:
-        return _HEAD_16.pack(first_byte, _LENGTH_16, length) + payload
-    return _HEAD_64.pack(first_byte, _LENGTH_64, length) + payload
+    return frame_header(first_byte, len(payload)) + payload
+
+
+def masked_frames(messages: Sequence[str | bytes], masks: bytes) -> bytes:
+    """``messages`` as unfragmented, masked client frames, back to back: the bytes
+    websockets' protocol writes for each, without its frame objects (the device's
+    uplink batches). ``masks`` holds 4 random bytes per message, each frame's key."""
+    out = bytearray()
+    for i, message in enumerate(messages):
+        if isinstance(message, str):
+            data, first_byte = message.encode(), FIN_TEXT
+        else:
+            data, first_byte = message, FIN_BINARY
+        mask = masks[4 * i:4 * i + 4]
+        out += frame_header(first_byte, len(data), MASKED)
+        out += mask
+        out += apply_mask(data, mask)
+    return bytes(out)

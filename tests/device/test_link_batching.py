@@ -101,12 +101,12 @@ def test_client_frames_are_what_a_server_parses_back() -> None:
     from websockets.frames import Frame, Opcode
     from websockets.streams import StreamReader
 
-    from edgevoice.device.link import client_frames
+    from edgevoice.protocol.wsframes import masked_frames
 
     messages: list[str | bytes] = ['{"type":"turn.start"}', b"", bytes(range(125)) * 1,
                                    b"\x01" * 126, b"\x02" * 65535, b"\x03" * 65536]
     masks = bytes(range(1, 4 * len(messages) + 1))
-    wire = client_frames(messages, masks)
+    wire = masked_frames(messages, masks)
     reader = StreamReader()
     reader.feed_data(wire)
     reader.feed_eof()
