@@ -223,6 +223,7 @@ def test_the_documented_relay_yaml_loads(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # the first use installs Home Assistant (minutes; pip's own limit 900 s)
 def test_every_tool_against_a_real_home_assistant(tmp_path: Path) -> None:
     """Home Assistant 2025.4.4 itself (installed into .venv-ha on first use)."""
     from edgevoice_dev.testing.real_homeassistant import (
