@@ -441,6 +441,11 @@ class DeviceLink:
                 self.listener.link_suspended(reason, delay, left)
                 await self._wait_suspended(delay, reason)
             else:
+                if (not session_over and self._window.until is not None
+                        and self.session_id is not None):
+                    # the window ran out during the attempt (a path that swallowed it)
+                    # rather than between attempts (_wait_suspended): counted alike
+                    self.stats.resumes_expired += 1
                 self._end_session(reason)
                 self.next_retry_at = now + delay
                 logger.info("link down: %s; reconnecting in %.1f s", reason, delay)

@@ -36,8 +36,9 @@ def opus_frames(n: int) -> list[bytes]:
     return packets
 
 
-def link_settings(url: str, **resume: int) -> RelaySettings:
-    return RelaySettings(url=url, backoff=FAST_BACKOFF, resume=ResumeSettings(**resume))
+def link_settings(url: str, open_timeout_ms: int = 10_000, **resume: int) -> RelaySettings:
+    return RelaySettings(url=url, backoff=FAST_BACKOFF, resume=ResumeSettings(**resume),
+                         open_timeout_ms=open_timeout_ms)
 
 
 @contextlib.asynccontextmanager
@@ -164,6 +165,28 @@ def test_a_restarted_relay_refuses_the_resume_and_a_new_session_starts(
                         await task
                     await second.close()
     run(scenario(), timeout=scaled(40))
+
+
+def test_a_window_that_runs_out_during_a_connection_attempt_is_counted(
+        tmp_path: Path) -> None:
+    """The window can close while the device waits between attempts or while an attempt
+    hangs (a path that swallows packets): both lose the session the same way, and both
+    count as a window run out."""
+    async def scenario() -> None:
+        async with linked(tmp_path, {"window_ms": 1000, "open_timeout_ms": 1500},
+                          resume_window_ms=1000) as (relay, proxy, link, events):
+            link.send(TurnStart(1))
+            await wait_until(lambda: "d1" in relay.sessions
+                             and relay.sessions["d1"].turn_id == 1)
+            proxy.hold(True)  # new connections hang: the next attempt outlives the window
+            proxy.cut()
+            await asyncio.sleep(2.0)
+            proxy.hold(False)
+            await events.wait_for(lambda: len(events.ups()) == 2, within_s=scaled(10))
+            assert "down" in events.kinds()
+            assert not events.ups()[1].resume.resumed
+            assert link.stats.resumes_expired == 1
+    run(scenario(), timeout=scaled(30))
 
 
 def test_past_the_window_the_session_is_lost_cleanly(tmp_path: Path) -> None:
