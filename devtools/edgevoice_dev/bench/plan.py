@@ -77,7 +77,7 @@ QUICK = BenchPlan("quick", speech_s=15, latency_speech_s=12, capacity_steps=(10,
                   idle_measure_s=8, idle_s=5,
                   fleet_devices=100, fleet_measure_s=4, conv_steps=(20,), conv_warmup_s=4,
                   conv_measure_s=8)
-#: For the test suite: every row runs, briefly.
+#: For a developer checking the bench code itself (--tiny): every row runs, briefly.
 TINY = BenchPlan("tiny", speech_s=8, latency_speech_s=7, capacity_steps=(4,),
                  capacity_warmup_s=1, capacity_measure_s=2, bargein_trials=3,
                  reconnects=2, profile=False, stop_at_first_failure=False,

@@ -129,9 +129,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         "```sh",
         "./scripts/setup --test          # venv with edgevoice-dev (bench, wyoming), flite",
-        ".venv/bin/edgevoice bench         # full run, about 10 minutes; bench/*-full.* only",
+        ".venv/bin/edgevoice bench         # full run, about 20 minutes; bench/*-full.* only",
         ".venv/bin/edgevoice bench --publish  # full run that rewrites this page",
-        ".venv/bin/edgevoice bench --quick # under 2 minutes (CI); writes bench/*-quick.*",
+        ".venv/bin/edgevoice bench --quick # 5-8 minutes (CI); writes bench/*-quick.*",
         "```",
         "",
         "Raw numbers, per-step capacity figures and the machine description are in "

@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                     "machine: bandwidth, device CPU, per-hop latency, relay capacity, "
                     "barge-in, reconnect, footprint.")
     p.add_argument("--quick", action="store_true",
-                   help="short run (under 2 minutes), for CI: same rows, fewer samples")
+                   help="short run (5-8 minutes), for CI: same rows, fewer samples")
     p.add_argument("--rows", default=f"1-{max(ROWS)}",
                    help="rows to run, e.g. 1,3 or 2-4 (rows 1, 2 and 7 share one run)")
     p.add_argument("--json", type=Path, help="results file (default: bench/results-full.json, "
@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: on in a full run, off with --quick)")
     p.add_argument("--keep", action="store_true",
                    help="keep the scratch directory (logs, configs, raw timestamps)")
-    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # seconds a row
     return p
 
 
