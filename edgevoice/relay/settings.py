@@ -91,11 +91,10 @@ class LimitsSettings:
     retryable ``relay_busy`` error instead of making every reply stutter (measure yours
     with `edgevoice bench`: conversational capacity). 0: no limit."""
     turn_ramp_ms: int = 6_000
-    """Past half of ``max_active_turns``, new turns are admitted at most
-    ``max_active_turns`` per this many milliseconds (bursts of a second's worth), so
-    turns that would all start together (a wave of replies ending, devices retrying
-    after a refusal) are spread out instead of having their replies all encoded at
-    once. 0: no ramp."""
+    """New turns are admitted at most ``max_active_turns`` per this many milliseconds
+    (bursts of a second's worth), so turns that would all start together (a wave of
+    replies ending, devices retrying after a refusal, a fleet back after an outage)
+    are spread out instead of having their replies all encoded at once. 0: no ramp."""
     overload_lag_ms: int = 10
     """Load-based admission: a turn is also refused (``relay_busy``, retryable) while the
     relay's event loop is overloaded, measured once a second while turns are active: a

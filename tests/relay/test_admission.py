@@ -107,17 +107,22 @@ def test_the_count_limit_comes_first_and_every_refusal_is_counted_by_reason() ->
 
 
 def test_a_wave_of_turns_is_admitted_at_the_ramp_not_all_at_once() -> None:
-    # 60 turns per 6 s: 10 a second, bursts of 10, once 30 are active
+    # 60 turns per 6 s: 10 a second, bursts of 10
     admission = TurnAdmission(60, LoadLimits(lag_ms=0, cpu_share=0.85), lambda: False,
                               ramp_s=6.0, now=0.0)
-    # below half the count a burst is admitted whole (and costs the ramp nothing)
-    assert all(admission.decide(active, 0.5) is None for active in range(30))
-    decided = [admission.decide(30 + k, 0.5) for k in range(20)]  # 20 more at once
+    # from a standing start too (a relay just started, devices back after an outage):
+    # half the count admitted within a second would have its replies encoded together
+    decided = [admission.decide(active, 0.5) for active in range(30)]
+    # the first on an idle relay costs the ramp nothing; then a second's worth
+    assert decided.count(None) == 11 and set(decided[11:]) == {Refusal.RAMP}
+    decided = [admission.decide(10 + k, 1.5) for k in range(20)]  # 20 more at once
     assert decided.count(None) == 10
     assert set(decided[10:]) == {Refusal.RAMP}
-    assert admission.refused["ramp"] == 10
+    assert admission.refused["ramp"] == 29
+    # the ramp is empty, but a relay with nothing else active always takes a turn
+    assert admission.decide(0, 1.5) is None
     # a second later another second's worth is admitted, no more
-    decided = [admission.decide(40, 1.5) for _ in range(20)]
+    decided = [admission.decide(40, 2.5) for _ in range(20)]
     assert decided.count(None) == 10
     # the ramp never admits beyond the count
     assert admission.decide(60, 100.0) is Refusal.CAPACITY
