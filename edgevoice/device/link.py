@@ -441,12 +441,12 @@ class DeviceLink:
                 self.listener.link_suspended(reason, delay, left)
                 await self._wait_suspended(delay, reason)
             else:
-                if (not session_over and self._window.until is not None
-                        and self.session_id is not None):
+                if not session_over and self._window.until is not None:
                     # the window ran out during the attempt (a path that swallowed it)
-                    # rather than between attempts (_wait_suspended): counted alike
-                    self.stats.resumes_expired += 1
-                self._end_session(reason)
+                    # rather than between attempts (_wait_suspended)
+                    reason = self._expire_session(reason)
+                else:
+                    self._end_session(reason)
                 self.next_retry_at = now + delay
                 logger.info("link down: %s; reconnecting in %.1f s", reason, delay)
                 self.listener.link_down(reason, delay)
@@ -501,14 +501,19 @@ class DeviceLink:
             await self.clock.sleep(delay)
             return
         await self.clock.sleep(max(0.0, until_expiry))
-        window_s = self.settings.resume.window_ms / 1000
-        self.stats.resumes_expired += 1
-        expired = f"{reason}; session lost after {window_s:.0f} s offline"
-        self._end_session(expired)
+        expired = self._expire_session(reason)
         rest = max(0.0, delay - until_expiry)
         logger.warning("link down: %s", expired)
         self.listener.link_down(expired, rest)
         await self.clock.sleep(rest)
+
+    def _expire_session(self, reason: str) -> str:
+        """The resume window ran out: count it, end the session, and say so."""
+        window_s = self.settings.resume.window_ms / 1000
+        self.stats.resumes_expired += 1
+        expired = f"{reason}; session lost after {window_s:.0f} s offline"
+        self._end_session(expired)
+        return expired
 
     def _end_session(self, reason: str) -> None:
         """Forget the session: drop what was queued for it (counted) and the journal."""

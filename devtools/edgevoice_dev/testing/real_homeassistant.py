@@ -114,11 +114,8 @@ def ensure_installed() -> Path:
     """The ``hass`` program of ``.venv-ha``, installing it first if needed (or waiting
     for an install in progress elsewhere: a background prefetch)."""
     with open(LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            return _install()
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return _install()
 
 
 def _install() -> Path:
