@@ -5,6 +5,10 @@ Measured at bench row 14's load (100 conversing sessions, one core): the relay's
 fell from 47.8 % to 41.6 % of the core with uvloop, the same code otherwise (its
 polling, socket reads and writes, and timers are C). Only the relay uses it: the
 device keeps asyncio's loop, and nothing in the relay depends on which loop runs it.
+The device was measured on both (bench row 2's conversation, alternating runs in one
+window): no difference beyond the machine's noise (median 2.78 % of a core on uvloop,
+2.54 % on asyncio's with WAV stand-ins; 5.42 % on both through the virtual sound card),
+for 1.4-2.2 MB more resident memory (row 12's 55 MB target would be missed).
 
 Before the loop starts, everything imported and configured so far is moved out of the
 collector's reach (``gc.freeze``): a full collection then walks only what sessions
