@@ -89,6 +89,34 @@ PREPARE_HOLD_S = 30.0
 DEFAULT_WAKE_LEAD_IN_MS = 160
 
 
+#: The names PortAudio's callback threads are given (the kernel keeps 15 bytes), as
+#: ``top -H``, ``ps -L`` and the device's per-thread CPU metric show them
+#: (:mod:`edgevoice.health.system`).
+CAPTURE_THREAD_NAME = "edgevoice-mic"
+PLAYBACK_THREAD_NAME = "edgevoice-play"
+#: prctl(2)'s PR_SET_NAME: names the calling thread
+_PR_SET_NAME = 15
+_prctl: Any = None
+
+
+def name_this_thread(name: str) -> bool:
+    """Name the calling thread in the kernel (Linux; elsewhere, or if it fails, False).
+
+    PortAudio's callback threads are created by C code: Python knows no name for them,
+    and the kernel shows each as the interpreter ("python"), indistinguishable from the
+    event loop's. Named, a board's own CPU figures say which of them is busy. Touches
+    nothing of Python's ``threading`` (a thread it did not start would stay registered
+    there after it ended: a sink opens a new stream for every reply)."""
+    global _prctl
+    try:
+        if _prctl is None:
+            import ctypes
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+        return int(_prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)) == 0
+    except (OSError, AttributeError):  # no libc prctl: not Linux
+        return False
+
+
 class PortAudioUnavailableError(EdgevoiceError):
     """The PortAudio library is missing. Retrying will not help: install it."""
 
@@ -300,8 +328,14 @@ class SoundDeviceSource:
             with contextlib.suppress(RuntimeError):  # the loop is closing: drop it
                 loop.call_soon_threadsafe(self._woken)
 
+        named = False
+
         def on_block(indata: Any, frames: int, time_info: Any, status: Any) -> None:
             # PortAudio's thread: count, copy, hold; wake the loop when it is needed.
+            nonlocal named
+            if not named:
+                named = True
+                name_this_thread(CAPTURE_THREAD_NAME)
             if status.input_overflow:
                 stats.overflows += 1
             stats.last_frame_at = time.monotonic()
@@ -545,9 +579,14 @@ class SoundDeviceSink:
 
     def _callback(self, buffer: PlaybackBuffer, lead_in_ms: int = 0) -> Any:
         writer = OutputBlockWriter(buffer, self.plan.channels, -(-lead_in_ms // FRAME_MS))
+        named = False
 
         def on_block(outdata: Any, frames: int, time_info: Any, status: Any) -> None:
             # PortAudio's thread: the buffer's pull never waits.
+            nonlocal named
+            if not named:  # every stream (a reopened one too) has a thread of its own
+                named = True
+                name_this_thread(PLAYBACK_THREAD_NAME)
             if status.output_underflow:
                 self.underflows += 1
             now = self.last_callback_at = time.monotonic()

@@ -101,6 +101,12 @@ def system_metrics(system: SystemStats, *, prefix: str) -> list[Metric]:
                 f"{prefix}process_cpu_seconds", "CPU time used by the process.", system.cpu_seconds
             )
         )
+    if system.thread_cpu_seconds:
+        families.append(labelled_counter(
+            f"{prefix}thread_cpu_seconds", "CPU time used by the process, by thread: the "
+            "event loop, the microphone's and the speaker's audio callbacks, the sound "
+            "server's client, other threads, and threads that ended unseen.", "thread",
+            system.thread_cpu_seconds))
     if system.throttling is not None:
         from prometheus_client.core import GaugeMetricFamily
 

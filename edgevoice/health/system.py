@@ -12,8 +12,8 @@ import logging
 import os
 import re
 import subprocess
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgevoice.clock import Clock, MonotonicClock
@@ -81,6 +81,9 @@ class SystemStats:
     open_fds: int | None = None
     soc_temp_c: float | None = None
     throttling: ThrottleFlags | None = None
+    #: CPU seconds since start by the role of the thread that used them (see
+    #: :class:`ThreadCpuAccount`); empty where the kernel does not say
+    thread_cpu_seconds: Mapping[str, float] = field(default_factory=dict)
 
 
 def parse_throttled(text: str) -> ThrottleFlags | None:
@@ -121,6 +124,92 @@ def count_open_fds(root: Path = Path("/")) -> int | None:
         return sum(1 for _ in (root / "proc/self/fd").iterdir())
     except OSError:
         return None
+
+
+#: The role of a thread, by the name the kernel has for it: PortAudio's callback
+#: threads are named by edgevoice (audio/sounddevice_io.py), the sound server client's
+#: by libpulse. The event loop is the main thread (whatever its name); anything else
+#: (worker threads, a library's) is "other".
+THREAD_ROLES: Mapping[str, str] = {
+    "edgevoice-mic": "mic",
+    "edgevoice-play": "speaker",
+    "threaded-ml": "sound_server",
+}
+ROLE_EVENT_LOOP = "event_loop"
+ROLE_OTHER = "other"
+#: CPU of threads that ended before they were looked at, or since the last look
+ROLE_ENDED = "ended"
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def read_threads(root: Path = Path("/")) -> dict[int, tuple[str, float]] | None:
+    """Every live thread of this process: tid -> (the kernel's name, CPU seconds).
+
+    From ``/proc/self/task/*/stat`` (user + system ticks); None without procfs."""
+    threads: dict[int, tuple[str, float]] = {}
+    try:
+        tasks = list((root / "proc/self/task").iterdir())
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            text = (task / "stat").read_text()
+            fields = text[text.rindex(")") + 2:].split()
+            threads[int(task.name)] = (text[text.index("(") + 1:text.rindex(")")],
+                                       (int(fields[11]) + int(fields[12])) / _TICKS_PER_S)
+        except (OSError, ValueError, IndexError):  # ended meanwhile, or not a number
+            continue
+    return threads
+
+
+class ThreadCpuAccount:
+    """CPU seconds by thread role, as counters that never go down.
+
+    Threads come and go (a speaker stream parks after each reply and opens a new
+    thread for the next): a thread's CPU stays with its role after it ended, as much
+    as was seen at the last look. What a thread used after that look, or a thread that
+    lived and ended between two looks, shows as ``ended``: the process's total less
+    everything attributed (so the roles always add up to the process's CPU).
+    """
+
+    def __init__(self, roles: Mapping[str, str] = THREAD_ROLES) -> None:
+        self._roles = roles
+        self._live: dict[int, tuple[str, float]] = {}  # tid -> (role, CPU at last look)
+        self._retired: dict[str, float] = {}
+        self._ended = 0.0
+
+    def role(self, tid: int, name: str, main_tid: int) -> str:
+        if tid == main_tid:
+            return ROLE_EVENT_LOOP
+        return self._roles.get(name, ROLE_OTHER)
+
+    def update(self, threads: Mapping[int, tuple[str, float]], process_total: float,
+               main_tid: int) -> dict[str, float]:
+        """Account for one look at the live ``threads`` (tid -> (name, CPU s)) and the
+        process's total CPU; the CPU seconds by role since start."""
+        live: dict[int, tuple[str, float]] = {}
+        for tid, (name, cpu) in threads.items():
+            role = self.role(tid, name, main_tid)
+            before = self._live.get(tid)
+            if before is not None and (before[0] != role or cpu < before[1]):
+                # the kernel gave a new thread an ended one's tid
+                self._retire(*before)
+            live[tid] = (role, cpu)
+        for tid, (role, cpu) in self._live.items():
+            if tid not in threads:
+                self._retire(role, cpu)
+        self._live = live
+        totals = dict(self._retired)
+        for role, cpu in live.values():
+            totals[role] = totals.get(role, 0.0) + cpu
+        # what no live or retired thread accounts for; never less than before (the
+        # process's total and the threads' are read a moment apart)
+        self._ended = max(self._ended, process_total - sum(totals.values()))
+        totals[ROLE_ENDED] = self._ended
+        return totals
+
+    def _retire(self, role: str, cpu: float) -> None:
+        self._retired[role] = self._retired.get(role, 0.0) + cpu
 
 
 def process_cpu_seconds() -> float:
@@ -183,6 +272,8 @@ class SystemSampler:
         self._cpu_percent: float | None = None
         self._throttle_at: float | None = None
         self._throttling: ThrottleFlags | None = None
+        self._threads = ThreadCpuAccount()
+        self._main_tid = os.getpid()
 
     @classmethod
     def for_this_machine(cls) -> SystemSampler:
@@ -205,6 +296,7 @@ class SystemSampler:
         if self._throttle_at is None or now - self._throttle_at >= self._throttle_refresh_s:
             self._throttling = read_throttled(self._vcgencmd, self._run)
             self._throttle_at = now
+        threads = read_threads(self._root)
         return SystemStats(
             cpu_percent=self._cpu_percent,
             cpu_seconds=cpu,
@@ -212,4 +304,6 @@ class SystemSampler:
             open_fds=count_open_fds(self._root),
             soc_temp_c=read_soc_temp_c(self._root),
             throttling=self._throttling,
+            thread_cpu_seconds={} if threads is None else
+            self._threads.update(threads, cpu, self._main_tid),
         )

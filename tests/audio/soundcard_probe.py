@@ -34,6 +34,17 @@ def report(**fields: Any) -> None:
     print(json.dumps(fields), flush=True)
 
 
+def thread_names() -> list[str]:
+    """The kernel's names of this process's threads now."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # ended meanwhile
+            continue
+    return sorted(names)
+
+
 async def capture(seconds: float, out: Path) -> None:
     src = SoundDeviceSource("default", queue_frames=100)
     await src.open()
@@ -42,10 +53,12 @@ async def capture(seconds: float, out: Path) -> None:
     frames = [await src.read()]
     print("ready", flush=True)
     frames += [await src.read() for _ in range(int(seconds * 50))]
+    threads = thread_names()
     await src.close()
     await asyncio.to_thread(out.write_bytes, b"".join(frames))
     assert src.plan is not None
-    report(plan=dataclasses.asdict(src.plan), stats=dataclasses.asdict(src.stats))
+    report(plan=dataclasses.asdict(src.plan), stats=dataclasses.asdict(src.stats),
+           threads=threads)
 
 
 async def capture_idle(seconds: float, out: Path) -> None:
@@ -131,8 +144,10 @@ async def play(wav: Path, rate_hz: int | None) -> None:
     buffer.end_of_response()
     await asyncio.wait_for(ended.wait(), 30)
     await asyncio.sleep(0.3)  # let the device play out its own buffers
+    threads = thread_names()
     await sink.close()
     report(
+        threads=threads,
         rate_hz=sink.sample_rate_hz,
         channels=sink.plan.channels,
         underruns=buffer.stats.underruns,

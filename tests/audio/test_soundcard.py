@@ -91,6 +91,8 @@ def test_speech_played_into_the_mic_is_captured_through_sounddevice(
     result = finish(proc)
     assert result["plan"]["rate_hz"] == 16_000  # no resampling on the way in
     assert result["stats"]["overflows"] == 0 and result["stats"]["frames_dropped"] == 0
+    # PortAudio's callback thread carries a name of its own, not the interpreter's
+    assert "edgevoice-mic" in result["threads"], result["threads"]
     reference = from_pcm(load_wav(speech))
     captured = align(reference, from_pcm((tmp_path / "captured.raw").read_bytes()))
     assert np.corrcoef(reference, captured)[0, 1] >= 0.99
@@ -178,6 +180,7 @@ def test_a_tone_played_through_the_sink_reaches_the_speaker(
     result = finish(probe(card, "play", str(wav), *([str(rate_hz)] if rate_hz else [])))
     heard = from_pcm(recording.stop())
     assert result["underruns"] == 0 and result["callbacks_alive"]
+    assert "edgevoice-play" in result["threads"], result["threads"]
     if rate_hz:
         assert result["rate_hz"] == rate_hz
     loud = heard[np.abs(heard) > 1000]

@@ -71,6 +71,8 @@ def busy_snapshot() -> DeviceSnapshot:
             open_fds=17,
             soc_temp_c=51.2,
             throttling=ThrottleFlags.from_bits(0x50000),
+            thread_cpu_seconds={"event_loop": 9.5, "mic": 1.25, "speaker": 1.0,
+                                "ended": 0.5},
         ),
     )
 
@@ -246,6 +248,10 @@ def test_metrics_are_prometheus_text_with_units_in_names() -> None:
         # the last turn never played: that stage is absent, not zero
         assert ("edgevoice_last_turn_seconds", (("stage", "playback"),)) not in values
         assert values[("edgevoice_process_cpu_seconds_total", ())] == 12.25
+        # where it went: which thread (a board's own answer to "what costs CPU here")
+        assert values[("edgevoice_thread_cpu_seconds_total", (("thread", "event_loop"),))] \
+            == 9.5
+        assert values[("edgevoice_thread_cpu_seconds_total", (("thread", "speaker"),))] == 1.0
         assert values[("edgevoice_process_resident_memory_bytes", ())] == 41_000_000
         assert values[("edgevoice_process_open_fds", ())] == 17
         assert values[("edgevoice_soc_temperature_celsius", ())] == 51.2
@@ -276,6 +282,7 @@ def test_metrics_leave_out_what_is_unknown_and_report_unhealthy() -> None:
         "edgevoice_soc_temperature_celsius",
         "edgevoice_soc_throttled",
         "edgevoice_process_cpu_seconds_total",
+        "edgevoice_thread_cpu_seconds_total",
         "edgevoice_wake_detections_total",  # no wake word configured
         "edgevoice_wake_frames_total",
     ):

@@ -5,19 +5,24 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from edgevoice.audio.sounddevice_io import PLAYBACK_THREAD_NAME, name_this_thread
 from edgevoice.clock import FakeClock
 from edgevoice.health.system import (
     SystemSampler,
+    ThreadCpuAccount,
     ThrottleFlags,
     count_open_fds,
     parse_throttled,
     read_rss_bytes,
     read_soc_temp_c,
+    read_threads,
     read_throttled,
 )
 
@@ -162,3 +167,88 @@ def test_sampler_without_a_board(tmp_path: Path) -> None:
         None,
     )
     assert stats.cpu_seconds is not None and stats.cpu_seconds > 0
+
+
+# ------------------------------------------------------------------ CPU by thread
+
+MAIN = 100
+
+
+def test_threads_are_accounted_by_role_and_the_rest_of_the_process_as_ended() -> None:
+    account = ThreadCpuAccount()
+    totals = account.update({MAIN: ("edgevoice", 5.0), 101: ("edgevoice-mic", 1.0),
+                             102: ("edgevoice-play", 2.0), 103: ("threaded-ml", 0.5),
+                             104: ("edgevoice", 0.25)}, process_total=9.0, main_tid=MAIN)
+    assert totals == {"event_loop": 5.0, "mic": 1.0, "speaker": 2.0, "sound_server": 0.5,
+                      "other": 0.25, "ended": 0.25}
+    assert sum(totals.values()) == 9.0
+
+
+def test_a_thread_that_ended_keeps_its_cpu_and_no_counter_goes_down() -> None:
+    """A speaker stream parks after a reply and the next reply opens a new one: the
+    first thread's CPU stays with "speaker", what it used after the last look and
+    threads never seen go to "ended"."""
+    account = ThreadCpuAccount()
+    account.update({MAIN: ("py", 1.0), 102: ("edgevoice-play", 2.0)}, 3.0, MAIN)
+    # 102 used 0.25 s more, then ended; 105 played the next reply; one more thread
+    # lived and ended between the looks (0.5 s)
+    totals = account.update({MAIN: ("py", 1.5), 105: ("edgevoice-play", 1.0)}, 6.25, MAIN)
+    assert totals == {"event_loop": 1.5, "speaker": 3.0, "ended": 1.75}
+    # the process's total read a tick before the threads': nothing goes down
+    again = account.update({MAIN: ("py", 1.5), 105: ("edgevoice-play", 1.01)}, 6.25, MAIN)
+    assert all(again[role] >= totals[role] for role in totals)
+
+
+def test_a_reused_thread_id_is_a_new_thread() -> None:
+    account = ThreadCpuAccount()
+    account.update({MAIN: ("py", 1.0), 101: ("edgevoice-mic", 3.0)}, 4.0, MAIN)
+    # the microphone's thread ended; the kernel gave its id to a speaker stream
+    totals = account.update({MAIN: ("py", 1.0), 101: ("edgevoice-play", 0.5)}, 4.5, MAIN)
+    assert totals["mic"] == 3.0 and totals["speaker"] == 0.5
+    # ... or to another microphone thread: it starts from less CPU than the old one had
+    totals = account.update({MAIN: ("py", 1.0), 101: ("edgevoice-play", 0.25)}, 4.75, MAIN)
+    assert totals["speaker"] == 0.75
+
+
+def test_thread_stat_lines_are_read_whatever_the_name_holds(tmp_path: Path) -> None:
+    ticks = os.sysconf("SC_CLK_TCK")
+    for tid, name in ((7, "python3"), (8, "a (b) c")):
+        task = tmp_path / f"proc/self/task/{tid}"
+        task.mkdir(parents=True)
+        rest = " ".join(["S", *["0"] * 10, str(2 * ticks), str(ticks), *["0"] * 30])
+        (task / "stat").write_text(f"{tid} ({name}) {rest}\n")
+    (tmp_path / "proc/self/task/9").mkdir()  # ended while listed: no stat
+    assert read_threads(tmp_path) == {7: ("python3", 3.0), 8: ("a (b) c", 3.0)}
+    assert read_threads(tmp_path / "nowhere") is None
+
+
+def test_the_sampler_shows_a_named_audio_thread_under_its_role() -> None:
+    """The real /proc: a thread named as PortAudio's speaker thread is, burning CPU."""
+    done = threading.Event()
+    named = threading.Event()
+
+    def speaker() -> None:
+        assert name_this_thread(PLAYBACK_THREAD_NAME)
+        named.set()
+        deadline = time.thread_time() + 0.1
+        while time.thread_time() < deadline:
+            pass
+        done.wait(10)
+
+    thread = threading.Thread(target=speaker)
+    thread.start()
+    try:
+        assert named.wait(10)
+        deadline = time.monotonic() + 10
+        while True:  # the kernel counts CPU in ticks
+            totals = SystemSampler().sample().thread_cpu_seconds
+            if totals.get("speaker", 0.0) >= 0.05 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        done.set()
+        thread.join()
+    assert totals["speaker"] >= 0.05, totals
+    assert totals["event_loop"] > 0
+    after = SystemSampler().sample().thread_cpu_seconds  # a new account: ended unseen
+    assert "speaker" not in after and after["ended"] >= 0.05, after

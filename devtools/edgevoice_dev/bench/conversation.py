@@ -178,7 +178,11 @@ async def _conversation(ws: Workspace, fixture: SpeechFixture | None = None,
         cpu1, threads1 = cpu_seconds(device.pid), thread_cpu(device.pid)
         ticks1 = cpu_busy_ticks()
         t1 = time.monotonic()
-        threads = sorted(((k, 100 * (v - threads0.get(k, 0.0)) / (t1 - t0))
+        # the main thread runs the event loop; PortAudio's callback threads carry the
+        # names the device gives them (edgevoice-mic, edgevoice-play)
+        main = f"{device.pid} "
+        threads = sorted(((f"{device.pid} event-loop" if k.startswith(main) else k,
+                           100 * (v - threads0.get(k, 0.0)) / (t1 - t0))
                           for k, v in threads1.items()), key=lambda kv: -kv[1])
         # CPU of threads that ended within the window: the speaker's stream parks after
         # each reply and reopens at the next turn, with new PortAudio and sound-server

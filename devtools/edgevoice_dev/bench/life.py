@@ -158,7 +158,10 @@ async def _idle(ws: Workspace, relay_port: int, path: str, wake: bool,
         if card is not None:
             card.stop()
     span = t1 - t0
-    threads = [(k, 100 * (v - threads0.get(k, 0.0)) / span) for k, v in threads1.items()]
+    # the main thread runs the event loop; PortAudio's callback threads carry the names
+    # the device gives them (edgevoice-mic, edgevoice-play)
+    threads = [(f"{device.pid} event-loop" if k.split()[0] == str(device.pid) else k,
+                100 * (v - threads0.get(k, 0.0)) / span) for k, v in threads1.items()]
     # CPU of threads that ended within the window (an output stream parked and reopened
     # takes its PortAudio threads with it) is in the process's total, not in any thread
     ended = 100 * (cpu1 - cpu0) / span - sum(p for _, p in threads)
@@ -177,7 +180,8 @@ def _thread_story(run: IdleRun) -> str:
     others = run.cpu_pct - main
     return (f"{run.path}{' + wake word' if run.wake else ''}: {run.cpu_pct:.2f} % = event-loop "
             f"thread {main:.2f} % + audio and sound-server threads {others:.2f} % ("
-            + ", ".join(f"{n.split()[1]} {p:.2f} %" for n, p in run.threads[:6]) + ")")
+            + ", ".join(f"{n.split()[1]} {p:.2f} %" for n, p in run.threads[:7]
+                        if n.split()[1] != "event-loop") + ")")
 
 
 async def run_idle_rows(ws: Workspace) -> list[RowResult]:
