@@ -284,7 +284,8 @@ class SoundDeviceSource:
         self.batch_blocks = max(1, min(idle_batch_ms // block_ms, self.queue_blocks - 1))
         self.stall_timeout_s = stall_timeout_s
         # Some back ends take well over a second to deliver the first block (PulseAudio
-        # through ALSA: ~1.8 s for a process's first stream), so the first wait is longer.
+        # through ALSA: ~1.8 s for a process's first stream, during which PortAudio's
+        # thread used 1.4 s of CPU here, polling), so the first wait is longer.
         self.start_timeout_s = max(start_timeout_s, stall_timeout_s)
         self._started = False
         self.plan: StreamPlan | None = None

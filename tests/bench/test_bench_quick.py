@@ -143,6 +143,25 @@ def test_silence_is_the_first_empty_block_pulled_after_the_interrupt() -> None:
     assert missed == 1
 
 
+def test_per_thread_cpu_matches_threads_by_id_and_names_them_as_at_the_end() -> None:
+    """PortAudio's input thread may burn a second of CPU waiting for the sound server's
+    first block, then take its name (edgevoice-mic) at its first callback: a window
+    that began after that counts only what it used within the window."""
+    from edgevoice_dev.bench.life import ENDED, thread_shares
+
+    before = {10: ("python", 5.0), 11: ("edgevoice-mic", 1.4), 12: ("edgevoice-play", 0.5)}
+    after = {10: ("python", 5.5), 11: ("edgevoice-mic", 1.5), 13: ("edgevoice-play", 0.05)}
+    shares = thread_shares(10, before, after, process_pct=8.0, span_s=10.0)
+    assert shares[0] == ("10 event-loop", 5.0)
+    assert dict(shares)["11 edgevoice-mic"] == pytest.approx(1.0)
+    assert dict(shares)["13 edgevoice-play"] == pytest.approx(0.5)
+    # 12 ended within the window: what it used is the process's total less the others'
+    assert dict(shares)[ENDED] == pytest.approx(1.5)
+    renamed = {11: ("python", 1.4)}
+    assert thread_shares(10, renamed, {11: ("edgevoice-mic", 1.5)}, 1.0, 10.0) == [
+        ("11 edgevoice-mic", pytest.approx(1.0))]
+
+
 def test_only_publish_writes_the_tracked_results_and_page(tmp_path: Path) -> None:
     from edgevoice_dev.bench.runner import output_paths
     # a plain full run (on some laptop) must not rewrite what the docs show

@@ -31,7 +31,7 @@ from typing import Any
 from edgevoice.config.model import DeviceConfig
 from edgevoice_dev.bench.fixtures import SpeechFixture, build_speech
 from edgevoice_dev.bench.floor import Floor, measure_floor
-from edgevoice_dev.bench.life import thread_cpu
+from edgevoice_dev.bench.life import thread_cpu, thread_shares
 from edgevoice_dev.bench.peers import PeerBytes, nova_json_bytes, wyoming_bytes
 from edgevoice_dev.bench.plan import OUTPUT_RATE_HZ, REPLY_MS, Workspace
 from edgevoice_dev.bench.proc import (
@@ -178,19 +178,8 @@ async def _conversation(ws: Workspace, fixture: SpeechFixture | None = None,
         cpu1, threads1 = cpu_seconds(device.pid), thread_cpu(device.pid)
         ticks1 = cpu_busy_ticks()
         t1 = time.monotonic()
-        # the main thread runs the event loop; PortAudio's callback threads carry the
-        # names the device gives them (edgevoice-mic, edgevoice-play)
-        main = f"{device.pid} "
-        threads = sorted(((f"{device.pid} event-loop" if k.startswith(main) else k,
-                           100 * (v - threads0.get(k, 0.0)) / (t1 - t0))
-                          for k, v in threads1.items()), key=lambda kv: -kv[1])
-        # CPU of threads that ended within the window: the speaker's stream parks after
-        # each reply and reopens at the next turn, with new PortAudio and sound-server
-        # threads (as row 11 counts them)
-        ended = 100 * (cpu1 - cpu0) / (t1 - t0) - sum(p for _, p in threads)
-        if ended >= 0.01:
-            threads.append(("- threads-that-ended", ended))
-            threads.sort(key=lambda kv: -kv[1])
+        threads = thread_shares(device.pid, threads0, threads1,
+                                100 * (cpu1 - cpu0) / (t1 - t0), t1 - t0)
         hwm = memory_kib(device.pid).get("VmHWM", 0)
         up_frames = sum(c.up.binary_frames_between(t0, t1)
                         for c in proxy.connections if c.up is not None)

@@ -55,15 +55,44 @@ FLEET_WARMUP_S = 10.0
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds of every thread of ``pid``, by "tid name"."""
-    out: dict[str, float] = {}
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """Every thread of ``pid``: tid -> (its name now, CPU seconds)."""
+    out: dict[int, tuple[str, float]] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
-        with_name = (task / "stat").read_text()
+        try:
+            with_name = (task / "stat").read_text()
+        except OSError:  # ended meanwhile
+            continue
         name = with_name[with_name.index("(") + 1 : with_name.rindex(")")]
         fields = with_name[with_name.rindex(")") + 2 :].split()
-        out[f"{task.name} {name}"] = (int(fields[11]) + int(fields[12])) / _TICKS
+        out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / _TICKS)
     return out
+
+
+ENDED = "- threads-that-ended"
+
+
+def thread_shares(pid: int, before: dict[int, tuple[str, float]],
+                  after: dict[int, tuple[str, float]], process_pct: float,
+                  span_s: float) -> list[tuple[str, float]]:
+    """% of a core per thread over a window, the busiest first, as "tid name".
+
+    Threads are matched by id, named as at the end: PortAudio's callback threads take
+    their names (edgevoice-mic, edgevoice-play) at their first callback, and the input
+    stream's thread may spend a second of CPU before it (PortAudio waiting for the sound
+    server's first block), which must not count in a window that began after it. The
+    main thread, which runs the event loop, is "event-loop". What threads that ended
+    within the window used is in the process's total, not in any thread's: the rest
+    (speaker streams park after each reply and reopen at the next turn, with new
+    threads)."""
+    shares = [(f"{tid} {'event-loop' if tid == pid else name}",
+               100 * (cpu - before.get(tid, (name, 0.0))[1]) / span_s)
+              for tid, (name, cpu) in after.items()]
+    ended = process_pct - sum(p for _, p in shares)
+    if ended >= 0.01:
+        shares.append((ENDED, ended))
+    shares.sort(key=lambda kv: -kv[1])
+    return shares
 
 
 @dataclass
@@ -158,16 +187,7 @@ async def _idle(ws: Workspace, relay_port: int, path: str, wake: bool,
         if card is not None:
             card.stop()
     span = t1 - t0
-    # the main thread runs the event loop; PortAudio's callback threads carry the names
-    # the device gives them (edgevoice-mic, edgevoice-play)
-    threads = [(f"{device.pid} event-loop" if k.split()[0] == str(device.pid) else k,
-                100 * (v - threads0.get(k, 0.0)) / span) for k, v in threads1.items()]
-    # CPU of threads that ended within the window (an output stream parked and reopened
-    # takes its PortAudio threads with it) is in the process's total, not in any thread
-    ended = 100 * (cpu1 - cpu0) / span - sum(p for _, p in threads)
-    if ended >= 0.01:
-        threads.append(("- threads-that-ended", ended))
-    threads.sort(key=lambda kv: -kv[1])
+    threads = thread_shares(device.pid, threads0, threads1, 100 * (cpu1 - cpu0) / span, span)
     rss.sort()
     main = next((p for k, p in threads if k.split()[0] == str(device.pid)), 0.0)
     return IdleRun(path, wake, 100 * (cpu1 - cpu0) / span, rss[len(rss) // 2] / 1024, span,
