@@ -174,7 +174,8 @@ class ThreadCpuAccount:
 
     def __init__(self, roles: Mapping[str, str] = THREAD_ROLES) -> None:
         self._roles = roles
-        self._live: dict[int, tuple[str, float]] = {}  # tid -> (role, CPU at last look)
+        # tid -> (role, CPU at the last look, CPU it had when it took that role)
+        self._live: dict[int, tuple[str, float, float]] = {}
         self._retired: dict[str, float] = {}
         self._ended = 0.0
 
@@ -187,21 +188,30 @@ class ThreadCpuAccount:
                main_tid: int) -> dict[str, float]:
         """Account for one look at the live ``threads`` (tid -> (name, CPU s)) and the
         process's total CPU; the CPU seconds by role since start."""
-        live: dict[int, tuple[str, float]] = {}
+        live: dict[int, tuple[str, float, float]] = {}
         for tid, (name, cpu) in threads.items():
             role = self.role(tid, name, main_tid)
+            base = 0.0
             before = self._live.get(tid)
-            if before is not None and (before[0] != role or cpu < before[1]):
-                # the kernel gave a new thread an ended one's tid
-                self._retire(*before)
-            live[tid] = (role, cpu)
-        for tid, (role, cpu) in self._live.items():
+            if before is not None:
+                old_role, old_cpu, old_base = before
+                if cpu < old_cpu:  # the kernel gave a new thread an ended one's tid
+                    self._retire(old_role, old_cpu - old_base)
+                elif old_role != role:
+                    # renamed (PortAudio's threads take their names at their first
+                    # callback): what it used so far stays where it was counted
+                    self._retire(old_role, old_cpu - old_base)
+                    base = old_cpu
+                else:
+                    base = old_base
+            live[tid] = (role, cpu, base)
+        for tid, (role, cpu, base) in self._live.items():
             if tid not in threads:
-                self._retire(role, cpu)
+                self._retire(role, cpu - base)
         self._live = live
         totals = dict(self._retired)
-        for role, cpu in live.values():
-            totals[role] = totals.get(role, 0.0) + cpu
+        for role, cpu, base in live.values():
+            totals[role] = totals.get(role, 0.0) + cpu - base
         # what no live or retired thread accounts for; never less than before (the
         # process's total and the threads' are read a moment apart)
         self._ended = max(self._ended, process_total - sum(totals.values()))

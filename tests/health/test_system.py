@@ -210,6 +210,22 @@ def test_a_reused_thread_id_is_a_new_thread() -> None:
     assert totals["speaker"] == 0.75
 
 
+def test_a_thread_that_takes_its_name_late_is_counted_once() -> None:
+    """PortAudio's input thread may poll for a second under the interpreter's name
+    before its first callback names it: that second stays "other", the rest is "mic",
+    and nothing is counted twice or taken back."""
+    account = ThreadCpuAccount()
+    first = account.update({MAIN: ("py", 1.0), 101: ("py", 1.4)}, 2.4, MAIN)
+    assert first == {"event_loop": 1.0, "other": 1.4, "ended": 0.0}
+    totals = account.update({MAIN: ("py", 1.0), 101: ("edgevoice-mic", 1.5)}, 2.5, MAIN)
+    assert totals == {"event_loop": 1.0, "other": 1.4, "mic": pytest.approx(0.1),
+                      "ended": 0.0}
+    # and when it ends, only its share as "mic" is kept under that role
+    totals = account.update({MAIN: ("py", 1.25)}, 2.85, MAIN)
+    assert totals["mic"] == pytest.approx(0.1) and totals["other"] == 1.4
+    assert sum(totals.values()) == pytest.approx(2.85)
+
+
 def test_thread_stat_lines_are_read_whatever_the_name_holds(tmp_path: Path) -> None:
     ticks = os.sysconf("SC_CLK_TCK")
     for tid, name in ((7, "python3"), (8, "a (b) c")):
