@@ -521,7 +521,13 @@ class SoundDeviceSink:
 
     def __init__(self, device: str = "default", rate_hz: int | None = None, *,
                  park_after_ms: int | None = DEFAULT_PARK_AFTER_MS,
-                 wake_lead_in_ms: int = DEFAULT_WAKE_LEAD_IN_MS) -> None:
+                 wake_lead_in_ms: int = DEFAULT_WAKE_LEAD_IN_MS,
+                 block_ms: int = FRAME_MS) -> None:
+        if block_ms < FRAME_MS or block_ms % FRAME_MS:
+            raise ValueError(f"block_ms must be a multiple of {FRAME_MS} ms, got {block_ms}")
+        #: audio PortAudio asks the callback for at once (each block is a wake-up of
+        #: PortAudio's and the sound server's threads)
+        self.block_ms = block_ms
         self.device = device
         self.name = f"sounddevice:{device}"
         self.plan = self._plan(rate_hz)
@@ -579,7 +585,8 @@ class SoundDeviceSink:
         )
 
     def _callback(self, buffer: PlaybackBuffer, lead_in_ms: int = 0) -> Any:
-        writer = OutputBlockWriter(buffer, self.plan.channels, -(-lead_in_ms // FRAME_MS))
+        writer = OutputBlockWriter(buffer, self.plan.channels,
+                                   lead_in_blocks(lead_in_ms, self.block_ms))
         named = False
 
         def on_block(outdata: Any, frames: int, time_info: Any, status: Any) -> None:
@@ -683,7 +690,7 @@ class SoundDeviceSink:
                 samplerate=plan.rate_hz,
                 channels=plan.channels,
                 dtype="int16",
-                blocksize=frame_samples(plan.rate_hz),
+                blocksize=frame_samples(plan.rate_hz, self.block_ms),
                 callback=on_block,
             )
             stream.start()
@@ -718,6 +725,11 @@ class SoundDeviceSink:
             await asyncio.to_thread(_stop_and_close, stream)
         if was_open:
             logger.info("audio sink %s closed", self.name)
+
+
+def lead_in_blocks(lead_in_ms: int, block_ms: int) -> int:
+    """Blocks of silence that cover ``lead_in_ms`` (at least that long)."""
+    return -(-lead_in_ms // block_ms)
 
 
 class OutputBlockWriter:
@@ -797,7 +809,8 @@ def open_source(spec: str, *, queue_frames: int = 25, clock: Clock | None = None
 
 
 def open_sink(spec: str, rate_hz: int | None = None, *, clock: Clock | None = None,
-              park_after_ms: int | None = DEFAULT_PARK_AFTER_MS) -> AudioSink:
+              park_after_ms: int | None = DEFAULT_PARK_AFTER_MS,
+              block_ms: int = FRAME_MS) -> AudioSink:
     """Make (not open) the sink a config string names: ``wav:PATH`` (writes what a
     speaker would play, at real time), ``wav+fast:PATH`` (writes only the replies, as
     fast as they come), or a sound device name / ``default``. A device sink resolves
@@ -810,4 +823,4 @@ def open_sink(spec: str, rate_hz: int | None = None, *, clock: Clock | None = No
             realtime=kind == "wav",
             clock=clock,
         )
-    return SoundDeviceSink(spec, rate_hz, park_after_ms=park_after_ms)
+    return SoundDeviceSink(spec, rate_hz, park_after_ms=park_after_ms, block_ms=block_ms)

@@ -61,7 +61,8 @@ def build_daemon(config: DeviceConfig, config_file: str, **kwargs: Any) -> Devic
     source = open_source(config.audio.input, queue_frames=config.audio.capture_queue_frames,
                          block_ms=config.audio.capture_block_ms)
     sink = open_sink(config.audio.output, rate_hz=config.audio.output_rate_hz,
-                     park_after_ms=config.audio.speaker_park_after_ms or None)
+                     park_after_ms=config.audio.speaker_park_after_ms or None,
+                     block_ms=config.audio.speaker_block_ms)
     display = None
     if config.feedback.led_enabled:
         from edgevoice.feedback.led import LedController

@@ -129,7 +129,7 @@ async def capture_wake(seconds: float, out: Path) -> None:
            openings_while_armed=openings_while_armed, armed_frames=armed_frames)
 
 
-async def play(wav: Path, rate_hz: int | None) -> None:
+async def play(wav: Path, rate_hz: int | None, block_ms: int = 20) -> None:
     loop = asyncio.get_running_loop()
     ended = asyncio.Event()
 
@@ -137,8 +137,10 @@ async def play(wav: Path, rate_hz: int | None) -> None:
         if isinstance(event, PlaybackEnded):
             loop.call_soon_threadsafe(ended.set)
 
-    sink = SoundDeviceSink("default", rate_hz)
+    sink = SoundDeviceSink("default", rate_hz, block_ms=block_ms)
     buffer = PlaybackBuffer(sink.sample_rate_hz, prefill_ms=60, on_event=on_event)
+    blocks: list[int] = []
+    buffer.on_pulled = lambda out: blocks.append(len(out))  # PortAudio's thread
     await sink.open(buffer)
     buffer.push(load_wav(wav, sink.sample_rate_hz))
     buffer.end_of_response()
@@ -148,6 +150,7 @@ async def play(wav: Path, rate_hz: int | None) -> None:
     await sink.close()
     report(
         threads=threads,
+        block_samples=sorted(set(blocks)),
         rate_hz=sink.sample_rate_hz,
         channels=sink.plan.channels,
         underruns=buffer.stats.underruns,
@@ -215,7 +218,9 @@ def main(argv: list[str]) -> None:
     elif command == "capture-wake":
         asyncio.run(capture_wake(float(argv[1]), Path(argv[2])))
     elif command == "play":
-        asyncio.run(play(Path(argv[1]), int(argv[2]) if len(argv) > 2 else None))
+        # play WAV [RATE_HZ (0: the device's) [BLOCK_MS]]
+        rate = int(argv[2]) if len(argv) > 2 else 0
+        asyncio.run(play(Path(argv[1]), rate or None, int(argv[3]) if len(argv) > 3 else 20))
     elif command == "park":
         asyncio.run(park(Path(argv[1])))
     elif command == "unplug":

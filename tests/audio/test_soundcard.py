@@ -191,6 +191,21 @@ def test_a_tone_played_through_the_sink_reaches_the_speaker(
     assert abs(level_dbfs(steady) - (-10.0)) < 1.0
 
 
+def test_a_speaker_with_40_ms_blocks_plays_everything_in_blocks_of_that_size(
+    card: VirtualSoundCard, tmp_path: Path
+) -> None:
+    """audio.speaker_block_ms: 40 (half the wake-ups of PortAudio and the sound server)
+    plays the same sound, whole, at 1920 samples a callback."""
+    wav = tmp_path / "tone.wav"
+    write_wav(wav, to_pcm(tone(1000.0, -10.0, 48_000, rate_hz=48_000)), 48_000)
+    recording = card.start_recording()
+    result = finish(probe(card, "play", str(wav), "48000", "40"))
+    heard = from_pcm(recording.stop())
+    assert result["underruns"] == 0 and result["played_samples"] == 48_000, result
+    assert result["block_samples"] == [1920], result["block_samples"]
+    assert len(heard[np.abs(heard) > 1000]) > 0.8 * SPEAKER_RATE_HZ
+
+
 def test_an_idle_sink_parks_its_stream_and_wakes_for_the_next_sound(
     card: VirtualSoundCard, tmp_path: Path
 ) -> None:

@@ -21,6 +21,7 @@ from edgevoice.audio.sounddevice_io import (
     SoundDeviceSink,
     SoundDeviceSource,
     StreamPlan,
+    lead_in_blocks,
     open_sink,
     open_source,
     plan_stream,
@@ -386,6 +387,15 @@ def test_a_prepared_speaker_stays_open_until_the_reply_plays_then_parks() -> Non
         return [*seen, sink.parks == 2, sink.wakes == 2]
 
     assert asyncio.run(main()) == [True, False, True, False, True, True]
+
+
+def test_a_reopened_speakers_lead_in_is_at_least_as_long_whatever_the_block() -> None:
+    assert lead_in_blocks(160, 20) == 8
+    assert lead_in_blocks(160, 40) == 4
+    assert lead_in_blocks(160, 60) == 3  # 180 ms: never shorter than asked
+    assert lead_in_blocks(0, 40) == 0
+    with pytest.raises(ValueError, match="multiple of 20"):
+        SoundDeviceSink("default", 16_000, block_ms=30)
 
 
 # -- the output callback: raw buffers, silence without a pull ------------------------------

@@ -39,6 +39,8 @@ def test_shipped_configs_load_and_are_current() -> None:
     ("relay: {backoff: {multiplier: 0.5}}", "relay.backoff.multiplier", ">= 1"),
     ("log_level: loud", "log_level", "is not one of"),
     ("audio: [1, 2]", "audio", "expected a mapping"),
+    ("audio: {speaker_block_ms: 30}", "audio.speaker_block_ms", "multiple of 20"),
+    ("audio: {speaker_block_ms: 200}", "audio.speaker_block_ms", "between 20 and 100"),
     ("device_id: Kitchen!", "device_id", "lowercase"),
     ("timezone: Mars/Base", "timezone", "unknown time zone"),
     ("turn: {max_turn_ms: .nan}", "turn.max_turn_ms", "whole number"),
