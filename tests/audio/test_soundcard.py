@@ -170,6 +170,15 @@ def test_the_wake_word_is_heard_through_the_idle_gate_as_without_it(
     assert replayed == result["detections"]
 
 
+def test_a_recording_is_connected_when_start_recording_returns(card: VirtualSoundCard) -> None:
+    """A sound played right after start_recording() is heard from its first sample: the
+    recording's stream is connected before it returns (a loaded host once connected
+    parec 1 s late and a test heard 13 ms of a one-second tone)."""
+    recording = card.start_recording()
+    heard = recording.stop()
+    assert len(heard) > 0 and not any(heard)  # the idle speaker's silence, already flowing
+
+
 @pytest.mark.parametrize("rate_hz", [None, 48_000])
 def test_a_tone_played_through_the_sink_reaches_the_speaker(
     card: VirtualSoundCard, tmp_path: Path, rate_hz: int | None

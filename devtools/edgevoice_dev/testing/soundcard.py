@@ -63,6 +63,21 @@ class Recording:
             stderr=subprocess.DEVNULL,
             env=card.environ(),
         )
+        self._wait_until_connected()
+
+    def _wait_until_connected(self, timeout_s: float = 10.0) -> None:
+        """Return once ``parec`` is recording: a null sink's monitor streams silence
+        while nothing plays, so the first bytes mean the stream is connected. Without
+        this wait, a loaded host may connect ``parec`` after the sound began and the
+        recording misses it."""
+        deadline = time.monotonic() + timeout_s
+        while os.fstat(self._file.fileno()).st_size == 0:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"parec exited with {self._proc.returncode}")
+            if time.monotonic() > deadline:
+                self._proc.kill()
+                raise RuntimeError(f"parec recorded nothing within {timeout_s} s")
+            time.sleep(0.005)
 
     def stop(self) -> bytes:
         """Stop recording; 48 kHz mono s16le PCM."""
