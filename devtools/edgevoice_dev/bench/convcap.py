@@ -27,6 +27,7 @@ from edgevoice_dev.bench.analysis import Spread
 from edgevoice_dev.bench.floor import relay_opus_seconds_per_frame
 from edgevoice_dev.bench.plan import Workspace
 from edgevoice_dev.bench.proc import Child, busy_pct, cpu_busy_ticks, cpu_seconds, python_module
+from edgevoice_dev.bench.profiles import summarize
 from edgevoice_dev.bench.results import INFO, Line, RowResult, fmt_ms, verdict
 
 logger = logging.getLogger(__name__)
@@ -148,10 +149,11 @@ def glitched(arrivals: list[float], prefill_s: float = PREFILL_S) -> bool:
 
 
 async def _step(ws: Workspace, n: int, limit: int, admission: str = "off",
-                *, step_times: bool = False) -> ConvStep:
+                *, step_times: bool = False, profile: Path | None = None) -> ConvStep:
     """``n`` conversing devices against one relay core; ``limit`` its max_active_turns,
     ``admission`` its ramp and load-based admission (relay_runner --admission);
-    ``step_times``: time each step of its loop (on asyncio's loop, not uvloop)."""
+    ``step_times``: time each step of its loop (on asyncio's loop, not uvloop);
+    ``profile``: write a cProfile (CPU time) of the relay there."""
     plan = ws.plan
     tokens = ws.tokens_json([f"conv-{i:04d}" for i in range(n)], f"conv-{n}.json")
     lag_path = ws.root / f"conv-loop-{n}-{limit}.json"
@@ -161,7 +163,8 @@ async def _step(ws: Workspace, n: int, limit: int, admission: str = "off",
                            str(int(REPLY_S * 1000)), "--cpu", str(RELAY_CPU),
                            "--max-active-turns", str(limit), "--admission", admission,
                            "--loop-lag", str(lag_path),
-                           *(("--step-times", str(steps_path)) if step_times else ()))
+                           *(("--step-times", str(steps_path)) if step_times else ()),
+                           *(("--profile", str(profile)) if profile is not None else ()))
     load: Child | None = None
     try:
         port = int(relay.events[0]["port"])
@@ -285,6 +288,15 @@ async def run_rows(ws: Workspace) -> list[RowResult]:
             f"waiting for it {s.waited_pct:.0f} % of the time), loop stall p99 "
             f"{fmt_ms(s.stall.p99_ms)}"
             for s in steps))
+    profiled = ws.plan.profile and ratio > TARGET_FLOOR_RATIO
+    if profiled:
+        n = min(ref.clients, 100)
+        logger.info("profiling the relay with %d conversing sessions (figures of this pass "
+                    "not used)", n)
+        path = ws.root / f"conv-relay-{n}.prof"
+        await _step(ws, n, 0, profile=path)
+        cap.profile = summarize(path, title=f"relay process, {n} conversing sessions, "
+                                            "cProfile (CPU time, whole run)")
     if largest < TARGET_SESSIONS or ratio > TARGET_FLOOR_RATIO:
         failed = next((s for s in steps if not s.passed), None)
         cap.findings.append(
@@ -304,8 +316,9 @@ async def run_rows(ws: Workspace) -> list[RowResult]:
             "installed; what is left beyond the codec is, per frame each way, a socket "
             "read or write, websockets' frame parser or serializer (Python), the "
             "protocol's header and budget checks and the downlink queue, plus the bench "
-            "upstream's own pacing, which runs in the relay process (row 4's profile "
-            "names each).")
+            "upstream's own pacing, which runs in the relay process ("
+            + ("the profile below names each)." if profiled else "row 4's profile names "
+               "each)."))
     if single.held.p99_ms > TARGET_STALL_P99_MS:
         cap.findings.append(
             f"Single steps of the relay's loop at N={timed.clients}: p99 "
