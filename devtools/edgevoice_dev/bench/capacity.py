@@ -29,6 +29,7 @@ from typing import Any
 from edgevoice.relay.settings import DOWNLINK_OPUS
 from edgevoice_dev.bench.analysis import Spread, percentile
 from edgevoice_dev.bench.floor import relay_opus_seconds_per_frame
+from edgevoice_dev.bench.loadgen import CAPTURE_BLOCK_MS
 from edgevoice_dev.bench.plan import Workspace
 from edgevoice_dev.bench.proc import Child, busy_pct, cpu_busy_ticks, cpu_seconds, python_module
 from edgevoice_dev.bench.profiles import summarize
@@ -276,6 +277,8 @@ async def run_row(ws: Workspace) -> RowResult:
         "Relay process pinned to CPU 0, load generator to CPU 1 (taskset-style "
         "sched_setaffinity). Every session streams both ways at real time: the relay "
         "decodes 50 Opus frames/s and encodes and paces 50 Opus frames/s per session. "
+        f"Uplink audio leaves as the daemon sends it: a {CAPTURE_BLOCK_MS} ms capture "
+        "block's frames in one write (audio.capture_block_ms). "
         "Uplink hop: client send -> PCM handed to the upstream; downlink hop: reply frame "
         "handed to the relay -> received by the client (CLOCK_MONOTONIC in both processes).")
     row.notes.append("Per step: " + "; ".join(

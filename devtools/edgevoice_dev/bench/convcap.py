@@ -25,6 +25,7 @@ from typing import Any
 
 from edgevoice_dev.bench.analysis import Spread
 from edgevoice_dev.bench.floor import relay_opus_seconds_per_frame
+from edgevoice_dev.bench.loadgen import CAPTURE_BLOCK_MS
 from edgevoice_dev.bench.plan import Workspace
 from edgevoice_dev.bench.proc import Child, busy_pct, cpu_busy_ticks, cpu_seconds, python_module
 from edgevoice_dev.bench.profiles import summarize
@@ -279,7 +280,9 @@ async def run_rows(ws: Workspace) -> list[RowResult]:
         "is, not with any one step.")
     cap.notes.append(
         "Relay process pinned to CPU 0 with no admission limit, load generator on CPU 1. "
-        "Each device: 3 s of speech at real time, turn end, a 3 s reply streamed by the "
+        "Each device: 3 s of speech at real time (sent as the daemon sends it: a "
+        f"{CAPTURE_BLOCK_MS} ms capture block's frames in one write), turn end, a 3 s reply "
+        "streamed by the "
         "upstream at real time, 2 s pause, again; phases spread over the 8 s cycle. A reply "
         "glitches when any frame arrives after a 60 ms jitter buffer would have played it. "
         "Per step: " + "; ".join(

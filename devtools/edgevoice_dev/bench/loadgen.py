@@ -33,6 +33,7 @@ from websockets.exceptions import ConnectionClosed
 from edgevoice.audio.base import CAPTURE_FRAME_BYTES
 from edgevoice.audio.opus import OpusEncoder, OpusSettings
 from edgevoice.audio.wavio import load_wav
+from edgevoice.config.model import AudioSettings
 from edgevoice.device.link import RelaySettings, send_together
 from edgevoice.protocol.connection import Connection, Role
 from edgevoice.protocol.heartbeat import Beat, Heartbeat, RelaySilent, stats_every
@@ -57,6 +58,8 @@ from edgevoice_dev.bench.proc import emit, pin_to_cpu
 logger = logging.getLogger(__name__)
 
 FRAME_S = 0.02
+#: the daemon's capture block: the uplink frames it sends in one write, by default
+CAPTURE_BLOCK_MS = AudioSettings().capture_block_ms
 
 
 @dataclass
@@ -104,8 +107,10 @@ async def _receive_turns(ws: ClientConnection, conn: Connection, log: ClientLog)
 
 
 async def _converse(ws: ClientConnection, conn: Connection, packets: list[bytes], start: float,
-                    until: float, log: ClientLog, speech_s: float, pause_s: float) -> None:
-    """Speak ``speech_s``, wait for the answer, pause ``pause_s``; again until ``until``."""
+                    until: float, log: ClientLog, speech_s: float, pause_s: float,
+                    block: int = 1) -> None:
+    """Speak ``speech_s``, wait for the answer, pause ``pause_s``; again until ``until``.
+    ``block``: frames sent together in one write, as the daemon sends a capture block's."""
     await asyncio.sleep(max(0.0, start - time.monotonic()))
     turn = 0
     frames = int(speech_s / FRAME_S)
@@ -117,17 +122,19 @@ async def _converse(ws: ClientConnection, conn: Connection, packets: list[bytes]
         log.turn_refused = False
         await ws.send(conn.send(TurnStart(turn_id=turn, trigger="vad")))
         t0 = time.monotonic()
-        for k in range(frames):
+        for first in range(0, frames, block):
             if log.turn_refused:
                 break  # the daemon ends a refused turn at once (turn_end "refused")
-            due = t0 + k * FRAME_S
+            last = min(frames, first + block) - 1
+            due = t0 + last * FRAME_S  # the block's last frame is in: it leaves
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             log.late.append(time.monotonic() - due)
-            _, data = conn.send_audio(packets[(turn * frames + k) % n], k * 20,
-                                      AudioFlags.START if k == 0 else AudioFlags.NONE)
-            await ws.send(data)
+            await send_together(ws, [
+                conn.send_audio(packets[(turn * frames + k) % n], k * 20,
+                                AudioFlags.START if k == 0 else AudioFlags.NONE)[1]
+                for k in range(first, last + 1)])
         if log.turn_refused:
             await ws.send(conn.send(TurnEnd(turn, "refused")))
             # the user hears the error cue and tries again after the rest of the turn
@@ -177,12 +184,14 @@ async def receive_counting(ws: ClientConnection, log: ClientLog) -> None:
 
 
 async def _stream(ws: ClientConnection, conn: Connection, packets: list[bytes], start: float,
-                  until: float, log: ClientLog) -> None:
+                  until: float, log: ClientLog, block: int = 1) -> None:
+    """One turn streamed until ``until``, ``block`` frames to a write (see _converse)."""
     await ws.send(conn.send(TurnStart(turn_id=1, trigger="api")))
-    k = 0
+    first = 0
     n = len(packets)
     while True:
-        due = start + k * FRAME_S
+        last = first + block - 1
+        due = start + last * FRAME_S
         if due >= until:
             return
         delay = due - time.monotonic()
@@ -190,11 +199,14 @@ async def _stream(ws: ClientConnection, conn: Connection, packets: list[bytes], 
             await asyncio.sleep(delay)
         now = time.monotonic()
         log.late.append(now - due)
-        _, data = conn.send_audio(packets[k % n], k * 20, AudioFlags.START if k == 0 else
-                                  AudioFlags.NONE)
-        log.sent.append(now)
-        await ws.send(data)
-        k += 1
+        wire: list[str | bytes] = []
+        for k in range(first, last + 1):
+            _, data = conn.send_audio(packets[k % n], k * 20, AudioFlags.START if k == 0 else
+                                      AudioFlags.NONE)
+            log.sent.append(now)
+            wire.append(data)
+        await send_together(ws, wire)
+        first = last + 1
 
 
 async def hold_idle(ws: ClientConnection, conn: Connection, start: float, heartbeat_ms: int,
@@ -268,6 +280,7 @@ async def run(args: argparse.Namespace, tokens: dict[str, str],
     else:
         receivers = [asyncio.create_task(receive_counting(ws, logs[d]))
                      for d, (ws, _) in links.items()]
+    block = args.block_ms // 20
     # --idle: connected devices nobody talks to: hold the connections, send nothing
     cycle = args.speech_s + args.reply_s + args.pause_s
     # idle devices' heartbeats spread over the interval, as devices coming online at
@@ -277,11 +290,12 @@ async def run(args: argparse.Namespace, tokens: dict[str, str],
         until, logs[d])) if args.idle else
                asyncio.create_task(_converse(ws, conn, packets,
                                              stream_start + cycle * i / max(1, len(links)),
-                                             until, logs[d], args.speech_s, args.pause_s))
+                                             until, logs[d], args.speech_s, args.pause_s,
+                                             block))
                if args.conversation else
                asyncio.create_task(_stream(ws, conn, packets,
-                                           stream_start + FRAME_S * i / max(1, len(links)),
-                                           until, logs[d]))
+                                           stream_start + FRAME_S * block * i
+                                           / max(1, len(links)), until, logs[d], block))
                for i, (d, (ws, conn)) in enumerate(links.items())]
 
     async def mark(name: str, at: float) -> None:
@@ -329,10 +343,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--reply-s", type=float, default=3.0,
                    help="length of the upstream's replies (to spread the devices' phases)")
     p.add_argument("--pause-s", type=float, default=2.0)
+    p.add_argument("--block-ms", type=int, default=CAPTURE_BLOCK_MS,
+                   help="audio sent in writes of this many ms (a multiple of 20), as the "
+                   "daemon sends what one capture block brought (audio.capture_block_ms)")
     p.add_argument("--idle", action="store_true",
                    help="connect and hold the connections without talking, sending what an "
                    "idle daemon does: the protocol's heartbeat with its stats (an idle fleet)")
     args = p.parse_args(argv)
+    if args.block_ms < 20 or args.block_ms % 20:
+        p.error(f"--block-ms {args.block_ms}: a multiple of 20, at least 20")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     pin_to_cpu(args.cpu)
     tokens: dict[str, str] = json.loads(Path(args.tokens).read_text())
