@@ -163,7 +163,8 @@ async def _step(ws: Workspace, n: int, profile: bool = False) -> tuple[Step, str
         load = await ws.spawn(f"capacity-load-{n}", python_module(
             "edgevoice_dev.bench.loadgen", "--url", f"ws://127.0.0.1:{port}/", "--tokens",
             str(tokens), "--clients", str(n), "--speech", str(ws.fixture.path),
-            "--warmup", str(plan.capacity_warmup_s), "--measure", str(plan.capacity_measure_s),
+            "--block-ms", "20", "--warmup", str(plan.capacity_warmup_s),
+            "--measure", str(plan.capacity_measure_s),
             "--record", str(load_record), "--cpu", str(LOADGEN_CPU)))
         await load.event("streaming", 60 + n / 10)
         start_event = await load.event("measure_start", 30 + plan.capacity_warmup_s)
@@ -277,8 +278,9 @@ async def run_row(ws: Workspace) -> RowResult:
         "Relay process pinned to CPU 0, load generator to CPU 1 (taskset-style "
         "sched_setaffinity). Every session streams both ways at real time: the relay "
         "decodes 50 Opus frames/s and encodes and paces 50 Opus frames/s per session. "
-        f"Uplink audio leaves as the daemon sends it: a {CAPTURE_BLOCK_MS} ms capture "
-        "block's frames in one write (audio.capture_block_ms). "
+        "Uplink frames leave one to a write, not a capture block's "
+        f"({CAPTURE_BLOCK_MS} ms) together as the daemon sends them: each frame's hop is "
+        "timed from its own send. "
         "Uplink hop: client send -> PCM handed to the upstream; downlink hop: reply frame "
         "handed to the relay -> received by the client (CLOCK_MONOTONIC in both processes).")
     row.notes.append("Per step: " + "; ".join(
