@@ -106,6 +106,16 @@ async def _receive_turns(ws: ClientConnection, conn: Connection, log: ClientLog)
             log.turn_over.set()
 
 
+def _audio_block(conn: Connection, packets: list[bytes], frames: range,
+                 offset: int = 0) -> list[str | bytes]:
+    """Frames ``frames`` of a turn (20 ms each, the first one flagged START) as the
+    messages of one write; frame k carries ``packets[(offset + k) % len(packets)]``."""
+    n = len(packets)
+    return [conn.send_audio(packets[(offset + k) % n], k * 20,
+                            AudioFlags.START if k == 0 else AudioFlags.NONE)[1]
+            for k in frames]
+
+
 async def _converse(ws: ClientConnection, conn: Connection, packets: list[bytes], start: float,
                     until: float, log: ClientLog, speech_s: float, pause_s: float,
                     block: int = 1) -> None:
@@ -114,7 +124,6 @@ async def _converse(ws: ClientConnection, conn: Connection, packets: list[bytes]
     await asyncio.sleep(max(0.0, start - time.monotonic()))
     turn = 0
     frames = int(speech_s / FRAME_S)
-    n = len(packets)
     while time.monotonic() + speech_s < until:
         turn += 1
         log.turns += 1
@@ -131,10 +140,8 @@ async def _converse(ws: ClientConnection, conn: Connection, packets: list[bytes]
             if delay > 0:
                 await asyncio.sleep(delay)
             log.late.append(time.monotonic() - due)
-            await send_together(ws, [
-                conn.send_audio(packets[(turn * frames + k) % n], k * 20,
-                                AudioFlags.START if k == 0 else AudioFlags.NONE)[1]
-                for k in range(first, last + 1)])
+            await send_together(ws, _audio_block(conn, packets, range(first, last + 1),
+                                                 turn * frames))
         if log.turn_refused:
             await ws.send(conn.send(TurnEnd(turn, "refused")))
             # the user hears the error cue and tries again after the rest of the turn
@@ -188,7 +195,6 @@ async def _stream(ws: ClientConnection, conn: Connection, packets: list[bytes], 
     """One turn streamed until ``until``, ``block`` frames to a write (see _converse)."""
     await ws.send(conn.send(TurnStart(turn_id=1, trigger="api")))
     first = 0
-    n = len(packets)
     while True:
         last = first + block - 1
         due = start + last * FRAME_S
@@ -199,13 +205,8 @@ async def _stream(ws: ClientConnection, conn: Connection, packets: list[bytes], 
             await asyncio.sleep(delay)
         now = time.monotonic()
         log.late.append(now - due)
-        wire: list[str | bytes] = []
-        for k in range(first, last + 1):
-            _, data = conn.send_audio(packets[k % n], k * 20, AudioFlags.START if k == 0 else
-                                      AudioFlags.NONE)
-            log.sent.append(now)
-            wire.append(data)
-        await send_together(ws, wire)
+        log.sent.extend([now] * block)
+        await send_together(ws, _audio_block(conn, packets, range(first, last + 1)))
         first = last + 1
 
 
