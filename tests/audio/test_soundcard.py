@@ -8,6 +8,7 @@ environment; this process never imports sounddevice.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -177,6 +178,25 @@ def test_a_recording_is_connected_when_start_recording_returns(card: VirtualSoun
     recording = card.start_recording()
     heard = recording.stop()
     assert len(heard) > 0 and not any(heard)  # the idle speaker's silence, already flowing
+
+
+def test_both_sinks_run_at_a_sound_cards_latency_not_seconds(card: VirtualSoundCard) -> None:
+    """A null sink takes its latency from its streams. The keep-alive streams ask for
+    20 ms, as a real card's small fixed buffers would, and the card starts with nothing
+    rendered ahead: left at PulseAudio's default (~2 s), a new 44.1 kHz stream was
+    sometimes pulled a second ahead at CPU speed, and most of what it played never
+    reached the speaker (CI heard 16 ms of a 1 s tone)."""
+    out = subprocess.run(["pactl", "list", "sinks"], env=card.environ(), capture_output=True,
+                         text=True, check=True).stdout
+    latencies = {}
+    for block in out.split("Sink #")[1:]:
+        name = re.search(r"Name: (\S+)", block)
+        latency = re.search(r"Latency: (\d+) usec, configured (\d+) usec", block)
+        assert name and latency, block
+        latencies[name.group(1)] = (int(latency.group(1)), int(latency.group(2)))
+    assert set(latencies) == {"spk", "micfeed"}
+    # rendered ahead now, and asked for: neither near PulseAudio's default of seconds
+    assert all(now <= 100_000 and asked <= 40_000 for now, asked in latencies.values()), latencies
 
 
 @pytest.mark.parametrize("rate_hz", [None, 48_000])
