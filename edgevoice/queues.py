@@ -66,6 +66,12 @@ class DropOldestQueue(Generic[T]):
             raise asyncio.QueueEmpty
         return self._items.popleft()
 
+    def peek(self) -> T:
+        """The oldest item, left in the queue; ``asyncio.QueueEmpty`` when there is none."""
+        if not self._items:
+            raise asyncio.QueueEmpty
+        return self._items[0]
+
     async def get(self) -> T:
         """Wait for and pop the oldest item.
 

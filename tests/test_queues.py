@@ -107,3 +107,13 @@ def test_a_flag_wakes_its_waiter_even_if_cleared_before_it_runs_and_has_one_wait
         await asyncio.wait_for(flag.wait(), 1)  # set: returns at once
 
     asyncio.run(main())
+
+
+def test_peek_shows_the_oldest_without_taking_it_and_an_empty_queue_says_so() -> None:
+    q: DropOldestQueue[int] = DropOldestQueue(2)
+    with pytest.raises(asyncio.QueueEmpty):
+        q.peek()
+    for item in (1, 2, 3):  # 1 is dropped
+        q.put_nowait(item)
+    assert q.peek() == 2 and len(q) == 2
+    assert q.get_nowait() == 2 and q.peek() == 3

@@ -241,6 +241,9 @@ class SessionStats:
     silence_frames: int = 0
     #: every 20 ms audio frame sent to Nova: the user's, replayed and silence
     audio_frames_sent: int = 0
+    #: ``audioInput`` events that carried them: frames queued together for a stream
+    #: leave as one event (the I/O shell's writer joins them)
+    audio_events_sent: int = 0
     #: questions replayed into a fresh stream after a fault or stall
     replays: int = 0
     stalls: int = 0

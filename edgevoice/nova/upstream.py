@@ -8,7 +8,11 @@ this module only carries out its actions:
 * one task per stream: open it (with a deadline), then read Nova's events, parse
   them (:mod:`edgevoice.nova.events`) and hand them to the core;
 * one writer per stream, fed by a bounded queue, so ``send_audio`` never waits on
-  the network; the queue drops its oldest item when full, and counts it;
+  the network; the queue drops its oldest item when full, and counts it. Audio events
+  that wait in it together (a capture block's frames, which a device sends in one
+  write, or audio held while the stream opened) leave as one ``audioInput`` event of
+  up to ``MAX_COALESCED_AUDIO_BYTES``: the SDK's cost is per event (JSON, event-stream
+  framing, signing), not per byte;
 * one ticker per session that calls :meth:`SessionCore.tick` every 20 ms while a
   stream is open (silence filling, rotation, idle close) and sleeps otherwise;
 * tools run in their own tasks through the :class:`~edgevoice.tools.registry.ToolRegistry`,
@@ -22,6 +26,7 @@ input, and only then stops reading output (after Nova's last usage events, or
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -65,6 +70,30 @@ ABORT_GRACE_S: Final = 1.0
 OUTBOX_MARGIN: Final = 1000
 
 
+#: The most audio one coalesced ``audioInput`` event carries: 100 ms of 16 kHz s16le.
+MAX_COALESCED_AUDIO_BYTES: Final = 3200
+
+
+class _Audio:
+    """Outbox item: one ``audioInput`` event, kept unencoded so that the writer can
+    join it with the audio events queued behind it."""
+
+    __slots__ = ("body", "event")
+
+    def __init__(self, event: nova.Event, body: dict[str, str]) -> None:
+        self.event = event
+        self.body = body
+
+    def pcm(self) -> bytes:
+        return base64.b64decode(self.body["content"])
+
+    def joins(self, other: _Audio) -> bool:
+        """Whether ``other`` continues the same audio content block."""
+        mine, theirs = self.body, other.body
+        return (mine["contentName"] == theirs["contentName"]
+                and mine["promptName"] == theirs["promptName"])
+
+
 class _Close:
     """Outbox marker: close the input stream after everything before it."""
 
@@ -81,7 +110,8 @@ class _StreamRunner:
         # Room for everything held while the stream opened, flushed at once, so a
         # slow start never pushes the stream's first events out of the queue.
         held = round(session.settings.pending_audio_max_s / FRAME_S)
-        self.outbox: DropOldestQueue[bytes | _Close] = DropOldestQueue(held + OUTBOX_MARGIN)
+        self.outbox: DropOldestQueue[bytes | _Audio | _Close] = DropOldestQueue(
+            held + OUTBOX_MARGIN)
         self.task: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._writer_error: BaseException | None = None
@@ -139,7 +169,9 @@ class _StreamRunner:
 
     def _put(self, events: tuple[nova.Event, ...]) -> None:
         for event in events:
-            self.outbox.put_nowait(nova.encode_event(event))
+            body = event["event"].get("audioInput")
+            self.outbox.put_nowait(nova.encode_event(event) if body is None
+                                   else _Audio(event, body))
         if self.outbox.dropped > self._reported_drops:
             logger.warning(
                 "nova stream %d: network too slow, dropped %d input events so far",
@@ -155,13 +187,36 @@ class _StreamRunner:
                 if isinstance(item, _Close):
                     await stream.close_input()
                     return
-                await stream.send(item)
+                await stream.send(item if isinstance(item, bytes) else self._coalesced(item))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self._writer_error = exc
             if not self._closing and self.task is not None:
                 self.task.cancel()
+
+    def _coalesced(self, first: _Audio) -> bytes:
+        """``first`` with the audio events of the same content waiting right behind it,
+        as one encoded event (up to ``MAX_COALESCED_AUDIO_BYTES``; what waits beyond
+        that goes in the next one). Nothing waits for more: only what is queued now."""
+        outbox = self.outbox
+        self.session.core.stats.audio_events_sent += 1
+        nxt = outbox.peek() if len(outbox) else None
+        if not isinstance(nxt, _Audio) or not first.joins(nxt):
+            return nova.encode_event(first.event)
+        pieces = [first.pcm()]
+        size = len(pieces[0])
+        while isinstance(nxt, _Audio) and first.joins(nxt):
+            pcm = nxt.pcm()
+            if size + len(pcm) > MAX_COALESCED_AUDIO_BYTES:
+                break
+            outbox.get_nowait()
+            pieces.append(pcm)
+            size += len(pcm)
+            nxt = outbox.peek() if len(outbox) else None
+        body = first.body
+        return nova.encode_event(nova.audio_input(body["promptName"], body["contentName"],
+                                                  b"".join(pieces)))
 
     async def _run(self) -> None:
         session = self.session

@@ -7,6 +7,7 @@ SDK's own deserialisers, so what passes here is what the relay runs.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import datetime
 import json
@@ -28,8 +29,15 @@ from edgevoice_dev.testing.fake_bedrock import (
     reply_chunk_pcm,
 )
 
+from edgevoice.nova import events as nova
 from edgevoice.nova.session import SessionState
-from edgevoice.nova.upstream import NovaSession, NovaSettings, NovaUpstream
+from edgevoice.nova.upstream import (
+    NovaSession,
+    NovaSettings,
+    NovaUpstream,
+    _Close,
+    _StreamRunner,
+)
 from edgevoice.tools.builtin import current_time_tool
 from edgevoice.tools.registry import Tool, ToolRegistry
 from edgevoice.upstream.base import (
@@ -463,3 +471,72 @@ def test_completion_once_per_stream_and_explicit_endpoint(fake: FakeBedrock, run
 
     run_with(scenario, nova_settings=settings(endpoint_url=fake.endpoint_url))
     assert len(fake.received) == 1
+
+
+# --- audio events queued together leave as one ------------------------------------------
+
+
+def _pcm_of(encoded: bytes) -> tuple[str, bytes]:
+    """(event name, its audio) of one encoded input event."""
+    (name, body), = json.loads(encoded)["event"].items()
+    return name, base64.b64decode(body["content"]) if name == "audioInput" else b""
+
+
+def test_audio_events_waiting_together_are_joined_up_to_100_ms_and_never_across_content(
+) -> None:
+    async def main() -> list[tuple[str, bytes]]:
+        upstream = NovaUpstream(settings(), ToolRegistry())
+        session = await upstream.open_session(DeviceContext("kitchen", "s1"))
+        runner = _StreamRunner(session, 99)
+        frames = [speech(i) for i in range(9)]
+        runner._put(tuple(nova.audio_input("p", "a", f) for f in frames[:7]))  # 140 ms
+        runner._put((nova.content_end("p", "a"),))  # a barrier: not audio
+        runner._put((nova.audio_input("p", "a", frames[7]),))
+        runner._put((nova.audio_input("p", "b", frames[8]),))  # another content block
+        sent = []
+        while len(runner.outbox):
+            item = runner.outbox.get_nowait()
+            assert not isinstance(item, _Close)
+            sent.append(_pcm_of(item if isinstance(item, bytes) else runner._coalesced(item)))
+        assert session.stats.audio_events_sent == 4
+        await upstream.aclose()
+        return sent
+
+    frames = [speech(i) for i in range(9)]
+    assert asyncio.run(main()) == [
+        ("audioInput", b"".join(frames[:5])),  # 100 ms: the most one event carries
+        ("audioInput", b"".join(frames[5:7])),
+        ("contentEnd", b""),
+        ("audioInput", frames[7]),
+        ("audioInput", frames[8]),
+    ]
+
+
+def test_a_capture_blocks_frames_reach_nova_as_one_event_and_a_lone_frame_is_not_held(
+    fake: FakeBedrock, run_with: Any
+) -> None:
+    """The relay hands over a capture block's three frames at once (one device write):
+    one audioInput event. A frame that comes alone leaves at once, joined to nothing."""
+    block = [speech(1), speech(2), speech(3)]
+    lone = speech(4)
+
+    async def scenario(device: Device) -> float:
+        session = device.session
+        await session.start_turn()
+        await session.send_audio(speech(0))  # once Nova has this, the stream is open
+        await fake.wait_for_async(lambda: bool(fake.received) and speech(0) in fake.received[0].audio(),
+                                  within_s=8)
+        assert session.state is SessionState.OPEN
+        for frame in block:  # no suspension between them: as from one data callback
+            await session.send_audio(frame)
+        await asyncio.sleep(0.1)
+        await session.send_audio(lone)
+        sent_at = asyncio.get_running_loop().time()
+        await fake.wait_for_async(lambda: lone in fake.received[0].audio(), within_s=2)
+        return asyncio.get_running_loop().time() - sent_at
+
+    waited = run_with(scenario)
+    events = [base64.b64decode(b["content"]) for b in fake.received[0].bodies("audioInput")]
+    # the three frames in one event, in order (a silence frame queued with them may lead)
+    assert any(b"".join(block) in event for event in events), [len(e) for e in events]
+    assert waited < 1.0
