@@ -524,8 +524,8 @@ def test_a_capture_blocks_frames_reach_nova_as_one_event_and_a_lone_frame_is_not
         session = device.session
         await session.start_turn()
         await session.send_audio(speech(0))  # once Nova has this, the stream is open
-        await fake.wait_for_async(lambda: bool(fake.received) and speech(0) in fake.received[0].audio(),
-                                  within_s=8)
+        await fake.wait_for_async(
+            lambda: bool(fake.received) and speech(0) in fake.received[0].audio(), within_s=8)
         assert session.state is SessionState.OPEN
         for frame in block:  # no suspension between them: as from one data callback
             await session.send_audio(frame)
