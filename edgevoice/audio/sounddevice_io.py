@@ -81,6 +81,12 @@ DEFAULT_IDLE_BATCH_MS = 300
 #: 1.7 % of a core here playing silence (PortAudio's and the sound server's threads,
 #: bench row 2), and a conversation's pauses are mostly shorter than 5 s.
 DEFAULT_PARK_AFTER_MS = 1000
+#: The speaker's rate unless configured: Opus decodes replies straight to it (no
+#: resampler on the device), and it is what boards' sound chips, USB speakers and sound
+#: servers run at, so nothing converts it further down. A device's "default" rate is
+#: often 44.1 kHz (PortAudio's guess for ALSA's plugins, PulseAudio's included), which
+#: costs a resampler in the daemon and another in the plugin or server.
+PREFERRED_SPEAKER_RATE_HZ = 48_000
 #: After :meth:`SoundDeviceSink.prepare` (a turn began), the stream is kept open until
 #: the reply plays, for at most this long: parking in the middle of a turn would make
 #: the reply wait for a reopened stream's lead-in.
@@ -513,8 +519,9 @@ class SoundDeviceSource:
 class SoundDeviceSink:
     """An AudioSink playing a PlaybackBuffer on a sound card.
 
-    ``rate_hz`` None means the device's default rate, resolved when the sink is
-    made (the daemon needs ``sample_rate_hz`` to build the buffer before ``open``).
+    ``rate_hz`` None means :data:`PREFERRED_SPEAKER_RATE_HZ` if the device takes it,
+    else the device's default rate, resolved when the sink is made (the daemon needs
+    ``sample_rate_hz`` to build the buffer before ``open``).
     ``park_after_ms``: close the stream after this much time with nothing to play, and
     open it again on the next push (None: keep it running).
     """
@@ -556,7 +563,8 @@ class SoundDeviceSink:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _plan(self, rate_hz: int | None) -> StreamPlan:
-        return plan_stream(_sounddevice(), self.device, "output", rate_hz)
+        return plan_stream(_sounddevice(), self.device, "output",
+                           rate_hz or PREFERRED_SPEAKER_RATE_HZ)
 
     async def open(self, buffer: PlaybackBuffer) -> None:
         if buffer.rate_hz != self.sample_rate_hz:

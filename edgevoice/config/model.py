@@ -43,7 +43,8 @@ class AudioSettings:
     output: str = "default"
     """Speaker: a sound device name, "default", or wav:PATH to write what would be played."""
     output_rate_hz: int | None = None
-    """Output sample rate; empty: the device's own default rate."""
+    """Output sample rate; empty: 48000 (replies decode straight to it) if the device
+    takes it, else the device's own default rate."""
     capture_queue_frames: int = 25
     """Captured 20 ms frames waiting for the event loop (25 = 500 ms); the oldest are dropped."""
     capture_block_ms: int = 60

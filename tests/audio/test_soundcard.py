@@ -181,8 +181,8 @@ def test_a_recording_is_connected_when_start_recording_returns(card: VirtualSoun
 
 
 def test_both_sinks_run_at_a_sound_cards_latency_not_seconds(card: VirtualSoundCard) -> None:
-    """A null sink takes its latency from its streams. The keep-alive streams ask for
-    20 ms, as a real card's small fixed buffers would, and the card starts with nothing
+    """A null sink takes its latency from its streams. The keep-alive streams keep it
+    at 10 ms, as a real card's small fixed buffers would, and the card starts with nothing
     rendered ahead: left at PulseAudio's default (~2 s), a new 44.1 kHz stream was
     sometimes pulled a second ahead at CPU speed, and most of what it played never
     reached the speaker (CI heard 16 ms of a 1 s tone)."""
@@ -196,10 +196,10 @@ def test_both_sinks_run_at_a_sound_cards_latency_not_seconds(card: VirtualSoundC
         latencies[name.group(1)] = (int(latency.group(1)), int(latency.group(2)))
     assert set(latencies) == {"spk", "micfeed"}
     # rendered ahead now, and asked for: neither near PulseAudio's default of seconds
-    assert all(now <= 100_000 and asked <= 40_000 for now, asked in latencies.values()), latencies
+    assert all(now <= 100_000 and asked <= 10_000 for now, asked in latencies.values()), latencies
 
 
-@pytest.mark.parametrize("rate_hz", [None, 48_000])
+@pytest.mark.parametrize("rate_hz", [None, 44_100])
 def test_a_tone_played_through_the_sink_reaches_the_speaker(
     card: VirtualSoundCard, tmp_path: Path, rate_hz: int | None
 ) -> None:
@@ -210,8 +210,9 @@ def test_a_tone_played_through_the_sink_reaches_the_speaker(
     heard = from_pcm(recording.stop())
     assert result["underruns"] == 0 and result["callbacks_alive"]
     assert "edgevoice-play" in result["threads"], result["threads"]
-    if rate_hz:
-        assert result["rate_hz"] == rate_hz
+    # unconfigured, the speaker runs at 48 kHz, not the pulse device's default 44.1 kHz;
+    # at 44.1 kHz (a device that takes nothing else) it goes through resamplers, as whole
+    assert result["rate_hz"] == (rate_hz or 48_000)
     loud = heard[np.abs(heard) > 1000]
     assert len(loud) > 0.8 * SPEAKER_RATE_HZ  # most of the second arrived
     start = int(np.argmax(np.abs(heard) > 1000))

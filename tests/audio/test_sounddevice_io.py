@@ -17,6 +17,7 @@ import pytest
 from edgevoice.audio.playback import PlaybackBuffer
 from edgevoice.audio.silence import IdleGate, SilenceSettings
 from edgevoice.audio.sounddevice_io import (
+    PREFERRED_SPEAKER_RATE_HZ,
     OutputBlockWriter,
     SoundDeviceSink,
     SoundDeviceSource,
@@ -292,6 +293,13 @@ def test_a_device_is_found_by_part_of_its_name_ignoring_case() -> None:
 def test_16_khz_is_preferred_else_the_devices_default_rate() -> None:
     assert plan_stream(PA, "pulse", "input", 16_000).rate_hz == 16_000
     assert plan_stream(PA, "USB", "input", 16_000).rate_hz == 44_100
+
+
+def test_a_speaker_runs_at_48_khz_where_it_can_whatever_its_default_else_at_its_default(
+) -> None:
+    assert plan_stream(PA, "pulse", "output", PREFERRED_SPEAKER_RATE_HZ).rate_hz == 48_000
+    only_44k = FakePortAudio([dev("old dac", 0, 2, 44_100)], {"old dac": {44_100}})
+    assert plan_stream(only_44k, "old dac", "output", PREFERRED_SPEAKER_RATE_HZ).rate_hz == 44_100
 
 
 def test_a_device_that_needs_two_channels_gets_two() -> None:
