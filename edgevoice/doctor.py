@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, TextIO
 import numpy as np
 
 from edgevoice.audio.silence import SILENCE_DBFS
+from edgevoice.audio.sounddevice_io import PREFERRED_SPEAKER_RATE_HZ
 from edgevoice.errors import ConfigError
 from edgevoice.protocol.messages import SUBPROTOCOL
 
@@ -469,11 +470,17 @@ def check_speaker(name: str, env: DoctorEnv) -> CheckResult:
     device = _resolve(env, name, "output")
     if isinstance(device, CheckResult):
         return device
-    rate = device.default_rate_hz
-    try:
-        env.audio.play(device, tone(rate), rate)
-    except Exception as exc:
-        return CheckResult.fail(f"cannot play on {device.name!r}: {exc}", STOP_SERVICE_FIX)
+    # The rate the daemon will play at (audio.output_rate_hz unset): 48 kHz where the
+    # device takes it, else its default.
+    rates = dict.fromkeys((PREFERRED_SPEAKER_RATE_HZ, device.default_rate_hz))
+    for rate in rates:
+        try:
+            env.audio.play(device, tone(rate), rate)
+            break
+        except Exception as exc:
+            error = exc
+    else:
+        return CheckResult.fail(f"cannot play on {device.name!r}: {error}", STOP_SERVICE_FIX)
     return CheckResult.ok(
         f"played a {TONE_S:g} s {TONE_HZ:g} Hz beep on {device.name!r} at {rate} Hz: "
         "you should have heard it"

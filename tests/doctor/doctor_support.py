@@ -62,6 +62,8 @@ class FakeAudio:
     defaults: dict[str, int | None] = field(default_factory=lambda: {"input": 3, "output": 3})
     recording: bytes | Exception = b""
     play_error: Exception | None = None
+    #: rates every device refuses to play at (as PortAudio does: "Invalid sample rate")
+    refused_rates: frozenset[int] = frozenset()
     recorded: list[tuple[str, float, int]] = field(default_factory=list)
     played: list[tuple[str, bytes, int]] = field(default_factory=list)
 
@@ -80,6 +82,8 @@ class FakeAudio:
     def play(self, device: AudioDevice, pcm: bytes, rate_hz: int) -> None:
         if self.play_error is not None:
             raise self.play_error
+        if rate_hz in self.refused_rates:
+            raise OSError(f"Invalid sample rate {rate_hz}")
         self.played.append((device.name, pcm, rate_hz))
 
 

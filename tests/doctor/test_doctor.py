@@ -226,6 +226,16 @@ def test_speaker_plays_a_tone_at_the_devices_rate() -> None:
     assert "Headphones" in result.detail
 
 
+def test_speaker_plays_at_48_khz_as_the_daemon_will_else_at_the_devices_rate() -> None:
+    audio = FakeAudio()  # "default": 44.1 kHz by default, takes 48 kHz
+    assert check_speaker("default", env_with(audio)).status is Status.OK
+    assert [rate for _, _, rate in audio.played] == [48000]
+    old_dac = FakeAudio(refused_rates=frozenset({48000}))
+    result = check_speaker("default", env_with(old_dac))
+    assert result.status is Status.OK and "at 44100 Hz" in result.detail
+    assert [(rate, pcm == tone(44100)) for _, pcm, rate in old_dac.played] == [(44100, True)]
+
+
 def test_speaker_failures() -> None:
     assert check_speaker("USB PnP", env_with()).status is Status.FAIL  # a mic, not a speaker
     broken = FakeAudio(play_error=OSError("Invalid sample rate"))
