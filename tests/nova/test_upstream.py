@@ -540,3 +540,24 @@ def test_a_capture_blocks_frames_reach_nova_as_one_event_and_a_lone_frame_is_not
     # the three frames in one event, in order (a silence frame queued with them may lead)
     assert any(b"".join(block) in event for event in events), [len(e) for e in events]
     assert waited < 1.0
+
+
+def test_the_fake_hears_audio_frame_by_frame_whatever_the_events_carry(
+    fake: FakeBedrock, run_with: Any
+) -> None:
+    """Nova hears a stream, not events: speech and the silence after it, joined into
+    100 ms events, end the utterance after the fake's 15 silent frames, before the
+    session had to fill any silence of its own (700 ms of audio sent at once)."""
+    quiet = bytes(FRAME)
+
+    async def scenario(device: Device) -> int:
+        await device.session.start_turn()
+        for frame in [speech(i) for i in range(12)] + [quiet] * 23:  # no suspension
+            await device.session.send_audio(frame)
+        await fake.wait_for_async(lambda: bool(fake.received)
+                                  and fake.received[0].utterances == 1, within_s=5)
+        return device.session.stats.silence_frames
+
+    assert run_with(scenario) == 0  # ended by what was sent, not by the session's fill
+    events = [base64.b64decode(b["content"]) for b in fake.received[0].bodies("audioInput")]
+    assert any(speech(11) in e and quiet in e for e in events)  # speech and silence together

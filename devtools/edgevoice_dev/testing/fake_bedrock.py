@@ -66,6 +66,8 @@ _PATH_PREFIX = "/model/"
 _PATH_SUFFIX = "/invoke-with-bidirectional-stream"
 #: An input frame counts as speech when any sample exceeds this magnitude.
 SPEECH_THRESHOLD = 500
+#: One 20 ms frame of the 16 kHz s16le input: the unit the fake's speech detector decides on.
+FRAME_BYTES = 640
 
 #: The error type Bedrock names for an HTTP status when a plan gives none.
 _ERROR_TYPES = {
@@ -505,15 +507,18 @@ class _StreamHandler:
                 except (binascii.Error, ValueError):
                     self._error("audioInput is not base64")
                     continue
-                if _is_speech(pcm):
-                    in_speech, silent_frames = True, 0
-                    if self._replying():
-                        self.barged_in.set()
-                elif in_speech:
-                    silent_frames += 1
-                    if silent_frames >= plan.end_of_speech_frames:
-                        in_speech = False
-                        self._utterance_ended()
+                # Nova hears a stream of audio: an event may carry one 20 ms frame or
+                # several (speech and then silence), so decide frame by frame.
+                for start in range(0, len(pcm), FRAME_BYTES):
+                    if _is_speech(pcm[start:start + FRAME_BYTES]):
+                        in_speech, silent_frames = True, 0
+                        if self._replying():
+                            self.barged_in.set()
+                    elif in_speech:
+                        silent_frames += 1
+                        if silent_frames >= plan.end_of_speech_frames:
+                            in_speech = False
+                            self._utterance_ended()
             elif name == "toolResult":
                 self._tool_result(body)
             elif name == "sessionEnd":
