@@ -213,6 +213,16 @@ class _Stream:
     output_tokens: int = 0
 
 
+def _closes_tool_use(stream: _Stream, event: nova.OutputEvent) -> bool:
+    """Whether ``event`` is the ``contentEnd`` of a toolUse block (part of the request)."""
+    if not isinstance(event, nova.ContentEnded):
+        return False
+    if event.type == nova.TYPE_TOOL or event.stop_reason == nova.STOP_TOOL_USE:
+        return True
+    started = stream.contents.get(event.content_id)
+    return started is not None and started.type == nova.TYPE_TOOL
+
+
 @dataclass
 class _Response:
     """The reply being spoken."""
@@ -573,7 +583,11 @@ class SessionCore:
         if stream is not self._current:
             return []  # a stream on its way out: only its usage still counts
         stream.last_output_at = now
-        self._first_output_due = self._tool_ack_due = None
+        self._first_output_due = None
+        if not _closes_tool_use(stream, event):
+            # Nova moved on after a tool result: it was heard. The toolUse block's
+            # own contentEnd may arrive after a fast tool's result; it is no answer.
+            self._tool_ack_due = None
         if not stream.got_output:
             stream.got_output = True
             # The stream works: earlier failures no longer count against it.

@@ -611,6 +611,35 @@ def test_an_unacknowledged_tool_result_is_a_stall() -> None:
     del run
 
 
+def test_a_tool_that_finishes_before_its_block_closes_still_waits_for_an_ack() -> None:
+    # A fast tool answers before Nova's contentEnd for the toolUse block arrives.
+    # That contentEnd closes the request; it does not acknowledge the result.
+    core = make(tool_ack_timeout_s=2.0)
+    sid = open_stream(core, 0.0)
+    ask(core, 0.0)
+    use = nova.ToolUseRequested("t1", "tu1", "current_time", "{}")
+    feed(core, sid, 0.5, nova.ContentStarted("t1", "TOOL", "TOOL", None), use)
+    core.tool_finished(sid, "tu1", "current_time", True, '{"time": "noon"}', 0.1, 0.5)
+    feed(core, sid, 0.51, nova.ContentEnded("t1", "TOOL", nova.STOP_TOOL_USE))
+    assert of(core.tick(2.4), AbortStream) == []
+    out = core.tick(2.6)
+    assert AbortStream(sid) in out and len(of(out, OpenStream)) == 1
+    assert core.stats.stalls == 1
+
+
+def test_nova_speaking_after_a_tool_result_acknowledges_it() -> None:
+    core = make(tool_ack_timeout_s=2.0, stall_timeout_s=30.0)
+    sid = open_stream(core, 0.0)
+    ask(core, 0.0)
+    use = nova.ToolUseRequested("t1", "tu1", "current_time", "{}")
+    feed(core, sid, 0.5, nova.ContentStarted("t1", "TOOL", "TOOL", None), use)
+    feed(core, sid, 0.51, nova.ContentEnded("t1", "TOOL", nova.STOP_TOOL_USE))
+    core.tool_finished(sid, "tu1", "current_time", True, '{"time": "noon"}', 0.1, 0.6)
+    feed(core, sid, 1.0, nova.ContentStarted("a1", "AUDIO", "ASSISTANT", None))
+    assert of([a for t in range(11, 60) for a in core.tick(t / 10)], AbortStream) == []
+    assert core.stats.stalls == 0
+
+
 def test_open_failures_reach_the_device_within_open_timeout_of_the_first() -> None:
     core = make(open_timeout_s=2.0, max_attempts=10)
     (opened,) = of(core.start_turn(0.0), OpenStream)
