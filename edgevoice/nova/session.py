@@ -150,6 +150,18 @@ class SendEvents:
 
 
 @dataclass(frozen=True)
+class SendAudio:
+    """Send ``frames`` (16 kHz s16le PCM) as ``audioInput`` of the stream's audio content,
+    in order, after everything queued before. Raw PCM: the shell encodes it once, and
+    may join frames that wait together into one event."""
+
+    stream_id: int
+    prompt_name: str
+    content_name: str
+    frames: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
 class CloseStream:
     """Send ``events`` (contentEnd, promptEnd, sessionEnd), close the input, drain output."""
 
@@ -181,7 +193,7 @@ class Emit:
     event: UpstreamEvent
 
 
-Action = OpenStream | SendEvents | CloseStream | AbortStream | RunTool | Emit
+Action = OpenStream | SendEvents | SendAudio | CloseStream | AbortStream | RunTool | Emit
 
 
 # --- internal bookkeeping ------------------------------------------------------------
@@ -388,9 +400,7 @@ class SessionCore:
             stream.audio_clock = max(stream.audio_clock, now - SILENCE_SLACK_S) + FRAME_S
             stream.fill_until = stream.audio_clock + self._tail_s
             self.stats.audio_frames_sent += 1
-            actions.append(
-                self._send(stream, nova.audio_input(stream.prompt_name, stream.audio_content, pcm))
-            )
+            actions.append(self._send_audio(stream, (pcm,)))
         else:
             self._hold(pcm)
         return actions
@@ -761,6 +771,9 @@ class SessionCore:
     def _send(self, stream: _Stream, *events: nova.Event) -> SendEvents:
         return SendEvents(stream.id, events)
 
+    def _send_audio(self, stream: _Stream, frames: tuple[bytes, ...]) -> SendAudio:
+        return SendAudio(stream.id, stream.prompt_name, stream.audio_content, frames)
+
     def _hold(self, pcm: bytes) -> None:
         self._pending.append(pcm)
         self._trim_pending()
@@ -778,11 +791,8 @@ class SessionCore:
         stream.audio_clock = max(stream.audio_clock, now - SILENCE_SLACK_S) + FRAME_S * len(frames)
         stream.fill_until = stream.audio_clock + self._tail_s
         self.stats.audio_frames_sent += len(frames)
-        events = tuple(
-            nova.audio_input(stream.prompt_name, stream.audio_content, pcm) for pcm in frames
-        )
         self._log("replaying %d held frames into stream %d", len(frames), stream.id)
-        return [SendEvents(stream.id, events)]
+        return [self._send_audio(stream, tuple(frames))]
 
     def _prelude(self, stream: _Stream) -> tuple[nova.Event, ...]:
         s = self.settings
@@ -910,16 +920,16 @@ class SessionCore:
             return []
         if stream.audio_clock < now - MAX_SILENCE_CATCH_UP_S:
             stream.audio_clock = now - SILENCE_SLACK_S
-        events: list[nova.Event] = []
+        count = 0
         limit = min(now - SILENCE_SLACK_S, stream.fill_until - FRAME_S / 2)
         while stream.audio_clock <= limit:
-            events.append(nova.audio_input(stream.prompt_name, stream.audio_content, SILENCE_FRAME))
+            count += 1
             stream.audio_clock += FRAME_S
-        if not events:
+        if not count:
             return []
-        self.stats.silence_frames += len(events)
-        self.stats.audio_frames_sent += len(events)
-        return [SendEvents(stream.id, tuple(events))]
+        self.stats.silence_frames += count
+        self.stats.audio_frames_sent += count
+        return [self._send_audio(stream, (SILENCE_FRAME,) * count)]
 
     def _report_usage(self) -> list[Action]:
         total_in, total_out = self._usage_done

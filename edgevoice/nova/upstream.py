@@ -26,7 +26,6 @@ input, and only then stops reading output (after Nova's last usage events, or
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
@@ -39,6 +38,7 @@ from edgevoice.nova import events as nova
 from edgevoice.nova.client import BedrockStreamOpener, NovaStream, StreamOpener
 from edgevoice.nova.faults import OPEN_TIMEOUT, Fault
 from edgevoice.nova.session import (
+    FRAME_BYTES,
     FRAME_S,
     AbortStream,
     Action,
@@ -46,6 +46,7 @@ from edgevoice.nova.session import (
     Emit,
     OpenStream,
     RunTool,
+    SendAudio,
     SendEvents,
     SessionCore,
     SessionState,
@@ -71,27 +72,23 @@ OUTBOX_MARGIN: Final = 1000
 
 
 #: The most audio one coalesced ``audioInput`` event carries: 100 ms of 16 kHz s16le.
-MAX_COALESCED_AUDIO_BYTES: Final = 3200
+MAX_COALESCED_AUDIO_BYTES: Final = 5 * FRAME_BYTES
 
 
 class _Audio:
-    """Outbox item: one ``audioInput`` event, kept unencoded so that the writer can
-    join it with the audio events queued behind it."""
+    """Outbox item: one frame of an audio content block, kept as raw PCM so that the
+    writer can join it with the frames queued behind it and encode them once."""
 
-    __slots__ = ("body", "event")
+    __slots__ = ("content_name", "pcm", "prompt_name")
 
-    def __init__(self, event: nova.Event, body: dict[str, str]) -> None:
-        self.event = event
-        self.body = body
-
-    def pcm(self) -> bytes:
-        return base64.b64decode(self.body["content"])
+    def __init__(self, prompt_name: str, content_name: str, pcm: bytes) -> None:
+        self.prompt_name = prompt_name
+        self.content_name = content_name
+        self.pcm = pcm
 
     def joins(self, other: _Audio) -> bool:
         """Whether ``other`` continues the same audio content block."""
-        mine, theirs = self.body, other.body
-        return (mine["contentName"] == theirs["contentName"]
-                and mine["promptName"] == theirs["promptName"])
+        return self.content_name == other.content_name and self.prompt_name == other.prompt_name
 
 
 class _Close:
@@ -131,6 +128,13 @@ class _StreamRunner:
         if not self._closing:
             self._put(events)
 
+    def send_audio(self, prompt_name: str, content_name: str, frames: tuple[bytes, ...]) -> None:
+        if self._closing:
+            return
+        for pcm in frames:
+            self.outbox.put_nowait(_Audio(prompt_name, content_name, pcm))
+        self._report_drops()
+
     def close(self, events: tuple[nova.Event, ...]) -> None:
         if self._closing:
             return
@@ -169,9 +173,10 @@ class _StreamRunner:
 
     def _put(self, events: tuple[nova.Event, ...]) -> None:
         for event in events:
-            body = event["event"].get("audioInput")
-            self.outbox.put_nowait(nova.encode_event(event) if body is None
-                                   else _Audio(event, body))
+            self.outbox.put_nowait(nova.encode_event(event))
+        self._report_drops()
+
+    def _report_drops(self) -> None:
         if self.outbox.dropped > self._reported_drops:
             logger.warning(
                 "nova stream %d: network too slow, dropped %d input events so far",
@@ -196,27 +201,23 @@ class _StreamRunner:
                 self.task.cancel()
 
     def _coalesced(self, first: _Audio) -> bytes:
-        """``first`` with the audio events of the same content waiting right behind it,
-        as one encoded event (up to ``MAX_COALESCED_AUDIO_BYTES``; what waits beyond
-        that goes in the next one). Nothing waits for more: only what is queued now."""
+        """``first`` with the frames of the same content waiting right behind it, as one
+        encoded ``audioInput`` event of up to ``MAX_COALESCED_AUDIO_BYTES`` (what waits
+        beyond that goes in the next one). Nothing waits for more: only what is queued now."""
         outbox = self.outbox
         self.session.core.stats.audio_events_sent += 1
-        nxt = outbox.peek() if len(outbox) else None
-        if not isinstance(nxt, _Audio) or not first.joins(nxt):
-            return nova.encode_event(first.event)
-        pieces = [first.pcm()]
-        size = len(pieces[0])
-        while isinstance(nxt, _Audio) and first.joins(nxt):
-            pcm = nxt.pcm()
-            if size + len(pcm) > MAX_COALESCED_AUDIO_BYTES:
+        pieces = [first.pcm]
+        size = len(first.pcm)
+        while len(outbox):
+            nxt = outbox.peek()
+            if (not isinstance(nxt, _Audio) or not first.joins(nxt)
+                    or size + len(nxt.pcm) > MAX_COALESCED_AUDIO_BYTES):
                 break
             outbox.get_nowait()
-            pieces.append(pcm)
-            size += len(pcm)
-            nxt = outbox.peek() if len(outbox) else None
-        body = first.body
-        return nova.encode_event(nova.audio_input(body["promptName"], body["contentName"],
-                                                  b"".join(pieces)))
+            pieces.append(nxt.pcm)
+            size += len(nxt.pcm)
+        pcm = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return nova.encode_event(nova.audio_input(first.prompt_name, first.content_name, pcm))
 
     async def _run(self) -> None:
         session = self.session
@@ -385,6 +386,10 @@ class NovaSession:
                     runner = self._streams.get(sid)
                     if runner is not None:
                         runner.send(events)
+                case SendAudio(stream_id=sid):
+                    runner = self._streams.get(sid)
+                    if runner is not None:
+                        runner.send_audio(action.prompt_name, action.content_name, action.frames)
                 case OpenStream(stream_id=sid, events=events):
                     runner = _StreamRunner(self, sid)
                     self._streams[sid] = runner

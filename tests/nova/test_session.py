@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import itertools
 import random
 from typing import Any
@@ -20,6 +19,7 @@ from edgevoice.nova.session import (
     IllegalTransition,
     OpenStream,
     RunTool,
+    SendAudio,
     SendEvents,
     SessionCore,
     SessionState,
@@ -84,11 +84,7 @@ def sent_events(actions: list[Action], stream_id: int) -> list[nova.Event]:
 
 
 def sent_audio(actions: list[Action], stream_id: int) -> list[bytes]:
-    return [
-        base64.b64decode(e["event"]["audioInput"]["content"])
-        for e in sent_events(actions, stream_id)
-        if "audioInput" in e["event"]
-    ]
+    return [f for a in of(actions, SendAudio) if a.stream_id == stream_id for f in a.frames]
 
 
 def open_stream(core: SessionCore, now: float = 0.0) -> int:
@@ -161,10 +157,14 @@ def test_a_turn_opens_a_stream_with_the_prelude_and_held_audio_follows() -> None
     assert opened.events[5]["event"]["contentStart"]["type"] == "AUDIO"
     frames = [SPEECH[:-2] + bytes([i, 0]) for i in range(5)]
     held = [a for i, f in enumerate(frames) for a in core.audio_in(f, 0.02 * i)]
-    assert of(held, SendEvents) == []  # nothing goes out before the stream is open
+    assert of(held, SendEvents) == of(held, SendAudio) == []  # nothing before the stream opens
     flushed = core.stream_opened(opened.stream_id, 0.3)
     assert core.state is SessionState.OPEN
     assert sent_audio(flushed, opened.stream_id) == frames
+    audio_content = opened.events[5]["event"]["contentStart"]
+    assert {(a.prompt_name, a.content_name) for a in of(flushed, SendAudio)} == {
+        (audio_content["promptName"], audio_content["contentName"])
+    }
 
 
 def test_nova_1_gets_no_turn_detection_setting() -> None:

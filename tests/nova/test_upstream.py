@@ -489,10 +489,10 @@ def test_audio_events_waiting_together_are_joined_up_to_100_ms_and_never_across_
         session = await upstream.open_session(DeviceContext("kitchen", "s1"))
         runner = _StreamRunner(session, 99)
         frames = [speech(i) for i in range(9)]
-        runner._put(tuple(nova.audio_input("p", "a", f) for f in frames[:7]))  # 140 ms
-        runner._put((nova.content_end("p", "a"),))  # a barrier: not audio
-        runner._put((nova.audio_input("p", "a", frames[7]),))
-        runner._put((nova.audio_input("p", "b", frames[8]),))  # another content block
+        runner.send_audio("p", "a", tuple(frames[:7]))  # 140 ms
+        runner.send((nova.content_end("p", "a"),))  # a barrier: not audio
+        runner.send_audio("p", "a", (frames[7],))
+        runner.send_audio("p", "b", (frames[8],))  # another content block
         sent = []
         while len(runner.outbox):
             item = runner.outbox.get_nowait()
