@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from edgevoice_dev import repository_root
 from edgevoice_dev.testing.soundcard import SPEAKER_RATE_HZ, VirtualSoundCard, missing_tools
 from edgevoice_dev.testing.speech import synthesize
 
@@ -197,6 +198,28 @@ def test_both_sinks_run_at_a_sound_cards_latency_not_seconds(card: VirtualSoundC
     assert set(latencies) == {"spk", "micfeed"}
     # rendered ahead now, and asked for: neither near PulseAudio's default of seconds
     assert all(now <= 100_000 and asked <= 10_000 for now, asked in latencies.values()), latencies
+
+
+def test_a_card_whose_keep_alive_streams_die_fails_to_start_and_says_why(tmp_path: Path) -> None:
+    """Without its keep-alive streams a sink never settles at a card's latency: the
+    card must not come up half-working (and silently lossy) but fail, naming why."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_pacat = bin_dir / "pacat"
+    fake_pacat.write_text("#!/bin/sh\nexit 1\n")
+    fake_pacat.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path)}
+    script = str(repository_root() / "scripts" / "soundcard")
+    card_dir = str(tmp_path / "card")
+    try:
+        started = subprocess.run([script, "start", card_dir], env=env, capture_output=True,
+                                 text=True, timeout=60)
+        assert started.returncode == 1, started
+        assert "keep-alive stream" in started.stderr and "exited" in started.stderr
+        status = subprocess.run([script, "status", card_dir], env=env, capture_output=True)
+        assert status.returncode == 3  # stopped again: nothing left running
+    finally:
+        subprocess.run([script, "stop", card_dir], env=env, capture_output=True, timeout=60)
 
 
 @pytest.mark.parametrize("rate_hz", [None, 44_100])
