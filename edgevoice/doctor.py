@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, TextIO
 import numpy as np
 
 from edgevoice.audio.silence import SILENCE_DBFS
-from edgevoice.audio.sounddevice_io import PREFERRED_SPEAKER_RATE_HZ
+from edgevoice.audio.sounddevice_io import candidate_rates, speaker_rate_hz
 from edgevoice.errors import ConfigError
 from edgevoice.protocol.messages import SUBPROTOCOL
 
@@ -463,17 +463,15 @@ def _check_wav_input(name: str) -> CheckResult:
     return CheckResult.fail(f"input WAV file {path} does not exist", "fix audio.input")
 
 
-def check_speaker(name: str, env: DoctorEnv) -> CheckResult:
-    """Play a short tone on the configured output."""
+def check_speaker(name: str, env: DoctorEnv, rate_hz: int | None = None) -> CheckResult:
+    """Play a short tone on the configured output, at the rate the daemon will use
+    (``rate_hz`` is ``audio.output_rate_hz``)."""
     if name.startswith("wav:"):
         return CheckResult.ok(f"output is the WAV file {name[4:]}: nothing to play")
     device = _resolve(env, name, "output")
     if isinstance(device, CheckResult):
         return device
-    # The rate the daemon will play at (audio.output_rate_hz unset): 48 kHz where the
-    # device takes it, else its default.
-    rates = dict.fromkeys((PREFERRED_SPEAKER_RATE_HZ, device.default_rate_hz))
-    for rate in rates:
+    for rate in candidate_rates(speaker_rate_hz(rate_hz), device.default_rate_hz):
         try:
             env.audio.play(device, tone(rate), rate)
             break
@@ -680,6 +678,7 @@ def doctor_checks(config_path: str, env: DoctorEnv | None = None) -> list[Check]
     config, loaded = check_config(config_path, env)
     audio_in = config.audio.input if config else "default"
     audio_out = config.audio.output if config else "default"
+    out_rate_hz = config.audio.output_rate_hz if config else None
     onset_db = config.silence.onset_db if config else 10.0
     return [
         Check("config", lambda: loaded),
@@ -690,7 +689,7 @@ def doctor_checks(config_path: str, env: DoctorEnv | None = None) -> list[Check]
             functools.partial(check_microphone, audio_in, env, onset_db=onset_db),
             timeout_s=env.record_s + 15,
         ),
-        Check("speaker", functools.partial(check_speaker, audio_out, env)),
+        Check("speaker", functools.partial(check_speaker, audio_out, env, out_rate_hz)),
         Check("opus", functools.partial(check_opus, env)),
         Check("relay", functools.partial(check_relay, config, config_path, env)),
         Check("systemd", functools.partial(check_systemd, env)),

@@ -220,14 +220,24 @@ def _find_device(sd: Any, spec: str, kind: str) -> tuple[int, dict[str, Any]]:
     return found[0]
 
 
+def speaker_rate_hz(configured_hz: int | None) -> int:
+    """The rate the speaker is asked for first: ``audio.output_rate_hz``, else
+    :data:`PREFERRED_SPEAKER_RATE_HZ`. A device that refuses it plays at its default."""
+    return configured_hz or PREFERRED_SPEAKER_RATE_HZ
+
+
+def candidate_rates(preferred_rate_hz: int | None, default_rate_hz: int) -> list[int]:
+    """The rates a stream is tried at, in order: the preferred one, then the device's."""
+    return list(dict.fromkeys(r for r in (preferred_rate_hz, default_rate_hz) if r))
+
+
 def plan_stream(sd: Any, spec: str, kind: str, preferred_rate_hz: int | None) -> StreamPlan:
     """Pick the device, a rate it accepts (``preferred_rate_hz`` if it can) and mono if
     it can, else two channels. ``sd`` is the sounddevice module (or a stand-in with
     its ``query_devices``, ``query_hostapis``, ``default`` and ``check_*_settings``)."""
     index, device = _find_device(sd, spec, kind)
     check = sd.check_input_settings if kind == "input" else sd.check_output_settings
-    default_rate = int(device["default_samplerate"])
-    rates = [r for r in (preferred_rate_hz, default_rate) if r]
+    rates = candidate_rates(preferred_rate_hz, int(device["default_samplerate"]))
     for channels in (1, 2):
         for rate in rates:
             try:
@@ -563,8 +573,7 @@ class SoundDeviceSink:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _plan(self, rate_hz: int | None) -> StreamPlan:
-        return plan_stream(_sounddevice(), self.device, "output",
-                           rate_hz or PREFERRED_SPEAKER_RATE_HZ)
+        return plan_stream(_sounddevice(), self.device, "output", speaker_rate_hz(rate_hz))
 
     async def open(self, buffer: PlaybackBuffer) -> None:
         if buffer.rate_hz != self.sample_rate_hz:

@@ -236,6 +236,16 @@ def test_speaker_plays_at_48_khz_as_the_daemon_will_else_at_the_devices_rate() -
     assert [(rate, pcm == tone(44100)) for _, pcm, rate in old_dac.played] == [(44100, True)]
 
 
+def test_speaker_plays_at_the_configured_output_rate_first() -> None:
+    audio = FakeAudio()  # takes 48 kHz, but the config asks for 22.05 kHz
+    result = check_speaker("default", env_with(audio), 22050)
+    assert result.status is Status.OK and "at 22050 Hz" in result.detail
+    assert [rate for _, _, rate in audio.played] == [22050]
+    refused = FakeAudio(refused_rates=frozenset({22050}))  # as the daemon: the default then
+    assert check_speaker("default", env_with(refused), 22050).status is Status.OK
+    assert [rate for _, _, rate in refused.played] == [44100]
+
+
 def test_speaker_failures() -> None:
     assert check_speaker("USB PnP", env_with()).status is Status.FAIL  # a mic, not a speaker
     broken = FakeAudio(play_error=OSError("Invalid sample rate"))
@@ -479,7 +489,7 @@ def test_the_whole_doctor_on_a_healthy_setup(tmp_path: Path) -> None:
         config_file.write_text(
             "device_id: kitchen\n"
             f"relay:\n  url: {relay.url}\n  token_file: {token_file(tmp_path)}\n"
-            "audio:\n  input: USB PnP\n  output: Headphones\n"
+            "audio:\n  input: USB PnP\n  output: Headphones\n  output_rate_hz: 44100\n"
         )
         audio = FakeAudio(recording=room(44100, 0.5, -60.0, speech_dbfs=-15.0))
         env = env_with(audio, root=systemd_root(tmp_path), run=ScriptedRun("active\n"))
@@ -505,6 +515,7 @@ def test_the_whole_doctor_on_a_healthy_setup(tmp_path: Path) -> None:
         )
     assert text.splitlines()[-1] == "0 FAIL, 0 WARN, 9 OK"
     assert audio.recorded[0][0].startswith("USB PnP") and audio.played[0][0].startswith("bcm2835")
+    assert audio.played[0][2] == 44100  # the configured rate, though the device prefers 48 kHz
     assert TOKEN not in text
 
 
