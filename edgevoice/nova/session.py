@@ -768,9 +768,6 @@ class SessionCore:
                 return stream
         return None
 
-    def _send(self, stream: _Stream, *events: nova.Event) -> SendEvents:
-        return SendEvents(stream.id, events)
-
     def _send_audio(self, stream: _Stream, frames: tuple[bytes, ...]) -> SendAudio:
         return SendAudio(stream.id, stream.prompt_name, stream.audio_content, frames)
 
