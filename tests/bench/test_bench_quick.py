@@ -240,8 +240,11 @@ def test_the_bench_runs_every_row_with_both_peers_and_the_floor(tmp_path: Path) 
     assert rows[17]["data"]["ratio"] <= 2.5
     assert rows[13]["data"]["devices"] == 100 and rows[13]["data"]["relay_rss_kib_connected"] > 0
     assert results["machine"]["cpu_model"] and results["command"].startswith("edgevoice bench")
+    speed = results["machine"]["speed"]  # what lets pages from other hosts be compared
+    assert speed["opus_10s_ms"] > 0 and speed["python_loop_ms"] > 0
     page = md_path.read_text()
     assert results["command"] in page and results["machine"]["cpu_model"] in page
+    assert f"in {speed['opus_10s_ms']:.1f} ms" in page
     table = render_table(results)
     assert "wyoming" in table and "nova-json" in table and "floor" in table
     assert render_markdown(results) == page
@@ -270,3 +273,13 @@ def test_row_2s_floor_is_the_best_of_enough_passes_to_leave_a_moment_of_load_out
                           down_frames_in_window=2, machine_busy_pct=5.0, threads=[])
     conversation._cpu_lines(ws, run, "WAV stand-ins")  # type: ignore[arg-type]
     assert asked == [conversation.FLOOR_PASSES] and conversation.FLOOR_PASSES >= 9
+
+
+def test_the_page_names_the_hosts_speed_and_says_so_when_a_run_did_not_record_it() -> None:
+    from edgevoice_dev.bench.proc import machine_speed
+    from edgevoice_dev.bench.report import _speed_line
+
+    speed = machine_speed(passes=1)
+    assert set(speed) == {"opus_10s_ms", "python_loop_ms"} and min(speed.values()) > 0
+    assert f"{speed['python_loop_ms']:.1f} ms" in _speed_line(speed)
+    assert "not recorded" in _speed_line(None)  # pages published before it existed

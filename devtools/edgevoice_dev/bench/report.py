@@ -63,6 +63,15 @@ def _load_line(load: dict[str, list[float]], cores: int) -> str:
     return line
 
 
+def _speed_line(speed: dict[str, float] | None) -> str:
+    if not speed:
+        return "- **Host speed:** not recorded."
+    return (f"- **Host speed** (fixed reference work, best of 5, CPU time): libopus encodes "
+            f"10 s of 16 kHz audio in {speed['opus_10s_ms']:.1f} ms; a fixed interpreter loop "
+            f"takes {speed['python_loop_ms']:.1f} ms. CPU figures from another run compare "
+            "only as far as these do (cloud hosts differ by half and more).")
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     machine = results["machine"]
     packages = ", ".join(f"{k} {v}" for k, v in machine["packages"].items())
@@ -81,6 +90,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"({machine['cores_usable']} usable), {machine['machine']}, Linux {machine['kernel']}, "
         f"Python {machine['python']}, {machine['libopus']}",
         f"- **Packages:** {packages}",
+        _speed_line(machine.get("speed")),
         "- **Network:** 127.0.0.1 only. **Audio:** WAV files at real time, except where a row "
         "says *sound card*: the virtual one (scripts/soundcard: PulseAudio null sinks through "
         "ALSA's pulse plugin, PortAudio's callback threads as on a board).",
