@@ -362,6 +362,18 @@ class SilenceDetector:
         than the floor and the pre-roll ring (what :class:`IdleGate` relies on)."""
         return self._state is S.QUIET and self._seen > self._warmup_frames
 
+    @property
+    def hangover_frames(self) -> int:
+        """Quiet frames that end an utterance (``hangover_ms``)."""
+        return self._hangover_frames
+
+    @property
+    def quiet_run_frames(self) -> int:
+        """Quiet frames so far in an utterance's hangover (0 unless STOPPING): the
+        utterance ends when this reaches :attr:`hangover_frames`, unless speech
+        resumes first."""
+        return self._run if self._state is S.STOPPING else 0
+
     def reset(self) -> None:
         """Forget everything: back to QUIET, initial floor, warm-up, empty pre-roll."""
         if self._state is not S.QUIET:

@@ -16,6 +16,7 @@ import math
 from collections.abc import Sequence
 
 from edgevoice.audio.aec import EchoCanceller, ReferenceFifo
+from edgevoice.audio.base import FRAME_MS
 from edgevoice.audio.playback import PlaybackEnded, PlaybackEvent, PlaybackStarted
 from edgevoice.audio.silence import SilenceDetector, SpeechEnded, SpeechStarted
 from edgevoice.clock import Clock
@@ -65,6 +66,12 @@ logger = logging.getLogger(__name__)
 THINKING_EVERY_S = 1.5
 #: ... and how long after the user's turn ended it first plays.
 THINKING_AFTER_S = 0.6
+#: A turn started by voice reopens a parked speaker this long before its hangover can
+#: run out, not as it begins: an open output stream wakes its audio threads every block
+#: (0.9 % of a core on the virtual card, bench row 2) and nothing plays while the user
+#: talks. The lead covers a reopened stream's start: the sink's 160 ms lead-in, over
+#: PulseAudio's first ~140 ms, then room for the reply's first packets.
+SPEAKER_LEAD_MS = 400
 
 
 class TurnTaking:
@@ -110,6 +117,9 @@ class TurnTaking:
         self._recent = WakeUplinkBuffer(max(1, recent_frames))
         self.thinking_sound = thinking_sound
         self._thinking_at = float("-inf")
+        # a voice turn's speaker opens once its hangover is this many frames old
+        # (None: no turn waits for that)
+        self._speaker_after_quiet: int | None = None
 
     # ------------------------------------------------------------- capture
 
@@ -126,6 +136,9 @@ class TurnTaking:
         self._recent.push(self._frame_index, frame)
         detector = self.detector
         decision = detector.process(frame, self._echo_reference_dbfs(now))
+        if (self._speaker_after_quiet is not None
+                and detector.quiet_run_frames >= self._speaker_after_quiet):
+            self._prepare_speaker()
         trigger_events: list[TriggerEvent] = []
         for trigger in self.audio_triggers:
             # the level just measured: a wake word's gate skips its models in a quiet room
@@ -297,9 +310,16 @@ class TurnTaking:
                 self.uplink.send(command.pcm, now)
             elif isinstance(command, BeginTurn):
                 self.records.begin(command.turn_id, command.trigger, now)
-                self.downlink.prepare()
+                if command.trigger == "vad":  # no cue plays: open it as speech may end
+                    lead = SPEAKER_LEAD_MS // FRAME_MS
+                    self._speaker_after_quiet = max(1, self.detector.hangover_frames - lead)
+                else:  # its cue opens the speaker now anyway; the reply may come soon
+                    self._prepare_speaker()
                 self.uplink.begin(command.turn_id, command.trigger, command.preroll, now)
             elif isinstance(command, FinishTurn):
+                if self._speaker_after_quiet is not None and command.reason != "no_speech":
+                    self._prepare_speaker()  # ended before its hangover was old enough
+                self._speaker_after_quiet = None
                 self.link.send(TurnEnd(command.turn_id, command.reason))
                 self.records.finished(command.reason, now)
             elif isinstance(command, StopPlayback):
@@ -312,6 +332,11 @@ class TurnTaking:
             elif isinstance(command, StateChanged):
                 self._on_state_changed(command)
                 self.presenter.show(self.machine.state)
+
+    def _prepare_speaker(self) -> None:
+        """A reply may come soon: a parked speaker reopens now, to have settled by then."""
+        self._speaker_after_quiet = None
+        self.downlink.prepare()
 
     def state_text(self, state: TurnState) -> str:
         """What the daemon is doing, in the words STATUS= and the log use."""
@@ -330,6 +355,8 @@ class TurnTaking:
         state = change.state
         logger.info("state=%s previous=%s turn=%d", state.value, change.previous.value,
                     self.machine.turn_id)
+        if change.previous is TurnState.LISTENING:  # ended or cancelled: nothing to open
+            self._speaker_after_quiet = None
         if state is TurnState.THINKING:  # first thinking sound after the "done" earcon
             self._thinking_at = self.clock.now() - THINKING_EVERY_S + THINKING_AFTER_S
         if self.link.connected:

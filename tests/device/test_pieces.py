@@ -29,7 +29,7 @@ from edgevoice.device.status import (
     StatusBoard,
 )
 from edgevoice.device.turn import TurnMachine, TurnSettings, TurnState
-from edgevoice.device.turntaking import TurnTaking
+from edgevoice.device.turntaking import SPEAKER_LEAD_MS, TurnTaking
 from edgevoice.device.uplink import Uplink
 from edgevoice.errors import AudioDeviceError
 from edgevoice.feedback.earcons import Earcons
@@ -49,6 +49,7 @@ from edgevoice.protocol.messages import (
 from edgevoice.protocol.messages import (
     ResponseEnd as ResponseEndMessage,
 )
+from edgevoice.triggers.base import TurnEndRequested
 
 OUT_RATE = 48_000
 
@@ -368,6 +369,67 @@ def test_a_button_turn_streams_and_an_empty_reply_closes_it_as_no_reply() -> Non
     turn = rig.observer.closed[-1]
     assert turn.outcome is TurnOutcome.NO_REPLY and turn.transcripts == [("assistant", "hello")]
     assert rig.machine.state is TurnState.IDLE
+
+
+def _voice_rig() -> Rig:
+    """An always-on device past the detector's warm-up, idle in a quiet room."""
+    rig = Rig(settings=TurnSettings(start="voice"))
+    for _ in range(rig.turns.detector.settings.warmup_ms // 20 + 5):
+        rig.turns.on_frame(silence())
+    assert rig.machine.state is TurnState.IDLE
+    return rig
+
+
+def test_a_voice_turn_opens_the_speaker_only_as_its_speech_may_be_ending() -> None:
+    # An open output stream costs its audio threads a wake-up per block (0.9 % of a
+    # core on the virtual card): nothing plays while the user talks, so it stays
+    # parked then, and opens early enough in the hangover to have settled for the reply.
+    rig = _voice_rig()
+    for k in range(50):
+        rig.turns.on_frame(tone(-20, 440, k))
+    assert rig.machine.state is TurnState.LISTENING
+    assert rig.speaker.prepared == 0
+    for _ in range(5):  # a pause between words
+        rig.turns.on_frame(silence())
+    for k in range(25):
+        rig.turns.on_frame(tone(-20, 440, k))
+    assert rig.speaker.prepared == 0
+    quiet = 0
+    while not rig.speaker.prepared:
+        rig.turns.on_frame(silence())
+        quiet += 1
+        assert rig.machine.state is TurnState.LISTENING
+    hangover = rig.turns.detector.hangover_frames
+    assert (hangover - quiet) * 20 >= SPEAKER_LEAD_MS  # opened this long before the end
+    while rig.machine.state is TurnState.LISTENING:
+        rig.turns.on_frame(silence())
+    assert rig.machine.state is TurnState.THINKING and rig.speaker.prepared == 1
+    assert rig.link.of(TurnEnd) == [TurnEnd(1, "silence")]
+
+
+def test_a_voice_turn_ended_before_any_pause_still_opens_the_speaker() -> None:
+    # the user pressed the button to end it mid-word: the reply must still find an
+    # open stream
+    rig = _voice_rig()
+    for k in range(50):
+        rig.turns.on_frame(tone(-20, 440, k))
+    rig.turns.on_trigger_event(TurnEndRequested("button", "pressed"))
+    assert rig.machine.state is TurnState.THINKING and rig.speaker.prepared == 1
+    for _ in range(40):  # the speech's hangover runs out afterwards: no second open
+        rig.turns.on_frame(silence())
+    assert rig.speaker.prepared == 1
+
+
+def test_a_voice_turn_with_a_short_hangover_opens_the_speaker_at_its_first_quiet_frame() -> None:
+    rig = Rig(settings=TurnSettings(start="voice"))
+    rig.turns.detector = SilenceDetector(SilenceSettings(hangover_ms=200))
+    for _ in range(rig.turns.detector.settings.warmup_ms // 20 + 5):
+        rig.turns.on_frame(silence())
+    for k in range(20):
+        rig.turns.on_frame(tone(-20, 440, k))
+    assert rig.speaker.prepared == 0
+    rig.turns.on_frame(silence())
+    assert rig.speaker.prepared == 1
 
 
 def test_a_played_reply_completes_the_turn_and_a_local_stop_interrupts_it() -> None:
