@@ -10,7 +10,7 @@ best of three passes, so it is the cost of the codec work and nothing else.
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from edgevoice.audio.opus import OPUS_RATES_HZ, OpusDecoder, OpusEncoder, OpusSe
 from edgevoice.audio.resample import StreamResampler
 from edgevoice.relay.server import DOWNLINK_FRAME_SAMPLES
 from edgevoice.relay.settings import DOWNLINK_OPUS
+from edgevoice_dev.bench.proc import best_stage_times
 
 logger = logging.getLogger(__name__)
 
@@ -61,21 +62,26 @@ def measure_floor(speech16k: bytes, reply24k: bytes, uplink_frames: int, downlin
     relay_encoder = OpusEncoder.from_settings(DOWNLINK_OPUS, 24_000)
     packets = [relay_encoder.encode(f)
                for f in _frames(reply24k, DOWNLINK_FRAME_SAMPLES * 2, downlink_frames)]
-    best = (float("inf"), float("inf"), float("inf"))
-    for _ in range(passes):
+    def one_pass() -> tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
         encoder = OpusEncoder.from_settings(settings)
-        t0 = time.process_time()
-        for frame in up:
-            encoder.encode(frame)
-        t1 = time.process_time()
         decoder = OpusDecoder(decode_rate_hz)
-        decoded = [decoder.decode(p) for p in packets]
-        t2 = time.process_time()
         resampler = StreamResampler(decode_rate_hz, output_rate_hz, quality="LQ")
-        for pcm in decoded:
-            resampler.process(np.frombuffer(pcm, dtype=np.int16))
-        t3 = time.process_time()
-        best = (min(best[0], t1 - t0), min(best[1], t2 - t1), min(best[2], t3 - t2))
+        decoded: list[bytes] = []
+
+        def encode() -> None:
+            for frame in up:
+                encoder.encode(frame)
+
+        def decode() -> None:
+            decoded.extend(decoder.decode(p) for p in packets)
+
+        def resample() -> None:
+            for pcm in decoded:
+                resampler.process(np.frombuffer(pcm, dtype=np.int16))
+
+        return encode, decode, resample
+
+    best = best_stage_times(passes, one_pass)
     return Floor(uplink_frames, downlink_frames, *best)
 
 
@@ -86,13 +92,16 @@ def relay_opus_seconds_per_frame(speech16k: bytes, reply24k: bytes, frames: int 
     uplink = OpusEncoder.from_settings(OpusSettings())
     packets = [uplink.encode(f) for f in _frames(speech16k, CAPTURE_FRAME_BYTES, frames)]
     replies = _frames(reply24k, DOWNLINK_FRAME_SAMPLES * 2, frames)
-    best = float("inf")
-    for _ in range(passes):
+    def one_pass() -> tuple[Callable[[], None]]:
         decoder = OpusDecoder(16_000)
         encoder = OpusEncoder.from_settings(DOWNLINK_OPUS, 24_000)
-        t0 = time.process_time()
-        for packet, reply in zip(packets, replies, strict=True):
-            decoder.decode(packet)
-            encoder.encode(reply)
-        best = min(best, time.process_time() - t0)
+
+        def both() -> None:
+            for packet, reply in zip(packets, replies, strict=True):
+                decoder.decode(packet)
+                encoder.encode(reply)
+
+        return (both,)
+
+    (best,) = best_stage_times(passes, one_pass)
     return best / frames

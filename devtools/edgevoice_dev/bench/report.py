@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from edgevoice_dev.bench.proc import SPEED_PASSES
 from edgevoice_dev.bench.results import MISSED
 
 COLUMNS = ("row", "metric", "edgevoice", "peer / floor", "target", "verdict")
@@ -66,7 +67,9 @@ def _load_line(load: dict[str, list[float]], cores: int) -> str:
 def _speed_line(speed: dict[str, float] | None) -> str:
     if not speed:
         return "- **Host speed:** not recorded."
-    return (f"- **Host speed** (fixed reference work, best of 5, CPU time): libopus encodes "
+    passes = int(speed.get("passes", SPEED_PASSES))
+    return (f"- **Host speed** (fixed reference work, best of {passes}, CPU time): libopus "
+            "encodes "
             f"10 s of 16 kHz audio in {speed['opus_10s_ms']:.1f} ms; a fixed interpreter loop "
             f"takes {speed['python_loop_ms']:.1f} ms. CPU figures from another run compare "
             "only as far as these do (cloud hosts differ by half and more).")
