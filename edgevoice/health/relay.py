@@ -115,6 +115,9 @@ class RelaySnapshot:
     #: not, and the share of a core its thread used
     overloaded: bool = False
     loop_cpu_ratio: float = 0.0
+    #: the most turns in flight admission allows since the loop was last overloaded
+    #: (relay/admission.py); 0: no such limit now
+    turn_load_limit: int = 0
     system: SystemStats = field(default_factory=SystemStats)
 
 
@@ -350,6 +353,10 @@ def relay_metrics(
         *gauge("edgevoice_relay_overloaded",
                "1 while the event loop counts as overloaded (new turns are refused).",
                float(snapshot.overloaded)),
+        *gauge("edgevoice_relay_turn_load_limit",
+               "Most turns in flight admitted since the event loop was last overloaded "
+               "(rises back to max_active_turns while the load allows; 0: no such limit).",
+               snapshot.turn_load_limit),
         *gauge("edgevoice_relay_loop_cpu_ratio",
                "Share of one core the event loop's thread used in its last measured "
                "second (measured while turns are active).",

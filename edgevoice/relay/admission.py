@@ -23,6 +23,13 @@ either of two limits is reached, and admitted turns keep their pace:
   and how much of a core the loop's thread uses. A relay on a slower board than the
   count was set for, or sharing its core with other work, is overloaded before the
   count is reached; the count alone cannot know that.
+  Refusing new turns only while a window reads overloaded let the load swing: the
+  turns in flight drained, the next window read normal, and the slots refilled up to
+  the count the machine could not serve (bench row 15 with a busy loop on the relay's
+  core: 222 of 255 admitted replies glitched). So an overloaded window also sets a
+  **load limit** below the turns then in flight (:data:`BACKOFF` of them), which
+  rises by :data:`RECOVERY` of itself per window without overload until it reaches
+  the count again: the relay settles just under what the machine serves now.
 
 :class:`LoadGauge` decides from the probe's samples and does no I/O;
 :class:`LoadProbe` is the timer that feeds it, running only while some session is in
@@ -52,6 +59,11 @@ PROBE_PERIOD_S = 0.05
 WINDOW_S = 1.0
 #: Share of a window's probes that may run late before the loop counts as overloaded.
 LATE_SHARE = 0.2
+#: An overloaded window holds new turns to this share of the turns then in flight ...
+BACKOFF = 0.8
+#: ... and each window without overload raises that hold by this share of itself (at
+#: least one turn): about 30 s from half the count back to all of it.
+RECOVERY = 1 / 32
 
 
 class Refusal(enum.Enum):
@@ -93,7 +105,7 @@ class LoadGauge:
     """
 
     __slots__ = ("_cpu0", "_late", "_limits", "_n", "_start", "_worst", "cpu_share", "late_share",
-                 "overloaded", "windows_overloaded", "worst_lag_s")
+                 "overloaded", "windows", "windows_overloaded", "worst_lag_s")
 
     def __init__(self, limits: LoadLimits) -> None:
         self._limits = limits
@@ -106,8 +118,8 @@ class LoadGauge:
         self.late_share = 0.0
         #: the latest any probe ran in the last whole window, in seconds
         self.worst_lag_s = 0.0
-        #: windows that ended overloaded (for /metrics)
-        self.windows_overloaded = 0
+        #: windows that ended, and those that ended overloaded (for /metrics)
+        self.windows = self.windows_overloaded = 0
         self._worst = 0.0
 
     def begin(self, now_s: float, cpu_s: float) -> None:
@@ -134,6 +146,7 @@ class LoadGauge:
         self.late_share = self._late / self._n
         self.worst_lag_s = self._worst
         was = self.overloaded
+        self.windows += 1
         self.overloaded = (self.late_share >= self._limits.late_share
                            or self.cpu_share >= self._limits.cpu_share)
         if self.overloaded:
@@ -156,20 +169,32 @@ class LoadGauge:
 
 
 class TurnAdmission:
-    """The count limit and the load gauge, asked once per turn start."""
+    """The count limit, the ramp, the load gauge and the load limit it sets, asked once
+    per turn start."""
 
-    __slots__ = ("_ramp", "gauge", "max_active_turns", "probe", "refused")
+    __slots__ = ("_ramp", "gauge", "load_limit", "max_active_turns", "probe", "refused")
 
     def __init__(self, max_active_turns: int, limits: LoadLimits,
-                 any_active: Callable[[], bool], *, ramp_s: float = 0.0,
+                 active: Callable[[], int], *, ramp_s: float = 0.0,
                  now: float = 0.0) -> None:
+        """``active()``: how many sessions are in a turn or a reply (counting may stop
+        at ``max_active_turns``); asked once per window while the probe runs."""
         self.max_active_turns = max_active_turns
         rate = max_active_turns / ramp_s if max_active_turns and ramp_s > 0 else 0.0
         self._ramp = TokenBucket(rate, max(1.0, rate), now) if rate else None
         self.gauge = LoadGauge(limits)
-        self.probe = LoadProbe(self.gauge, any_active) if limits.enabled else None
+        #: at most this many turns in flight since the loop was last overloaded (None:
+        #: no such limit now; see the module docstring)
+        self.load_limit: int | None = None
+        self.probe = (LoadProbe(self.gauge, active, self.window_ended) if limits.enabled
+                      else None)
         #: turns refused, by reason (every reason present from the start, for /metrics)
         self.refused: dict[str, int] = {reason.value: 0 for reason in Refusal}
+
+    @property
+    def counts_active(self) -> bool:
+        """Whether :meth:`decide` needs the number of busy sessions (else 0 will do)."""
+        return bool(self.max_active_turns) or self.probe is not None
 
     def decide(self, active_others: int, now: float) -> Refusal | None:
         """None to admit a turn at ``now`` while ``active_others`` other sessions are
@@ -179,7 +204,8 @@ class TurnAdmission:
         reason: Refusal | None = None
         if self.max_active_turns and active_others >= self.max_active_turns:
             reason = Refusal.CAPACITY
-        elif self.gauge.overloaded:
+        elif self.gauge.overloaded or (self.load_limit is not None
+                                       and active_others >= self.load_limit):
             reason = Refusal.LOAD
         elif (self._ramp is not None and active_others > 0
               and not self._ramp.take(1.0, now)):
@@ -188,6 +214,27 @@ class TurnAdmission:
             self.refused[reason.value] += 1
         return reason
 
+    def window_ended(self, active: int) -> None:
+        """The gauge decided a window with ``active`` turns in flight: set, lower,
+        raise or lift the load limit."""
+        limit = self.load_limit
+        if self.gauge.overloaded:
+            cut = max(1, int(active * BACKOFF))
+            if limit is None or cut < limit:
+                self.load_limit = cut
+                logger.warning("overloaded with %d turns in flight: new turns held to %d "
+                               "until the load allows more", active, cut)
+            return
+        if limit is None:
+            return
+        limit += max(1, round(limit * RECOVERY))
+        ceiling = self.max_active_turns
+        if (ceiling and limit >= ceiling) or (not ceiling and limit > 2 * active):
+            self.load_limit = None  # past the count, or far past what is asked: gone
+            logger.info("load limit lifted: %d turns in flight", active)
+        else:
+            self.load_limit = limit
+
     def close(self) -> None:
         if self.probe is not None:
             self.probe.stop()
@@ -195,16 +242,18 @@ class TurnAdmission:
 
 class LoadProbe:
     """The timer that feeds a :class:`LoadGauge`: a :class:`LoopLagProbe` run every
-    ``period_s`` while ``any_active()`` says a session is in a turn or a reply (asked
-    once per window), with the loop thread's CPU time read at each run."""
+    ``period_s`` while ``active()`` says a session is in a turn or a reply (asked at
+    the end of each window, and handed to ``on_window``), with the loop thread's CPU
+    time read at each run."""
 
-    __slots__ = ("_any_active", "_gauge", "_next_check", "_timer")
+    __slots__ = ("_active", "_gauge", "_on_window", "_timer")
 
-    def __init__(self, gauge: LoadGauge, any_active: Callable[[], bool],
+    def __init__(self, gauge: LoadGauge, active: Callable[[], int],
+                 on_window: Callable[[int], None] | None = None,
                  period_s: float = PROBE_PERIOD_S) -> None:
         self._gauge = gauge
-        self._any_active = any_active
-        self._next_check = 0.0
+        self._active = active
+        self._on_window = on_window
         self._timer = LoopLagProbe(period_s=period_s, clock=LOOP_CLOCK, observer=self._ran)
 
     @property
@@ -215,9 +264,7 @@ class LoadProbe:
         """Run from now on (idempotent); called at each turn start."""
         if self._timer.running:
             return
-        now = LOOP_CLOCK.now()
-        self._gauge.begin(now, time.thread_time())
-        self._next_check = now + WINDOW_S
+        self._gauge.begin(LOOP_CLOCK.now(), time.thread_time())
         self._timer.start()
 
     def stop(self) -> None:
@@ -225,10 +272,15 @@ class LoadProbe:
         self._gauge.pause()
 
     def _ran(self, due_s: float, ran_s: float) -> bool:
-        self._gauge.sample(due_s, ran_s, time.thread_time())
-        if ran_s >= self._next_check:
-            self._next_check = ran_s + WINDOW_S
-            if not self._any_active():
-                self._gauge.pause()
-                return False
+        gauge = self._gauge
+        windows = gauge.windows
+        gauge.sample(due_s, ran_s, time.thread_time())
+        if gauge.windows == windows:
+            return True
+        active = self._active()  # a window ended: once a second
+        if self._on_window is not None:
+            self._on_window(active)
+        if not active:
+            gauge.pause()
+            return False
         return True

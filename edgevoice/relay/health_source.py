@@ -47,6 +47,7 @@ class RelayHealth:
             turns_refused=dict(s.admission.refused),
             overloaded=s.admission.gauge.overloaded,
             loop_cpu_ratio=round(s.admission.gauge.cpu_share, 3),
+            turn_load_limit=s.admission.load_limit or 0,
             system=self.sampler.sample(),
         )
 

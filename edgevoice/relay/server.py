@@ -1213,7 +1213,7 @@ class RelayServer:
         self.admission = TurnAdmission(
             limits.max_active_turns,
             LoadLimits(limits.overload_lag_ms, limits.overload_cpu_pct / 100),
-            self.any_busy, ramp_s=limits.turn_ramp_ms / 1000, now=self.clock.now())
+            self.active_turns, ramp_s=limits.turn_ramp_ms / 1000, now=self.clock.now())
         #: the process's heap, collected and frozen when no turn is in progress
         self.heap = HeapKeeper()
         self._background: set[asyncio.Task[None]] = set()
@@ -1344,9 +1344,14 @@ class RelayServer:
         ``max_active_turns`` other sessions are in a turn or a reply, or the event
         loop is overloaded. Beyond capacity every reply would stutter; refusing the
         newcomer (retryable) keeps the admitted ones whole."""
-        limit = self.limits.max_active_turns
-        active = self.busy_count(limit, excluding=session) if limit else 0
+        active = (self.busy_count(self.limits.max_active_turns, excluding=session)
+                  if self.admission.counts_active else 0)
         return self.admission.decide(active, self.clock.now())
+
+    def active_turns(self) -> int:
+        """Sessions in a turn or a reply, counted up to ``max_active_turns`` (all of
+        them when it is 0): what admission needs to know once a second."""
+        return self.busy_count(self.limits.max_active_turns)
 
     def busy_count(self, limit: int = 0, *, excluding: DeviceSession | None = None) -> int:
         """How many sessions (but ``excluding``) are in a turn or a reply; counting

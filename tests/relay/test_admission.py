@@ -19,10 +19,11 @@ from edgevoice.errors import ConfigError
 from edgevoice.health.exposition import render
 from edgevoice.health.relay import relay_metrics
 from edgevoice.protocol.messages import TURN_REFUSED_CODE, Error, TurnEnd, TurnStart
-from edgevoice.relay.admission import LoadGauge, LoadLimits, Refusal, TurnAdmission
+from edgevoice.relay.admission import LoadGauge, LoadLimits, LoadProbe, Refusal, TurnAdmission
 from edgevoice.relay.health_source import RelayHealth
 
 LIMITS = LoadLimits(lag_ms=10, cpu_share=0.85, late_share=0.2, window_s=1.0)
+COUNT_ONLY = LoadLimits(lag_ms=0, cpu_share=0.85)  # no probe
 
 
 def feed(gauge: LoadGauge, start: float, seconds: float, *, late_every: int = 0,
@@ -104,6 +105,75 @@ def test_the_count_limit_comes_first_and_every_refusal_is_counted_by_reason() ->
     assert admission.decide(0, 0.0) is Refusal.LOAD
     assert admission.decide(5, 0.0) is Refusal.CAPACITY
     assert admission.refused == {"capacity": 2, "ramp": 0, "load": 1}
+
+
+def test_an_overloaded_window_holds_new_turns_below_those_in_flight_until_the_load_allows(
+) -> None:
+    # A relay that gets only part of its core (a busy neighbour, a slower board than the
+    # count was set for): refusing only while a window reads overloaded let the turns
+    # in flight drain and the slots refill to the count the core could not serve.
+    # (the gauge's windows are decided by hand here: no probe timer, no event loop)
+    admission = TurnAdmission(100, COUNT_ONLY, lambda: 0)
+    gauge = admission.gauge
+    admission.window_ended(70)  # a calm window: no limit but the count
+    assert admission.load_limit is None and admission.decide(90, 0.0) is None
+    gauge.overloaded = True  # as a window would have decided, with 60 turns in flight
+    admission.window_ended(60)
+    assert admission.load_limit == 48
+    assert admission.decide(10, 0.0) is Refusal.LOAD  # while overloaded: none at all
+    gauge.overloaded = False  # the next window is calm: the turns in flight drained
+    admission.window_ended(45)
+    assert admission.load_limit == 50  # up by 1/32 of itself
+    assert admission.decide(50, 1.0) is Refusal.LOAD
+    assert admission.decide(49, 1.0) is None
+    gauge.overloaded = True  # overloaded again with fewer in flight: lower still
+    admission.window_ended(40)
+    assert admission.load_limit == 32
+    admission.window_ended(90)  # an overload never raises it
+    assert admission.load_limit == 32
+    gauge.overloaded = False
+    windows = 0
+    while admission.load_limit is not None:  # calm windows raise it back to the count
+        admission.window_ended(admission.load_limit)
+        windows += 1
+    assert 20 <= windows <= 40  # about half a minute from a third of the count
+    assert admission.decide(99, 100.0) is None
+    assert admission.refused == {"capacity": 0, "ramp": 0, "load": 2}
+
+
+def test_without_a_count_the_load_limit_lifts_once_far_past_what_is_asked() -> None:
+    # the load limit needs the count of turns in flight; with no probe, nothing does
+    assert TurnAdmission(0, LIMITS, lambda: 0).counts_active
+    assert not TurnAdmission(0, COUNT_ONLY, lambda: 0).counts_active
+    admission = TurnAdmission(0, COUNT_ONLY, lambda: 0)
+    admission.gauge.overloaded = True
+    admission.window_ended(10)
+    assert admission.load_limit == 8 and admission.decide(8, 0.0) is Refusal.LOAD
+    admission.gauge.overloaded = False
+    admission.window_ended(8)
+    assert admission.load_limit == 9
+    admission.window_ended(4)  # 10 > 2 x 4: nothing asks for it, it goes
+    assert admission.load_limit is None
+
+
+def test_the_probe_hands_each_window_its_turns_in_flight_and_stops_when_none_are() -> None:
+    gauge = LoadGauge(LIMITS)
+    seen: list[int] = []
+    active = [3]
+    probe = LoadProbe(gauge, lambda: active[0], seen.append)
+    gauge.begin(0.0, 0.0)
+    t, k = 0.0, 0
+    for _ in range(2):  # two windows of probes every 50 ms
+        for _ in range(21):
+            k += 1
+            assert probe._ran(t, t)
+            t += 0.05
+    assert seen == [3, 3]
+    active[0] = 0
+    while len(seen) < 3:
+        assert probe._ran(t, t) == (len(seen) < 3)
+        t += 0.05
+    assert seen == [3, 3, 0] and gauge.windows == 3
 
 
 def test_a_wave_of_turns_is_admitted_at_the_ramp_not_all_at_once() -> None:
@@ -201,6 +271,8 @@ def test_an_overloaded_loop_refuses_new_turns_below_the_count_limit_then_admits_
             text = render(relay_metrics(health.snapshot(), health.devices(), [])).decode()
             assert 'edgevoice_relay_turns_refused_total{reason="load"} 1.0' in text
             assert "edgevoice_relay_turns_active 1.0" in text
+            # the one turn in flight then is all that is admitted until the load allows
+            assert "edgevoice_relay_turn_load_limit 1.0" in text
             await ws_b.send(conn_b.send(TurnEnd(1, "refused")))
             # the load is gone: after a calm window b's next turn is admitted
             await asyncio.sleep(2.5)
