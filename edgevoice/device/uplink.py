@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from edgevoice.audio.base import FRAME_MS
 from edgevoice.audio.opus import OpusEncoder
 from edgevoice.clock import Clock
 from edgevoice.device.observer import DeviceObserver
 from edgevoice.device.records import DeviceCounters, TurnRecorder
 from edgevoice.protocol.messages import AudioFlags, Message, TurnStart
-
-#: Uplink frame duration: the capture block and the Opus frame (the wire's timestamps).
-FRAME_MS = 20
 
 
 class LinkPort(Protocol):
