@@ -47,9 +47,13 @@ class Backoff:
         ceiling = s.initial_ms * s.multiplier ** min(self.attempt, 64)
         return min(float(s.max_ms), ceiling) / 1000.0
 
-    def next_delay(self) -> float:
-        """The delay before the next attempt, in seconds; advances the attempt count."""
-        ceiling = self.ceiling_s()
+    def next_delay(self, cap_s: float | None = None) -> float:
+        """The delay before the next attempt, in seconds; advances the attempt count.
+
+        ``cap_s`` lowers the ceiling for this draw (a peer expected back soon): the
+        delay is still drawn across the whole lower range, not clipped to it (clipped,
+        half the draws of a fleet would land on the cap together)."""
+        ceiling = self.ceiling_s() if cap_s is None else min(self.ceiling_s(), cap_s)
         self.attempt += 1
         low = self.settings.min_ms / 1000.0
         return low + self._rng.random() * max(0.0, ceiling - low)

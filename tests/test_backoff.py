@@ -56,3 +56,15 @@ def test_reset_starts_over() -> None:
 def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(SettingError):
         BackoffSettings(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_capped_draw_spreads_across_the_lower_range_and_the_count_goes_on() -> None:
+    # a peer expected back soon: delays drawn under the cap, not clipped onto it (a
+    # fleet clipped to the cap would retry together)
+    rng = random.Random(3)
+    backoff = Backoff(BackoffSettings(initial_ms=250, max_ms=15_000, min_ms=50), rng)
+    delays = [backoff.next_delay(1.0) for _ in range(400)]
+    assert all(0.05 <= d <= 1.0 for d in delays)
+    assert sum(1 for d in delays if d > 0.99) < 10 and 0.45 < statistics.mean(delays) < 0.6
+    assert backoff.ceiling_s() == 15.0  # uncapped, the next draw may reach the ceiling
+    assert backoff.next_delay(0.1) <= 0.1

@@ -186,6 +186,12 @@ class LinkListener(Protocol):
 
 #: at most this many queued items go out in one write (a pre-roll burst is 20 frames)
 SEND_BATCH_ITEMS = 32
+#: After a 4004 (the relay drains: a restart, an upgrade), for this long the link retries
+#: at least every ``resume.retry_max_ms``, as for a session the relay holds: a relay
+#: restarted by systemd is back within seconds, and by then the exponential backoff had
+#: grown to a 2 s ceiling (bench row 6: one restart in 20 waited 1.29 s after the relay
+#: listened). A fleet still spreads: every delay is drawn across its whole range.
+RELAY_BACK_WITHIN_S = 30.0
 
 
 def _writable_now(ws: ClientConnection) -> bool:
@@ -332,6 +338,9 @@ class DeviceLink:
         self._window = ResumeWindow(settings.resume.window_ms / 1000)
         #: after a 4004 handover: until when send/send_audio queue for the next session
         self._handover_until: float | None = None
+        #: after a 4004 (the relay drains to restart or hand over): until when it is
+        #: retried at least every resume.retry_max_ms
+        self._relay_back_by = 0.0
         self._stopping = False
         self._ping_id = 0
         #: the stats a heartbeat carries every stats_interval_s (None: no stats)
@@ -419,21 +428,30 @@ class DeviceLink:
                 break
             if self._close_code_received() == CloseCode.RECONNECT_NOW:
                 # a draining relay finished our reply and sent us elsewhere: no backoff,
-                # the balancer has a live relay for us now (docs/scale-out.md)
+                # the balancer has a live relay for us now (docs/scale-out.md); with no
+                # balancer the same relay is coming back: see RELAY_BACK_WITHIN_S
                 self.backoff.reset()
+                self._relay_back_by = self.clock.now() + RELAY_BACK_WITHIN_S
                 if self._hand_over(reason):
                     continue
-                delay = 0.0
+                delay: float | None = 0.0
             elif retryable:
-                delay = self.backoff.next_delay()
+                delay = None  # drawn below, once it is known whether the relay is due back
             else:  # keep trying slowly: the operator may fix it on the relay side
                 delay = self.backoff.settings.max_ms / 1000
                 logger.error("relay refused this device: %s; retrying every %.0f s", reason,
                              delay)
             self._to(LinkState.WAITING)
             now = self.clock.now()
-            if not session_over and self._hold_session(now):
-                delay = min(delay, self.settings.resume.retry_max_ms / 1000)
+            holding = not session_over and self._hold_session(now)
+            retry_max = self.settings.resume.retry_max_ms / 1000
+            if delay is None:
+                # a relay expected back soon (a session it holds, a drain it announced)
+                # is retried at least every retry_max_ms, the delays still spread
+                soon = holding or now < self._relay_back_by
+                delay = self.backoff.next_delay(retry_max if soon else None)
+            if holding:
+                delay = min(delay, retry_max)
                 left = self._window.left_s(now)
                 self.next_retry_at = now + delay
                 logger.info("link down: %s; resuming within %.1f s, next attempt in %.1f s",
@@ -664,6 +682,7 @@ class DeviceLink:
             self.stats.down_since = None
             self.next_retry_at = None
             self.backoff.reset()
+            self._relay_back_by = 0.0
             logger.info("connected to %s (session %s%s)", s.url, message.session_id[:8],
                         ", resumed" if message.resume.resumed else "")
             self.listener.link_up(message)
