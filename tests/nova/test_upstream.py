@@ -176,7 +176,9 @@ def test_a_turn_gets_transcripts_and_a_spoken_reply(fake: FakeBedrock, run_with:
 def test_reply_events_arrive_in_order(fake: FakeBedrock, run_with: Any) -> None:
     async def scenario(device: Device) -> list[UpstreamEvent]:
         await device.say()
-        await device.wait_for(lambda: bool(device.of(UsageReported)))
+        # the reply's end reports the audio sent so far (no tokens yet): the token
+        # report Nova sends after the assistant's transcript is the last event
+        await device.wait_for(lambda: any(e.input_tokens for e in device.of(UsageReported)))
         return device.events
 
     events = run_with(scenario)
