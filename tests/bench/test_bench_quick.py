@@ -228,6 +228,8 @@ def test_the_bench_runs_every_row_with_both_peers_and_the_floor(tmp_path: Path) 
         for path in ("wav", "card"):
             run = rows[number]["data"][path]
             assert run["cpu_pct"] > 0 and run["rss_mb"] > 20 and run["threads"]
+        # beside it, what a stream on the same card costs with no daemon code at all
+        assert rows[number]["data"]["capture_alone_pct"] > 0
     assert rows[4]["data"]["steps"][0]["loop_stall"]["n"] > 0
     assert rows[14]["data"]["steps"][0]["replies"] > 0
     # the relay's single steps were timed over the window (thousands of them), and the
@@ -316,3 +318,33 @@ def test_best_stage_times_keeps_each_stages_fastest_pass_and_sets_every_pass_up_
     best = best_stage_times(2, one_pass)
     assert len(passes) == 2 and len(best) == 2
     assert all(0.004 <= t < 0.04 for t in best)  # each the fast one of its two passes
+
+
+def test_an_idle_row_over_target_says_what_the_card_alone_costs() -> None:
+    from edgevoice_dev.bench.life import IdleRun, _over_target_story
+
+    card = IdleRun("card", False, 1.2, 50.0, 20.0, 0.3,
+                   [("1 event-loop", 0.3), ("2 edgevoice-mic", 0.5), ("3 threaded-ml", 0.4)])
+    text = _over_target_story(card, 0.55, 1.0)
+    assert "costs 0.55 % by itself" in text and "own share is 0.65 %" in text
+    assert "leaves it 0.45 %" in text
+    assert "the card alone is over the target" in _over_target_story(card, 1.1, 1.0)
+    assert "by itself" not in _over_target_story(card, None, 1.0)
+
+
+def test_the_cpu_rows_measure_the_device_a_plain_install_gets(tmp_path: Path) -> None:
+    # AEC3 is an extra the installer leaves out: rows 2, 11 and 12 run without it
+    from edgevoice_dev.bench.plan import PLAIN_AEC_MODE, QUICK, Workspace
+
+    from edgevoice.config.model import load_device_config
+
+    ws = Workspace.__new__(Workspace)
+    ws.root, ws.plan = tmp_path, QUICK
+    ws.token_file = lambda device: tmp_path / f"{device}.token"  # type: ignore[method-assign]
+    (tmp_path / "d.token").write_text("t" * 32)
+    plain = load_device_config(ws.device_config("d", "ws://127.0.0.1:1/", "wav:a.wav",
+                                                "wav:b.wav", aec_mode=PLAIN_AEC_MODE))
+    assert plain.aec.mode == PLAIN_AEC_MODE == "off"
+    default = load_device_config(ws.device_config("d", "ws://127.0.0.1:1/", "wav:a.wav",
+                                                  "wav:b.wav"))
+    assert default.aec.mode != "off"

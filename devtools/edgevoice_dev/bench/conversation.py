@@ -33,7 +33,7 @@ from edgevoice_dev.bench.fixtures import SpeechFixture, build_speech
 from edgevoice_dev.bench.floor import Floor, measure_floor
 from edgevoice_dev.bench.life import thread_cpu, thread_shares
 from edgevoice_dev.bench.peers import PeerBytes, nova_json_bytes, wyoming_bytes
-from edgevoice_dev.bench.plan import OUTPUT_RATE_HZ, REPLY_MS, Workspace
+from edgevoice_dev.bench.plan import OUTPUT_RATE_HZ, PLAIN_AEC_MODE, REPLY_MS, Workspace
 from edgevoice_dev.bench.proc import (
     Child,
     busy_pct,
@@ -60,11 +60,9 @@ DEVICE = "bench-device"
 WARMUP_S = 1.0
 CPU_TARGET_FLOOR_RATIO = 3.0
 CPU_TARGET_CORE_PCT = 2.0
-#: Echo cancellation in rows 1, 2 and 7: the device a plain install gets. AEC3 is the
-#: optional ``aec`` extra (not in the installer's default extras), the floor counts
-#: libopus and soxr only, and row 8 prices AEC3 on its own; the bench's own venv has the
-#: extra, so ``auto`` would otherwise add it to this row and not to its floor.
-AEC_MODE = "off"
+#: Echo cancellation in rows 1, 2 and 7: the device a plain install gets (the floor
+#: counts libopus and soxr only).
+AEC_MODE = PLAIN_AEC_MODE
 #: Passes of the floor's codec work, the best one taken. Three let a moment of load on
 #: the machine through (measured here, four floors each: 437-532 ms of CPU with three
 #: passes, 430-438 ms with nine), and that flattered the ratio by up to a fifth.
@@ -149,9 +147,7 @@ async def _conversation(ws: Workspace, fixture: SpeechFixture | None = None,
         else:
             audio_in, audio_out = f"wav:{fixture.path}", f"wav:{ws.root / 'heard.wav'}"
         config = ws.device_config(f"{DEVICE}{suffix}", f"ws://127.0.0.1:{port}/",
-                                  audio_in, audio_out)
-        with config.open("a", encoding="utf-8") as f:
-            f.write(f"aec:\n  mode: \"{AEC_MODE}\"\n")
+                                  audio_in, audio_out, aec_mode=AEC_MODE)
         argv = ["edgevoice", "device", "--config", str(config)]
         if profile_out is not None:
             argv = ["edgevoice_dev.bench.profiled", "--on-signal", str(profile_out), *argv]

@@ -29,7 +29,7 @@ import numpy as np
 from edgevoice.device.link import RelaySettings
 from edgevoice.protocol.heartbeat import stats_every
 from edgevoice.relay.settings import LimitsSettings
-from edgevoice_dev.bench.plan import Workspace
+from edgevoice_dev.bench.plan import PLAIN_AEC_MODE, Workspace
 from edgevoice_dev.bench.proc import (
     Child,
     cpu_seconds,
@@ -53,6 +53,9 @@ FLEET_CPU_TARGET_PCT = 0.001
 #: after it connects (the relay's heap pass, relay/loop.py) is not its idle cost.
 FLEET_WARMUP_S = 10.0
 _TICKS = os.sysconf("SC_CLK_TCK")
+#: Seconds an idle run settles before its window (imports, streams open, first stats
+#: sent, speaker parked).
+SETTLE_S = 8.0
 
 
 def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
@@ -154,7 +157,7 @@ async def _idle(ws: Workspace, relay_port: int, path: str, wake: bool,
         audio_in = f"wav:{room}"
         audio_out = f"wav:{ws.root / f'{name}-out.wav'}"
     config = ws.device_config(name, f"ws://127.0.0.1:{relay_port}/", audio_in, audio_out,
-                              log_level="warning")
+                              log_level="warning", aec_mode=PLAIN_AEC_MODE)
     if wake:
         with config.open("a") as f:
             f.write("turn:\n  start: wake\n")
@@ -165,7 +168,7 @@ async def _idle(ws: Workspace, relay_port: int, path: str, wake: bool,
             argv = ["edgevoice_dev.bench.profiled", "--on-signal", str(profile_out), *argv]
         device = await ws.spawn(name, python_module(*argv), env=env)
         # settle: imports done, streams open, first stats sent, speaker parked
-        await asyncio.sleep(8.0)
+        await asyncio.sleep(SETTLE_S)
         if device.proc.returncode is not None:
             raise RuntimeError(f"{name} exited early: see {device.log_path}")
         if profile_out is not None:
@@ -193,6 +196,34 @@ async def _idle(ws: Workspace, relay_port: int, path: str, wake: bool,
     return IdleRun(path, wake, 100 * (cpu1 - cpu0) / span, rss[len(rss) // 2] / 1024, span,
                    main, [t for t in threads if t[1] >= 0.01],
                    parts.get("RssAnon", 0) / 1024, parts.get("RssFile", 0) / 1024, mappings)
+
+
+async def _bare_capture(ws: Workspace, seconds: float) -> float:
+    """% of a core a microphone stream costs with a callback that does nothing
+    (:mod:`edgevoice_dev.bench.bare_capture`): the same card, block and quiet room as
+    the card runs, the same settling time and window."""
+    from edgevoice_dev.testing.soundcard import VirtualSoundCard
+
+    card = VirtualSoundCard()
+    card.start()
+    room_player = card.play_into_mic(_quiet_room(ws.root / "bare-capture-room.wav",
+                                                 seconds + 60), wait=False)
+    child: Child | None = None
+    try:
+        child = await ws.spawn("bare-capture", python_module("edgevoice_dev.bench.bare_capture"),
+                               env=card.environ())
+        await child.event("capturing", 30)
+        await asyncio.sleep(SETTLE_S)
+        cpu0, t0 = cpu_seconds(child.pid), time.monotonic()
+        await asyncio.sleep(seconds)
+        cpu1, t1 = cpu_seconds(child.pid), time.monotonic()
+    finally:
+        if child is not None:
+            await child.stop()
+        room_player.terminate()
+        room_player.wait(10)
+        card.stop()
+    return 100 * (cpu1 - cpu0) / (t1 - t0)
 
 
 def _thread_story(run: IdleRun) -> str:
@@ -225,6 +256,12 @@ async def run_idle_rows(ws: Workspace) -> list[RowResult]:
         profiles = await _profile_missed(ws, port, runs, seconds, bool(missing))
     finally:
         await relay.stop()
+    bare: float | None = None
+    if not missing:
+        try:
+            bare = await _bare_capture(ws, seconds)
+        except Exception:  # the rows stand without it
+            logger.exception("measuring capture alone failed")
     rows = []
     for number, wake, target in ((11, False, IDLE_TARGET_PCT), (12, True, WAKE_TARGET_PCT)):
         title = ("Device idle, always-on listening" if not wake
@@ -247,10 +284,16 @@ async def run_idle_rows(ws: Workspace) -> list[RowResult]:
                                   f"{run.cpu_pct:.2f} %", f"{run.window_s:.0f} s",
                                   f"<= {target:g} %" if on_card else "",
                                   verdict(run.cpu_pct <= target) if on_card else INFO))
+            if on_card and bare is not None:
+                row.lines.append(Line(
+                    "  capture alone: the same card and block, a callback doing nothing",
+                    f"{bare:.2f} %", f"edgevoice's own {run.cpu_pct - bare:.2f} %", "", INFO))
             row.lines.append(Line(f"  resident memory, {what}", f"{run.rss_mb:.1f} MB", "",
                                   f"<= {RSS_TARGET_MB:g} MB" if on_card else "",
                                   verdict(run.rss_mb <= RSS_TARGET_MB) if on_card else INFO))
         row.data = {k[0]: r.as_dict() for k, r in runs.items() if k[1] == wake}
+        if bare is not None:
+            row.data["capture_alone_pct"] = round(bare, 3)
         if errors:
             row.data["errors"] = {f"{k[0]}{'+wake' if k[1] else ''}": e
                                   for k, e in errors.items()}
@@ -261,22 +304,36 @@ async def run_idle_rows(ws: Workspace) -> list[RowResult]:
             "the window, after 8 s to settle; RSS the median of 1 s samples. Sound card: "
             "scripts/soundcard (a private PulseAudio with null sinks, reached through ALSA's "
             "pulse plugin, the room played into its microphone), so PortAudio's callback "
-            "threads and the sound server's client threads run as on a board. "
+            "threads and the sound server's client threads run as on a board; capture "
+            "alone is edgevoice_dev.bench.bare_capture on that card, in the same room and "
+            "window. "
+            f"Echo cancellation (aec.mode) {PLAIN_AEC_MODE}, as a plain install has it (AEC3 "
+            "is the optional aec extra; row 8 prices it). "
             "1 % of a core here is about 6 % of a Pi Zero 2 W core.")
         for run in (card, wav):
             if run is not None:
                 row.notes.append("Per thread: " + _thread_story(run))
         if card is not None and card.cpu_pct > target:
-            row.findings.append(
-                f"Over target on the sound card path: {_thread_story(card)}. What is left "
-                "per 60 ms capture block: a PortAudio wake-up, a PulseAudio round trip and "
-                "one event-loop wake-up; larger audio.capture_block_ms trades detection "
-                "latency for fewer of them.")
+            row.findings.append(_over_target_story(card, bare, target))
         if card is not None and card.rss_mb > RSS_TARGET_MB:
             row.findings.append(_rss_story(card, wav))
         row.profile = profiles.get(wake, "")
         rows.append(row)
     return rows
+
+
+def _over_target_story(card: IdleRun, bare: float | None, target: float) -> str:
+    text = f"Over target on the sound card path: {_thread_story(card)}."
+    if bare is not None:
+        own = card.cpu_pct - bare
+        text += (f" A stream on the same card whose callback does nothing costs {bare:.2f} % "
+                 f"by itself (PortAudio's thread and the sound server's client thread, woken "
+                 f"by every block and every packet); edgevoice's own share is {own:.2f} %"
+                 + (f", and the target leaves it {target - bare:.2f} %." if bare < target
+                    else ": the card alone is over the target."))
+    return text + (" What is left per 60 ms capture block: a PortAudio wake-up, a PulseAudio "
+                   "round trip and one event-loop wake-up; larger audio.capture_block_ms "
+                   "trades detection latency for fewer of them.")
 
 
 def _rss_story(card: IdleRun, wav: IdleRun | None) -> str:
