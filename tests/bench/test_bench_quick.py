@@ -211,6 +211,8 @@ def test_the_bench_runs_every_row_with_both_peers_and_the_floor(tmp_path: Path) 
     assert all(peer["streaming_bytes_per_s"] > 0 for peer in peers.values())
     assert rows[1]["data"]["edgevoice"]["audio_frames"] > 0
     assert rows[2]["data"]["floor"]["total_s"] > 0
+    lean = rows[2]["data"]["lean_loop"]  # the leanest Python doing the same codec work
+    assert lean["up_frames"] > 0 and lean["down_frames"] > 0 and lean["ratio_to_floor"] > 1
     assert rows[2]["data"]["opus"]["complexity"] >= 0
     assert rows[3]["data"]["uplink_live"]["n"] > 0 and rows[3]["data"]["downlink"]["n"] > 0
     assert rows[4]["data"]["steps"][0]["connected"] > 0
@@ -348,3 +350,38 @@ def test_the_cpu_rows_measure_the_device_a_plain_install_gets(tmp_path: Path) ->
     default = load_device_config(ws.device_config("d", "ws://127.0.0.1:1/", "wav:a.wav",
                                                   "wav:b.wav"))
     assert default.aec.mode != "off"
+
+
+def test_the_lean_loop_sends_and_decodes_what_it_is_asked_to(tmp_path: Path) -> None:
+    """Row 2's leanest-Python reference, its two processes for real: the frames it
+    encodes per second follow --up-per-s, and it decodes the reply bursts its peer sends."""
+    import wave
+
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    speech = tmp_path / "speech.wav"
+    with wave.open(str(speech), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16_000)
+        w.writeframes((rng.standard_normal(16_000 * 3) * 3000).astype("<i2").tobytes())
+    reply = tmp_path / "reply.raw"
+    reply.write_bytes((rng.standard_normal(24_000) * 3000).astype("<i2").tobytes())
+    server = subprocess.Popen(
+        [sys.executable, "-m", "edgevoice_dev.bench.lean", "serve", "--reply", str(reply),
+         "--down-per-s", "25"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        port = json.loads(server.stdout.readline())["port"]
+        out = subprocess.run(
+            [sys.executable, "-m", "edgevoice_dev.bench.lean", "client", "--port", str(port),
+             "--speech", str(speech), "--seconds", "3", "--up-per-s", "25"],
+            capture_output=True, text=True, timeout=60, check=True).stdout
+    finally:
+        server.terminate()
+        server.wait(10)
+    done = json.loads(out.splitlines()[-1])
+    assert done["event"] == "done" and done["cpu_s"] > 0
+    assert 70 <= done["up_frames"] <= 76  # half of the 150 frames captured in 3 s
+    assert done["down_frames"] >= 30  # at least one 600 ms reply burst

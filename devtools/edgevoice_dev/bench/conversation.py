@@ -31,6 +31,7 @@ from typing import Any
 from edgevoice.config.model import DeviceConfig
 from edgevoice_dev.bench.fixtures import SpeechFixture, build_speech
 from edgevoice_dev.bench.floor import Floor, measure_floor
+from edgevoice_dev.bench.lean import LeanRun, measure_lean
 from edgevoice_dev.bench.life import thread_cpu, thread_shares
 from edgevoice_dev.bench.peers import PeerBytes, nova_json_bytes, wyoming_bytes
 from edgevoice_dev.bench.plan import OUTPUT_RATE_HZ, PLAIN_AEC_MODE, REPLY_MS, Workspace
@@ -309,11 +310,24 @@ def _cpu_lines(ws: Workspace, run: ConversationRun, what: str
 
 
 def _cpu_row(ws: Workspace, run: ConversationRun, card: ConversationRun | None = None,
-             card_missing: str = "") -> RowResult:
+             card_missing: str = "", lean: LeanRun | None = None) -> RowResult:
     row = RowResult(2, "Device CPU, full-duplex conversation")
     opus = _opus_settings()
     wav_lines, wav_data, floor = _cpu_lines(ws, run, "WAV stand-ins")
     row.lines += wav_lines
+    lean_data: dict[str, Any] | None = None
+    if lean is not None:
+        lean_floor = measure_floor(ws.fixture.pcm, ws.reply_path.read_bytes(), lean.up_frames,
+                                   lean.down_frames, OUTPUT_RATE_HZ, passes=FLOOR_PASSES)
+        lean_floor_pct = 100.0 * lean_floor.total_s / lean.window_s
+        lean_ratio = lean.pct / lean_floor_pct if lean_floor_pct else float("inf")
+        row.lines.append(Line(
+            "  the same codec work in the leanest Python loop (no protocol, no detector)",
+            f"{lean.pct:.2f} % ({lean_ratio:.1f}x)", f"floor {lean_floor_pct:.3f} %", "",
+            INFO))
+        lean_data = {**lean.as_dict(), "floor": lean_floor.as_dict(),
+                     "floor_pct_of_core": round(lean_floor_pct, 4),
+                     "ratio_to_floor": round(lean_ratio, 2)}
     card_data: dict[str, Any] | None = None
     if card is not None:
         card_lines, card_data, _ = _cpu_lines(ws, card, "sound card (PortAudio, PulseAudio)")
@@ -328,7 +342,7 @@ def _cpu_row(ws: Workspace, run: ConversationRun, card: ConversationRun | None =
                 "reply_ms_per_turn": REPLY_MS,
                 "cpu_time_source": "/proc/PID/stat utime+stime (10 ms ticks)",
                 "aec_mode": AEC_MODE,
-                "sound_card": card_data}
+                "sound_card": card_data, "lean_loop": lean_data}
     row.notes.append(
         f"`edgevoice device` in its own process, WAV microphone and 48 kHz WAV speaker at "
         f"real time, talking to a relay process whose upstream answers every turn with "
@@ -355,6 +369,15 @@ def _cpu_row(ws: Workspace, run: ConversationRun, card: ConversationRun | None =
         f"device does, in-process, best of {FLOOR_PASSES}: {floor.total_s * 1000:.1f} ms "
         f"of CPU in all (encode {floor.encode_s * 1000:.1f}, decode "
         f"{floor.decode_s * 1000:.1f}, resample {floor.resample_s * 1000:.1f}).")
+    if lean is not None:
+        row.notes.append(
+            "Leanest Python loop (edgevoice_dev.bench.lean): a process whose asyncio loop "
+            "wakes once per 60 ms block, measures each frame's level, Opus-encodes as many "
+            f"frames a second as the device sent ({lean.up_frames} in {lean.window_s:.1f} s) "
+            "and writes each block's packets to a TCP socket in one write, and decodes the "
+            f"{lean.down_frames} reply packets its peer sends to 48 kHz into a buffer; no "
+            "WebSocket, no detector or turn state, no playback pacing, no file, no health. "
+            "What it costs above the floor, no Python design of the device goes below.")
     if row.missed:
         for what, r, data in (("WAV stand-ins", run, wav_data), ("sound card", card, card_data)):
             if r is None or data is None:
@@ -369,6 +392,17 @@ def _cpu_row(ws: Workspace, run: ConversationRun, card: ConversationRun | None =
                 + ", ".join(f"{n.split(' ', 1)[1]} {p:.2f}" for n, p in r.threads[:6])
                 + ". Where the event loop's share goes: the profile below (steady state, "
                 "WAV stand-ins).")
+        if lean_data is not None:
+            lean_ratio = float(lean_data["ratio_to_floor"])
+            row.findings.append(
+                f"The leanest Python loop doing the same codec work costs {lean_ratio:.1f}x the "
+                f"floor by itself ({lean_data['pct_of_core']:.2f} % against the device's "
+                f"{wav_data['device_pct_of_core']:.2f} % with WAV stand-ins): "
+                + (f"a ratio of {CPU_TARGET_FLOOR_RATIO:g}x leaves no room for the protocol, "
+                   "the detector, turn-taking and playback in Python at this cadence; it needs "
+                   "the per-frame path in compiled code." if lean_ratio >= CPU_TARGET_FLOOR_RATIO
+                   else f"{CPU_TARGET_FLOOR_RATIO - lean_ratio:.1f}x of the floor is left for "
+                   "the protocol, the detector, turn-taking and playback."))
     return row
 
 
@@ -413,9 +447,15 @@ async def run_rows(ws: Workspace) -> tuple[RowResult, RowResult, RowResult]:
         except Exception as exc:  # the WAV figures stand on their own
             logger.exception("the sound card conversation failed")
             missing = f"failed: {type(exc).__name__}: {exc}"
+    lean: LeanRun | None = None
+    try:  # the leanest Python doing the same codec work at the rates the device ran
+        lean = await measure_lean(ws, run.window_s, run.up_frames_in_window / run.window_s,
+                                  run.down_frames_in_window / run.window_s)
+    except Exception:  # the row stands without it
+        logger.exception("the lean reference loop failed")
     peers = [await wyoming_bytes(ws.fixture.pcm), await nova_json_bytes(ws.fixture.pcm),
              await nova_json_bytes(ws.fixture.pcm, deflate=True)]
-    rows = (_bandwidth_row(ws, run, peers), _cpu_row(ws, run, card, missing),
+    rows = (_bandwidth_row(ws, run, peers), _cpu_row(ws, run, card, missing, lean),
             _footprint_row(run))
     for row in rows:
         row.seconds = time.monotonic() - started
