@@ -3,7 +3,7 @@
 A turn the relay cannot serve in time makes every reply stutter, not only its own:
 all sessions share one event loop. So a new turn is refused (a retryable
 ``relay_busy`` error; the device plays its error cue and the user tries again) when
-either of two limits is reached, and admitted turns keep their pace:
+any of these limits is reached, and admitted turns keep their pace:
 
 - **a count**: ``limits.max_active_turns`` sessions already in a turn or a reply;
 - **a ramp**: new turns are admitted at most ``max_active_turns`` per
@@ -249,7 +249,7 @@ class LoadProbe:
     __slots__ = ("_active", "_gauge", "_on_window", "_timer")
 
     def __init__(self, gauge: LoadGauge, active: Callable[[], int],
-                 on_window: Callable[[int], None] | None = None,
+                 on_window: Callable[[int], None],
                  period_s: float = PROBE_PERIOD_S) -> None:
         self._gauge = gauge
         self._active = active
@@ -278,8 +278,7 @@ class LoadProbe:
         if gauge.windows == windows:
             return True
         active = self._active()  # a window ended: once a second
-        if self._on_window is not None:
-            self._on_window(active)
+        self._on_window(active)
         if not active:
             gauge.pause()
             return False
