@@ -234,6 +234,8 @@ def test_the_bench_runs_every_row_with_both_peers_and_the_floor(tmp_path: Path) 
         assert rows[number]["data"]["capture_alone_pct"] > 0
     assert rows[4]["data"]["steps"][0]["loop_stall"]["n"] > 0
     assert rows[14]["data"]["steps"][0]["replies"] > 0
+    lean_relay = rows[14]["data"]["lean_relay"]  # the leanest Python relay beside it
+    assert lean_relay["cpu_pct"] > 0 and lean_relay["replies"] > 0
     # the relay's single steps were timed over the window (thousands of them), and the
     # timed run served its devices as the untimed one did
     timed = rows[14]["data"]["timed"]
@@ -385,3 +387,38 @@ def test_the_lean_loop_sends_and_decodes_what_it_is_asked_to(tmp_path: Path) -> 
     assert done["event"] == "done" and done["cpu_s"] > 0
     assert 70 <= done["up_frames"] <= 76  # half of the 150 frames captured in 3 s
     assert done["down_frames"] >= 30  # at least one 600 ms reply burst
+
+
+def test_the_lean_relay_answers_each_turn_with_a_whole_reply(tmp_path: Path) -> None:
+    """Row 14's leanest-Python reference, its two processes for real: each device's turn
+    gets its whole 150-frame reply, so the load keeps cycling (speech, reply, pause)."""
+    import wave
+
+    import numpy as np
+
+    rng = np.random.default_rng(6)
+    speech = tmp_path / "speech.wav"
+    with wave.open(str(speech), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16_000)
+        w.writeframes((rng.standard_normal(16_000 * 3) * 3000).astype("<i2").tobytes())
+    reply = tmp_path / "reply.raw"
+    reply.write_bytes((rng.standard_normal(24_000) * 3000).astype("<i2").tobytes())
+    relay = subprocess.Popen([sys.executable, "-m", "edgevoice_dev.bench.lean_relay", "serve",
+                              "--reply", str(reply)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert relay.stdout is not None
+        port = json.loads(relay.stdout.readline())["port"]
+        # two devices, phases 0 and 4 s of the 8 s cycle: replies end at about 6 and 10 s
+        out = subprocess.run(
+            [sys.executable, "-m", "edgevoice_dev.bench.lean_relay", "load", "--port",
+             str(port), "--clients", "2", "--speech", str(speech), "--warmup", "0.5",
+             "--measure", "10.5"], capture_output=True, text=True, timeout=60,
+            check=True).stdout
+    finally:
+        relay.terminate()
+        relay.wait(10)
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [e["event"] for e in events] == ["measure_start", "measure_end"]
+    assert events[1]["replies"] == 2

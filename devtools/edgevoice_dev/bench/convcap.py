@@ -25,6 +25,7 @@ from typing import Any
 
 from edgevoice_dev.bench.analysis import Spread
 from edgevoice_dev.bench.floor import relay_opus_seconds_per_frame
+from edgevoice_dev.bench.lean_relay import LeanRelayRun, measure_lean_relay
 from edgevoice_dev.bench.loadgen import CAPTURE_BLOCK_MS
 from edgevoice_dev.bench.plan import Workspace
 from edgevoice_dev.bench.proc import Child, busy_pct, cpu_busy_ticks, cpu_seconds, python_module
@@ -252,6 +253,19 @@ async def run_rows(ws: Workspace) -> list[RowResult]:
                           f"{ref.cpu_per_session_pct:.3f} % ({ratio:.2f}x)",
                           f"floor {floor:.3f} % (libopus alone: {100 / floor:.0f} per core)",
                           f"<= {TARGET_FLOOR_RATIO:g}x", verdict(ratio <= TARGET_FLOOR_RATIO)))
+    lean: LeanRelayRun | None = None
+    try:  # the leanest Python relay, the same pattern and number of sessions
+        lean = await measure_lean_relay(ws, ref.clients, ws.plan.conv_warmup_s,
+                                        ws.plan.conv_measure_s, RELAY_CPU, LOADGEN_CPU)
+    except Exception:  # the row stands without it
+        logger.exception("the lean reference relay failed")
+    lean_ratio = math.nan
+    if lean is not None:
+        lean_ratio = lean.cpu_pct / lean.clients / floor if floor > 0 else math.nan
+        cap.lines.append(Line(
+            "  the same codec work in the leanest Python relay (no protocol, one shared tick)",
+            f"{lean.cpu_pct / lean.clients:.3f} % ({lean_ratio:.2f}x)",
+            f"at N={lean.clients}, {lean.cpu_pct:.0f} % of its core", "", INFO))
     # the same load again with every step of the relay's loop timed (asyncio's loop)
     timed = await _step(ws, ref.clients, 0, step_times=True)
     single = timed.steps
@@ -269,7 +283,9 @@ async def run_rows(ws: Workspace) -> list[RowResult]:
                           "", INFO))
     cap.data = {"steps": [s.as_dict() for s in steps], "largest_passing": largest,
                 "floor_pct_per_session": round(floor, 4), "ratio_to_floor": round(ratio, 2),
-                "timed": timed.as_dict()}
+                "timed": timed.as_dict(),
+                "lean_relay": None if lean is None else {**lean.as_dict(),
+                                                         "ratio_to_floor": round(lean_ratio, 2)}}
     cap.notes.append(
         "Single steps: the same load run again on asyncio's loop with every step it runs "
         "(callback, task step, I/O callback) timed where asyncio runs it, and every "
@@ -322,6 +338,23 @@ async def run_rows(ws: Workspace) -> list[RowResult]:
             "upstream's own pacing, which runs in the relay process ("
             + ("the profile below names each)." if profiled else "row 4's profile names "
                "each)."))
+    if lean is not None:
+        cap.notes.append(
+            "Leanest Python relay (edgevoice_dev.bench.lean_relay): one asyncio server, the "
+            "same conversational pattern and phases, uplink packets length-prefixed (three "
+            "per write) and decoded in the data callback, each reply encoded at 24 kHz one "
+            "frame per 20 ms on one shared tick, one write per frame; no WebSocket, no "
+            "protocol messages, no upstream, no admission, no metrics. Pinned as the relay "
+            "is, its load on the other core.")
+        if ratio > TARGET_FLOOR_RATIO:
+            cap.findings.append(
+                f"The leanest Python relay doing the same codec work costs {lean_ratio:.2f}x "
+                f"the floor per session by itself, the relay {ratio:.2f}x: "
+                + (f"a ratio of {TARGET_FLOOR_RATIO:g}x is below what Python pays per frame "
+                   "at this cadence; it needs the per-frame path in compiled code."
+                   if lean_ratio >= TARGET_FLOOR_RATIO else
+                   f"{TARGET_FLOOR_RATIO - lean_ratio:.2f}x of the floor is left for the "
+                   "WebSocket protocol, the upstream and the relay's bookkeeping."))
     if single.held.p99_ms > TARGET_STALL_P99_MS:
         cap.findings.append(
             f"Single steps of the relay's loop at N={timed.clients}: p99 "

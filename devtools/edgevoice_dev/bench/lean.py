@@ -31,13 +31,15 @@ from typing import Any
 from edgevoice.audio.base import CAPTURE_FRAME_BYTES, CAPTURE_RATE_HZ, FRAME_MS
 from edgevoice.audio.level import pcm_dbfs
 from edgevoice.audio.opus import OpusDecoder, OpusEncoder, OpusSettings
+from edgevoice.audio.sounddevice_io import DEFAULT_CAPTURE_BLOCK_MS
 from edgevoice.relay.settings import DOWNLINK_OPUS
 from edgevoice_dev.bench.plan import OUTPUT_RATE_HZ, REPLY_MS, Workspace
 from edgevoice_dev.bench.proc import emit, python_module
 
 #: frames per capture block, as the device's default audio.capture_block_ms (60 ms)
-FRAMES_PER_BLOCK = 3
-_LENGTH = struct.Struct(">H")
+FRAMES_PER_BLOCK = DEFAULT_CAPTURE_BLOCK_MS // FRAME_MS
+#: the 2-byte length before each packet on the lean loops' sockets
+LENGTH = struct.Struct(">H")
 _REPLY_RATE_HZ = 24_000
 
 
@@ -58,6 +60,19 @@ class LeanRun:
                 "pct_of_core": round(self.pct, 3)}
 
 
+def take_packets(buf: bytes) -> tuple[list[bytes], bytes]:
+    """The whole length-prefixed packets at the start of ``buf``, and what is left."""
+    packets = []
+    at, end = 0, len(buf)
+    while end - at >= 2:
+        size = LENGTH.unpack_from(buf, at)[0]
+        if end - at - 2 < size:
+            break
+        packets.append(buf[at + 2:at + 2 + size])
+        at += 2 + size
+    return packets, buf[at:]
+
+
 class _Receiver(asyncio.Protocol):
     """Length-prefixed Opus packets in, decoded to the output rate, kept in a buffer."""
 
@@ -68,16 +83,10 @@ class _Receiver(asyncio.Protocol):
         self.packets = 0
 
     def data_received(self, data: bytes) -> None:
-        buf = self._pending + data if self._pending else data
-        at, end = 0, len(buf)
-        while end - at >= 2:
-            size = _LENGTH.unpack_from(buf, at)[0]
-            if end - at - 2 < size:
-                break
-            self.played += self._decoder.decode(buf[at + 2:at + 2 + size])
-            self.packets += 1
-            at += 2 + size
-        self._pending = buf[at:]
+        packets, self._pending = take_packets(self._pending + data)
+        for packet in packets:
+            self.played += self._decoder.decode(packet)
+        self.packets += len(packets)
         if len(self.played) > 1 << 20:
             self.played.clear()
 
@@ -109,7 +118,7 @@ async def _client(port: int, speech: str, seconds: float, up_per_s: float) -> Le
             if credit >= 1.0:
                 credit -= 1.0
                 packet = encoder.encode(frame)
-                parts.append(_LENGTH.pack(len(packet)) + packet)
+                parts.append(LENGTH.pack(len(packet)) + packet)
         if parts:
             transport.write(b"".join(parts))
             sent += len(parts)
@@ -135,7 +144,7 @@ async def _serve(port: int, reply: bytes, down_per_s: float) -> None:
                 await asyncio.sleep(max(0.0, start + k * FRAME_MS / 1000 - loop.time()))
                 if k % cycle < burst:
                     packet = packets[k % len(packets)]
-                    writer.write(_LENGTH.pack(len(packet)) + packet)
+                    writer.write(LENGTH.pack(len(packet)) + packet)
 
         task = asyncio.create_task(down())
         try:
