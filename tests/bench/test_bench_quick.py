@@ -354,9 +354,9 @@ def test_the_cpu_rows_measure_the_device_a_plain_install_gets(tmp_path: Path) ->
     assert default.aec.mode != "off"
 
 
-def test_the_lean_loop_sends_and_decodes_what_it_is_asked_to(tmp_path: Path) -> None:
-    """Row 2's leanest-Python reference, its two processes for real: the frames it
-    encodes per second follow --up-per-s, and it decodes the reply bursts its peer sends."""
+def _lean_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    """A lean loop's inputs: 3 s of 16 kHz speech-level noise (WAV), 1 s of 24 kHz reply
+    audio (raw s16le)."""
     import wave
 
     import numpy as np
@@ -370,6 +370,13 @@ def test_the_lean_loop_sends_and_decodes_what_it_is_asked_to(tmp_path: Path) -> 
         w.writeframes((rng.standard_normal(16_000 * 3) * 3000).astype("<i2").tobytes())
     reply = tmp_path / "reply.raw"
     reply.write_bytes((rng.standard_normal(24_000) * 3000).astype("<i2").tobytes())
+    return speech, reply
+
+
+def test_the_lean_loop_sends_and_decodes_what_it_is_asked_to(tmp_path: Path) -> None:
+    """Row 2's leanest-Python reference, its two processes for real: the frames it
+    encodes per second follow --up-per-s, and it decodes the reply bursts its peer sends."""
+    speech, reply = _lean_inputs(tmp_path)
     server = subprocess.Popen(
         [sys.executable, "-m", "edgevoice_dev.bench.lean", "serve", "--reply", str(reply),
          "--down-per-s", "25"], stdout=subprocess.PIPE, text=True)
@@ -392,19 +399,7 @@ def test_the_lean_loop_sends_and_decodes_what_it_is_asked_to(tmp_path: Path) -> 
 def test_the_lean_relay_answers_each_turn_with_a_whole_reply(tmp_path: Path) -> None:
     """Row 14's leanest-Python reference, its two processes for real: each device's turn
     gets its whole 150-frame reply, so the load keeps cycling (speech, reply, pause)."""
-    import wave
-
-    import numpy as np
-
-    rng = np.random.default_rng(6)
-    speech = tmp_path / "speech.wav"
-    with wave.open(str(speech), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16_000)
-        w.writeframes((rng.standard_normal(16_000 * 3) * 3000).astype("<i2").tobytes())
-    reply = tmp_path / "reply.raw"
-    reply.write_bytes((rng.standard_normal(24_000) * 3000).astype("<i2").tobytes())
+    speech, reply = _lean_inputs(tmp_path)
     relay = subprocess.Popen([sys.executable, "-m", "edgevoice_dev.bench.lean_relay", "serve",
                               "--reply", str(reply)], stdout=subprocess.PIPE, text=True)
     try:
