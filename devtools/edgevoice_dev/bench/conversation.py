@@ -61,9 +61,6 @@ DEVICE = "bench-device"
 WARMUP_S = 1.0
 CPU_TARGET_FLOOR_RATIO = 3.0
 CPU_TARGET_CORE_PCT = 2.0
-#: Echo cancellation in rows 1, 2 and 7: the device a plain install gets (the floor
-#: counts libopus and soxr only).
-AEC_MODE = PLAIN_AEC_MODE
 #: Passes of the floor's codec work, the best one taken. Three let a moment of load on
 #: the machine through (measured here, four floors each: 437-532 ms of CPU with three
 #: passes, 430-438 ms with nine), and that flattered the ratio by up to a fifth.
@@ -148,7 +145,7 @@ async def _conversation(ws: Workspace, fixture: SpeechFixture | None = None,
         else:
             audio_in, audio_out = f"wav:{fixture.path}", f"wav:{ws.root / 'heard.wav'}"
         config = ws.device_config(f"{DEVICE}{suffix}", f"ws://127.0.0.1:{port}/",
-                                  audio_in, audio_out, aec_mode=AEC_MODE)
+                                  audio_in, audio_out, aec_mode=PLAIN_AEC_MODE)
         argv = ["edgevoice", "device", "--config", str(config)]
         if profile_out is not None:
             argv = ["edgevoice_dev.bench.profiled", "--on-signal", str(profile_out), *argv]
@@ -341,7 +338,7 @@ def _cpu_row(ws: Workspace, run: ConversationRun, card: ConversationRun | None =
     row.data = {**wav_data, "opus": opus, "output_rate_hz": OUTPUT_RATE_HZ,
                 "reply_ms_per_turn": REPLY_MS,
                 "cpu_time_source": "/proc/PID/stat utime+stime (10 ms ticks)",
-                "aec_mode": AEC_MODE,
+                "aec_mode": PLAIN_AEC_MODE,
                 "sound_card": card_data, "lean_loop": lean_data}
     row.notes.append(
         f"`edgevoice device` in its own process, WAV microphone and 48 kHz WAV speaker at "
@@ -350,7 +347,7 @@ def _cpu_row(ws: Workspace, run: ConversationRun, card: ConversationRun | None =
         f"{run.up_frames_in_window} and played {run.down_frames_in_window} 20 ms frames; "
         f"capture and playback ran the whole time. The machine was {run.machine_busy_pct:.0f} % "
         "busy over that window (all cores, every process). Echo cancellation "
-        f"(aec.mode) {AEC_MODE}: the device a plain install gets (AEC3 is the optional aec "
+        f"(aec.mode) {PLAIN_AEC_MODE}: the device a plain install gets (AEC3 is the optional aec "
         "extra, outside the floor; row 8 prices it).")
     if card is not None:
         row.notes.append(

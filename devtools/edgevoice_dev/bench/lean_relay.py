@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import sys
 import time
 import wave
@@ -35,7 +34,7 @@ from edgevoice.audio.opus import OpusDecoder, OpusEncoder, OpusSettings
 from edgevoice.relay.settings import DOWNLINK_OPUS
 from edgevoice_dev.bench.lean import FRAMES_PER_BLOCK, LENGTH, take_packets
 from edgevoice_dev.bench.plan import Workspace
-from edgevoice_dev.bench.proc import Child, cpu_seconds, emit, python_module
+from edgevoice_dev.bench.proc import Child, cpu_seconds, emit, pin_to_cpu, python_module
 
 SPEECH_FRAMES = 150  # 3 s
 REPLY_FRAMES = 150  # 3 s
@@ -215,12 +214,6 @@ async def measure_lean_relay(ws: Workspace, clients: int, warmup_s: float, measu
     return LeanRelayRun(clients, 100 * (cpu1 - cpu0) / (t1 - t0), t1 - t0, int(end["replies"]))
 
 
-def _pin(cpu: int | None) -> None:
-    if cpu is not None and hasattr(os, "sched_setaffinity"):
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, {cpu})
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="role", required=True)
@@ -235,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load.add_argument("--measure", type=float, default=24.0)
     load.add_argument("--cpu", type=int)
     args = parser.parse_args(argv)
-    _pin(args.cpu)
+    pin_to_cpu(args.cpu)
     if args.role == "serve":
         with open(args.reply, "rb") as f:
             reply = f.read()

@@ -14,12 +14,14 @@ Findings are written from the figures measured in the same run, never from a scr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import time
 import wave
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,59 +138,69 @@ def _quiet_room(path: Path, seconds: float) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _card_hearing(room: Path) -> Iterator[dict[str, str]]:
+    """The virtual sound card with ``room`` played into its microphone for as long as
+    the block runs; yields the environment a process needs to use it."""
+    from edgevoice_dev.testing.soundcard import VirtualSoundCard
+
+    card = VirtualSoundCard()
+    card.start()
+    room_player: subprocess.Popen[bytes] | None = None
+    try:
+        room_player = card.play_into_mic(room, wait=False)
+        yield card.environ()
+    finally:
+        if room_player is not None:
+            room_player.terminate()
+            room_player.wait(10)
+        card.stop()
+
+
 async def _idle(ws: Workspace, relay_port: int, path: str, wake: bool,
                 seconds: float, profile_out: Path | None = None) -> IdleRun:
     """One device process listening to silence for ``seconds`` after settling (with
     ``profile_out``: under cProfile from then on, its profile written there)."""
     name = f"idle-{path}-{'wake' if wake else 'voice'}{'-profiled' if profile_out else ''}"
-    env: dict[str, str] = {}
-    card = None
     room = _quiet_room(ws.root / f"{name}-room.wav", seconds + 60)
-    room_player: subprocess.Popen[bytes] | None = None
-    if path == "card":
-        from edgevoice_dev.testing.soundcard import VirtualSoundCard
-
-        card = VirtualSoundCard()
-        card.start()
-        room_player = card.play_into_mic(room, wait=False)  # the room, for the whole run
-        env = card.environ()
-        audio_in, audio_out = "default", "default"
-    else:
-        audio_in = f"wav:{room}"
-        audio_out = f"wav:{ws.root / f'{name}-out.wav'}"
-    config = ws.device_config(name, f"ws://127.0.0.1:{relay_port}/", audio_in, audio_out,
-                              log_level="warning", aec_mode=PLAIN_AEC_MODE)
-    if wake:
-        with config.open("a") as f:
-            f.write("turn:\n  start: wake\n")
-    device: Child | None = None
-    try:
-        argv = ["edgevoice", "device", "--config", str(config)]
-        if profile_out is not None:
-            argv = ["edgevoice_dev.bench.profiled", "--on-signal", str(profile_out), *argv]
-        device = await ws.spawn(name, python_module(*argv), env=env)
-        # settle: imports done, streams open, first stats sent, speaker parked
-        await asyncio.sleep(SETTLE_S)
-        if device.proc.returncode is not None:
-            raise RuntimeError(f"{name} exited early: see {device.log_path}")
-        if profile_out is not None:
-            device.proc.send_signal(signal.SIGUSR2)  # steady state: profile from now on
-        cpu0, threads0, t0 = cpu_seconds(device.pid), thread_cpu(device.pid), time.monotonic()
-        rss: list[int] = []
-        end = t0 + seconds
-        while (now := time.monotonic()) < end:
-            rss.append(memory_kib(device.pid).get("VmRSS", 0))
-            await asyncio.sleep(min(1.0, end - now))
-        cpu1, threads1, t1 = cpu_seconds(device.pid), thread_cpu(device.pid), time.monotonic()
-        parts, mappings = memory_kib(device.pid), rss_by_mapping(device.pid)
-    finally:
-        if device is not None:
-            await device.stop()
-        if room_player is not None:
-            room_player.terminate()
-            room_player.wait(10)
-        if card is not None:
-            card.stop()
+    with contextlib.ExitStack() as stack:
+        env: dict[str, str] = {}
+        if path == "card":
+            env = stack.enter_context(_card_hearing(room))  # the room, for the whole run
+            audio_in, audio_out = "default", "default"
+        else:
+            audio_in = f"wav:{room}"
+            audio_out = f"wav:{ws.root / f'{name}-out.wav'}"
+        config = ws.device_config(name, f"ws://127.0.0.1:{relay_port}/", audio_in, audio_out,
+                                  log_level="warning", aec_mode=PLAIN_AEC_MODE)
+        if wake:
+            with config.open("a") as f:
+                f.write("turn:\n  start: wake\n")
+        device: Child | None = None
+        try:
+            argv = ["edgevoice", "device", "--config", str(config)]
+            if profile_out is not None:
+                argv = ["edgevoice_dev.bench.profiled", "--on-signal", str(profile_out), *argv]
+            device = await ws.spawn(name, python_module(*argv), env=env)
+            # settle: imports done, streams open, first stats sent, speaker parked
+            await asyncio.sleep(SETTLE_S)
+            if device.proc.returncode is not None:
+                raise RuntimeError(f"{name} exited early: see {device.log_path}")
+            if profile_out is not None:
+                device.proc.send_signal(signal.SIGUSR2)  # steady state: profile from now on
+            cpu0, threads0, t0 = (cpu_seconds(device.pid), thread_cpu(device.pid),
+                                  time.monotonic())
+            rss: list[int] = []
+            end = t0 + seconds
+            while (now := time.monotonic()) < end:
+                rss.append(memory_kib(device.pid).get("VmRSS", 0))
+                await asyncio.sleep(min(1.0, end - now))
+            cpu1, threads1, t1 = (cpu_seconds(device.pid), thread_cpu(device.pid),
+                                  time.monotonic())
+            parts, mappings = memory_kib(device.pid), rss_by_mapping(device.pid)
+        finally:
+            if device is not None:
+                await device.stop()
     span = t1 - t0
     threads = thread_shares(device.pid, threads0, threads1, 100 * (cpu1 - cpu0) / span, span)
     rss.sort()
@@ -202,27 +214,18 @@ async def _bare_capture(ws: Workspace, seconds: float) -> float:
     """% of a core a microphone stream costs with a callback that does nothing
     (:mod:`edgevoice_dev.bench.bare_capture`): the same card, block and quiet room as
     the card runs, the same settling time and window."""
-    from edgevoice_dev.testing.soundcard import VirtualSoundCard
-
-    card = VirtualSoundCard()
-    card.start()
-    room_player = card.play_into_mic(_quiet_room(ws.root / "bare-capture-room.wav",
-                                                 seconds + 60), wait=False)
-    child: Child | None = None
-    try:
+    room = _quiet_room(ws.root / "bare-capture-room.wav", seconds + 60)
+    with _card_hearing(room) as env:
         child = await ws.spawn("bare-capture", python_module("edgevoice_dev.bench.bare_capture"),
-                               env=card.environ())
-        await child.event("capturing", 30)
-        await asyncio.sleep(SETTLE_S)
-        cpu0, t0 = cpu_seconds(child.pid), time.monotonic()
-        await asyncio.sleep(seconds)
-        cpu1, t1 = cpu_seconds(child.pid), time.monotonic()
-    finally:
-        if child is not None:
+                               env=env)
+        try:
+            await child.event("capturing", 30)
+            await asyncio.sleep(SETTLE_S)
+            cpu0, t0 = cpu_seconds(child.pid), time.monotonic()
+            await asyncio.sleep(seconds)
+            cpu1, t1 = cpu_seconds(child.pid), time.monotonic()
+        finally:
             await child.stop()
-        room_player.terminate()
-        room_player.wait(10)
-        card.stop()
     return 100 * (cpu1 - cpu0) / (t1 - t0)
 
 
@@ -301,7 +304,8 @@ async def run_idle_rows(ws: Workspace) -> list[RowResult]:
             "The real `edgevoice device` process, microphone hearing a quiet room (white "
             f"noise at {ROOM_DBFS:g} dBFS: a microphone's self-noise and a room's hiss, not "
             "digital zeros), relay on 127.0.0.1; CPU from /proc/PID/stat (all threads) over "
-            "the window, after 8 s to settle; RSS the median of 1 s samples. Sound card: "
+            f"the window, after {SETTLE_S:g} s to settle; RSS the median of 1 s samples. "
+            "Sound card: "
             "scripts/soundcard (a private PulseAudio with null sinks, reached through ALSA's "
             "pulse plugin, the room played into its microphone), so PortAudio's callback "
             "threads and the sound server's client threads run as on a board; capture "
