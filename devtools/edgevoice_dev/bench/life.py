@@ -116,6 +116,9 @@ class IdleRun:
     file_mb: float = 0.0
     #: resident KiB per mapped file at the end of the window
     mappings: dict[str, int] = field(default_factory=dict)
+    #: % of a core a stream on the same card with a callback doing nothing cost over
+    #: the same window (None: not measured)
+    bare_pct: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"path": self.path, "wake": self.wake, "cpu_pct": round(self.cpu_pct, 3),
@@ -158,9 +161,12 @@ def _card_hearing(room: Path) -> Iterator[dict[str, str]]:
 
 
 async def _idle(ws: Workspace, relay_port: int, path: str, wake: bool,
-                seconds: float, profile_out: Path | None = None) -> IdleRun:
+                seconds: float, profile_out: Path | None = None,
+                with_bare: bool = False) -> IdleRun:
     """One device process listening to silence for ``seconds`` after settling (with
-    ``profile_out``: under cProfile from then on, its profile written there)."""
+    ``profile_out``: under cProfile from then on, its profile written there). With
+    ``with_bare`` on the card path: capture alone (:func:`_start_bare`) runs beside it,
+    measured over the same window, so that machine noise is the same for both."""
     name = f"idle-{path}-{'wake' if wake else 'voice'}{'-profiled' if profile_out else ''}"
     room = _quiet_room(ws.root / f"{name}-room.wav", seconds + 60)
     with contextlib.ExitStack() as stack:
@@ -177,17 +183,21 @@ async def _idle(ws: Workspace, relay_port: int, path: str, wake: bool,
             with config.open("a") as f:
                 f.write("turn:\n  start: wake\n")
         device: Child | None = None
+        bare: Child | None = None
         try:
             argv = ["edgevoice", "device", "--config", str(config)]
             if profile_out is not None:
                 argv = ["edgevoice_dev.bench.profiled", "--on-signal", str(profile_out), *argv]
             device = await ws.spawn(name, python_module(*argv), env=env)
+            if with_bare and path == "card":
+                bare = await _start_bare(ws, f"{name}-bare-capture", env)
             # settle: imports done, streams open, first stats sent, speaker parked
             await asyncio.sleep(SETTLE_S)
             if device.proc.returncode is not None:
                 raise RuntimeError(f"{name} exited early: see {device.log_path}")
             if profile_out is not None:
                 device.proc.send_signal(signal.SIGUSR2)  # steady state: profile from now on
+            bare0 = _cpu_or_none(bare)
             cpu0, threads0, t0 = (cpu_seconds(device.pid), thread_cpu(device.pid),
                                   time.monotonic())
             rss: list[int] = []
@@ -197,36 +207,50 @@ async def _idle(ws: Workspace, relay_port: int, path: str, wake: bool,
                 await asyncio.sleep(min(1.0, end - now))
             cpu1, threads1, t1 = (cpu_seconds(device.pid), thread_cpu(device.pid),
                                   time.monotonic())
+            bare1 = _cpu_or_none(bare)
             parts, mappings = memory_kib(device.pid), rss_by_mapping(device.pid)
         finally:
             if device is not None:
                 await device.stop()
+            if bare is not None:
+                await bare.stop()
     span = t1 - t0
     threads = thread_shares(device.pid, threads0, threads1, 100 * (cpu1 - cpu0) / span, span)
     rss.sort()
     main = next((p for k, p in threads if k.split()[0] == str(device.pid)), 0.0)
+    bare_pct = (None if bare0 is None or bare1 is None
+                else 100 * (bare1 - bare0) / span)
     return IdleRun(path, wake, 100 * (cpu1 - cpu0) / span, rss[len(rss) // 2] / 1024, span,
                    main, [t for t in threads if t[1] >= 0.01],
-                   parts.get("RssAnon", 0) / 1024, parts.get("RssFile", 0) / 1024, mappings)
+                   parts.get("RssAnon", 0) / 1024, parts.get("RssFile", 0) / 1024, mappings,
+                   bare_pct)
 
 
-async def _bare_capture(ws: Workspace, seconds: float) -> float:
-    """% of a core a microphone stream costs with a callback that does nothing
-    (:mod:`edgevoice_dev.bench.bare_capture`): the same card, block and quiet room as
-    the card runs, the same settling time and window."""
-    room = _quiet_room(ws.root / "bare-capture-room.wav", seconds + 60)
-    with _card_hearing(room) as env:
-        child = await ws.spawn("bare-capture", python_module("edgevoice_dev.bench.bare_capture"),
+async def _start_bare(ws: Workspace, name: str, env: dict[str, str]) -> Child | None:
+    """Capture alone (:mod:`edgevoice_dev.bench.bare_capture`): a stream on the same
+    card, block and quiet room as the device, with a callback that does nothing; None
+    (logged) if it cannot run: the device's figures stand without it."""
+    child: Child | None = None
+    try:
+        child = await ws.spawn(name, python_module("edgevoice_dev.bench.bare_capture"),
                                env=env)
-        try:
-            await child.event("capturing", 30)
-            await asyncio.sleep(SETTLE_S)
-            cpu0, t0 = cpu_seconds(child.pid), time.monotonic()
-            await asyncio.sleep(seconds)
-            cpu1, t1 = cpu_seconds(child.pid), time.monotonic()
-        finally:
+        await child.event("capturing", 30)
+        return child
+    except Exception:
+        logger.exception("measuring capture alone failed")
+        if child is not None:
             await child.stop()
-    return 100 * (cpu1 - cpu0) / (t1 - t0)
+        return None
+
+
+def _cpu_or_none(child: Child | None) -> float | None:
+    """CPU seconds of ``child`` so far; None if there is none or it has exited."""
+    if child is None or child.proc.returncode is not None:
+        return None
+    try:
+        return cpu_seconds(child.pid)
+    except OSError:  # gone meanwhile
+        return None
 
 
 def _thread_story(run: IdleRun) -> str:
@@ -252,25 +276,21 @@ async def run_idle_rows(ws: Workspace) -> list[RowResult]:
         for path in ("wav",) if missing else ("wav", "card"):
             for wake in (False, True):
                 try:
-                    runs[(path, wake)] = await _idle(ws, port, path, wake, seconds)
+                    runs[(path, wake)] = await _idle(ws, port, path, wake, seconds,
+                                                     with_bare=True)
                 except Exception as exc:  # one path failing must not lose the others
                     logger.exception("idle run %s wake=%s failed", path, wake)
                     errors[(path, wake)] = f"{type(exc).__name__}: {exc}"
         profiles = await _profile_missed(ws, port, runs, seconds, bool(missing))
     finally:
         await relay.stop()
-    bare: float | None = None
-    if not missing:
-        try:
-            bare = await _bare_capture(ws, seconds)
-        except Exception:  # the rows stand without it
-            logger.exception("measuring capture alone failed")
     rows = []
     for number, wake, target in ((11, False, IDLE_TARGET_PCT), (12, True, WAKE_TARGET_PCT)):
         title = ("Device idle, always-on listening" if not wake
                  else "Device idle, wake word on")
         row = RowResult(number, title)
         card, wav = runs.get(("card", wake)), runs.get(("wav", wake))
+        bare = card.bare_pct if card is not None else None
         for what, run in (("sound card (PortAudio, PulseAudio)", card), ("WAV stand-ins", wav)):
             if run is None and missing and "card" in what:
                 row.lines.append(Line(f"CPU, {what}", "not measured",
@@ -309,8 +329,8 @@ async def run_idle_rows(ws: Workspace) -> list[RowResult]:
             "scripts/soundcard (a private PulseAudio with null sinks, reached through ALSA's "
             "pulse plugin, the room played into its microphone), so PortAudio's callback "
             "threads and the sound server's client threads run as on a board; capture "
-            "alone is edgevoice_dev.bench.bare_capture on that card, in the same room and "
-            "window. "
+            "alone is edgevoice_dev.bench.bare_capture on that card, in the same room, "
+            "running beside the device and measured over the same window. "
             f"Echo cancellation (aec.mode) {PLAIN_AEC_MODE}, as a plain install has it (AEC3 "
             "is the optional aec extra; row 8 prices it). "
             "1 % of a core here is about 6 % of a Pi Zero 2 W core.")
